@@ -1,0 +1,209 @@
+"""Settings: the seed's environment variables with the seed's defaults, validated once.
+
+Names and defaults are a contract (the resilience-patterns document, "Configuration").
+A service URL left unset means the embedded default: SQLite for ``DATABASE_URL``, an
+in-process Redis stand-in for ``REDIS_URL``, an in-process broker for
+``CELERY_BROKER_URL`` and the bundled LLM simulator for ``LLM_BASE_URL``.
+
+``load_settings()`` turns pydantic's report into one ``ConfigurationError`` line that
+names each bad variable and what it expects, with secrets never echoed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aura.errors import ConfigurationError
+
+__all__ = ["Settings", "get_settings", "load_settings", "mask_url"]
+
+_URL_SCHEMES: dict[str, dict[str, str]] = {
+    # accepted scheme -> the scheme Aura uses
+    "DATABASE_URL": {
+        "postgresql+asyncpg": "postgresql+asyncpg",
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+        "sqlite": "sqlite+aiosqlite",
+    },
+    "REDIS_URL": {"redis": "redis", "rediss": "rediss", "unix": "unix"},
+    "CELERY_BROKER_URL": {
+        "amqp": "amqp",
+        "amqps": "amqps",
+        "pyamqp": "pyamqp",
+        "memory": "memory",
+    },
+    "LLM_BASE_URL": {"http": "http", "https": "https"},
+}
+
+_SECRET_VARIABLES = frozenset({"LLM_API_KEY"})
+_MAX_SHOWN_VALUE = 40
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (the rest kept for debugging)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _normalise_url(variable: str, value: str | None) -> str | None:
+    if value is None or value.strip() == "":
+        return None
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
+    accepted = _URL_SCHEMES[variable]
+    if not sep or scheme.lower() not in accepted:
+        raise ValueError(f"expected a URL with scheme {' or '.join(sorted(accepted))}")
+    if not rest:
+        raise ValueError("expected a URL with a host or path after '://'")
+    return f"{accepted[scheme.lower()]}://{rest}"
+
+
+class Settings(BaseSettings):
+    """Aura's configuration, read from the environment (case-insensitive names)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Database resilience
+    db_pool_size: PositiveInt = 50
+    db_max_overflow: int = Field(default=100, ge=0)
+    db_pool_recycle: PositiveInt = 1800
+    # Celery resilience
+    celery_task_soft_time_limit: PositiveFloat = 45
+    celery_task_hard_time_limit: PositiveFloat = 60
+    celery_worker_max_tasks_per_child: PositiveInt = 1000
+    # Retry tracking
+    retry_tracker_max_retries: int = Field(default=3, ge=0)
+    retry_tracker_ttl: PositiveInt = 3600
+    # Circuit breaker
+    circuit_breaker_fail_max: PositiveInt = 3
+    circuit_breaker_reset_timeout: PositiveFloat = 60
+    # Services (unset: the embedded default)
+    database_url: str | None = None
+    redis_url: str | None = None
+    celery_broker_url: str | None = None
+    # LLM provider (unset base URL: the bundled simulator)
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr = SecretStr("")
+    llm_model: str = Field(default="gpt-4o-mini", min_length=1)
+    llm_connect_timeout: PositiveFloat = 5.0
+    llm_read_timeout: PositiveFloat = 10.0
+    llm_write_timeout: PositiveFloat = 5.0
+    llm_pool_timeout: PositiveFloat = 5.0
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url", "redis_url", "celery_broker_url", "llm_base_url")
+    @classmethod
+    def _check_url(cls, value: str | None, info: Any) -> str | None:
+        return _normalise_url(info.field_name.upper(), value)
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self) -> Settings:
+        if self.celery_task_soft_time_limit >= self.celery_task_hard_time_limit:
+            raise ValueError(
+                "CELERY_TASK_SOFT_TIME_LIMIT must be below CELERY_TASK_HARD_TIME_LIMIT "
+                f"(got {self.celery_task_soft_time_limit:g} >= "
+                f"{self.celery_task_hard_time_limit:g})"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        # repr() ends up in logs and tracebacks: never with a URL password in it.
+        for name, value in super().__repr_args__():
+            if isinstance(name, str) and name.upper() in _URL_SCHEMES and value is not None:
+                yield name, mask_url(str(value))
+            else:
+                yield name, value
+
+    def as_display(self) -> dict[str, str]:
+        """Effective settings by environment name, secrets and URL passwords masked."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            variable = name.upper()
+            if isinstance(value, SecretStr):
+                shown[variable] = "***" if value.get_secret_value() else "(unset)"
+            elif value is None:
+                shown[variable] = "(embedded default)"
+            elif variable in _URL_SCHEMES:
+                shown[variable] = mask_url(str(value))
+            else:
+                shown[variable] = f"{value:g}" if isinstance(value, float) else str(value)
+        return shown
+
+
+def _describe(error: Any) -> str:
+    """One clause for one pydantic error: 'VARIABLE=value: what is expected'."""
+    location = error.get("loc") or ()
+    if not location:  # a model-level rule; its message names the variables itself
+        return str(error["msg"]).removeprefix("Value error, ")
+    variable = str(location[0]).upper()
+    kind = error["type"]
+    expected = {
+        "int_parsing": "expected a whole number",
+        "int_from_float": "expected a whole number",
+        "float_parsing": "expected a number",
+        "greater_than": f"expected a number greater than {error.get('ctx', {}).get('gt')}",
+        "greater_than_equal": f"expected a number >= {error.get('ctx', {}).get('ge')}",
+        "literal_error": f"expected one of {error.get('ctx', {}).get('expected')}",
+        "string_too_short": "expected a non-empty value",
+        "finite_number": "expected a finite number",
+    }.get(kind, str(error["msg"]).removeprefix("Value error, "))
+    if variable in _SECRET_VARIABLES:
+        return f"{variable}: {expected}"
+    raw = error.get("input")
+    shown = str(raw)
+    if variable in _URL_SCHEMES:
+        shown = mask_url(shown)
+    if len(shown) > _MAX_SHOWN_VALUE:
+        shown = shown[: _MAX_SHOWN_VALUE - 3] + "..."
+    return f"{variable}={shown!r}: {expected}"
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise ``ConfigurationError`` (one line) if bad."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        clauses = [_describe(error) for error in exc.errors()]
+        message = "invalid setting: " + "; ".join(clauses)
+        # Not chained: pydantic's report echoes raw values, URL passwords included; the
+        # clauses above keep everything it said, masked.
+        raise ConfigurationError(" ".join(message.split())) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, validated once on first use."""
+    return load_settings()

@@ -1,0 +1,112 @@
+"""Every error Aura raises, under one root.
+
+    AuraError                         root; ``transient`` says whether a retry may help
+    ├── ConfigurationError            a setting is missing or invalid (the CLI exits 2)
+    ├── InvalidInputError             bad input: names the field and what is expected
+    ├── DatabaseTransactionError      network failure inside @transactional (transient)
+    ├── LLMError                      an LLM call failed
+    │   ├── LLMTimeoutError           a phase timeout or the overall deadline (transient)
+    │   ├── LLMConnectionError        could not connect, or the connection dropped (transient)
+    │   ├── LLMHTTPStatusError        non-2xx answer; ``status_code``, ``retry_after``
+    │   └── LLMMalformedResponseError the answer is not a chat completion
+    └── CircuitOpenError              the breaker rejects calls; ``retry_after`` (transient)
+
+``transient`` is what the retry policy reads: a transient error is retried with backoff; a
+non-transient one is not. The poison-pill detector never treats a transient Aura error as
+poison, whatever built-in type it also derives from.
+
+Every error keeps its cause: raise them ``from`` the original exception.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuraError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "DatabaseTransactionError",
+    "InvalidInputError",
+    "LLMConnectionError",
+    "LLMError",
+    "LLMHTTPStatusError",
+    "LLMMalformedResponseError",
+    "LLMTimeoutError",
+]
+
+# Status codes that say the server is sick or overloaded, not that the request is wrong.
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class AuraError(Exception):
+    """Root of every error Aura raises."""
+
+    transient: bool = False
+
+
+class ConfigurationError(AuraError):
+    """A setting is missing or invalid. ``str()`` is one line naming the variable."""
+
+
+class InvalidInputError(AuraError):
+    """Input was rejected before anything was written.
+
+    ``field`` is the dotted path of the offending field (``variants.0.price``) or ``""``
+    when the input as a whole is wrong.
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DatabaseTransactionError(AuraError):
+    """The database connection failed inside a transaction; it was rolled back."""
+
+    transient = True
+
+
+class LLMError(AuraError):
+    """An LLM call failed."""
+
+
+class LLMTimeoutError(LLMError):
+    """The call did not finish in time (a phase timeout or the overall deadline)."""
+
+    transient = True
+
+
+class LLMConnectionError(LLMError):
+    """The provider could not be reached, or dropped the connection."""
+
+    transient = True
+
+
+class LLMHTTPStatusError(LLMError):
+    """The provider answered with a non-2xx status.
+
+    ``retry_after`` is the provider's ``Retry-After`` in seconds, when it sent one.
+    """
+
+    def __init__(self, status_code: int, message: str, *, retry_after: float | None = None):
+        super().__init__(f"LLM provider answered HTTP {status_code}: {message}")
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:  # type: ignore[override]
+        return self.status_code in _TRANSIENT_STATUS
+
+
+class LLMMalformedResponseError(LLMError):
+    """The provider's answer could not be read as a chat completion."""
+
+
+class CircuitOpenError(AuraError):
+    """The circuit breaker is open; ``retry_after`` is seconds until a trial call may run."""
+
+    transient = True
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit breaker {name!r} is open; trial call in {retry_after:.1f}s")
+        self.name = name
+        self.retry_after = retry_after

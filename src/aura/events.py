@@ -1,0 +1,166 @@
+"""Instrumentation events: small frozen records handed to a list of hooks.
+
+Code that observes something (a rollback, a dead letter, a breaker opening) calls
+``emit(event)``; hooks turn events into metrics, logs or test records. Prometheus is one
+hook (``aura.metrics.prometheus_hook``), installed by default. A failing hook is logged
+and never breaks the call it observes.
+
+Label-like fields take values from the fixed sets below (``StrEnum``), so nothing
+unbounded -- message ids, tenant ids, exception text -- can become a metric label.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+
+import structlog
+
+__all__ = [
+    "CircuitBreakerOpened",
+    "CircuitState",
+    "CircuitStateChanged",
+    "DeadLetterReason",
+    "Event",
+    "Hook",
+    "LLMOutcome",
+    "LLMRequestFinished",
+    "MessageDeadLettered",
+    "PoolConnectionsChanged",
+    "Queue",
+    "QueueDepthObserved",
+    "RollbackReason",
+    "TransactionRolledBack",
+    "add_hook",
+    "emit",
+    "hooks",
+    "remove_hook",
+    "temporary_hook",
+]
+
+_log = structlog.get_logger("aura.events")
+
+
+class RollbackReason(StrEnum):
+    NETWORK_ERROR = "network_error"  # the seed's reason: the connection failed
+    APPLICATION_ERROR = "application_error"  # any other exception inside the transaction
+
+
+class DeadLetterReason(StrEnum):
+    POISON_PILL = "poison_pill"
+    MAX_RETRIES_EXCEEDED = "max_retries_exceeded"
+
+
+class Queue(StrEnum):
+    REALTIME = "realtime_queue"
+    BULK = "bulk_queue"
+
+
+class LLMOutcome(StrEnum):
+    SUCCESS = "success"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    HTTP_ERROR = "http_error"
+    MALFORMED = "malformed"
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionRolledBack:
+    function: str
+    reason: RollbackReason
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConnectionsChanged:
+    delta: int  # +1 on checkout, -1 on checkin or invalidation
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerOpened:
+    """Emitted once per fleet-wide transition to open (by the process that made it)."""
+
+    breaker: str
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitStateChanged:
+    breaker: str
+    state: CircuitState
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequestFinished:
+    outcome: LLMOutcome
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDeadLettered:
+    reason: DeadLetterReason
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepthObserved:
+    queue: Queue
+    pending: int
+
+
+Event = (
+    TransactionRolledBack
+    | PoolConnectionsChanged
+    | CircuitBreakerOpened
+    | CircuitStateChanged
+    | LLMRequestFinished
+    | MessageDeadLettered
+    | QueueDepthObserved
+)
+Hook = Callable[[Event], None]
+
+_hooks: tuple[Hook, ...] = ()
+_hooks_lock = threading.Lock()  # guards registration only; emit reads a snapshot
+
+
+def add_hook(hook: Hook) -> None:
+    global _hooks
+    with _hooks_lock:
+        if hook not in _hooks:
+            _hooks = (*_hooks, hook)
+
+
+def remove_hook(hook: Hook) -> None:
+    global _hooks
+    with _hooks_lock:
+        _hooks = tuple(h for h in _hooks if h is not hook)
+
+
+def hooks() -> tuple[Hook, ...]:
+    return _hooks
+
+
+@contextmanager
+def temporary_hook(hook: Hook) -> Iterator[Hook]:
+    """Install ``hook`` for the duration of a ``with`` block (tests, one-off reports)."""
+    add_hook(hook)
+    try:
+        yield hook
+    finally:
+        remove_hook(hook)
+
+
+def emit(event: Event) -> None:
+    """Hand ``event`` to every hook; a hook that raises is logged and skipped."""
+    for hook in _hooks:
+        try:
+            hook(event)
+        except Exception:  # a broken hook must never break the observed call
+            _log.exception("instrumentation hook failed", hook=repr(hook), observed=repr(event))

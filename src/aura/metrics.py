@@ -1,0 +1,131 @@
+"""Every Prometheus metric the seed names, with exactly the seed's names and labels.
+
+    database_transaction_rollbacks_total{reason}   reason: network_error | application_error
+    sqlalchemy_pool_connections_active             connections checked out of the pool
+    llm_circuit_breaker_opens_total                once per fleet-wide transition to open
+    llm_circuit_breaker_state{breaker}             0 closed, 1 half-open, 2 open
+    llm_api_request_duration_seconds{outcome}      histogram; outcome from ``LLMOutcome``
+    messages_sent_to_dlq_total{reason}             reason: poison_pill | max_retries_exceeded
+    celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue
+
+Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
+prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
+series is created at import with value 0, so alerts and scrapes see it before the first
+event. Code never touches these objects directly: it emits ``aura.events`` and
+``prometheus_hook`` (installed at import) updates them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from aura import events
+from aura.events import (
+    CircuitBreakerOpened,
+    CircuitState,
+    CircuitStateChanged,
+    DeadLetterReason,
+    Event,
+    LLMOutcome,
+    LLMRequestFinished,
+    MessageDeadLettered,
+    PoolConnectionsChanged,
+    Queue,
+    QueueDepthObserved,
+    RollbackReason,
+    TransactionRolledBack,
+)
+
+__all__ = [
+    "CELERY_TASKS_PENDING",
+    "CIRCUIT_STATE_VALUES",
+    "DATABASE_TRANSACTION_ROLLBACKS",
+    "LLM_API_REQUEST_DURATION",
+    "LLM_CIRCUIT_BREAKER_OPENS",
+    "LLM_CIRCUIT_BREAKER_STATE",
+    "MESSAGES_SENT_TO_DLQ",
+    "SEED_METRIC_NAMES",
+    "SQLALCHEMY_POOL_CONNECTIONS_ACTIVE",
+    "prometheus_hook",
+]
+
+# The names as the seed writes them (counters carry the _total suffix on exposition).
+SEED_METRIC_NAMES = (
+    "database_transaction_rollbacks_total",
+    "sqlalchemy_pool_connections_active",
+    "llm_circuit_breaker_opens_total",
+    "llm_api_request_duration_seconds",
+    "messages_sent_to_dlq_total",
+    "celery_tasks_pending",
+)
+
+CIRCUIT_STATE_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+DATABASE_TRANSACTION_ROLLBACKS = Counter(
+    "database_transaction_rollbacks_total",
+    "Transactions rolled back by @transactional, by reason.",
+    ["reason"],
+)
+SQLALCHEMY_POOL_CONNECTIONS_ACTIVE = Gauge(
+    "sqlalchemy_pool_connections_active",
+    "Database connections currently checked out of the pool.",
+    multiprocess_mode="livesum",
+)
+LLM_CIRCUIT_BREAKER_OPENS = Counter(
+    "llm_circuit_breaker_opens_total",
+    "Transitions of the LLM circuit breaker to open (once per fleet-wide transition).",
+)
+LLM_CIRCUIT_BREAKER_STATE = Gauge(
+    "llm_circuit_breaker_state",
+    "State of the LLM circuit breaker: 0 closed, 1 half-open, 2 open.",
+    ["breaker"],
+    multiprocess_mode="livemax",
+)
+LLM_API_REQUEST_DURATION = Histogram(
+    "llm_api_request_duration_seconds",
+    "Duration of LLM API requests, by outcome.",
+    ["outcome"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0),
+)
+MESSAGES_SENT_TO_DLQ = Counter(
+    "messages_sent_to_dlq_total",
+    "Messages routed to the dead-letter queue, by reason.",
+    ["reason"],
+)
+CELERY_TASKS_PENDING = Gauge(
+    "celery_tasks_pending",
+    "Messages waiting in a Celery queue.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+
+for _reason in RollbackReason:
+    DATABASE_TRANSACTION_ROLLBACKS.labels(reason=_reason.value)
+for _outcome in LLMOutcome:
+    LLM_API_REQUEST_DURATION.labels(outcome=_outcome.value)
+for _dlq_reason in DeadLetterReason:
+    MESSAGES_SENT_TO_DLQ.labels(reason=_dlq_reason.value)
+for _queue in Queue:
+    CELERY_TASKS_PENDING.labels(queue=_queue.value)
+
+
+def prometheus_hook(event: Event) -> None:
+    """Turn one instrumentation event into metric updates."""
+    match event:
+        case TransactionRolledBack(reason=reason):
+            DATABASE_TRANSACTION_ROLLBACKS.labels(reason=reason.value).inc()
+        case PoolConnectionsChanged(delta=delta):
+            SQLALCHEMY_POOL_CONNECTIONS_ACTIVE.inc(delta)
+        case CircuitBreakerOpened():
+            LLM_CIRCUIT_BREAKER_OPENS.inc()
+        case CircuitStateChanged(breaker=breaker, state=state):
+            LLM_CIRCUIT_BREAKER_STATE.labels(breaker=breaker).set(CIRCUIT_STATE_VALUES[state])
+        case LLMRequestFinished(outcome=outcome, duration_s=duration_s):
+            LLM_API_REQUEST_DURATION.labels(outcome=outcome.value).observe(duration_s)
+        case MessageDeadLettered(reason=reason):
+            MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
+        case QueueDepthObserved(queue=queue, pending=pending):
+            CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
+
+
+events.add_hook(prometheus_hook)

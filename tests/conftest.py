@@ -1,0 +1,69 @@
+"""Fixtures: the real services, each clean for this run, and a clean environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from aura.config import get_settings
+from tests import services
+
+_AURA_VARIABLES = (
+    "DB_",
+    "CELERY_",
+    "RETRY_TRACKER_",
+    "CIRCUIT_BREAKER_",
+    "DATABASE_URL",
+    "REDIS_URL",
+    "LLM_",
+    "LOG_",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts from the seed's defaults, whatever the caller's shell exported."""
+    for name in list(os.environ):
+        if name.upper().startswith(_AURA_VARIABLES):
+            monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+async def pg_url() -> AsyncIterator[str]:
+    """SQLAlchemy URL of this run's own PostgreSQL database (dropped at the end)."""
+    try:
+        await services.recreate_pg_database()
+    except (OSError, Exception) as exc:
+        pytest.fail(f"PostgreSQL at {services.PG_ADMIN_DSN} is not usable: {exc}", pytrace=False)
+    yield services.pg_test_url()
+    await services.drop_pg_database()
+
+
+@pytest.fixture(scope="session")
+async def redis_url() -> AsyncIterator[str]:
+    """URL of this run's own Redis db number (flushed at the start and the end)."""
+    client = aioredis.from_url(services.REDIS_TEST_URL)
+    try:
+        await client.flushdb()
+    except Exception as exc:
+        pytest.fail(f"Redis at {services.REDIS_TEST_URL} is not usable: {exc}", pytrace=False)
+    yield services.REDIS_TEST_URL
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """URL of this run's own RabbitMQ vhost (recreated at the start, deleted at the end)."""
+    try:
+        services.recreate_amqp_vhost()
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ vhost {services.AMQP_TEST_VHOST!r}: {exc}", pytrace=False)
+    yield services.amqp_test_url()
+    services.delete_amqp_vhost()

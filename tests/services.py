@@ -1,0 +1,71 @@
+"""Where the test suite finds the real services, and how it gives itself a clean slate.
+
+Each run uses its own PostgreSQL database, Redis db number and RabbitMQ vhost (names
+below), dropped and recreated at the start of the run and removed at its end, so runs
+never see each other's data and nothing a test leaves behind survives it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import asyncpg
+
+PG_ADMIN_DSN = os.environ.get("AURA_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+PG_TEST_DATABASE = os.environ.get("AURA_TEST_PG_DATABASE", "aura_test")
+REDIS_TEST_URL = os.environ.get("AURA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+AMQP_HOST = os.environ.get("AURA_TEST_AMQP_HOST", "127.0.0.1:5672")
+AMQP_TEST_VHOST = os.environ.get("AURA_TEST_AMQP_VHOST", "aura_test")
+
+
+def pg_test_url(driver: str = "postgresql+asyncpg") -> str:
+    host_part = PG_ADMIN_DSN.split("://", 1)[1].rsplit("/", 1)[0]
+    return f"{driver}://{host_part}/{PG_TEST_DATABASE}"
+
+
+def amqp_test_url() -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}/{AMQP_TEST_VHOST}"
+
+
+async def recreate_pg_database() -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{PG_TEST_DATABASE}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{PG_TEST_DATABASE}"')
+    finally:
+        await conn.close()
+
+
+async def drop_pg_database() -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{PG_TEST_DATABASE}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def rabbitmqctl(*args: str) -> str:
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        raise RuntimeError("rabbitmqctl not found: the tests manage their RabbitMQ vhost with it")
+    done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def recreate_amqp_vhost() -> None:
+    delete_amqp_vhost()
+    rabbitmqctl("add_vhost", AMQP_TEST_VHOST)
+    rabbitmqctl("set_permissions", "-p", AMQP_TEST_VHOST, "guest", ".*", ".*", ".*")
+
+
+def delete_amqp_vhost() -> None:
+    if AMQP_TEST_VHOST in list_vhosts():
+        rabbitmqctl("delete_vhost", AMQP_TEST_VHOST)
+
+
+def list_vhosts() -> list[str]:
+    return rabbitmqctl("list_vhosts", "--quiet", "--no-table-headers").split()
