@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from aura.config import get_settings
+from aura.db import Database, upgrade
 from tests import services
 
 _AURA_VARIABLES = (
@@ -67,3 +68,30 @@ def amqp_url() -> Iterator[str]:
         pytest.fail(f"RabbitMQ vhost {services.AMQP_TEST_VHOST!r}: {exc}", pytrace=False)
     yield services.amqp_test_url()
     services.delete_amqp_vhost()
+
+
+@pytest.fixture(scope="session")
+async def pg_database(pg_url: str) -> AsyncIterator[Database]:
+    """This run's PostgreSQL database, migrated to head."""
+    database = Database(pg_url, pool_size=5, max_overflow=5)
+    await upgrade(database)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(scope="session")
+async def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Database]:
+    """An embedded SQLite database file, migrated to head."""
+    path = tmp_path_factory.mktemp("sqlite") / "aura.db"
+    database = Database(f"sqlite+aiosqlite:///{path}")
+    await upgrade(database)
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database(request: pytest.FixtureRequest) -> Database:
+    """Each behaviour test runs on real PostgreSQL and on the embedded SQLite."""
+    fixture = "pg_database" if request.param == "postgresql" else "sqlite_database"
+    found: Database = request.getfixturevalue(fixture)
+    return found

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 
-def run_aura(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_aura(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}}
     return subprocess.run(
         [sys.executable, "-m", "aura", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=cwd,
         env={**base, "COLUMNS": "200", **(env or {})},
         check=False,
     )
@@ -47,7 +52,36 @@ def test_config_masks_secrets() -> None:
     assert '"REDIS_URL": "redis://:***@cache:6379/0"' in done.stdout
 
 
-def test_demo_runs_on_embedded_defaults() -> None:
-    done = run_aura("demo")
+def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
+    done = run_aura("demo", cwd=tmp_path)  # the embedded database lands under ./.aura
     assert done.returncode == 0, done.stderr
-    assert "metrics missing: 0" in done.stdout
+    assert "checks failed: 0" in done.stdout
+    assert "seed metrics exposed: 6/6" in done.stdout
+
+
+def test_db_upgrade_migrates_the_configured_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    first = run_aura("db", "upgrade", env={"DATABASE_URL": url, "LOG_LEVEL": "WARNING"})
+    assert first.returncode == 0, first.stderr
+    assert "is at revision 0001" in first.stdout
+    again = run_aura("db", "upgrade", env={"DATABASE_URL": url, "LOG_LEVEL": "WARNING"})
+    assert again.returncode == 0, again.stderr
+    tables = sqlite3.connect(tmp_path / "cli.db").execute(
+        "select name from sqlite_master where type='table' order by name"
+    )
+    assert {row[0] for row in tables} >= {
+        "tenants",
+        "products",
+        "variants",
+        "enrichments",
+        "processed_messages",
+        "alembic_version",
+    }
+
+
+def test_db_upgrade_on_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    done = run_aura("db", "upgrade", env={"DATABASE_URL": "postgresql://u:pw5678@127.0.0.1:1/x"})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "pw5678" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -3,7 +3,13 @@
     AuraError                         root; ``transient`` says whether a retry may help
     ├── ConfigurationError            a setting is missing or invalid (the CLI exits 2)
     ├── InvalidInputError             bad input: names the field and what is expected
-    ├── DatabaseTransactionError      network failure inside @transactional (transient)
+    │   ├── NotFoundError             it names something that does not exist (a tenant)
+    │   └── ConflictError             it clashes with what exists (a SKU already taken)
+    ├── DatabaseTransactionError      network failure inside @transactional (transient);
+    │                                 ``commit_outcome_unknown`` when COMMIT itself failed
+    ├── TransactionAbortedError       an inner @transactional call failed and the outer
+    │                                 call carried on: the whole transaction rolled back
+    ├── ServiceUnavailableError       a service (database, Redis, broker) cannot be reached
     ├── LLMError                      an LLM call failed
     │   ├── LLMTimeoutError           a phase timeout or the overall deadline (transient)
     │   ├── LLMConnectionError        could not connect, or the connection dropped (transient)
@@ -24,6 +30,7 @@ __all__ = [
     "AuraError",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConflictError",
     "DatabaseTransactionError",
     "InvalidInputError",
     "LLMConnectionError",
@@ -31,6 +38,9 @@ __all__ = [
     "LLMHTTPStatusError",
     "LLMMalformedResponseError",
     "LLMTimeoutError",
+    "NotFoundError",
+    "ServiceUnavailableError",
+    "TransactionAbortedError",
 ]
 
 # Status codes that say the server is sick or overloaded, not that the request is wrong.
@@ -48,21 +58,51 @@ class ConfigurationError(AuraError):
 
 
 class InvalidInputError(AuraError):
-    """Input was rejected before anything was written.
+    """Input was rejected; nothing was written.
 
-    ``field`` is the dotted path of the offending field (``variants.0.price``) or ``""``
-    when the input as a whole is wrong.
+    ``field`` is the dotted path of the first offending field (``variants.0.price``), or
+    ``""`` when the input as a whole is wrong; ``errors`` lists (field, problem) for all.
     """
 
-    def __init__(self, message: str, *, field: str = "") -> None:
+    def __init__(
+        self, message: str, *, field: str = "", errors: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.field = field
+        self.errors = errors or ((field, message),)
+
+
+class NotFoundError(InvalidInputError):
+    """The input refers to something that does not exist."""
+
+
+class ConflictError(InvalidInputError):
+    """The input clashes with what is already stored."""
 
 
 class DatabaseTransactionError(AuraError):
-    """The database connection failed inside a transaction; it was rolled back."""
+    """The database connection failed inside a transaction; it was rolled back.
+
+    ``commit_outcome_unknown`` is true when the failure hit COMMIT itself: the server may
+    have committed before the connection dropped. Never dead-letter or report failure on
+    it; a retry guarded by the inbox (``aura.db.claim_message``) settles it.
+    """
 
     transient = True
+
+    def __init__(self, message: str, *, commit_outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.commit_outcome_unknown = commit_outcome_unknown
+
+
+class ServiceUnavailableError(AuraError):
+    """A service could not be reached; the message names it (URL passwords masked)."""
+
+    transient = True
+
+
+class TransactionAbortedError(AuraError):
+    """An inner ``@transactional`` call raised and the outer one went on; nothing committed."""
 
 
 class LLMError(AuraError):

@@ -46,7 +46,8 @@ _log = structlog.get_logger("aura.events")
 
 class RollbackReason(StrEnum):
     NETWORK_ERROR = "network_error"  # the seed's reason: the connection failed
-    APPLICATION_ERROR = "application_error"  # any other exception inside the transaction
+    INVALID_INPUT = "invalid_input"  # the input was refused (InvalidInputError)
+    APPLICATION_ERROR = "application_error"  # any other exception, cancellation included
 
 
 class DeadLetterReason(StrEnum):

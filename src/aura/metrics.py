@@ -1,6 +1,7 @@
 """Every Prometheus metric the seed names, with exactly the seed's names and labels.
 
-    database_transaction_rollbacks_total{reason}   reason: network_error | application_error
+    database_transaction_rollbacks_total{reason}   reason: network_error | invalid_input |
+                                                   application_error
     sqlalchemy_pool_connections_active             connections checked out of the pool
     llm_circuit_breaker_opens_total                once per fleet-wide transition to open
     llm_circuit_breaker_state{breaker}             0 closed, 1 half-open, 2 open

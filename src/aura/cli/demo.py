@@ -1,18 +1,113 @@
 """``aura demo``: the main job, on embedded defaults with no configuration.
 
 It runs what exists today and reports it; each piece of the platform adds its step here
-as it lands (see the README's pattern table for what is built).
+as it lands (see the README's pattern table for what is built). Today: the transactional
+catalog write (seed pattern 1) with its refusals and the inbox, then the seed's metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
 from prometheus_client import REGISTRY
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.cli import app
-from aura.config import get_settings
+from aura.config import get_settings, mask_url
+from aura.db import (
+    Database,
+    Product,
+    claim_message,
+    create_product_with_variants,
+    create_tenant,
+    transactional,
+    upgrade,
+)
+from aura.errors import AuraError
 from aura.metrics import SEED_METRIC_NAMES
+
+
+@dataclass
+class Step:
+    name: str
+    expected: str
+    outcome: str = ""
+    ok: bool = False
+
+
+def _product(sku: str, title: str = "Demo trail shoe") -> dict[str, object]:
+    return {"title": title, "variants": [{"sku": sku, "price": "59.90", "currency": "EUR"}]}
+
+
+@transactional
+async def _ingest_once(
+    session: AsyncSession, tenant_id: uuid.UUID, data: dict[str, object], message_id: str
+) -> bool:
+    if not await claim_message(session, message_id, task="demo", tenant_id=tenant_id):
+        return False
+    await create_product_with_variants(session, tenant_id, data)
+    return True
+
+
+async def _expect_error(action: Callable[[], Awaitable[object]]) -> str:
+    try:
+        await action()
+    except AuraError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+async def _catalog_steps(database: Database) -> list[Step]:
+    steps: list[Step] = []
+    async with database.session() as session:
+        tenant = await create_tenant(session, f"demo-{uuid.uuid4().hex[:8]}")
+    sku = f"DEMO-{uuid.uuid4().hex[:8].upper()}"
+
+    async def count() -> int:
+        async with database.session() as session:
+            found = await session.scalar(
+                select(func.count()).select_from(Product).where(Product.tenant_id == tenant.id)
+            )
+            return int(found or 0)
+
+    async with database.session() as session:
+        await create_product_with_variants(session, tenant.id, _product(sku))
+    steps.append(Step("create a product with variants", "1 product", f"{await count()} product"))
+    steps[-1].ok = await count() == 1
+
+    async def bad() -> object:
+        async with database.session() as session:
+            return await create_product_with_variants(
+                session, tenant.id, {"title": "", "variants": [{"sku": "X", "price": "abc"}]}
+            )
+
+    said = await _expect_error(bad)
+    steps.append(Step("refuse bad product data", "named error, nothing written", said))
+    steps[-1].ok = said.startswith("InvalidInputError") and await count() == 1
+
+    async def duplicate() -> object:
+        async with database.session() as session:
+            return await create_product_with_variants(session, tenant.id, _product(sku))
+
+    said = await _expect_error(duplicate)
+    steps.append(Step("refuse a SKU already used", "ConflictError, nothing written", said))
+    steps[-1].ok = said.startswith("ConflictError") and await count() == 1
+
+    message_id = str(uuid.uuid4())
+    effects = 0
+    for _ in range(3):  # one message delivered three times
+        async with database.session() as session:
+            effects += await _ingest_once(session, tenant.id, _product(f"{sku}-INBOX"), message_id)
+    steps.append(Step("deliver one message 3 times", "1 effect", f"{effects} effect"))
+    steps[-1].ok = effects == 1 and await count() == 2
+    return steps
 
 
 def _exposed_metric_names() -> set[str]:
@@ -23,27 +118,37 @@ def _exposed_metric_names() -> set[str]:
     return names
 
 
+async def _run(database: Database) -> list[Step]:
+    try:
+        await upgrade(database)
+        return await _catalog_steps(database)
+    finally:
+        await database.dispose()
+
+
 @app.command("demo")
 def demo_command() -> None:
     """Run the main job on embedded defaults and print its report."""
     console = Console()
     settings = get_settings()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    database = Database.from_settings(settings)
     console.rule("[bold]Aura demo")
     mode = "embedded" if settings.database_url is None else "real services"
-    console.print(f"mode: [bold]{mode}[/bold]")
+    console.print(f"mode: [bold]{mode}[/bold]; database: {mask_url(database.url)}")
+
+    steps = asyncio.run(_run(database))
+    table = Table(title="seed pattern 1: transactional catalog writes")
+    for column in ("step", "expected", "outcome", "ok"):
+        table.add_column(column, overflow="fold")
+    for step in steps:
+        table.add_row(step.name, step.expected, step.outcome, "yes" if step.ok else "[red]NO")
+    console.print(table)
 
     exposed = _exposed_metric_names()
-    table = Table(title="seed metrics exposed")
-    table.add_column("metric")
-    table.add_column("exposed")
-    missing = 0
-    for name in SEED_METRIC_NAMES:
-        ok = name in exposed
-        missing += not ok
-        table.add_row(name, "yes" if ok else "[red]no[/red]")
-    console.print(table)
-    console.print(
-        f"settings validated: {len(settings.as_display())} variables "
-        "(see `aura config`); metrics missing: "
-        f"{missing}"
-    )
+    missing = [name for name in SEED_METRIC_NAMES if name not in exposed]
+    console.print(f"seed metrics exposed: {len(SEED_METRIC_NAMES) - len(missing)}/6")
+    failed = sum(not step.ok for step in steps) + len(missing)
+    console.print(f"checks failed: {failed}")
+    if failed:
+        raise SystemExit(1)

@@ -1,0 +1,122 @@
+"""Engine and sessions from Settings: PostgreSQL (asyncpg) or the embedded SQLite.
+
+PostgreSQL gets the seed's pool (DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE) and
+pre-ping, so a connection the server dropped while idle is replaced on checkout, not
+discovered in the middle of a transaction. SQLite (aiosqlite) gets no pool arguments,
+foreign keys on, WAL and a busy timeout.
+
+Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which keep
+``sqlalchemy_pool_connections_active`` equal to the connections checked out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from aura import events
+from aura.config import Settings, get_settings
+from aura.events import PoolConnectionsChanged
+
+__all__ = ["EMBEDDED_DATABASE_PATH", "Database", "database_url"]
+
+EMBEDDED_DATABASE_PATH = Path(".aura") / "aura.db"
+_SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def database_url(settings: Settings) -> str:
+    """``DATABASE_URL``, or the embedded SQLite file when it is unset."""
+    if settings.database_url is not None:
+        return settings.database_url
+    return f"sqlite+aiosqlite:///{EMBEDDED_DATABASE_PATH}"
+
+
+def _track_pool(engine: AsyncEngine) -> None:
+    pool = engine.sync_engine.pool
+
+    def checked_out(*_: Any) -> None:
+        events.emit(PoolConnectionsChanged(+1))
+
+    def checked_in(*_: Any) -> None:
+        events.emit(PoolConnectionsChanged(-1))
+
+    event.listen(pool, "checkout", checked_out)
+    event.listen(pool, "checkin", checked_in)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    def on_connect(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    event.listen(engine.sync_engine, "connect", on_connect)
+
+
+class Database:
+    """One engine and its session factory. Create it inside the event loop that uses it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 50,
+        max_overflow: int = 100,
+        pool_recycle: int = 1800,
+        pool_timeout: float = 30.0,
+        echo: bool = False,
+    ) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        options: dict[str, Any] = {"echo": echo}
+        if self.dialect == "postgresql":
+            options |= {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_recycle": pool_recycle,
+                "pool_timeout": pool_timeout,
+                "pool_pre_ping": True,
+            }
+        elif self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = create_async_engine(url, **options)
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine)
+        _track_pool(self.engine)
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, expire_on_commit=False
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> Database:
+        settings = settings or get_settings()
+        options: dict[str, Any] = {
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_max_overflow,
+            "pool_recycle": settings.db_pool_recycle,
+        }
+        return cls(database_url(settings), **(options | overrides))
+
+    def session(self) -> AsyncSession:
+        """A new session; use it as ``async with db.session() as session:``."""
+        return self.sessions()
+
+    def checked_out(self) -> int:
+        """Connections of this engine's pool checked out right now."""
+        status: int = self.engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+        return status
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

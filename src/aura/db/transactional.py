@@ -1,0 +1,164 @@
+"""``@transactional``: one function, one transaction, and a loud, clean failure.
+
+Used as the seed shows::
+
+    @transactional
+    async def create_product_with_variants(session: AsyncSession, tenant_id, data): ...
+
+The outermost call commits when the function returns. Nested calls on the same session
+join the outer transaction; if an inner call raises, the transaction is marked
+rollback-only, so the outer call can never commit half of it even if it catches the error
+(it gets ``TransactionAbortedError`` instead).
+
+On a network failure it rolls back explicitly, logs CRITICAL, counts
+``database_transaction_rollbacks_total{reason="network_error"}`` and raises
+``DatabaseTransactionError`` from the original. What counts as a network failure was
+measured, not assumed: with asyncpg, a backend killed by ``pg_terminate_backend`` surfaces
+as ``sqlalchemy.exc.InterfaceError`` ("connection is closed"; at COMMIT "cannot call
+Transaction.commit(): the underlying connection is closed") or, when the kill lands while
+a statement is in flight, as ``sqlalchemy.exc.DBAPIError`` ("connection was closed in the
+middle of operation") or ``sqlalchemy.exc.InternalError`` ("cannot switch to state 11;
+another operation is in progress"), all with ``connection_invalidated=True`` -- never
+``OperationalError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
+import structlog
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aura import events
+from aura.errors import DatabaseTransactionError, InvalidInputError, TransactionAbortedError
+from aura.events import RollbackReason, TransactionRolledBack
+
+__all__ = ["describe_error", "is_network_error", "transactional"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_DEPTH = "aura.transaction_depth"
+_ROLLBACK_ONLY = "aura.rollback_only"
+_log = structlog.get_logger("aura.db")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes (bounded: cause chains can loop)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the connection to the database failed or was dropped."""
+    for link in _chain(exc):
+        if isinstance(link, sa_exc.OperationalError | sa_exc.DisconnectionError):
+            return True
+        if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
+            return True
+        if isinstance(link, ConnectionError | TimeoutError):
+            return True
+        # asyncpg's own classes, reached through DBAPIError.orig.__cause__
+        name = type(link).__name__
+        if name in {"ConnectionDoesNotExistError", "AdminShutdownError", "CannotConnectNowError"}:
+            return True
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """The driver's first line, without SQLAlchemy's statement and parameters."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {text[0] if text else ''}"[:300]
+
+
+async def _rollback(session: AsyncSession, function: str) -> None:
+    try:
+        await session.rollback()
+    except Exception as exc:  # never mask the error that brought us here
+        _log.warning("rollback failed", function=function, error=describe_error(exc))
+
+
+def transactional(
+    fn: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
+) -> Callable[Concatenate[AsyncSession, P], Awaitable[R]]:
+    """Run ``fn(session, ...)`` in one transaction on ``session``; see the module doc."""
+    function = fn.__qualname__
+
+    @functools.wraps(fn)
+    async def wrapper(session: AsyncSession, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if session.info.get(_DEPTH, 0) > 0:
+            return await _joined(fn, session, *args, **kwargs)
+        session.info[_DEPTH] = 1
+        session.info[_ROLLBACK_ONLY] = False
+        committing = False
+        try:
+            result = await fn(session, *args, **kwargs)
+            if session.info[_ROLLBACK_ONLY]:
+                raise TransactionAbortedError(
+                    f"{function}: an inner transactional call failed; nothing was committed"
+                )
+            committing = True
+            await session.commit()
+            return result
+        except BaseException as exc:
+            await _handle_failure(session, function, exc, during_commit=committing)
+            raise
+        finally:
+            session.info[_DEPTH] = 0
+
+    return wrapper
+
+
+async def _joined(
+    fn: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
+    session: AsyncSession,
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R:
+    """A nested call: run inside the outer transaction; a failure dooms all of it."""
+    session.info[_DEPTH] += 1
+    try:
+        return await fn(session, *args, **kwargs)
+    except BaseException:
+        session.info[_ROLLBACK_ONLY] = True
+        raise
+    finally:
+        session.info[_DEPTH] -= 1
+
+
+async def _handle_failure(
+    session: AsyncSession, function: str, exc: BaseException, *, during_commit: bool
+) -> None:
+    """Roll back, count, log; turn a network failure into ``DatabaseTransactionError``."""
+    await _rollback(session, function)
+    if is_network_error(exc):
+        events.emit(TransactionRolledBack(function, RollbackReason.NETWORK_ERROR))
+        _log.critical(
+            "database transaction rolled back after a network failure",
+            function=function,
+            error=describe_error(exc),
+            during_commit=during_commit,
+        )
+        raise DatabaseTransactionError(
+            f"{function}: database connection failed ({describe_error(exc)}); rolled back"
+            + ("; the COMMIT outcome is unknown" if during_commit else ""),
+            commit_outcome_unknown=during_commit,
+        ) from exc
+    reason = (
+        RollbackReason.INVALID_INPUT
+        if isinstance(exc, InvalidInputError)
+        else RollbackReason.APPLICATION_ERROR
+    )
+    events.emit(TransactionRolledBack(function, reason))
+    if isinstance(exc, asyncio.CancelledError):
+        _log.warning("transaction cancelled; rolled back", function=function)
