@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     db_pool_size: PositiveInt = 50
     db_max_overflow: int = Field(default=100, ge=0)
     db_pool_recycle: PositiveInt = 1800
+    db_connect_timeout: PositiveFloat = 10.0  # not in the seed: asyncpg's default is 60 s
     # Celery resilience
     celery_task_soft_time_limit: PositiveFloat = 45
     celery_task_hard_time_limit: PositiveFloat = 60

@@ -1,8 +1,9 @@
 """Engine and sessions from Settings: PostgreSQL (asyncpg) or the embedded SQLite.
 
-PostgreSQL gets the seed's pool (DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE) and
-pre-ping, so a connection the server dropped while idle is replaced on checkout, not
-discovered in the middle of a transaction. SQLite (aiosqlite) gets no pool arguments,
+PostgreSQL gets the seed's pool (DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE), a
+connect timeout (DB_CONNECT_TIMEOUT; asyncpg's own default is 60 s) and pre-ping, so a
+connection the server dropped while idle is replaced on checkout, not discovered in the
+middle of a transaction. SQLite (aiosqlite) gets no pool arguments,
 foreign keys on, WAL and a busy timeout.
 
 Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which keep
@@ -75,6 +76,7 @@ class Database:
         max_overflow: int = 100,
         pool_recycle: int = 1800,
         pool_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         echo: bool = False,
     ) -> None:
         parsed = make_url(url)
@@ -88,6 +90,8 @@ class Database:
                 "pool_recycle": pool_recycle,
                 "pool_timeout": pool_timeout,
                 "pool_pre_ping": True,
+                # asyncpg waits 60 s for a server that accepts but never answers
+                "connect_args": {"timeout": connect_timeout},
             }
         elif self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +110,7 @@ class Database:
             "pool_size": settings.db_pool_size,
             "max_overflow": settings.db_max_overflow,
             "pool_recycle": settings.db_pool_recycle,
+            "connect_timeout": settings.db_connect_timeout,
         }
         return cls(database_url(settings), **(options | overrides))
 

@@ -64,7 +64,7 @@ def is_network_error(exc: BaseException) -> bool:
             return True
         if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
             return True
-        if isinstance(link, ConnectionError | TimeoutError):
+        if isinstance(link, OSError):  # refused, unresolvable, timed out (raw from asyncpg)
             return True
         # asyncpg's own classes, reached through DBAPIError.orig.__cause__
         name = type(link).__name__
