@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 
 def run_aura(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -85,3 +87,32 @@ def test_db_upgrade_on_an_unreachable_server_is_one_line(tmp_path: Path) -> None
     assert "Traceback" not in done.stderr
     assert "pw5678" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_llm_sim_serves_completions_and_refuses_bad_rates() -> None:
+    bad = run_aura("llm-sim", "--error-rate", "1.5")
+    assert bad.returncode == 2
+    assert "--error-rate must be between 0 and 1, got 1.5" in bad.stderr
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aura", "llm-sim", "--port", "0", "--error-rate", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # printed once it listens
+        base_url = line.split(" on ", 1)[1].split()[0]
+        answer = httpx.post(
+            f"{base_url}/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=5,
+        )
+        assert answer.status_code in {500, 503, 429}
+        stats = httpx.get(base_url.removesuffix("/v1") + "/admin/stats", timeout=5).json()
+        assert stats["requests"] == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     llm_read_timeout: PositiveFloat = 10.0
     llm_write_timeout: PositiveFloat = 5.0
     llm_pool_timeout: PositiveFloat = 5.0
+    llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -14,7 +14,7 @@
     │   ├── LLMTimeoutError           a phase timeout or the overall deadline (transient)
     │   ├── LLMConnectionError        could not connect, or the connection dropped (transient)
     │   ├── LLMHTTPStatusError        non-2xx answer; ``status_code``, ``retry_after``
-    │   └── LLMMalformedResponseError the answer is not a chat completion
+    │   └── LLMMalformedResponseError the answer is not a chat completion (transient)
     └── CircuitOpenError              the breaker rejects calls; ``retry_after`` (transient)
 
 ``transient`` is what the retry policy reads: a transient error is retried with backoff; a
@@ -139,6 +139,8 @@ class LLMHTTPStatusError(LLMError):
 
 class LLMMalformedResponseError(LLMError):
     """The provider's answer could not be read as a chat completion."""
+
+    transient = True  # a truncated or garbled answer is the provider's fault; retry
 
 
 class CircuitOpenError(AuraError):

@@ -1,0 +1,348 @@
+"""A circuit breaker for asyncio whose state is shared by every process on one Redis.
+
+States (the seed's policy: open after ``fail_max`` consecutive failures, half-open after
+``reset_timeout`` seconds)::
+
+    closed ──fail_max failures──► open ──reset_timeout──► half-open (one trial, fleet-wide)
+      ▲                                                    │ trial fails: open again
+      └──────────────────── trial succeeds ────────────────┘
+
+Why written here and not taken from a library: pybreaker (the seed's choice) has no
+asyncio support (an ``async def`` it wraps is returned unawaited and counted a success),
+its Redis storage is synchronous and it holds a lock across the protected call; none of
+the Python breakers we checked limits half-open to one trial call across a fleet or keeps
+the closed path free of Redis round trips.
+
+How the fleet shares it. The record (state, consecutive failures, open-until, trial lease)
+lives in one Redis hash. Every change is one pure function (``transition``) applied
+atomically: in Redis under WATCH/MULTI (redis-py's ``transaction`` retries on conflict),
+locally by plain assignment. A process caches the record and refreshes it at most once
+per ``refresh_interval`` (1 s), so a successful call in the closed state makes no Redis
+round trip of its own, and every process sees a breaker opened elsewhere within 1 s.
+The process whose transition opened the breaker emits ``CircuitBreakerOpened``: the
+opens counter moves once per fleet transition.
+
+If Redis is unreachable the breaker carries on with its cached record as local state,
+logs that once (and once again when Redis is back), and retries Redis every
+``redis_retry_interval`` seconds. Time comes from the injected ``clock`` (epoch seconds,
+shared across hosts), so tests drive a fake one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from aura import events
+from aura.errors import CircuitOpenError
+from aura.events import CircuitBreakerOpened, CircuitState, CircuitStateChanged
+
+__all__ = ["BreakerRecord", "CircuitBreaker", "Decision", "transition"]
+
+T = TypeVar("T")
+_log = structlog.get_logger("aura.llm.breaker")
+_REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerRecord:
+    """The shared state of one breaker."""
+
+    state: CircuitState = CircuitState.CLOSED
+    failures: int = 0  # consecutive failures while closed
+    open_until: float = 0.0  # when a trial call may run
+    trial_until: float = 0.0  # lease of the running trial call (half-open)
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            "state": self.state.value,
+            "failures": str(self.failures),
+            "open_until": repr(self.open_until),
+            "trial_until": repr(self.trial_until),
+        }
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[Any, Any]) -> BreakerRecord:
+        """The record from HGETALL (bytes or str keys); an empty hash is a closed breaker."""
+        if not raw:
+            return cls()
+        fields = {_text(key): _text(value) for key, value in raw.items()}
+        return cls(
+            state=CircuitState(fields["state"]),
+            failures=int(fields["failures"]),
+            open_until=float(fields["open_until"]),
+            trial_until=float(fields["trial_until"]),
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a transition decided, besides the new record."""
+
+    allowed: bool = True  # the call may run (for "acquire")
+    trial: bool = False  # ... as the one half-open trial
+    opened: bool = False  # this transition moved the breaker to open
+
+
+_ALLOW = Decision()
+
+
+def transition(
+    record: BreakerRecord,
+    event: str,
+    now: float,
+    *,
+    fail_max: int,
+    reset_timeout: float,
+    trial_lease: float,
+) -> tuple[BreakerRecord, Decision]:
+    """The whole state machine, as a pure function of (record, event, now).
+
+    Events: ``acquire`` (may a call run now?), ``failure`` and ``success`` (of a normal
+    call), ``trial_failure``, ``trial_success`` and ``trial_abandoned`` (of the half-open
+    trial; abandoned when it was cancelled before it could tell).
+    """
+    replace = dataclasses.replace
+    if event == "acquire":
+        if record.state is CircuitState.CLOSED:
+            return record, _ALLOW
+        trial_free = record.state is CircuitState.OPEN or now >= record.trial_until
+        if now >= record.open_until and trial_free:
+            leased = replace(record, state=CircuitState.HALF_OPEN, trial_until=now + trial_lease)
+            return leased, Decision(allowed=True, trial=True)
+        return record, Decision(allowed=False)
+    if event == "failure":
+        if record.state is not CircuitState.CLOSED:
+            return record, _ALLOW  # already open: a straggler's failure changes nothing
+        failures = record.failures + 1
+        if failures >= fail_max:
+            opened = BreakerRecord(CircuitState.OPEN, failures, now + reset_timeout, 0.0)
+            return opened, Decision(opened=True)
+        return replace(record, failures=failures), _ALLOW
+    if event == "success":
+        if record.state is CircuitState.CLOSED and record.failures:
+            return replace(record, failures=0), _ALLOW
+        return record, _ALLOW
+    if event == "trial_failure":
+        reopened = BreakerRecord(CircuitState.OPEN, record.failures, now + reset_timeout, 0.0)
+        return reopened, Decision(opened=True)
+    if event == "trial_success":
+        return BreakerRecord(), _ALLOW
+    if event == "trial_abandoned":  # the trial was cancelled: let the next caller try
+        if record.state is CircuitState.HALF_OPEN:
+            return replace(record, state=CircuitState.OPEN, trial_until=0.0), _ALLOW
+        return record, _ALLOW
+    raise ValueError(f"unknown breaker event {event!r}")
+
+
+class CircuitBreaker:
+    """An asyncio circuit breaker, local or shared through Redis; see the module doc."""
+
+    def __init__(
+        self,
+        name: str = "llm",
+        *,
+        fail_max: int = 3,
+        reset_timeout: float = 60.0,
+        redis: Redis | None = None,
+        clock: Callable[[], float] = time.time,
+        is_failure: Callable[[BaseException], bool] = lambda exc: isinstance(exc, Exception),
+        trial_lease: float = 60.0,
+        refresh_interval: float = 1.0,
+        redis_retry_interval: float = 5.0,
+    ) -> None:
+        if fail_max < 1 or reset_timeout <= 0 or trial_lease <= 0:
+            raise ValueError("fail_max must be >= 1; reset_timeout and trial_lease > 0")
+        self.name = name
+        self.fail_max = fail_max
+        self.reset_timeout = reset_timeout
+        self.key = f"aura:circuit_breaker:{name}"
+        self._redis = redis
+        self._clock = clock
+        self._is_failure = is_failure
+        self._trial_lease = trial_lease
+        self._refresh_interval = refresh_interval
+        self._redis_retry_interval = redis_retry_interval
+        self._record = BreakerRecord()
+        self._shown_state = CircuitState.CLOSED
+        # Local-only breakers never refresh; shared ones refresh on their first call.
+        self._fresh_until = float("inf") if redis is None else float("-inf")
+        self._redis_down = False
+        self._loaded = redis is None  # a shared breaker knows nothing until its first read
+        events.emit(CircuitStateChanged(name, CircuitState.CLOSED))
+
+    # -- what callers see -----------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        """The state as this process last saw it (at most ``refresh_interval`` old)."""
+        return self._record.state
+
+    @property
+    def shared(self) -> bool:
+        """True while the state is shared through Redis (False: local only or fallback)."""
+        return self._redis is not None and not self._redis_down
+
+    async def call(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``await fn(*args, **kwargs)`` under the breaker."""
+        now = self._clock()
+        if now < self._fresh_until and self._record.state is CircuitState.CLOSED:
+            # The hot path: closed and fresh. No Redis, no lock, no allocation.
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                await self._after_failure(exc, trial=False)
+                raise
+            if self._record.failures:
+                await self._apply("success")
+            return result
+        return await self._call_checked(now, fn, args, kwargs)
+
+    async def reset(self) -> None:
+        """Force the breaker closed, fleet-wide (an operator's action)."""
+        await self._apply("trial_success")
+
+    # -- the slow path ------------------------------------------------------------------
+
+    async def _call_checked(
+        self, now: float, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
+    ) -> T:
+        if now >= self._fresh_until:
+            await self._refresh(now)
+        record = self._record
+        decision = _ALLOW
+        if record.state is not CircuitState.CLOSED:
+            if now < record.open_until or now < record.trial_until:
+                # Still open, or a trial is running: reject without asking Redis.
+                raise CircuitOpenError(self.name, self._retry_after(now))
+            decision = await self._apply("acquire")
+            if not decision.allowed:
+                raise CircuitOpenError(self.name, self._retry_after(self._clock()))
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            await self._after_failure(exc, trial=decision.trial)
+            raise
+        if decision.trial:
+            await self._apply("trial_success")
+        elif self._record.failures:
+            await self._apply("success")
+        return result
+
+    def _retry_after(self, now: float) -> float:
+        record = self._record
+        if record.state is CircuitState.HALF_OPEN:
+            return max(record.trial_until - now, 0.0)
+        return max(record.open_until - now, 0.0)
+
+    async def _after_failure(self, exc: BaseException, *, trial: bool) -> None:
+        if not isinstance(exc, Exception):  # cancelled or exiting: the call told us nothing
+            if trial:
+                await self._apply("trial_abandoned")
+            return
+        if self._is_failure(exc):
+            await self._apply("trial_failure" if trial else "failure")
+        elif trial:  # the provider answered (a 4xx): it is up, whatever the request did
+            await self._apply("trial_success")
+        elif self._record.failures:
+            await self._apply("success")
+
+    async def _apply(self, event: str) -> Decision:
+        now = self._clock()
+        decision: Decision
+        if self.shared:
+            try:
+                record, decision = await self._apply_in_redis(event, now)
+            except _REDIS_ERRORS as exc:
+                self._fall_back(now, exc)
+                record, decision = self._transition(self._record, event, now)
+        else:
+            record, decision = self._transition(self._record, event, now)
+        self._adopt(record)
+        if decision.opened:
+            events.emit(CircuitBreakerOpened(self.name))
+            _log.warning(
+                "circuit breaker opened",
+                breaker=self.name,
+                failures=record.failures,
+                reset_timeout=self.reset_timeout,
+                shared=self.shared,
+            )
+        return decision
+
+    def _transition(
+        self, record: BreakerRecord, event: str, now: float
+    ) -> tuple[BreakerRecord, Decision]:
+        return transition(
+            record,
+            event,
+            now,
+            fail_max=self.fail_max,
+            reset_timeout=self.reset_timeout,
+            trial_lease=self._trial_lease,
+        )
+
+    async def _apply_in_redis(self, event: str, now: float) -> tuple[BreakerRecord, Decision]:
+        assert self._redis is not None
+        outcome: list[tuple[BreakerRecord, Decision]] = []
+
+        async def atomically(pipe: Any) -> None:
+            current = BreakerRecord.from_redis(await pipe.hgetall(self.key))
+            record, decision = self._transition(current, event, now)
+            outcome[:] = [(record, decision)]
+            pipe.multi()
+            if record != current:
+                pipe.hset(self.key, mapping=record.to_redis())
+
+        await self._redis.transaction(atomically, self.key)
+        self._loaded = True
+        self._fresh_until = now + self._refresh_interval
+        return outcome[0]
+
+    async def _refresh(self, now: float) -> None:
+        if self._redis is None:
+            return
+        if self._loaded:
+            # Claim the refresh before awaiting: concurrent callers use the cache meanwhile.
+            # Before the first load there is no cache worth using, so every caller reads.
+            self._fresh_until = now + (
+                self._redis_retry_interval if self._redis_down else self._refresh_interval
+            )
+        try:
+            raw = await self._redis.hgetall(self.key)
+        except _REDIS_ERRORS as exc:
+            self._fall_back(now, exc)
+            return
+        if self._redis_down:
+            self._redis_down = False
+            _log.warning("circuit breaker state shared through Redis again", breaker=self.name)
+        self._loaded = True
+        self._fresh_until = max(self._fresh_until, now + self._refresh_interval)
+        self._adopt(BreakerRecord.from_redis(raw))
+
+    def _fall_back(self, now: float, exc: BaseException) -> None:
+        self._fresh_until = now + self._redis_retry_interval
+        if not self._redis_down:
+            self._redis_down = True
+            _log.warning(
+                "circuit breaker cannot reach Redis; using local state",
+                breaker=self.name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _adopt(self, record: BreakerRecord) -> None:
+        self._record = record
+        if record.state is not self._shown_state:
+            self._shown_state = record.state
+            events.emit(CircuitStateChanged(self.name, record.state))

@@ -1,0 +1,63 @@
+"""A second process sharing the breaker through Redis (run by test_llm_fleet.py).
+
+    python -m tests.llm_peer fail  BASE_URL REDIS_URL BREAKER N
+    python -m tests.llm_peer burst BASE_URL REDIS_URL BREAKER N GO_KEY
+
+It prints "ready" once its client exists, then one JSON line with what its calls got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from aura.config import Settings
+from aura.errors import CircuitOpenError, LLMError
+from aura.llm import ResilientLLMClient
+from aura.logs import configure_logging
+
+MESSAGES = [{"role": "user", "content": "peer"}]
+
+
+async def one(client: ResilientLLMClient) -> str:
+    try:
+        await client.complete(MESSAGES)
+    except CircuitOpenError:
+        return "circuit_open"
+    except LLMError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *rest: str) -> None:
+    configure_logging("ERROR")  # logs to stderr; stdout carries the result
+    redis = aioredis.from_url(redis_url)
+    client = ResilientLLMClient(
+        settings=Settings(), base_url=base_url, redis=redis, breaker_name=breaker
+    )
+    print("ready", flush=True)
+    if mode == "burst":
+        deadline = time.monotonic() + 20
+        while not await redis.exists(rest[0]):
+            if time.monotonic() > deadline:
+                raise SystemExit("no go signal within 20 s")
+            await asyncio.sleep(0.005)
+        outcomes = await asyncio.gather(*(one(client) for _ in range(n)))
+    else:
+        outcomes = [await one(client) for _ in range(n)]
+    opens = REGISTRY.get_sample_value("llm_circuit_breaker_opens_total") or 0.0
+    print(json.dumps({"outcomes": Counter(outcomes), "opens": opens}), flush=True)
+    await client.aclose()
+    await redis.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(
+        main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), *sys.argv[6:])
+    )

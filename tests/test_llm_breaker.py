@@ -1,0 +1,253 @@
+"""The breaker's state machine: pure transitions, then the breaker, local and on Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+
+from aura.errors import CircuitOpenError
+from aura.events import CircuitState
+from aura.llm import BreakerRecord, CircuitBreaker, transition
+from tests.helpers import FakeClock, metric
+
+POLICY = {"fail_max": 3, "reset_timeout": 60.0, "trial_lease": 35.0}
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
+
+
+class Boom(Exception):
+    pass
+
+
+# -- the pure state machine: exact states in, exact states out ------------------------------
+
+
+def test_three_failures_open_the_breaker_once() -> None:
+    record = BreakerRecord()
+    record, first = transition(record, "failure", 100.0, **POLICY)
+    record, second = transition(record, "failure", 101.0, **POLICY)
+    assert (record.state, record.failures, first.opened, second.opened) == (CLOSED, 2, False, False)
+    record, third = transition(record, "failure", 102.0, **POLICY)
+    assert third.opened
+    assert record == BreakerRecord(OPEN, 3, 162.0, 0.0)
+    record, straggler = transition(record, "failure", 103.0, **POLICY)
+    assert not straggler.opened  # a late failure elsewhere does not open it again
+    assert record.open_until == 162.0
+
+
+def test_a_success_resets_consecutive_failures() -> None:
+    record = BreakerRecord(CLOSED, 2)
+    record, _ = transition(record, "success", 0.0, **POLICY)
+    assert record == BreakerRecord()
+
+
+def test_open_rejects_until_the_reset_timeout_then_leases_one_trial() -> None:
+    record = BreakerRecord(OPEN, 3, 162.0)
+    same, denied = transition(record, "acquire", 161.9, **POLICY)
+    assert (same, denied.allowed) == (record, False)
+    leased, granted = transition(record, "acquire", 162.0, **POLICY)
+    assert granted.allowed
+    assert granted.trial
+    assert leased == BreakerRecord(HALF_OPEN, 3, 162.0, 197.0)
+    _, second = transition(leased, "acquire", 170.0, **POLICY)
+    assert not second.allowed  # exactly one trial while the lease runs
+    _, after_lease = transition(leased, "acquire", 197.0, **POLICY)
+    assert after_lease.trial  # a trial holder that died does not wedge the breaker
+
+
+def test_trial_outcomes() -> None:
+    half_open = BreakerRecord(HALF_OPEN, 3, 162.0, 197.0)
+    closed, _ = transition(half_open, "trial_success", 170.0, **POLICY)
+    assert closed == BreakerRecord()
+    reopened, decision = transition(half_open, "trial_failure", 170.0, **POLICY)
+    assert decision.opened
+    assert reopened == BreakerRecord(OPEN, 3, 230.0, 0.0)
+    abandoned, _ = transition(half_open, "trial_abandoned", 170.0, **POLICY)
+    assert abandoned == BreakerRecord(OPEN, 3, 162.0, 0.0)
+
+
+def test_unknown_event_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown breaker event 'explode'"):
+        transition(BreakerRecord(), "explode", 0.0, **POLICY)
+
+
+# -- the breaker, local and shared ------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "redis"])
+async def make_breaker(
+    request: pytest.FixtureRequest, redis_url: str
+) -> AsyncIterator[tuple[FakeClock, CircuitBreaker]]:
+    clock = FakeClock()
+    client = aioredis.from_url(redis_url) if request.param == "redis" else None
+    breaker = CircuitBreaker(
+        f"test-{uuid.uuid4().hex[:8]}",
+        fail_max=3,
+        reset_timeout=60,
+        redis=client,
+        clock=clock,
+        is_failure=lambda exc: isinstance(exc, Boom),
+    )
+    yield clock, breaker
+    if client is not None:
+        await client.aclose()
+
+
+async def ok() -> str:
+    return "ok"
+
+
+async def boom() -> str:
+    raise Boom("provider down")
+
+
+async def test_breaker_opens_rejects_and_recovers(
+    make_breaker: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    clock, breaker = make_breaker
+    opens = metric("llm_circuit_breaker_opens_total")
+    assert await breaker.call(ok) == "ok"
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+    assert breaker.state is OPEN
+    assert metric("llm_circuit_breaker_opens_total") == opens + 1
+    assert metric("llm_circuit_breaker_state", breaker=breaker.name) == 2
+
+    calls: list[str] = []
+
+    async def counted() -> str:
+        calls.append("called")
+        return "ok"
+
+    clock.advance(30)
+    with pytest.raises(CircuitOpenError) as rejected:
+        await breaker.call(counted)
+    assert calls == []  # failing fast: the protected call never ran
+    assert rejected.value.retry_after == pytest.approx(30.0)
+
+    clock.advance(30)  # the reset timeout has passed: one trial call
+    assert await breaker.call(counted) == "ok"
+    assert calls == ["called"]
+    assert breaker.state is CLOSED
+    assert metric("llm_circuit_breaker_state", breaker=breaker.name) == 0
+
+
+async def test_a_failed_trial_opens_again(make_breaker: tuple[FakeClock, CircuitBreaker]) -> None:
+    clock, breaker = make_breaker
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+    opens = metric("llm_circuit_breaker_opens_total")
+    clock.advance(60)
+    with pytest.raises(Boom):
+        await breaker.call(boom)  # the trial
+    assert breaker.state is OPEN
+    assert metric("llm_circuit_breaker_opens_total") == opens + 1
+    clock.advance(59)
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(ok)
+
+
+async def test_errors_that_do_not_count_leave_it_closed(
+    make_breaker: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    _, breaker = make_breaker
+
+    async def bad_request() -> str:
+        raise ValueError("400: your request is wrong")
+
+    for _ in range(5):
+        with pytest.raises(ValueError, match="400"):
+            await breaker.call(bad_request)
+    assert breaker.state is CLOSED
+    assert await breaker.call(ok) == "ok"
+
+
+async def test_successes_between_failures_keep_it_closed(
+    make_breaker: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    _, breaker = make_breaker
+    for _ in range(4):
+        for _ in range(2):
+            with pytest.raises(Boom):
+                await breaker.call(boom)
+        await breaker.call(ok)
+    assert breaker.state is CLOSED
+
+
+async def test_a_shared_breaker_makes_no_redis_round_trip_on_closed_successes(
+    redis_url: str,
+) -> None:
+    clock = FakeClock()
+    client = aioredis.from_url(redis_url)
+    breaker = CircuitBreaker(f"rt-{uuid.uuid4().hex[:8]}", redis=client, clock=clock)
+    sent: list[tuple[object, ...]] = []
+    real_execute = client.execute_command
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        sent.append(args)
+        return await real_execute(*args, **kwargs)
+
+    client.execute_command = counting  # type: ignore[method-assign]
+    try:
+        await breaker.call(ok)  # the first call reads the shared state once
+        reads = len(sent)
+        assert reads == 1
+        for _ in range(1000):
+            await breaker.call(ok)
+        assert len(sent) == reads  # no round trip of its own in 1,000 calls
+        clock.advance(1.0)  # ... and a refresh at most once per second
+        for _ in range(10):
+            await breaker.call(ok)
+        assert len(sent) == reads + 1
+    finally:
+        await client.aclose()
+
+
+async def test_redis_down_falls_back_to_local_state_and_logs_once() -> None:
+    clock = FakeClock()
+    dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    breaker = CircuitBreaker("fallback", redis=dead, clock=clock, redis_retry_interval=5)
+    with structlog.testing.capture_logs() as logged:
+        assert await breaker.call(ok) == "ok"
+        for _ in range(3):
+            with pytest.raises(Boom):
+                await breaker.call(boom)
+            clock.advance(6)  # every failure would retry Redis: still one log line
+        assert breaker.state is OPEN  # the breaker kept working on local state
+        with pytest.raises(CircuitOpenError):
+            await breaker.call(ok)
+    assert not breaker.shared
+    warnings = [e for e in logged if "cannot reach Redis" in e["event"]]
+    assert len(warnings) == 1
+    await dead.aclose()
+
+
+async def test_a_cancelled_trial_lets_the_next_caller_try(
+    make_breaker: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    import asyncio
+
+    clock, breaker = make_breaker
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+    clock.advance(60)
+    started = asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.Event().wait()  # never finishes on its own
+        return "never"
+
+    trial = asyncio.create_task(breaker.call(slow))
+    await started.wait()
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert await breaker.call(ok) == "ok"  # not wedged until the lease runs out
+    assert breaker.state is CLOSED

@@ -1,0 +1,139 @@
+"""Two processes sharing one breaker through real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from aura.config import Settings
+from aura.errors import CircuitOpenError, LLMError
+from aura.events import CircuitState
+from aura.llm import BreakerRecord, Faults, LLMSimulator, ResilientLLMClient
+from tests.helpers import FakeClock, metric, wait_until
+
+MESSAGES = [{"role": "user", "content": "parent"}]
+pytestmark = pytest.mark.timeout(60)
+
+
+class Peer:
+    """The other process: started, waited on until ready, then read for its one result."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> Peer:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.llm_peer",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "LOG_LEVEL": "ERROR", **(env or {})},
+        )
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line.strip() == b"ready", line
+        return cls(process)
+
+    async def result(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 30)
+        assert await asyncio.wait_for(self.process.wait(), 10) == 0
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+
+@pytest.fixture
+async def shared(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    client = aioredis.from_url(redis_url)
+    yield client, f"fleet-{uuid.uuid4().hex[:8]}"
+    await client.aclose()
+
+
+async def one(client: ResilientLLMClient) -> str:
+    try:
+        await client.complete(MESSAGES)
+    except CircuitOpenError:
+        return "circuit_open"
+    except LLMError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+async def test_an_open_in_one_process_fails_the_other_fast_within_a_second(
+    redis_url: str, shared: tuple[aioredis.Redis, str]
+) -> None:
+    redis, breaker = shared
+    clock = FakeClock(time.time())
+    async with (
+        LLMSimulator() as sim,
+        ResilientLLMClient(
+            settings=Settings(),
+            base_url=sim.base_url,
+            redis=redis,
+            clock=clock,
+            breaker_name=breaker,
+        ) as client,
+    ):
+        assert await one(client) == "ok"  # this process now caches "closed"
+        sim.faults.update({"error_rate": 1.0, "error_statuses": [503]})
+        opens_here = metric("llm_circuit_breaker_opens_total")
+
+        peer = await Peer.start("fail", sim.base_url, redis_url, breaker, "3")
+        result = await peer.result()
+        assert result["outcomes"] == {"LLMHTTPStatusError": 3}
+        assert result["opens"] == 1  # the process that opened it counted the transition
+
+        received = sim.requests
+        clock.advance(1.0)  # within one refresh interval this process sees it open
+        assert await one(client) == "circuit_open"
+        assert sim.requests == received  # failed fast, nothing sent
+        assert client.circuit_breaker.state is CircuitState.OPEN
+        assert metric("llm_circuit_breaker_opens_total") == opens_here  # counted once, there
+
+
+async def test_half_open_runs_exactly_one_trial_across_both_processes(
+    redis_url: str, shared: tuple[aioredis.Redis, str]
+) -> None:
+    redis, breaker = shared
+    go_key = f"{breaker}:go"
+    reset = {"CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5"}
+    async with (
+        LLMSimulator(Faults(error_rate=1.0, error_statuses=(500,))) as sim,
+        ResilientLLMClient(
+            settings=Settings(circuit_breaker_reset_timeout=0.5),
+            base_url=sim.base_url,
+            redis=redis,
+            breaker_name=breaker,
+        ) as client,
+    ):
+        for _ in range(3):
+            assert await one(client) == "LLMHTTPStatusError"
+        assert client.circuit_breaker.state is CircuitState.OPEN
+        # The provider recovers, slowly: the trial call is in flight for 1.5 s.
+        sim.faults.update({"error_rate": 0.0, "latency": 1.5})
+        peer = await Peer.start("burst", sim.base_url, redis_url, breaker, "5", go_key, env=reset)
+        record = BreakerRecord.from_redis(await redis.hgetall(client.circuit_breaker.key))
+
+        async def reset_timeout_passed() -> bool:
+            return time.time() >= record.open_until
+
+        await wait_until(reset_timeout_passed, within=5)
+        received = sim.requests
+        await redis.set(go_key, 1)
+        here = Counter(await asyncio.gather(*(one(client) for _ in range(5))))
+        there = Counter((await peer.result())["outcomes"])
+
+    assert sim.requests == received + 1  # exactly one trial call reached the provider
+    assert here + there == Counter({"ok": 1, "circuit_open": 9})
