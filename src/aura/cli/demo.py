@@ -2,7 +2,9 @@
 
 It runs what exists today and reports it; each piece of the platform adds its step here
 as it lands (see the README's pattern table for what is built). Today: the transactional
-catalog write (seed pattern 1) with its refusals and the inbox, then the seed's metrics.
+catalog write (seed pattern 1) with its refusals and the inbox, LLM calls through the
+bundled simulator with an outage that opens the breaker (pattern 2), and the seed's
+metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.cli import app
-from aura.config import get_settings, mask_url
+from aura.config import Settings, get_settings, mask_url
 from aura.db import (
     Database,
     Product,
@@ -30,7 +33,8 @@ from aura.db import (
     transactional,
     upgrade,
 )
-from aura.errors import AuraError
+from aura.errors import AuraError, CircuitOpenError, LLMError
+from aura.llm import Faults, LLMSimulator, ResilientLLMClient
 from aura.metrics import SEED_METRIC_NAMES
 
 
@@ -110,6 +114,52 @@ async def _catalog_steps(database: Database) -> list[Step]:
     return steps
 
 
+async def _llm_steps(settings: Settings) -> list[Step]:
+    """Pattern 2 against the bundled simulator: an outage opens the breaker, then recovery.
+
+    The demo shortens the reset timeout to 1 s so it finishes quickly (the default is 60).
+    """
+    steps: list[Step] = []
+    messages = [{"role": "user", "content": '{"title": "Demo trail shoe", "brand": "Acme"}'}]
+    async with (
+        LLMSimulator(Faults()) as simulator,
+        ResilientLLMClient(
+            settings=settings, base_url=simulator.base_url, reset_timeout=1.0
+        ) as client,
+    ):
+        answer = await client.complete(messages)
+        steps.append(Step("enrich through the simulator", "a JSON answer", answer.text[:60]))
+        steps[-1].ok = answer.text.startswith("{")
+
+        simulator.start_outage(1.5)
+        outcomes = Counter[str]()
+        for _ in range(6):
+            try:
+                await client.complete(messages)
+                outcomes["ok"] += 1
+            except CircuitOpenError:
+                outcomes["failed fast"] += 1
+            except LLMError:
+                outcomes["failed"] += 1
+        received = simulator.outcomes().get("outage", 0)
+        said = f"{dict(outcomes)}; {received} reached the provider"
+        steps.append(Step("6 calls during an outage", "3 failed, 3 failed fast", said))
+        steps[-1].ok = outcomes == Counter({"failed": 3, "failed fast": 3}) and received == 3
+
+        for _attempt in range(10):  # bounded: the outage lasts 1.5 s, the reset 1 s
+            try:
+                await client.complete(messages)
+                break
+            except CircuitOpenError as exc:
+                await asyncio.sleep(exc.retry_after + 0.05)
+            except LLMError:
+                continue  # a trial during the outage: it opens again
+        state = client.circuit_breaker.state.value
+        steps.append(Step("after the outage", "one trial call closes it", state))
+        steps[-1].ok = state == "closed"
+    return steps
+
+
 def _exposed_metric_names() -> set[str]:
     names: set[str] = set()
     for family in REGISTRY.collect():
@@ -118,10 +168,10 @@ def _exposed_metric_names() -> set[str]:
     return names
 
 
-async def _run(database: Database) -> list[Step]:
+async def _run(database: Database, settings: Settings) -> tuple[list[Step], list[Step]]:
     try:
         await upgrade(database)
-        return await _catalog_steps(database)
+        return await _catalog_steps(database), await _llm_steps(settings)
     finally:
         await database.dispose()
 
@@ -131,19 +181,24 @@ def demo_command() -> None:
     """Run the main job on embedded defaults and print its report."""
     console = Console()
     settings = get_settings()
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.ERROR)  # the report says what happened
     database = Database.from_settings(settings)
     console.rule("[bold]Aura demo")
     mode = "embedded" if settings.database_url is None else "real services"
     console.print(f"mode: [bold]{mode}[/bold]; database: {mask_url(database.url)}")
 
-    steps = asyncio.run(_run(database))
-    table = Table(title="seed pattern 1: transactional catalog writes")
-    for column in ("step", "expected", "outcome", "ok"):
-        table.add_column(column, overflow="fold")
-    for step in steps:
-        table.add_row(step.name, step.expected, step.outcome, "yes" if step.ok else "[red]NO")
-    console.print(table)
+    catalog, llm = asyncio.run(_run(database, settings))
+    for title, steps in (
+        ("seed pattern 1: transactional catalog writes", catalog),
+        ("seed pattern 2: LLM calls under the circuit breaker", llm),
+    ):
+        table = Table(title=title)
+        for column in ("step", "expected", "outcome", "ok"):
+            table.add_column(column, overflow="fold")
+        for step in steps:
+            table.add_row(step.name, step.expected, step.outcome, "yes" if step.ok else "[red]NO")
+        console.print(table)
+    steps = catalog + llm
 
     exposed = _exposed_metric_names()
     missing = [name for name in SEED_METRIC_NAMES if name not in exposed]
