@@ -53,6 +53,9 @@ class RollbackReason(StrEnum):
 class DeadLetterReason(StrEnum):
     POISON_PILL = "poison_pill"
     MAX_RETRIES_EXCEEDED = "max_retries_exceeded"
+    MAX_DEFERRALS_EXCEEDED = "max_deferrals_exceeded"  # the LLM circuit stayed open too long
+    WORKER_LOST = "worker_lost"  # dead-lettered by the broker's delivery limit
+    TASK_FAILED = "task_failed"  # rejected by Celery (a task without DLQ routing failed)
 
 
 class Queue(StrEnum):

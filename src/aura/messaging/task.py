@@ -1,0 +1,317 @@
+"""``@resilient_task``: a Celery task whose every delivery ends in success, a retry or the DLQ.
+
+Per delivery (the seed's "Error Handling Hierarchy")::
+
+    success                 -> ack (the retry counter is cleared if it was used)
+    poison pill             -> DLQ (poison_pill) at once, no retry spent -> ack
+    CircuitOpenError        -> deferred until the breaker may let a trial through; spends
+                               no retry budget; after ``max_deferrals`` -> DLQ
+                               (max_deferrals_exceeded)
+    anything else           -> RetryTracker.increment_and_check(task id)
+                               -> retry with exponential backoff and jitter (Retry-After
+                                  honoured), or, past max_retries -> DLQ
+                                  (max_retries_exceeded)
+    worker killed           -> redelivered (acks_late, reject_on_worker_lost); after
+                               max_retries + 1 deliveries the broker dead-letters it
+
+A dead letter is published with a publisher confirm before the task returns, and Celery
+acks the original (late) only after that: never lost, at worst duplicated in the DLQ.
+
+``async def`` tasks run on one event loop per worker process, made after fork and kept
+for the process's life (pooled database and Redis connections are bound to it). When
+Celery's soft time limit fires, the coroutine is cancelled and awaited, so its cleanup
+and rollbacks run before the timeout is handled as a transient failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import os
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery import Celery, Task
+from celery.exceptions import Retry
+from redis.asyncio import Redis
+
+from aura.config import get_settings
+from aura.errors import CircuitOpenError, LLMHTTPStatusError
+from aura.events import DeadLetterReason
+from aura.messaging.dlq import route_to_dlq
+from aura.messaging.poison import PoisonPillDetector
+from aura.messaging.retry import RetryTracker
+
+__all__ = ["backoff_delay", "resilient_task"]
+
+T = TypeVar("T")
+_log = structlog.get_logger("aura.messaging.task")
+_DEFER_PREFIX = "defer_count:"
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): exponential, capped, half jittered."""
+    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    max_retries: int
+    poison_pill_detection: bool
+    dlq_routing: bool
+    backoff_base: float
+    backoff_max: float
+    max_deferrals: int
+    detector: PoisonPillDetector
+
+
+class _ProcessRuntime:
+    """What one worker process keeps for its life: an event loop and its clients."""
+
+    def __init__(self, app: Celery, policy: _Policy) -> None:
+        settings = get_settings()
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.redis: Redis = _redis_client(settings.redis_url)
+        self.tracker = RetryTracker(self.redis, policy.max_retries, settings.retry_tracker_ttl)
+        self.deferrals = RetryTracker(
+            self.redis, policy.max_deferrals, settings.retry_tracker_ttl, prefix=_DEFER_PREFIX
+        )
+        self.connection = app.connection_for_write()
+        self.rng = random.Random()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on this process's loop; on the soft time limit, cancel it and
+        let it clean up before the limit is raised."""
+        task = self.loop.create_task(coroutine)
+        try:
+            return self.loop.run_until_complete(task)
+        except SoftTimeLimitExceeded:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self.loop.run_until_complete(task)
+            raise
+
+
+def _redis_client(url: str | None) -> Redis:
+    if url is None:  # embedded: an in-process stand-in
+        from fakeredis import FakeAsyncRedis
+
+        return FakeAsyncRedis()
+    return Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+_runtimes: dict[tuple[int, int], _ProcessRuntime] = {}
+
+
+def _runtime(app: Celery, policy: _Policy) -> _ProcessRuntime:
+    key = (os.getpid(), id(policy))
+    runtime = _runtimes.get(key)
+    if runtime is None:  # first use in this process (after fork in a prefork child)
+        runtime = _runtimes[key] = _ProcessRuntime(app, policy)
+    return runtime
+
+
+def resilient_task(
+    fn: Callable[..., Any] | None = None,
+    *,
+    bind: bool = True,
+    max_retries: int | None = None,
+    poison_pill_detection: bool = True,
+    dlq_routing: bool = True,
+    app: Celery | None = None,
+    backoff_base: float = 1.0,
+    backoff_max: float = 60.0,
+    max_deferrals: int = 30,
+    detector: PoisonPillDetector | None = None,
+    **celery_options: Any,
+) -> Any:
+    """Decorate a ``def`` or ``async def`` as a resilient Celery task (see the module doc).
+
+    ``max_retries`` defaults to RETRY_TRACKER_MAX_RETRIES. ``max_deferrals`` bounds how
+    often a task is put off while the LLM circuit is open (30 x the breaker's reset timeout,
+    30 minutes with the seed's 60 s). Other keyword arguments go to ``app.task`` (``name``,
+    ``queue``, ``soft_time_limit``, ...).
+    """
+
+    def decorate(function: Callable[..., Any]) -> Task:
+        celery = app if app is not None else _default_app()
+        policy = _Policy(
+            max_retries=get_settings().retry_tracker_max_retries
+            if max_retries is None
+            else max_retries,
+            poison_pill_detection=poison_pill_detection,
+            dlq_routing=dlq_routing,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            max_deferrals=max_deferrals,
+            detector=detector or PoisonPillDetector(),
+        )
+        is_async = inspect.iscoroutinefunction(function)
+
+        @functools.wraps(function)
+        def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+            return _deliver(self, function, is_async, bind, policy, args, kwargs)
+
+        options = {"name": f"{function.__module__}.{function.__qualname__}"} | celery_options
+        task: Task = celery.task(bind=True, max_retries=None, **options)(run)
+        return task
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def _default_app() -> Celery:
+    from aura.worker.celery_app import celery_app
+
+    return celery_app
+
+
+def _deliver(
+    task: Task,
+    function: Callable[..., Any],
+    is_async: bool,
+    bind: bool,
+    policy: _Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    runtime = _runtime(task.app, policy)
+    call_args = (task, *args) if bind else args
+    try:
+        if is_async:
+            result = runtime.run(function(*call_args, **kwargs))
+        else:
+            result = function(*call_args, **kwargs)
+    except Retry:
+        raise  # the task asked for its own retry
+    except CircuitOpenError as exc:
+        return _defer(task, runtime, policy, exc, args, kwargs)
+    except Exception as exc:
+        return _fail(task, runtime, policy, exc, args, kwargs)
+    if task.request.retries:
+        runtime.run(runtime.tracker.reset(task.request.id))
+    return result
+
+
+def _dead_letter(
+    task: Task,
+    runtime: _ProcessRuntime,
+    reason: DeadLetterReason,
+    exc: BaseException,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    retries: int,
+    error_text: str | None = None,
+) -> None:
+    request = task.request
+    letter = runtime.run(
+        route_to_dlq(
+            request.id,
+            reason,
+            connection=runtime.connection,
+            task=task.name,
+            queue=(request.delivery_info or {}).get("routing_key", ""),
+            args=list(args),
+            kwargs=kwargs,
+            error=exc,
+            error_text=error_text,
+            retries=retries,
+            tenant_id=_tenant_of(args, kwargs),
+        )
+    )
+    _log.error(
+        "message sent to the dead-letter queue",
+        task=task.name,
+        message_id=request.id,
+        reason=reason.value,
+        error=letter.error,
+        dead_letter=letter.id,
+    )
+
+
+def _tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    tenant = kwargs.get("tenant_id")
+    return None if tenant is None else str(tenant)
+
+
+def _fail(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    exc: Exception,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    request = task.request
+    if policy.poison_pill_detection and policy.detector.is_poison_pill(exc):
+        if not policy.dlq_routing:
+            raise exc
+        reason = policy.detector.get_poison_reason(exc)
+        _dead_letter(task, runtime, DeadLetterReason.POISON_PILL, exc, args, kwargs, 0, reason)
+        return None
+    exhausted = runtime.run(
+        runtime.tracker.increment_and_check(request.id, fallback_count=request.retries)
+    )
+    if exhausted:
+        if not policy.dlq_routing:
+            raise exc
+        _dead_letter(
+            task,
+            runtime,
+            DeadLetterReason.MAX_RETRIES_EXCEEDED,
+            exc,
+            args,
+            kwargs,
+            policy.max_retries,
+        )
+        runtime.run(runtime.tracker.reset(request.id))
+        return None
+    countdown = backoff_delay(
+        request.retries + 1, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
+    )
+    if isinstance(exc, LLMHTTPStatusError) and exc.retry_after:
+        countdown = max(countdown, exc.retry_after)
+    _log.warning(
+        "task failed; retrying",
+        task=task.name,
+        message_id=request.id,
+        attempt=request.retries + 1,
+        countdown=round(countdown, 3),
+        error=f"{type(exc).__name__}: {exc}",
+    )
+    raise task.retry(exc=exc, countdown=countdown)
+
+
+def _defer(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    exc: CircuitOpenError,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    request = task.request
+    exhausted = runtime.run(
+        runtime.deferrals.increment_and_check(request.id, fallback_count=request.retries)
+    )
+    if exhausted:
+        _dead_letter(
+            task,
+            runtime,
+            DeadLetterReason.MAX_DEFERRALS_EXCEEDED,
+            exc,
+            args,
+            kwargs,
+            request.retries,
+        )
+        return None
+    countdown = exc.retry_after + runtime.rng.uniform(0, 1.0)  # spread the fleet's trials
+    raise task.retry(exc=exc, countdown=countdown)

@@ -1,0 +1,57 @@
+"""The broker's layout: work queues, the dead-letter exchange and the DLQ.
+
+``realtime_queue`` and ``bulk_queue`` are quorum queues with an explicit delivery limit
+(RabbitMQ 3.10 sets none by default) and at-least-once dead-lettering into ``aura.dlq``:
+the broker's backstop when a message kills its worker on every delivery, since no
+process survives to count those deliveries. Every other failure is dead-lettered by
+``resilient_task`` itself, with a reason, before the original is acked.
+"""
+
+from __future__ import annotations
+
+from kombu.entity import Exchange, Queue
+
+__all__ = [
+    "BULK_QUEUE",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "REALTIME_QUEUE",
+    "WORK_EXCHANGE",
+    "dead_letter_queue",
+    "work_queues",
+]
+
+REALTIME_QUEUE = "realtime_queue"
+BULK_QUEUE = "bulk_queue"
+DEAD_LETTER_QUEUE = "aura.dlq"
+DEAD_LETTER_EXCHANGE = Exchange("aura.dlx", type="direct", durable=True)
+# Topic, because Celery's native delayed delivery (retries with a countdown on quorum
+# queues) routes through topic exchanges.
+WORK_EXCHANGE = Exchange("aura.tasks", type="topic", durable=True)
+
+
+def dead_letter_queue() -> Queue:
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        DEAD_LETTER_EXCHANGE,
+        routing_key=DEAD_LETTER_QUEUE,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def work_queues(delivery_limit: int) -> list[Queue]:
+    """The two work queues; a message is dead-lettered after ``delivery_limit`` + 1
+    deliveries that were never acknowledged."""
+    arguments = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+        "x-dead-letter-routing-key": DEAD_LETTER_QUEUE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    return [
+        Queue(name, WORK_EXCHANGE, routing_key=name, durable=True, queue_arguments=arguments)
+        for name in (REALTIME_QUEUE, BULK_QUEUE)
+    ]

@@ -1,0 +1,1 @@
+"""The intelligence worker: the Celery app (``aura.worker.celery_app``) and its tasks."""
