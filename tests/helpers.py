@@ -36,3 +36,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def wait_for(condition: Callable[[], bool], *, within: float = 30.0, interval: float = 0.1) -> None:
+    """The synchronous ``wait_until``: poll ``condition``; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        time.sleep(interval)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +43,15 @@ from aura.events import DeadLetterReason, MessageDeadLettered
 from aura.logs import redact, redact_text
 from aura.messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, dead_letter_queue
 
-__all__ = ["DeadLetter", "DeadLetterQueue", "StoredDeadLetter", "route_to_dlq"]
+__all__ = [
+    "DeadLetter",
+    "DeadLetterQueue",
+    "StoredDeadLetter",
+    "purge",
+    "queue_of",
+    "replay",
+    "route_to_dlq",
+]
 
 _MAX_ERROR = 1000
 MAX_SCAN = 100_000
@@ -240,6 +248,41 @@ class DeadLetterQueue:
                 if reason is not None and entry.letter.reason.value != reason:
                     continue
                 yield entry
+
+
+def queue_of(delivery_info: dict[str, Any] | None) -> str:
+    """The work queue a delivery came from (a delayed retry's routing key ends with it)."""
+    routing_key = str((delivery_info or {}).get("routing_key", ""))
+    return routing_key.rsplit(".", 1)[-1]
+
+
+def replay(
+    reader: DeadLetterQueue,
+    send: Callable[[DeadLetter], None],
+    *,
+    letter_id: str | None = None,
+    reason: str | None = None,
+    scan: int = 10_000,
+) -> list[DeadLetter]:
+    """Send matching dead letters back to their queues; each leaves the DLQ only after
+    ``send`` returned (a confirmed publish), so a failure midway loses nothing."""
+    if letter_id is None and reason is None:
+        raise ValueError("replay needs a dead letter id or a reason")
+    replayed: list[DeadLetter] = []
+    for entry in reader.take(letter_id=letter_id, reason=reason, scan=scan):
+        send(entry.letter)
+        entry.message.ack()
+        replayed.append(entry.letter)
+    return replayed
+
+
+def purge(reader: DeadLetterQueue, *, reason: str, scan: int = 10_000) -> list[DeadLetter]:
+    """Remove the dead letters with ``reason``; every other entry stays."""
+    removed: list[DeadLetter] = []
+    for entry in reader.take(reason=reason, scan=scan):
+        entry.message.ack()
+        removed.append(entry.letter)
+    return removed
 
 
 def _matches(

@@ -11,8 +11,10 @@ Per delivery (the seed's "Error Handling Hierarchy")::
                                -> retry with exponential backoff and jitter (Retry-After
                                   honoured), or, past max_retries -> DLQ
                                   (max_retries_exceeded)
-    worker killed           -> redelivered (acks_late, reject_on_worker_lost); after
-                               max_retries + 1 deliveries the broker dead-letters it
+    worker killed           -> redelivered (acks_late, reject_on_worker_lost); a
+                               redelivery counts as a failure in the same budget, and
+                               past it goes to the DLQ (worker_lost); the broker's
+                               delivery limit dead-letters it too, should no run survive
 
 A dead letter is published with a publisher confirm before the task returns, and Celery
 acks the original (late) only after that: never lost, at worst duplicated in the DLQ.
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from billiard.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import Retry
 from redis.asyncio import Redis
@@ -44,15 +46,18 @@ from redis.asyncio import Redis
 from aura.config import get_settings
 from aura.errors import CircuitOpenError, LLMHTTPStatusError
 from aura.events import DeadLetterReason
-from aura.messaging.dlq import route_to_dlq
+from aura.messaging.dlq import queue_of, route_to_dlq
 from aura.messaging.poison import PoisonPillDetector
-from aura.messaging.retry import RetryTracker
+from aura.messaging.retry import KEY_PREFIX, RetryTracker
 
-__all__ = ["backoff_delay", "resilient_task"]
+__all__ = ["DEFER_PREFIX", "backoff_delay", "process_loop", "resilient_task"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("aura.messaging.task")
-_DEFER_PREFIX = "defer_count:"
+DEFER_PREFIX = "defer_count:"
+# RabbitMQ's native delayed delivery (how Celery delays retries on quorum queues) counts
+# whole seconds, and refuses a countdown below one.
+_MIN_COUNTDOWN = 1.0
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
@@ -73,19 +78,23 @@ class _Policy:
 
 
 class _ProcessRuntime:
-    """What one worker process keeps for its life: an event loop and its clients."""
+    """What one worker process keeps for its life: one event loop and its clients."""
 
-    def __init__(self, app: Celery, policy: _Policy) -> None:
-        settings = get_settings()
+    def __init__(self, app: Celery) -> None:
         self.pid = os.getpid()
+        self.settings = get_settings()
         self.loop = asyncio.new_event_loop()
-        self.redis: Redis = _redis_client(settings.redis_url)
-        self.tracker = RetryTracker(self.redis, policy.max_retries, settings.retry_tracker_ttl)
-        self.deferrals = RetryTracker(
-            self.redis, policy.max_deferrals, settings.retry_tracker_ttl, prefix=_DEFER_PREFIX
-        )
+        self.redis: Redis = _redis_client(self.settings.redis_url)
         self.connection = app.connection_for_write()
         self.rng = random.Random()
+        self._trackers: dict[tuple[str, int], RetryTracker] = {}
+
+    def tracker(self, prefix: str, limit: int) -> RetryTracker:
+        key = (prefix, limit)
+        if key not in self._trackers:
+            ttl = self.settings.retry_tracker_ttl
+            self._trackers[key] = RetryTracker(self.redis, limit, ttl, prefix=prefix)
+        return self._trackers[key]
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on this process's loop; on the soft time limit, cancel it and
@@ -109,15 +118,19 @@ def _redis_client(url: str | None) -> Redis:
     return Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
 
-_runtimes: dict[tuple[int, int], _ProcessRuntime] = {}
+_runtimes: dict[int, _ProcessRuntime] = {}
 
 
-def _runtime(app: Celery, policy: _Policy) -> _ProcessRuntime:
-    key = (os.getpid(), id(policy))
-    runtime = _runtimes.get(key)
+def _runtime(app: Celery) -> _ProcessRuntime:
+    runtime = _runtimes.get(os.getpid())
     if runtime is None:  # first use in this process (after fork in a prefork child)
-        runtime = _runtimes[key] = _ProcessRuntime(app, policy)
+        runtime = _runtimes[os.getpid()] = _ProcessRuntime(app)
     return runtime
+
+
+def process_loop(app: Celery | None = None) -> asyncio.AbstractEventLoop:
+    """This worker process's event loop (the one ``async def`` tasks run on)."""
+    return _runtime(app if app is not None else _default_app()).loop
 
 
 def resilient_task(
@@ -183,7 +196,11 @@ def _deliver(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    runtime = _runtime(task.app, policy)
+    runtime = _runtime(task.app)
+    if (task.request.delivery_info or {}).get("redelivered") and _crash_budget_spent(
+        task, runtime, policy, args, kwargs
+    ):
+        return None
     call_args = (task, *args) if bind else args
     try:
         if is_async:
@@ -197,8 +214,30 @@ def _deliver(
     except Exception as exc:
         return _fail(task, runtime, policy, exc, args, kwargs)
     if task.request.retries:
-        runtime.run(runtime.tracker.reset(task.request.id))
+        runtime.run(runtime.tracker(KEY_PREFIX, policy.max_retries).reset(task.request.id))
     return result
+
+
+def _crash_budget_spent(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> bool:
+    """A redelivered message: its last run never finished (the worker died, or the
+    connection was lost). Count that as a failure in the same budget as retries, so
+    crashes and retries together stay within max_retries + 1 executions."""
+    request = task.request
+    tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
+    if not runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries)):
+        return False
+    lost = WorkerLostError("its worker died on every run (killed, out of memory or hard limit)")
+    _dead_letter(
+        task, runtime, DeadLetterReason.WORKER_LOST, lost, args, kwargs, policy.max_retries
+    )
+    runtime.run(tracker.reset(request.id))
+    return True
 
 
 def _dead_letter(
@@ -218,7 +257,7 @@ def _dead_letter(
             reason,
             connection=runtime.connection,
             task=task.name,
-            queue=(request.delivery_info or {}).get("routing_key", ""),
+            queue=queue_of(request.delivery_info),
             args=list(args),
             kwargs=kwargs,
             error=exc,
@@ -257,9 +296,8 @@ def _fail(
         reason = policy.detector.get_poison_reason(exc)
         _dead_letter(task, runtime, DeadLetterReason.POISON_PILL, exc, args, kwargs, 0, reason)
         return None
-    exhausted = runtime.run(
-        runtime.tracker.increment_and_check(request.id, fallback_count=request.retries)
-    )
+    tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
+    exhausted = runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries))
     if exhausted:
         if not policy.dlq_routing:
             raise exc
@@ -272,13 +310,14 @@ def _fail(
             kwargs,
             policy.max_retries,
         )
-        runtime.run(runtime.tracker.reset(request.id))
+        runtime.run(tracker.reset(request.id))
         return None
     countdown = backoff_delay(
         request.retries + 1, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
     )
     if isinstance(exc, LLMHTTPStatusError) and exc.retry_after:
         countdown = max(countdown, exc.retry_after)
+    countdown = max(countdown, _MIN_COUNTDOWN)
     _log.warning(
         "task failed; retrying",
         task=task.name,
@@ -299,8 +338,9 @@ def _defer(
     kwargs: dict[str, Any],
 ) -> None:
     request = task.request
+    deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
     exhausted = runtime.run(
-        runtime.deferrals.increment_and_check(request.id, fallback_count=request.retries)
+        deferrals.increment_and_check(request.id, fallback_count=request.retries)
     )
     if exhausted:
         _dead_letter(
@@ -313,5 +353,6 @@ def _defer(
             request.retries,
         )
         return None
-    countdown = exc.retry_after + runtime.rng.uniform(0, 1.0)  # spread the fleet's trials
+    # Spread the fleet's trials over a second past the moment the breaker may allow one.
+    countdown = max(exc.retry_after + runtime.rng.uniform(0, 1.0), _MIN_COUNTDOWN)
     raise task.retry(exc=exc, countdown=countdown)
