@@ -10,6 +10,7 @@ metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections import Counter
@@ -35,6 +36,7 @@ from aura.db import (
 )
 from aura.errors import AuraError, CircuitOpenError, LLMError
 from aura.llm import Faults, LLMSimulator, ResilientLLMClient
+from aura.messaging import PoisonPillDetector, RetryTracker
 from aura.metrics import SEED_METRIC_NAMES
 
 
@@ -160,6 +162,34 @@ async def _llm_steps(settings: Settings) -> list[Step]:
     return steps
 
 
+async def _message_steps() -> list[Step]:
+    """Patterns 3 and 4 on sample bulk records: poison verdicts, then a retry budget
+    counted in the embedded Redis stand-in (the worker pipeline arrives with the platform)."""
+    from fakeredis import FakeAsyncRedis
+
+    detector = PoisonPillDetector()
+    steps: list[Step] = []
+    for raw in ('{"sku": "A-1", "title": "Trail shoe"}', '{"sku": "A-2"', '{"title": "no sku"}'):
+        try:
+            record = json.loads(raw)
+            record["sku"]
+            verdict = "processable"
+        except Exception as exc:
+            is_poison = detector.is_poison_pill(exc)
+            verdict = f"poison: {detector.get_poison_reason(exc)}" if is_poison else "retry"
+        expected = "processable" if raw.endswith('shoe"}') else "poison, no retry"
+        steps.append(Step(f"record {raw}", expected, verdict))
+        steps[-1].ok = (
+            verdict == "processable" if expected == "processable" else verdict.startswith("poison")
+        )
+    tracker = RetryTracker(FakeAsyncRedis(), max_retries=3)
+    verdicts = [await tracker.increment_and_check("demo-message") for _ in range(4)]
+    said = ", ".join("DLQ" if v else "retry" for v in verdicts)
+    steps.append(Step("a message failing 4 times", "retry, retry, retry, DLQ", said))
+    steps[-1].ok = verdicts == [False, False, False, True]
+    return steps
+
+
 def _exposed_metric_names() -> set[str]:
     names: set[str] = set()
     for family in REGISTRY.collect():
@@ -168,12 +198,13 @@ def _exposed_metric_names() -> set[str]:
     return names
 
 
-async def _run(database: Database, settings: Settings) -> tuple[list[Step], list[Step]]:
+async def _run(database: Database, settings: Settings) -> tuple[list[Step], list[Step], list[Step]]:
     try:
         await upgrade(database)
-        return await _catalog_steps(database), await _llm_steps(settings)
+        catalog = await _catalog_steps(database)
     finally:
         await database.dispose()
+    return catalog, await _llm_steps(settings), await _message_steps()
 
 
 @app.command("demo")
@@ -187,10 +218,11 @@ def demo_command() -> None:
     mode = "embedded" if settings.database_url is None else "real services"
     console.print(f"mode: [bold]{mode}[/bold]; database: {mask_url(database.url)}")
 
-    catalog, llm = asyncio.run(_run(database, settings))
+    catalog, llm, messages = asyncio.run(_run(database, settings))
     for title, steps in (
         ("seed pattern 1: transactional catalog writes", catalog),
         ("seed pattern 2: LLM calls under the circuit breaker", llm),
+        ("seed patterns 3-4: poison pills and the retry budget", messages),
     ):
         table = Table(title=title)
         for column in ("step", "expected", "outcome", "ok"):
@@ -198,7 +230,7 @@ def demo_command() -> None:
         for step in steps:
             table.add_row(step.name, step.expected, step.outcome, "yes" if step.ok else "[red]NO")
         console.print(table)
-    steps = catalog + llm
+    steps = catalog + llm + messages
 
     exposed = _exposed_metric_names()
     missing = [name for name in SEED_METRIC_NAMES if name not in exposed]

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Reject, Retry
 from redis.asyncio import Redis
 
 from aura.config import get_settings
@@ -62,7 +62,7 @@ _MIN_COUNTDOWN = 1.0
 
 def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
     """Seconds before retry ``attempt`` (1, 2, ...): exponential, capped, half jittered."""
-    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))  # no float overflow
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
@@ -197,9 +197,8 @@ def _deliver(
     kwargs: dict[str, Any],
 ) -> Any:
     runtime = _runtime(task.app)
-    if (task.request.delivery_info or {}).get("redelivered") and _crash_budget_spent(
-        task, runtime, policy, args, kwargs
-    ):
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    if redelivered and _crash_budget_spent(task, runtime, policy, args, kwargs):
         return None
     call_args = (task, *args) if bind else args
     try:
@@ -207,13 +206,13 @@ def _deliver(
             result = runtime.run(function(*call_args, **kwargs))
         else:
             result = function(*call_args, **kwargs)
-    except Retry:
-        raise  # the task asked for its own retry
+    except (Retry, Ignore, Reject):
+        raise  # the task steered Celery itself
     except CircuitOpenError as exc:
         return _defer(task, runtime, policy, exc, args, kwargs)
     except Exception as exc:
         return _fail(task, runtime, policy, exc, args, kwargs)
-    if task.request.retries:
+    if task.request.retries or redelivered:  # a failure was counted: clear it
         runtime.run(runtime.tracker(KEY_PREFIX, policy.max_retries).reset(task.request.id))
     return result
 
