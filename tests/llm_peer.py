@@ -25,9 +25,10 @@ from aura.logs import configure_logging
 MESSAGES = [{"role": "user", "content": "peer"}]
 
 
-async def one(client: ResilientLLMClient) -> str:
+async def one(client: ResilientLLMClient, messages: list[dict[str, str]] = MESSAGES) -> str:
+    """One call; what it got, as a word (shared with test_llm_fleet.py)."""
     try:
-        await client.complete(MESSAGES)
+        await client.complete(messages)
     except CircuitOpenError:
         return "circuit_open"
     except LLMError as exc:

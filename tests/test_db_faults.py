@@ -93,7 +93,9 @@ async def slow_commit(admin: asyncpg.Connection) -> AsyncIterator[str]:
     await admin.execute("drop trigger aura_test_slow_commit on products")
 
 
-async def kill_when_committing(admin: asyncpg.Connection, pids: list[int]) -> None:
+async def wait_for_commit(admin: asyncpg.Connection, pids: list[int]) -> None:
+    """Until the backend in ``pids`` (filled in by the transaction) is running COMMIT."""
+
     async def committing() -> bool:
         if not pids:
             return False
@@ -101,6 +103,10 @@ async def kill_when_committing(admin: asyncpg.Connection, pids: list[int]) -> No
         return str(query).strip().upper().startswith("COMMIT")
 
     await wait_until(committing, within=10)
+
+
+async def kill_when_committing(admin: asyncpg.Connection, pids: list[int]) -> None:
+    await wait_for_commit(admin, pids)
     assert await admin.fetchval("select pg_terminate_backend($1)", pids[0])
 
 
@@ -147,14 +153,7 @@ async def test_a_cancelled_transaction_rolls_back_and_returns_its_connection(
 
     before = metric("database_transaction_rollbacks_total", reason="application_error")
     task = asyncio.create_task(create())
-
-    async def committing() -> bool:
-        if not pids:
-            return False
-        query = await admin.fetchval("select query from pg_stat_activity where pid=$1", pids[0])
-        return str(query).strip().upper().startswith("COMMIT")
-
-    await wait_until(committing, within=10)
+    await wait_for_commit(admin, pids)
     task.cancel()  # what the soft time limit does to an async task
     with pytest.raises(asyncio.CancelledError):
         await task

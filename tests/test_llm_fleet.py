@@ -16,12 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from aura.config import Settings
-from aura.errors import CircuitOpenError, LLMError
 from aura.events import CircuitState
 from aura.llm import BreakerRecord, Faults, LLMSimulator, ResilientLLMClient
 from tests.helpers import FakeClock, metric, wait_until
+from tests.llm_peer import one
 
-MESSAGES = [{"role": "user", "content": "parent"}]
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -59,16 +58,6 @@ async def shared(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
     client = aioredis.from_url(redis_url)
     yield client, f"fleet-{uuid.uuid4().hex[:8]}"
     await client.aclose()
-
-
-async def one(client: ResilientLLMClient) -> str:
-    try:
-        await client.complete(MESSAGES)
-    except CircuitOpenError:
-        return "circuit_open"
-    except LLMError as exc:
-        return type(exc).__name__
-    return "ok"
 
 
 async def test_an_open_in_one_process_fails_the_other_fast_within_a_second(

@@ -41,7 +41,22 @@ __all__ = [
     "NotFoundError",
     "ServiceUnavailableError",
     "TransactionAbortedError",
+    "cause_chain",
 ]
+
+_MAX_CHAIN = 10
+
+
+def cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from (``__cause__``, else ``__context__``), bounded:
+    a chain can loop."""
+    links: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in links and len(links) < _MAX_CHAIN:
+        links.append(current)
+        current = current.__cause__ or current.__context__
+    return links
+
 
 # Status codes that say the server is sick or overloaded, not that the request is wrong.
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})

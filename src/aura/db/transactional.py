@@ -34,7 +34,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura import events
-from aura.errors import DatabaseTransactionError, InvalidInputError, TransactionAbortedError
+from aura.errors import (
+    DatabaseTransactionError,
+    InvalidInputError,
+    TransactionAbortedError,
+    cause_chain,
+)
 from aura.events import RollbackReason, TransactionRolledBack
 
 __all__ = ["describe_error", "is_network_error", "transactional"]
@@ -47,19 +52,9 @@ _ROLLBACK_ONLY = "aura.rollback_only"
 _log = structlog.get_logger("aura.db")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes (bounded: cause chains can loop)."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 10:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def is_network_error(exc: BaseException) -> bool:
     """True when ``exc`` means the connection to the database failed or was dropped."""
-    for link in _chain(exc):
+    for link in cause_chain(exc):
         if isinstance(link, sa_exc.OperationalError | sa_exc.DisconnectionError):
             return True
         if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:

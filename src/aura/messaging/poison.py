@@ -14,7 +14,7 @@ import json
 
 import pydantic
 
-from aura.errors import AuraError, InvalidInputError
+from aura.errors import AuraError, InvalidInputError, cause_chain
 from aura.logs import redact_text
 
 __all__ = ["DEFAULT_POISON_TYPES", "PoisonPillDetector"]
@@ -30,16 +30,6 @@ DEFAULT_POISON_TYPES: tuple[type[BaseException], ...] = (
     InvalidInputError,
 )
 _MAX_REASON = 300
-_MAX_CHAIN = 10
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    links: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in links and len(links) < _MAX_CHAIN:
-        links.append(current)
-        current = current.__cause__ or current.__context__
-    return links
 
 
 def _one_line(text: str) -> str:
@@ -59,7 +49,7 @@ class PoisonPillDetector:
         self.poison_types = tuple(t for t in self.poison_types if t not in types)
 
     def _poison_link(self, exc: BaseException) -> BaseException | None:
-        for link in _chain(exc):
+        for link in cause_chain(exc):
             if isinstance(link, AuraError) and link.transient:
                 return None  # a transient error of ours: retry it, whatever it wraps
             if isinstance(link, self.poison_types):
