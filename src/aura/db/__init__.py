@@ -9,9 +9,19 @@ upgrade                       Alembic migrations (``aura db upgrade``)
 """
 
 from aura.db.engine import Database, database_url
+from aura.db.imports import create_import, import_counts, mark_record
 from aura.db.inbox import already_processed, claim_message
 from aura.db.migrate import current_revision, upgrade
-from aura.db.models import Base, Enrichment, ProcessedMessage, Product, Tenant, Variant
+from aura.db.models import (
+    Base,
+    Enrichment,
+    Import,
+    ImportRecord,
+    ProcessedMessage,
+    Product,
+    Tenant,
+    Variant,
+)
 from aura.db.products import (
     create_product,
     create_product_with_variants,
@@ -26,6 +36,8 @@ __all__ = [
     "Database",
     "DatabaseTransactionError",
     "Enrichment",
+    "Import",
+    "ImportRecord",
     "ProcessedMessage",
     "Product",
     "Tenant",
@@ -33,13 +45,16 @@ __all__ = [
     "Variant",
     "already_processed",
     "claim_message",
+    "create_import",
     "create_product",
     "create_product_with_variants",
     "create_tenant",
     "create_variants",
     "current_revision",
     "database_url",
+    "import_counts",
     "is_network_error",
+    "mark_record",
     "transactional",
     "upgrade",
 ]

@@ -30,7 +30,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from aura.message_id import MESSAGE_ID_MAX_LENGTH
 
-__all__ = ["Base", "Enrichment", "ProcessedMessage", "Product", "Tenant", "Variant"]
+__all__ = [
+    "Base",
+    "Enrichment",
+    "Import",
+    "ImportRecord",
+    "ProcessedMessage",
+    "Product",
+    "Tenant",
+    "Variant",
+]
 
 
 def _now() -> datetime:
@@ -59,6 +68,7 @@ class Tenant(Base):
 
 class Product(Base):
     __tablename__ = "products"
+    __table_args__ = (Index("ix_products_tenant_created", "tenant_id", "created_at", "id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(
@@ -113,3 +123,27 @@ class ProcessedMessage(Base):
     task: Mapped[str] = mapped_column(String(200))
     tenant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Import(Base):
+    __tablename__ = "imports"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    accepted: Mapped[int] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ImportRecord(Base):
+    __tablename__ = "import_records"
+    __table_args__ = (Index("ix_import_records_import_status", "import_id", "status"),)
+
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_MAX_LENGTH), primary_key=True)
+    import_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("imports.id", ondelete="CASCADE"))
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column()
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # done, dead_lettered
+    product_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

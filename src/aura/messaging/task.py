@@ -35,7 +35,7 @@ import os
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 from aura.config import get_settings
 from aura.errors import CircuitOpenError, LLMHTTPStatusError
 from aura.events import DeadLetterReason
-from aura.messaging.dlq import queue_of, route_to_dlq
+from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX, RetryTracker
 
@@ -75,6 +75,7 @@ class _Policy:
     backoff_max: float
     max_deferrals: int
     detector: PoisonPillDetector
+    on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None
 
 
 class _ProcessRuntime:
@@ -133,6 +134,28 @@ def process_loop(app: Celery | None = None) -> asyncio.AbstractEventLoop:
     return _runtime(app if app is not None else _default_app()).loop
 
 
+@overload
+def resilient_task(fn: Callable[..., Any], /) -> Task: ...
+
+
+@overload
+def resilient_task(
+    fn: None = None,
+    *,
+    bind: bool = True,
+    max_retries: int | None = None,
+    poison_pill_detection: bool = True,
+    dlq_routing: bool = True,
+    app: Celery | None = None,
+    backoff_base: float = 1.0,
+    backoff_max: float = 60.0,
+    max_deferrals: int = 30,
+    detector: PoisonPillDetector | None = None,
+    on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
+    **celery_options: Any,
+) -> Callable[[Callable[..., Any]], Task]: ...
+
+
 def resilient_task(
     fn: Callable[..., Any] | None = None,
     *,
@@ -145,13 +168,16 @@ def resilient_task(
     backoff_max: float = 60.0,
     max_deferrals: int = 30,
     detector: PoisonPillDetector | None = None,
+    on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
     **celery_options: Any,
 ) -> Any:
     """Decorate a ``def`` or ``async def`` as a resilient Celery task (see the module doc).
 
     ``max_retries`` defaults to RETRY_TRACKER_MAX_RETRIES. ``max_deferrals`` bounds how
     often a task is put off while the LLM circuit is open (30 x the breaker's reset timeout,
-    30 minutes with the seed's 60 s). Other keyword arguments go to ``app.task`` (``name``,
+    30 minutes with the seed's 60 s). ``on_dead_letter`` is awaited with each dead letter
+    once it is safe in the DLQ (to mark the record failed, say); if it fails, that is
+    logged and nothing else changes. Other keyword arguments go to ``app.task`` (``name``,
     ``queue``, ``soft_time_limit``, ...).
     """
 
@@ -167,6 +193,7 @@ def resilient_task(
             backoff_max=backoff_max,
             max_deferrals=max_deferrals,
             detector=detector or PoisonPillDetector(),
+            on_dead_letter=on_dead_letter,
         )
         is_async = inspect.iscoroutinefunction(function)
 
@@ -233,7 +260,7 @@ def _crash_budget_spent(
         return False
     lost = WorkerLostError("its worker died on every run (killed, out of memory or hard limit)")
     _dead_letter(
-        task, runtime, DeadLetterReason.WORKER_LOST, lost, args, kwargs, policy.max_retries
+        task, runtime, policy, DeadLetterReason.WORKER_LOST, lost, args, kwargs, policy.max_retries
     )
     runtime.run(tracker.reset(request.id))
     return True
@@ -242,6 +269,7 @@ def _crash_budget_spent(
 def _dead_letter(
     task: Task,
     runtime: _ProcessRuntime,
+    policy: _Policy,
     reason: DeadLetterReason,
     exc: BaseException,
     args: tuple[Any, ...],
@@ -265,6 +293,11 @@ def _dead_letter(
             tenant_id=_tenant_of(args, kwargs),
         )
     )
+    if policy.on_dead_letter is not None:
+        try:
+            runtime.run(policy.on_dead_letter(letter))
+        except Exception:  # the dead letter is safe; a failing hook must not undo that
+            _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
     _log.error(
         "message sent to the dead-letter queue",
         task=task.name,
@@ -293,7 +326,9 @@ def _fail(
         if not policy.dlq_routing:
             raise exc
         reason = policy.detector.get_poison_reason(exc)
-        _dead_letter(task, runtime, DeadLetterReason.POISON_PILL, exc, args, kwargs, 0, reason)
+        _dead_letter(
+            task, runtime, policy, DeadLetterReason.POISON_PILL, exc, args, kwargs, 0, reason
+        )
         return None
     tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
     exhausted = runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries))
@@ -303,6 +338,7 @@ def _fail(
         _dead_letter(
             task,
             runtime,
+            policy,
             DeadLetterReason.MAX_RETRIES_EXCEEDED,
             exc,
             args,
@@ -345,6 +381,7 @@ def _defer(
         _dead_letter(
             task,
             runtime,
+            policy,
             DeadLetterReason.MAX_DEFERRALS_EXCEEDED,
             exc,
             args,

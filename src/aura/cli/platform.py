@@ -1,0 +1,82 @@
+"""``aura gateway``, ``aura worker`` and ``aura tenant create``: running the platform."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from aura.cli import app
+from aura.config import get_settings
+from aura.db import Database, upgrade
+from aura.errors import ConfigurationError, InvalidInputError
+from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+
+tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+
+
+@tenant_app.command("create")
+def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name.")) -> None:
+    """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    from aura.gateway.auth import create_tenant_with_key
+
+    async def create() -> tuple[str, str]:
+        database = Database.from_settings(get_settings())
+        try:
+            await upgrade(database)
+            async with database.session() as session:
+                tenant, key = await create_tenant_with_key(session, name)
+                await session.commit()
+            return str(tenant.id), key
+        finally:
+            await database.dispose()
+
+    tenant_id, key = asyncio.run(create())
+    typer.echo(f"tenant {name!r} created: id {tenant_id}")
+    typer.echo(f"API key (shown once, send it as X-API-Key): {key}")
+
+
+@app.command("gateway")
+def gateway_command(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535),
+) -> None:
+    """Serve the API gateway (uvicorn)."""
+    import uvicorn
+
+    from aura.gateway import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_config=None)
+
+
+@app.command("worker")
+def worker_command(
+    queues: str = typer.Option(
+        f"{REALTIME_QUEUE},{BULK_QUEUE}", help="Comma-separated queues to consume."
+    ),
+    concurrency: int = typer.Option(2, min=1, max=64, help="Worker processes (prefork)."),
+) -> None:
+    """Run the intelligence worker: prefork, so the time limits work."""
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(chosen) - {REALTIME_QUEUE, BULK_QUEUE}
+    if not chosen or unknown:
+        raise InvalidInputError(
+            f"--queues takes {REALTIME_QUEUE} and/or {BULK_QUEUE}, got {queues!r}", field="queues"
+        )
+    settings = get_settings()
+    if settings.celery_broker_url is None:
+        raise ConfigurationError("CELERY_BROKER_URL must be set to run a worker")
+    from aura.worker.tasks import ingest_product
+
+    ingest_product.app.worker_main(
+        [
+            "worker",
+            "--pool=prefork",
+            f"--concurrency={concurrency}",
+            f"--queues={','.join(chosen)}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=WARNING",
+        ]
+    )

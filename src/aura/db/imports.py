@@ -1,0 +1,68 @@
+"""Bulk imports: one row per import and per record, so progress can be counted.
+
+A record is ``pending`` until the worker commits its product (``done``, in the same
+transaction as the product) or dead-letters it (``dead_lettered``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aura.db.models import Import, ImportRecord
+from aura.db.transactional import transactional
+
+__all__ = ["RECORD_STATUSES", "create_import", "import_counts", "mark_record"]
+
+RECORD_STATUSES = ("pending", "done", "dead_lettered")
+
+
+@transactional
+async def create_import(
+    session: AsyncSession, tenant_id: uuid.UUID, records: int
+) -> tuple[Import, list[str]]:
+    """An import of ``records`` records, all pending; returns it and the records' message ids."""
+    batch = Import(tenant_id=tenant_id, accepted=records)
+    session.add(batch)
+    await session.flush()
+    message_ids = [str(uuid.uuid4()) for _ in range(records)]
+    session.add_all(
+        ImportRecord(message_id=m, import_id=batch.id, tenant_id=tenant_id, position=i)
+        for i, m in enumerate(message_ids)
+    )
+    await session.flush()
+    return batch, message_ids
+
+
+async def mark_record(
+    session: AsyncSession, message_id: str, status: str, *, product_id: uuid.UUID | None = None
+) -> None:
+    """Set a record's status (in the caller's transaction); unknown ids change nothing."""
+    if status not in RECORD_STATUSES:
+        raise ValueError(f"unknown record status {status!r}")
+    await session.execute(
+        update(ImportRecord)
+        .where(ImportRecord.message_id == message_id)
+        .values(status=status, product_id=product_id, updated_at=datetime.now(UTC))
+    )
+
+
+async def import_counts(
+    session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUID
+) -> dict[str, int] | None:
+    """accepted / done / dead_lettered / pending of one of the tenant's imports."""
+    batch = await session.scalar(
+        select(Import).where(Import.id == import_id, Import.tenant_id == tenant_id)
+    )
+    if batch is None:
+        return None
+    rows = await session.execute(
+        select(ImportRecord.status, func.count())
+        .where(ImportRecord.import_id == import_id)
+        .group_by(ImportRecord.status)
+    )
+    counts = {status: 0 for status in RECORD_STATUSES} | {s: int(n) for s, n in rows.all()}
+    return {"accepted": batch.accepted, **counts}

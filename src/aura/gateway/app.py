@@ -1,0 +1,382 @@
+"""The API gateway: tenants' products and catalog imports in, enrichment state out.
+
+    POST /v1/tenants/{tenant_id}/products          one product, validated, written in one
+                                                   transaction, enrichment queued -> 201
+    GET  /v1/tenants/{tenant_id}/products          a page (limit <= 100, offset)
+    GET  /v1/tenants/{tenant_id}/products/{id}     with its enrichment state
+    POST /v1/tenants/{tenant_id}/imports           JSON array or JSON lines; each record
+                                                   one message on bulk_queue, as it came -> 202
+    GET  /v1/tenants/{tenant_id}/imports/{id}      accepted, done, dead_lettered, pending
+    GET  /healthz  /readyz  /metrics
+
+Every tenant route needs ``X-API-Key``; a key sees only its own tenant (anything else is
+404). Bad input is a 4xx whose JSON names the field; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from sqlalchemy import func, select, text
+from starlette.concurrency import run_in_threadpool
+
+from aura.catalog import parse_product
+from aura.config import Settings, get_settings
+from aura.db import (
+    Database,
+    Enrichment,
+    Product,
+    Variant,
+    create_import,
+    create_product_with_variants,
+    import_counts,
+)
+from aura.errors import (
+    AuraError,
+    ConflictError,
+    DatabaseTransactionError,
+    InvalidInputError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from aura.gateway.auth import tenant_for_key
+from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+
+__all__ = ["ENRICH_TASK", "INGEST_TASK", "Gateway", "create_app"]
+
+INGEST_TASK = "aura.ingest_product"
+ENRICH_TASK = "aura.enrich_product"
+MAX_PRODUCT_BYTES = 256 * 1024
+MAX_IMPORT_BYTES = 16 * 1024 * 1024
+MAX_IMPORT_RECORDS = 20_000
+MAX_JSON_DEPTH = 32
+
+
+@dataclass
+class Gateway:
+    """What the routes need; tests build it with their own database and publisher."""
+
+    database: Database
+    publisher: Celery
+    ready_checks: dict[str, Callable[[], Any]]
+
+
+def _error(
+    status: int, code: str, message: str, fields: list[dict[str, str]] | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        body["fields"] = fields
+    return JSONResponse({"error": body}, status_code=status)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise _TooLarge(limit)
+    return bytes(chunks)
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
+def _json(raw: bytes, what: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"{what} is not valid JSON: {exc}"[:300], field="body") from exc
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidInputError(f"{what} is nested deeper than {MAX_JSON_DEPTH}", field="body")
+    return value
+
+
+def _product_view(
+    product: Product, variants: list[Variant], enrichment: Enrichment | None
+) -> dict[str, Any]:
+    return {
+        "id": str(product.id),
+        "tenant_id": str(product.tenant_id),
+        "title": product.title,
+        "description": product.description,
+        "brand": product.brand,
+        "category": product.category,
+        "created_at": product.created_at.isoformat(),
+        "variants": [
+            {
+                "sku": v.sku,
+                "price": str(v.price),
+                "currency": v.currency,
+                "attributes": v.attributes,
+            }
+            for v in variants
+        ],
+        "enrichment": {"state": "pending"}
+        if enrichment is None
+        else {"state": "done", "description": enrichment.description, "tags": enrichment.tags},
+    }
+
+
+def create_app(gateway: Gateway | None = None, *, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app; without ``gateway`` it builds one from Settings at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if gateway is not None:
+            app.state.gateway = gateway
+            yield
+            return
+        from aura.gateway.readiness import default_checks
+        from aura.worker.celery_app import make_celery_app
+
+        current = settings or get_settings()
+        database = Database.from_settings(current)
+        app.state.gateway = Gateway(database, make_celery_app(current), default_checks(current))
+        try:
+            yield
+        finally:
+            await database.dispose()
+
+    app = FastAPI(title="Aura gateway", lifespan=lifespan)
+    if gateway is not None:
+        app.state.gateway = gateway
+
+    @app.exception_handler(AuraError)
+    async def aura_error(_: Request, exc: AuraError) -> JSONResponse:
+        if isinstance(exc, NotFoundError):
+            return _error(404, "not_found", str(exc))
+        if isinstance(exc, ConflictError):
+            return _error(409, "conflict", str(exc), [{"field": exc.field, "message": str(exc)}])
+        if isinstance(exc, InvalidInputError):
+            fields = [{"field": f, "message": m} for f, m in exc.errors]
+            return _error(422, "invalid_input", str(exc), fields)
+        if isinstance(exc, DatabaseTransactionError | ServiceUnavailableError):
+            return _error(503, "unavailable", "a dependency is unavailable; retry later")
+        return _error(500, "internal", "internal error")
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(_: Request, exc: _TooLarge) -> JSONResponse:
+        return _error(413, "too_large", str(exc), [{"field": "body", "message": str(exc)}])
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            {"field": ".".join(str(p) for p in e["loc"][1:]) or "request", "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return _error(422, "invalid_input", f"invalid request: {summary}", fields)
+
+    def state(request: Request) -> Gateway:
+        found: Gateway = request.app.state.gateway
+        return found
+
+    async def authorize(request: Request, tenant_id: uuid.UUID) -> Gateway:
+        gw = state(request)
+        key = request.headers.get("x-api-key")
+        if not key:
+            raise _Unauthorized("missing X-API-Key header")
+        async with gw.database.session() as session:
+            owner = await tenant_for_key(session, key)
+        if owner is None:
+            raise _Unauthorized("invalid API key")
+        if owner != tenant_id:
+            raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id")
+        return gw
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_: Request, exc: _Unauthorized) -> JSONResponse:
+        return _error(401, "unauthorized", str(exc), [{"field": "X-API-Key", "message": str(exc)}])
+
+    @app.post("/v1/tenants/{tenant_id}/products", status_code=201)
+    async def post_product(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
+        gw = await authorize(request, tenant_id)
+        data = parse_product(_json(await _body(request, MAX_PRODUCT_BYTES), "the product"))
+        async with gw.database.session() as session:
+            product = await create_product_with_variants(session, tenant_id, data)
+        await run_in_threadpool(
+            gw.publisher.send_task,
+            ENRICH_TASK,
+            args=[str(product.id), str(tenant_id)],
+            task_id=f"enrich-{product.id}",
+            queue=REALTIME_QUEUE,
+        )
+        async with gw.database.session() as session:
+            view = await _load_product(session, tenant_id, product.id)
+        return JSONResponse(view, status_code=201)
+
+    @app.get("/v1/tenants/{tenant_id}/products/{product_id}")
+    async def get_product(
+        tenant_id: uuid.UUID, product_id: uuid.UUID, request: Request
+    ) -> dict[str, Any]:
+        gw = await authorize(request, tenant_id)
+        async with gw.database.session() as session:
+            return await _load_product(session, tenant_id, product_id)
+
+    @app.get("/v1/tenants/{tenant_id}/products")
+    async def list_products(
+        tenant_id: uuid.UUID,
+        request: Request,
+        limit: int = Query(50, ge=1, le=100),
+        offset: int = Query(0, ge=0, le=1_000_000),
+    ) -> dict[str, Any]:
+        gw = await authorize(request, tenant_id)
+        async with gw.database.session() as session:
+            total = await session.scalar(
+                select(func.count()).select_from(Product).where(Product.tenant_id == tenant_id)
+            )
+            ids = (
+                await session.scalars(
+                    select(Product.id)
+                    .where(Product.tenant_id == tenant_id)
+                    .order_by(Product.created_at, Product.id)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            ).all()
+            items = [await _load_product(session, tenant_id, pid) for pid in ids]
+        return {"items": items, "total": int(total or 0), "limit": limit, "offset": offset}
+
+    @app.post("/v1/tenants/{tenant_id}/imports", status_code=202)
+    async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
+        gw = await authorize(request, tenant_id)
+        raw = await _body(request, MAX_IMPORT_BYTES)
+        records = _split_records(raw, request.headers.get("content-type", ""))
+        async with gw.database.session() as session:
+            batch, message_ids = await create_import(session, tenant_id, len(records))
+
+        def publish() -> None:
+            for message_id, record in zip(message_ids, records, strict=True):
+                gw.publisher.send_task(
+                    INGEST_TASK,
+                    args=[record, str(tenant_id)],
+                    kwargs={"import_id": str(batch.id)},
+                    task_id=message_id,
+                    queue=BULK_QUEUE,
+                )
+
+        await run_in_threadpool(publish)
+        return JSONResponse({"import_id": str(batch.id), "accepted": len(records)}, status_code=202)
+
+    @app.get("/v1/tenants/{tenant_id}/imports/{import_id}")
+    async def get_import(
+        tenant_id: uuid.UUID, import_id: uuid.UUID, request: Request
+    ) -> dict[str, Any]:
+        gw = await authorize(request, tenant_id)
+        async with gw.database.session() as session:
+            counts = await import_counts(session, tenant_id, import_id)
+        if counts is None:
+            raise NotFoundError(f"unknown import {import_id}", field="import_id")
+        return {"import_id": str(import_id), **counts}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        gw = state(request)
+        checks: dict[str, str] = {}
+        async with gw.database.session() as session:
+            try:
+                await session.execute(text("select 1"))
+                checks["database"] = "ok"
+            except Exception as exc:  # report, never raise: this is the health answer
+                checks["database"] = f"unavailable: {type(exc).__name__}"
+        for name, check in gw.ready_checks.items():
+            try:
+                await check()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"unavailable: {type(exc).__name__}"
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _registry() -> CollectorRegistry:
+    import os
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def _split_records(raw: bytes, content_type: str) -> list[str]:
+    """A JSON array (each element re-serialized) or JSON lines (each line as it came)."""
+    if content_type.split(";")[0].strip() == "application/json":
+        value = _json(raw, "the import")
+        if not isinstance(value, list):
+            raise InvalidInputError("the import must be a JSON array of records", field="body")
+        records = [json.dumps(item) for item in value]
+    else:
+        try:
+            text_body = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError("JSON lines must be UTF-8", field="body") from exc
+        records = [line for line in text_body.splitlines() if line.strip()]
+    if not records:
+        raise InvalidInputError("the import holds no records", field="body")
+    if len(records) > MAX_IMPORT_RECORDS:
+        raise InvalidInputError(
+            f"an import holds at most {MAX_IMPORT_RECORDS} records, got {len(records)}",
+            field="body",
+        )
+    return records
+
+
+async def _load_product(
+    session: Any, tenant_id: uuid.UUID, product_id: uuid.UUID
+) -> dict[str, Any]:
+    product = await session.scalar(
+        select(Product).where(Product.id == product_id, Product.tenant_id == tenant_id)
+    )
+    if product is None:
+        raise NotFoundError(f"unknown product {product_id}", field="product_id")
+    variants = (
+        await session.scalars(
+            select(Variant).where(Variant.product_id == product_id).order_by(Variant.sku)
+        )
+    ).all()
+    enrichment = await session.get(Enrichment, product_id)
+    return _product_view(product, list(variants), enrichment)

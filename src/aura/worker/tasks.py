@@ -1,0 +1,180 @@
+"""The intelligence worker's tasks.
+
+    aura.ingest_product   (bulk_queue)     one raw catalog record: parse, validate, write the
+                                           product and its variants with the inbox, mark the
+                                           import record done, then queue its enrichment
+    aura.enrich_product   (realtime_queue) ask the LLM for a description and tags, write
+                                           the enrichment with the inbox
+
+Malformed records are poison pills (DLQ at once, import record marked dead_lettered); a
+dropped database connection or an LLM failure is transient (retried); an open LLM
+circuit defers the task. Each effect is committed once, whatever the redeliveries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+from celery import Task
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aura.catalog import ProductIn, parse_product
+from aura.config import get_settings
+from aura.db import (
+    Database,
+    Enrichment,
+    ImportRecord,
+    Product,
+    Variant,
+    claim_message,
+    create_product_with_variants,
+    mark_record,
+    transactional,
+)
+from aura.errors import LLMMalformedResponseError, NotFoundError
+from aura.gateway.app import ENRICH_TASK, INGEST_TASK
+from aura.llm import ResilientLLMClient
+from aura.messaging import DeadLetter, resilient_task
+from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+
+__all__ = ["app", "enrich_product", "ingest_product"]
+
+_SYSTEM_PROMPT = (
+    "You write product copy. Answer with JSON only: "
+    '{"description": "<two sentences>", "tags": ["<tag>", ...]}'
+)
+_resources: dict[int, tuple[Database, ResilientLLMClient]] = {}
+
+
+def _process_resources() -> tuple[Database, ResilientLLMClient]:
+    """This process's database pool and LLM client (made on its event loop, kept)."""
+    pid = os.getpid()
+    if pid not in _resources:
+        settings = get_settings()
+        _resources[pid] = (Database.from_settings(settings), ResilientLLMClient(settings=settings))
+    return _resources[pid]
+
+
+class _EnrichmentAnswer(BaseModel):
+    description: str = Field(min_length=1, max_length=2000)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+
+
+@transactional
+async def _ingest(
+    session: AsyncSession, tenant_id: uuid.UUID, product: ProductIn, *, message_id: str
+) -> uuid.UUID:
+    if not await claim_message(session, message_id, task=INGEST_TASK, tenant_id=tenant_id):
+        # Redelivered after its commit: find what it made, so enrichment is still queued.
+        made = await session.scalar(
+            select(ImportRecord.product_id).where(ImportRecord.message_id == message_id)
+        )
+        if made is None:
+            raise NotFoundError(f"message {message_id} was processed but made no product")
+        return made
+    created = await create_product_with_variants(session, tenant_id, product)
+    await mark_record(session, message_id, "done", product_id=created.id)
+    return created.id
+
+
+async def _mark_dead(letter: DeadLetter) -> None:
+    database, _ = _process_resources()
+    async with database.session() as session:
+        await mark_record(session, letter.message_id, "dead_lettered")
+        await session.commit()
+
+
+@resilient_task(name=INGEST_TASK, queue=BULK_QUEUE, on_dead_letter=_mark_dead)
+async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | None = None) -> str:
+    """One raw record, exactly as the tenant sent it."""
+    product = parse_product(json.loads(raw))
+    database, _ = _process_resources()
+    async with database.session() as session:
+        product_id = await _ingest(
+            session, uuid.UUID(tenant_id), product, message_id=self.request.id
+        )
+    self.app.send_task(
+        ENRICH_TASK,
+        args=[str(product_id), tenant_id],
+        task_id=f"enrich-{product_id}",
+        queue=REALTIME_QUEUE,
+    )
+    return str(product_id)
+
+
+def _prompt(product: Product, variants: list[Variant]) -> list[dict[str, str]]:
+    facts: dict[str, Any] = {
+        "title": product.title,
+        "brand": product.brand,
+        "category": product.category,
+        "skus": [v.sku for v in variants],
+    }
+    return [
+        {"role": "system", "content": _SYSTEM_PROMPT},
+        {"role": "user", "content": json.dumps(facts)},
+    ]
+
+
+@transactional
+async def _write_enrichment(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    product_id: uuid.UUID,
+    answer: _EnrichmentAnswer,
+    *,
+    model: str,
+    message_id: str,
+) -> None:
+    if not await claim_message(session, message_id, task=ENRICH_TASK, tenant_id=tenant_id):
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    values = {
+        "product_id": product_id,
+        "tenant_id": tenant_id,
+        "description": answer.description,
+        "tags": answer.tags,
+        "model": model,
+    }
+    statement = insert(Enrichment).values(**values)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Enrichment.product_id],
+            set_={k: statement.excluded[k] for k in ("description", "tags", "model")},
+        )
+    )
+
+
+@resilient_task(name=ENRICH_TASK, queue=REALTIME_QUEUE)
+async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
+    """Ask the LLM about one product and store its answer."""
+    tenant, pid = uuid.UUID(tenant_id), uuid.UUID(product_id)
+    database, llm = _process_resources()
+    async with database.session() as session:
+        product = await session.scalar(
+            select(Product).where(Product.id == pid, Product.tenant_id == tenant)
+        )
+        if product is None:
+            raise NotFoundError(f"unknown product {product_id}", field="product_id")
+        variants = list(
+            (await session.scalars(select(Variant).where(Variant.product_id == pid))).all()
+        )
+    completion = await llm.complete(_prompt(product, variants), temperature=0.2)
+    try:
+        answer = _EnrichmentAnswer.model_validate_json(completion.text)
+    except ValidationError as exc:  # the provider's fault, not the message's: retry
+        raise LLMMalformedResponseError(f"the enrichment answer is unusable: {exc}") from exc
+    async with database.session() as session:
+        await _write_enrichment(
+            session, tenant, pid, answer, model=completion.model, message_id=self.request.id
+        )
+
+
+app = ingest_product.app  # ``celery -A aura.worker.tasks worker`` finds the app here

@@ -1,0 +1,206 @@
+"""Gateway -> RabbitMQ -> a real worker process -> PostgreSQL, with the LLM simulator
+misbehaving: every accepted record is enriched once or is in the DLQ, nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from kombu.connection import Connection
+from sqlalchemy import func, select
+
+from aura.config import Settings
+from aura.db import Database, Enrichment, ImportRecord, ProcessedMessage, Product
+from aura.gateway import Gateway, create_app, create_tenant_with_key
+from aura.llm import Faults, LLMSimulator
+from aura.messaging import DeadLetterQueue
+from aura.worker.celery_app import make_celery_app
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[LLMSimulator]:
+    faults = Faults(error_rate=0.2, error_statuses=(500, 503), retry_after=1, latency=0.01)
+    with LLMSimulator(faults, seed=42).running_in_thread() as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def platform_worker(
+    amqp_url: str, redis_url: str, simulator: LLMSimulator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    from tests.services import pg_test_url
+
+    log = tmp_path_factory.mktemp("platform") / "worker.log"
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "REDIS_", "LLM_", "DATABASE_"))
+        },
+        "CELERY_BROKER_URL": amqp_url,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": pg_test_url(),
+        "LLM_BASE_URL": simulator.base_url,
+        "DB_POOL_SIZE": "4",
+        "DB_MAX_OVERFLOW": "2",
+        "LOG_LEVEL": "WARNING",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "aura.worker.tasks",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        "2",
+        "-Q",
+        "realtime_queue,bulk_queue",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        "WARNING",
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    yield process
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    if process.returncode not in (0, -signal.SIGTERM):
+        print(Path(log).read_text()[-4000:])
+
+
+async def count(database: Database, statement: object) -> int:
+    async with database.session() as session:
+        return int(await session.scalar(statement) or 0)  # type: ignore[call-overload]
+
+
+async def test_every_record_is_enriched_once_or_dead_lettered(
+    pg_database: Database,
+    amqp_url: str,
+    platform_worker: subprocess.Popen[bytes],
+    simulator: LLMSimulator,
+) -> None:
+    publisher = make_celery_app(Settings(celery_broker_url=amqp_url))
+    app = create_app(Gateway(pg_database, publisher, {}))
+    async with pg_database.session() as session:
+        tenant, key = await create_tenant_with_key(session, f"e2e-{uuid.uuid4().hex[:8]}")
+        await session.commit()
+    headers = {"X-API-Key": key}
+    good = [
+        json.dumps(
+            {
+                "title": f"Shoe {i}",
+                "category": "running",
+                "variants": [{"sku": f"E-{i}", "price": "10.00"}],
+            }
+        )
+        for i in range(40)
+    ]
+    malformed = [
+        '{"title": "half',
+        '{"variants": []}',
+        "\\xff not json",
+        '{"title": "T", "variants": [{"sku": "E-0", "price": 1}]}',
+    ]
+    body = "\n".join(good[:20] + malformed[:2] + good[20:] + malformed[2:])
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    ) as client:
+        direct = await client.post(
+            f"/v1/tenants/{tenant.id}/products",
+            json={"title": "Direct", "variants": [{"sku": "DIRECT-1", "price": "5"}]},
+            headers=headers,
+        )
+        assert direct.status_code == 201
+        accepted = await client.post(
+            f"/v1/tenants/{tenant.id}/imports",
+            content=body.encode(),
+            headers={**headers, "content-type": "application/x-ndjson"},
+        )
+        assert accepted.status_code == 202
+        import_id = accepted.json()["import_id"]
+        assert accepted.json()["accepted"] == 44
+
+        async def settled() -> bool:
+            counts = (
+                await client.get(f"/v1/tenants/{tenant.id}/imports/{import_id}", headers=headers)
+            ).json()
+            enriched = await count(
+                pg_database,
+                select(func.count())
+                .select_from(Enrichment)
+                .where(Enrichment.tenant_id == tenant.id),
+            )
+            return counts["pending"] == 0 and enriched == counts["done"] + 1
+
+        await wait_until(settled, within=150, interval=0.5)
+        counts = (
+            await client.get(f"/v1/tenants/{tenant.id}/imports/{import_id}", headers=headers)
+        ).json()
+
+    # Accounting: accepted = committed once + dead-lettered; nothing lost, nothing doubled.
+    assert counts["done"] == 40
+    assert counts["dead_lettered"] == 4
+    products = await count(
+        pg_database, select(func.count()).select_from(Product).where(Product.tenant_id == tenant.id)
+    )
+    assert products == 41  # 40 imported + 1 posted directly
+    enrichments = await count(
+        pg_database,
+        select(func.count()).select_from(Enrichment).where(Enrichment.tenant_id == tenant.id),
+    )
+    assert enrichments == 41  # each product enriched exactly once (the key is the product)
+    ingested = await count(
+        pg_database,
+        select(func.count())
+        .select_from(ProcessedMessage)
+        .where(
+            ProcessedMessage.tenant_id == tenant.id, ProcessedMessage.task == "aura.ingest_product"
+        ),
+    )
+    assert ingested == 40
+    dead_ids = set(
+        await _scalars(
+            pg_database,
+            select(ImportRecord.message_id).where(
+                ImportRecord.import_id == uuid.UUID(import_id),
+                ImportRecord.status == "dead_lettered",
+            ),
+        )
+    )
+    with Connection(amqp_url) as connection:
+        letters = [
+            letter
+            for letter in DeadLetterQueue(connection).list(limit=1000)
+            if letter.message_id in dead_ids
+        ]
+    assert {letter.message_id for letter in letters} == dead_ids
+    assert {letter.reason.value for letter in letters} == {"poison_pill"}
+    assert any("SKU already used" in letter.error for letter in letters)
+    assert simulator.outcomes().get("ok", 0) >= 41
+    assert sum(v for k, v in simulator.outcomes().items() if k != "ok") > 0  # faults happened
+
+
+async def _scalars(database: Database, statement: object) -> list[str]:
+    async with database.session() as session:
+        return list((await session.scalars(statement)).all())  # type: ignore[call-overload]
