@@ -61,11 +61,24 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     assert "seed metrics exposed: 6/6" in done.stdout
 
 
+def head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from aura.db import migrate
+
+    config = Config()
+    config.set_main_option("script_location", str(migrate._SCRIPTS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 def test_db_upgrade_migrates_the_configured_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     first = run_aura("db", "upgrade", env={"DATABASE_URL": url, "LOG_LEVEL": "WARNING"})
     assert first.returncode == 0, first.stderr
-    assert "is at revision 0001" in first.stdout
+    assert f"is at revision {head_revision()}" in first.stdout
     again = run_aura("db", "upgrade", env={"DATABASE_URL": url, "LOG_LEVEL": "WARNING"})
     assert again.returncode == 0, again.stderr
     tables = sqlite3.connect(tmp_path / "cli.db").execute(
