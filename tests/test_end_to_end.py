@@ -54,6 +54,7 @@ def platform_worker(
         "LLM_BASE_URL": simulator.base_url,
         "DB_POOL_SIZE": "4",
         "DB_MAX_OVERFLOW": "2",
+        "CIRCUIT_BREAKER_RESET_TIMEOUT": "2",  # scaled: the seed's 60 s would idle the test
         "LOG_LEVEL": "WARNING",
     }
     command = [
