@@ -26,6 +26,7 @@ from aura.worker.celery_app import make_celery_app
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
+METRICS_PORT = 19187
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def platform_worker(
     from tests.services import pg_test_url
 
     log = tmp_path_factory.mktemp("platform") / "worker.log"
+    metrics_dir = tmp_path_factory.mktemp("platform-metrics")
     env = {
         **{
             k: v
@@ -55,6 +57,9 @@ def platform_worker(
         "DB_POOL_SIZE": "4",
         "DB_MAX_OVERFLOW": "2",
         "CIRCUIT_BREAKER_RESET_TIMEOUT": "2",  # scaled: the seed's 60 s would idle the test
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "WORKER_METRICS_PORT": str(METRICS_PORT),
+        "WORKER_QUEUE_POLL_INTERVAL": "0.5",
         "LOG_LEVEL": "WARNING",
     }
     command = [
@@ -199,6 +204,18 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
     assert {letter.reason.value for letter in letters} == {"poison_pill"}
     assert any("SKU already used" in letter.error for letter in letters)
     assert simulator.outcomes().get("ok", 0) >= 41
+
+    # The worker's /metrics sums its prefork children (multiprocess mode).
+    async with httpx.AsyncClient() as scraper:
+        exposition = (await scraper.get(f"http://127.0.0.1:{METRICS_PORT}/metrics")).text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['messages_sent_to_dlq_total{reason="poison_pill"}'] >= 4
+    assert 'celery_tasks_pending{queue="bulk_queue"}' in samples
+    assert 'celery_tasks_pending{queue="realtime_queue"}' in samples
     assert sum(v for k, v in simulator.outcomes().items() if k != "ok") > 0  # faults happened
 
 

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     llm_write_timeout: PositiveFloat = 5.0
     llm_pool_timeout: PositiveFloat = 5.0
     llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
+    # Worker observability (not in the seed)
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
+    worker_queue_poll_interval: PositiveFloat = 5.0
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"

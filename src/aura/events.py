@@ -32,7 +32,9 @@ __all__ = [
     "PoolConnectionsChanged",
     "Queue",
     "QueueDepthObserved",
+    "RetryKind",
     "RollbackReason",
+    "TaskRetried",
     "TransactionRolledBack",
     "add_hook",
     "emit",
@@ -69,6 +71,11 @@ class LLMOutcome(StrEnum):
     CONNECTION_ERROR = "connection_error"
     HTTP_ERROR = "http_error"
     MALFORMED = "malformed"
+
+
+class RetryKind(StrEnum):
+    RETRY = "retry"  # a transient failure, retried with backoff (spends the retry budget)
+    DEFERRAL = "deferral"  # put off while the LLM circuit is open (spends no budget)
 
 
 class CircuitState(StrEnum):
@@ -114,6 +121,12 @@ class MessageDeadLettered:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskRetried:
+    task: str
+    kind: RetryKind
+
+
+@dataclass(frozen=True, slots=True)
 class QueueDepthObserved:
     queue: Queue
     pending: int
@@ -126,6 +139,7 @@ Event = (
     | CircuitStateChanged
     | LLMRequestFinished
     | MessageDeadLettered
+    | TaskRetried
     | QueueDepthObserved
 )
 Hook = Callable[[Event], None]

@@ -9,6 +9,10 @@
     messages_sent_to_dlq_total{reason}             reason: poison_pill | max_retries_exceeded
     celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue
 
+Not in the seed, named in its style:
+
+    aura_task_retries_total{kind}                  kind: retry | deferral
+
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
 series is created at import with value 0, so alerts and scrapes see it before the first
@@ -33,7 +37,9 @@ from aura.events import (
     PoolConnectionsChanged,
     Queue,
     QueueDepthObserved,
+    RetryKind,
     RollbackReason,
+    TaskRetried,
     TransactionRolledBack,
 )
 
@@ -100,6 +106,14 @@ CELERY_TASKS_PENDING = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+AURA_TASK_RETRIES = Counter(
+    "aura_task_retries_total",
+    "Task executions put off for another try: retry (transient) or deferral (open circuit).",
+    ["kind"],
+)
+
+for _kind in RetryKind:
+    AURA_TASK_RETRIES.labels(kind=_kind.value)
 for _reason in RollbackReason:
     DATABASE_TRANSACTION_ROLLBACKS.labels(reason=_reason.value)
 for _outcome in LLMOutcome:
@@ -125,6 +139,8 @@ def prometheus_hook(event: Event) -> None:
             LLM_API_REQUEST_DURATION.labels(outcome=outcome.value).observe(duration_s)
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
+        case TaskRetried(kind=kind):
+            AURA_TASK_RETRIES.labels(kind=kind.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
             CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
 

@@ -43,9 +43,10 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 from redis.asyncio import Redis
 
+from aura import events
 from aura.config import get_settings
 from aura.errors import CircuitOpenError, LLMHTTPStatusError
-from aura.events import DeadLetterReason
+from aura.events import DeadLetterReason, RetryKind, TaskRetried
 from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX, RetryTracker
@@ -353,6 +354,7 @@ def _fail(
     if isinstance(exc, LLMHTTPStatusError) and exc.retry_after:
         countdown = max(countdown, exc.retry_after)
     countdown = max(countdown, _MIN_COUNTDOWN)
+    events.emit(TaskRetried(task.name, RetryKind.RETRY))
     _log.warning(
         "task failed; retrying",
         task=task.name,
@@ -391,4 +393,5 @@ def _defer(
         return None
     # Spread the fleet's trials over a second past the moment the breaker may allow one.
     countdown = max(exc.retry_after + runtime.rng.uniform(0, 1.0), _MIN_COUNTDOWN)
+    events.emit(TaskRetried(task.name, RetryKind.DEFERRAL))
     raise task.retry(exc=exc, countdown=countdown)

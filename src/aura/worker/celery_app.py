@@ -75,6 +75,9 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
             declare_topology(app)
 
     signals.worker_init.connect(declare_dead_letter_queue, weak=False)
+    from aura.worker import observability
+
+    observability.install(app, settings)
     return app
 
 

@@ -1,0 +1,80 @@
+"""What a worker shows Prometheus: its metrics endpoint and the queues' depth.
+
+Under prefork every child process counts into files in ``PROMETHEUS_MULTIPROC_DIR``
+(prometheus_client's multiprocess mode); the main process serves their sum on
+``WORKER_METRICS_PORT`` and forgets a child's live gauges when it exits. A daemon thread
+in the main process keeps ``celery_tasks_pending{queue}`` current for both work queues
+(a passive declare every ``WORKER_QUEUE_POLL_INTERVAL`` seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import structlog
+from celery import Celery
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+from aura import events
+from aura.config import Settings
+from aura.events import Queue, QueueDepthObserved
+from aura.messaging.topology import work_queues
+
+__all__ = ["install"]
+
+_log = structlog.get_logger("aura.worker.observability")
+
+
+def _registry() -> CollectorRegistry:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def _poll_queues(app: Celery, settings: Settings, stop: threading.Event) -> None:
+    queues = work_queues(settings.retry_tracker_max_retries)
+    while not stop.wait(settings.worker_queue_poll_interval):
+        try:
+            with app.connection_for_read() as connection:
+                channel = connection.default_channel
+                for queue in queues:
+                    declared = queue(channel).queue_declare(passive=True)
+                    events.emit(QueueDepthObserved(Queue(queue.name), declared.message_count))
+        except Exception as exc:  # the broker is away: try again next round
+            _log.warning("cannot read queue depths", error=f"{type(exc).__name__}: {exc}")
+
+
+def install(app: Celery, settings: Settings) -> None:
+    """Connect the worker signals that start the endpoint and the queue poller."""
+    from celery import signals
+
+    stop = threading.Event()
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        if settings.worker_metrics_port:
+            start_http_server(settings.worker_metrics_port, registry=_registry())
+        if settings.celery_broker_url and not settings.celery_broker_url.startswith("memory"):
+            threading.Thread(
+                target=_poll_queues, args=(app, settings, stop), name="queue-depth", daemon=True
+            ).start()
+
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        stop.set()
+
+    def on_child_exit(pid: int | None = None, **_: Any) -> None:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ and pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+    signals.worker_process_shutdown.connect(on_child_exit, weak=False)
