@@ -1,0 +1,141 @@
+"""The demo's accounting: what was accepted, and where every record ended up."""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from aura.db import Enrichment, Import, ImportRecord, Product
+
+__all__ = ["DemoReport", "Tally", "tally"]
+
+
+@dataclass
+class Tally:
+    """Counts read from the database for one import."""
+
+    accepted: int
+    done: int
+    dead_lettered: int
+    pending: int
+    products: int
+    enriched: int
+    latencies_s: list[float] = field(default_factory=list)
+
+
+async def tally(session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUID) -> Tally:
+    batch = await session.get(Import, import_id)
+    assert batch is not None
+    statuses = dict(
+        (
+            await session.execute(
+                select(ImportRecord.status, func.count())
+                .where(ImportRecord.import_id == import_id)
+                .group_by(ImportRecord.status)
+            )
+        ).all()
+    )
+    products = await session.scalar(
+        select(func.count()).select_from(Product).where(Product.tenant_id == tenant_id)
+    )
+    finished = (
+        await session.scalars(
+            select(Enrichment.created_at).where(Enrichment.tenant_id == tenant_id)
+        )
+    ).all()
+    started = batch.created_at
+    latencies = [
+        (stamp.replace(tzinfo=started.tzinfo) - started).total_seconds() for stamp in finished
+    ]
+    return Tally(
+        accepted=batch.accepted,
+        done=int(statuses.get("done", 0)),
+        dead_lettered=int(statuses.get("dead_lettered", 0)),
+        pending=int(statuses.get("pending", 0)),
+        products=int(products or 0),
+        enriched=len(finished),
+        latencies_s=latencies,
+    )
+
+
+@dataclass
+class DemoReport:
+    mode: str
+    faults: str
+    accepted: int
+    ingested: int
+    enriched: int
+    dead_lettered: dict[str, int]
+    retries: int
+    deferrals: int
+    breaker_opens: int
+    llm_requests: int
+    lost: int
+    duplicates: int
+    elapsed_s: float
+    throughput_per_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    dead_letter_samples: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        mode: str,
+        faults: str,
+        counts: Tally,
+        dead_lettered: dict[str, int],
+        ingest_dead: int,
+        enrich_dead: int,
+        retries: int,
+        deferrals: int,
+        breaker_opens: int,
+        llm_requests: int,
+        elapsed_s: float,
+        samples: list[dict[str, str]],
+    ) -> DemoReport:
+        # Lost: accepted records that neither made a product nor reached the DLQ, and
+        # products that were neither enriched nor had their enrichment dead-lettered.
+        lost = max(counts.accepted - counts.done - ingest_dead, 0) + max(
+            counts.done - counts.enriched - enrich_dead, 0
+        )
+        duplicates = max(counts.products - counts.done, 0) + max(
+            counts.enriched - counts.products, 0
+        )
+        latencies = sorted(counts.latencies_s)
+        return cls(
+            mode=mode,
+            faults=faults,
+            accepted=counts.accepted,
+            ingested=counts.done,
+            enriched=counts.enriched,
+            dead_lettered=dict(sorted(dead_lettered.items())),
+            retries=retries,
+            deferrals=deferrals,
+            breaker_opens=breaker_opens,
+            llm_requests=llm_requests,
+            lost=lost,
+            duplicates=duplicates,
+            elapsed_s=round(elapsed_s, 2),
+            throughput_per_s=round(counts.enriched / elapsed_s, 1) if elapsed_s else 0.0,
+            latency_p50_s=round(_percentile(latencies, 50), 3),
+            latency_p99_s=round(_percentile(latencies, 99), 3),
+            dead_letter_samples=samples,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
