@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetterQueue
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import wait_until
+from tests.helpers import start_celery_worker, stop_celery_worker, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 METRICS_PORT = 19187
@@ -62,34 +61,9 @@ def platform_worker(
         "WORKER_QUEUE_POLL_INTERVAL": "0.5",
         "LOG_LEVEL": "WARNING",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "aura.worker.tasks",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        "2",
-        "-Q",
-        "realtime_queue,bulk_queue",
-        "--without-heartbeat",
-        "--without-gossip",
-        "--without-mingle",
-        "-l",
-        "WARNING",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    process = start_celery_worker("aura.worker.tasks", env, log)
     yield process
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop_celery_worker(process)
     if process.returncode not in (0, -signal.SIGTERM):
         print(Path(log).read_text()[-4000:])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -21,7 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from aura.config import Settings
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import wait_for
+from tests.helpers import start_celery_worker, stop_celery_worker, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 TASKS = "tests.messaging_tasks"
@@ -69,27 +68,7 @@ def worker(
         "RETRY_TRACKER_MAX_RETRIES": "3",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        TASKS,
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        "2",
-        "-Q",
-        "realtime_queue,bulk_queue",
-        "--without-heartbeat",
-        "--without-gossip",
-        "--without-mingle",
-        "-l",
-        "WARNING",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    process = start_celery_worker(TASKS, env, log)
     app = make_celery_app(Settings(celery_broker_url=amqp_url))
     client = redis.Redis.from_url(redis_url)
     running = Worker(process, app, amqp_url, client, metrics_dir, env)
@@ -102,12 +81,7 @@ def worker(
         print(log.read_text()[-5000:])
         raise
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_celery_worker(process)
         client.close()
 
 
