@@ -22,7 +22,9 @@ event. Code never touches these objects directly: it emits ``aura.events`` and
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from aura import events
 from aura.events import (
@@ -143,6 +145,18 @@ def prometheus_hook(event: Event) -> None:
             AURA_TASK_RETRIES.labels(kind=kind.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
             CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What a /metrics endpoint serves: this process's registry, or, in multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR`` set, prefork workers), the sum of every process's files."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 events.add_hook(prometheus_hook)

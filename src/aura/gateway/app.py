@@ -26,7 +26,7 @@ from celery import Celery
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 
@@ -51,6 +51,7 @@ from aura.errors import (
 )
 from aura.gateway.auth import tenant_for_key
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+from aura.metrics import exposition_registry
 
 __all__ = ["ENRICH_TASK", "INGEST_TASK", "Gateway", "create_app"]
 
@@ -321,25 +322,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
 class _Unauthorized(Exception):
     pass
-
-
-def _registry() -> CollectorRegistry:
-    import os
-
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        return REGISTRY
-    from prometheus_client import multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return registry
 
 
 def _split_records(raw: bytes, content_type: str) -> list[str]:

@@ -15,26 +15,17 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import start_http_server
 
 from aura import events
 from aura.config import Settings
 from aura.events import Queue, QueueDepthObserved
 from aura.messaging.topology import work_queues
+from aura.metrics import exposition_registry
 
 __all__ = ["install"]
 
 _log = structlog.get_logger("aura.worker.observability")
-
-
-def _registry() -> CollectorRegistry:
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        return REGISTRY
-    from prometheus_client import multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return registry
 
 
 def _poll_queues(app: Celery, settings: Settings, stop: threading.Event) -> None:
@@ -60,7 +51,7 @@ def install(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is not app:
             return
         if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, registry=_registry())
+            start_http_server(settings.worker_metrics_port, registry=exposition_registry())
         if settings.celery_broker_url and not settings.celery_broker_url.startswith("memory"):
             threading.Thread(
                 target=_poll_queues, args=(app, settings, stop), name="queue-depth", daemon=True
