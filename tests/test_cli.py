@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -9,17 +10,20 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+
+from aura.errors import InvalidInputError
 
 
 def run_aura(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}}
     return subprocess.run(
         [sys.executable, "-m", "aura", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=cwd,
         env={**base, "COLUMNS": "200", **(env or {})},
         check=False,
@@ -54,11 +58,61 @@ def test_config_masks_secrets() -> None:
     assert '"REDIS_URL": "redis://:***@cache:6379/0"' in done.stdout
 
 
-def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
-    done = run_aura("demo", cwd=tmp_path)  # the embedded database lands under ./.aura
-    assert done.returncode == 0, done.stderr
-    assert "checks failed: 0" in done.stdout
-    assert "seed metrics exposed: 6/6" in done.stdout
+def malformed_among_first(count: int) -> int:
+    from aura.catalog import parse_product
+    from aura.demo.runner import catalog_records
+
+    bad = 0
+    for record in catalog_records(count):
+        try:
+            parse_product(json.loads(record))
+        except (ValueError, InvalidInputError):
+            bad += 1
+    return bad
+
+
+@pytest.mark.timeout(150)
+def test_demo_accounts_for_every_record_on_embedded_defaults(tmp_path: Path) -> None:
+    done = run_aura("demo", "--products", "80", "--json", cwd=tmp_path, timeout=140)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    malformed = malformed_among_first(80)
+    assert malformed >= 2  # the bundled catalog mixes bad records in from the start
+    assert report["accepted"] == 80
+    assert report["lost"] == 0
+    assert report["duplicates"] == 0
+    # Every record: enriched once, or in the DLQ with its reason (no LLM fault outlives
+    # three retries here, so only the malformed records are dead letters).
+    assert report["dead_lettered"].get("poison_pill") == malformed
+    assert report["enriched"] + sum(report["dead_lettered"].values()) == 80
+    assert report["breaker_opens"] >= 1  # the injected outage opened it
+    assert report["deferrals"] >= 1  # ...and tasks were put off, not failed
+    assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
+    assert report["throughput_per_s"] > 0
+    assert (tmp_path / ".aura" / "demo.log").stat().st_size > 0  # the worker's logs
+
+
+@pytest.mark.timeout(90)
+def test_demo_prints_a_readable_report(tmp_path: Path) -> None:
+    done = run_aura("demo", "--products", "30", "--faults", "off", cwd=tmp_path, timeout=80)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for row in ("accepted", "enriched by the LLM", "lost (must be 0)", "duplicates (must be 0)"):
+        assert row in done.stdout
+    assert "nothing lost, nothing doubled" in done.stdout
+    assert "aura dlq ls" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--products", "0"), "--products must be between 1 and 20000, got 0"),
+        (("--faults", "wild"), "--faults must be one of off, default, heavy, got 'wild'"),
+    ],
+)
+def test_demo_refuses_bad_options_in_one_line(args: tuple[str, ...], message: str) -> None:
+    done = run_aura("demo", *args)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"aura: {message}"
 
 
 def head_revision() -> str:

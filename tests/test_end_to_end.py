@@ -175,6 +175,7 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
             if letter.message_id in dead_ids
         ]
     assert {letter.message_id for letter in letters} == dead_ids
+    assert {letter.tenant_id for letter in letters} == {str(tenant.id)}  # passed by position
     assert {letter.reason.value for letter in letters} == {"poison_pill"}
     assert any("SKU already used" in letter.error for letter in letters)
     assert simulator.outcomes().get("ok", 0) >= 41

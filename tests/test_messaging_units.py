@@ -207,3 +207,51 @@ def test_bad_limits_are_refused() -> None:
         RetryTracker(None, max_retries=-1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ttl must be > 0"):
         RetryTracker(None, ttl=0)  # type: ignore[arg-type]
+
+
+def test_deferrals_do_not_lengthen_the_backoff_of_a_later_failure() -> None:
+    """Celery's request.retries counts deferrals too; the backoff must count failures."""
+    from structlog.testing import capture_logs
+
+    from aura.config import load_settings
+    from aura.messaging import resilient_task
+    from aura.worker.celery_app import make_celery_app
+
+    app = make_celery_app(load_settings())  # in-memory broker; eager: retries run inline
+    app.conf.task_always_eager = True
+    runs: list[int] = []
+
+    @resilient_task(app=app, name="tests.defer_then_fail", backoff_base=8.0, backoff_max=60.0)
+    def defer_then_fail(self: object) -> str:
+        runs.append(1)
+        if len(runs) <= 4:
+            raise CircuitOpenError("llm", retry_after=0.0)
+        if len(runs) == 5:
+            raise ConnectionError("connection reset")
+        return "done"
+
+    with capture_logs() as logs:
+        assert defer_then_fail.apply().get() == "done"
+    retried = [entry for entry in logs if entry["event"] == "task failed; retrying"]
+    assert [entry["attempt"] for entry in retried] == [1]
+    assert 4.0 <= retried[0]["countdown"] <= 8.0  # the first failure's delay, not the 5th's
+
+
+def test_reading_the_in_memory_dlq_leaves_it_whole() -> None:
+    """kombu's memory transport drops unacked messages on close; the reader puts them back."""
+    import asyncio
+
+    from aura.config import load_settings
+    from aura.messaging import DeadLetterQueue, route_to_dlq
+    from aura.messaging.dlq import purge
+    from aura.worker.celery_app import make_celery_app
+
+    app = make_celery_app(load_settings())
+    ids = [f"memory-{uuid.uuid4()}" for _ in range(3)]
+    with app.connection_for_write() as connection:
+        purge(DeadLetterQueue(connection), reason="poison_pill")
+        for message_id in ids:
+            asyncio.run(route_to_dlq(message_id, "poison_pill", connection=connection, task="t"))
+    for _ in range(2):
+        with app.connection_for_write() as connection:
+            assert [letter.message_id for letter in DeadLetterQueue(connection).list()] == ids

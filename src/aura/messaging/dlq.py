@@ -189,10 +189,10 @@ class DeadLetterQueue:
         if not 1 <= scan <= MAX_SCAN:
             raise ValueError(f"scan must be between 1 and {MAX_SCAN}, got {scan}")
         channel = self.connection.channel()
+        held: list[StoredDeadLetter] = []
         try:
             queue = dead_letter_queue()(channel)
             queue.declare()
-            held: list[StoredDeadLetter] = []
             for _ in range(scan):
                 message = queue.get(no_ack=False, accept=["json"])
                 if message is None:
@@ -203,6 +203,12 @@ class DeadLetterQueue:
                 )
             yield held
         finally:
+            if not getattr(channel, "do_restore", True):
+                # kombu's in-memory transport drops unacked messages on close instead of
+                # requeueing them as RabbitMQ does: put back what was only read.
+                for entry in held:
+                    if not entry.message.acknowledged:
+                        entry.message.reject(requeue=True)
             channel.close()  # whatever was not acked goes back to the queue
 
     def list(

@@ -57,6 +57,11 @@ class RetryTracker:
         ``fallback_count`` is the failures the caller knows of before this one (Celery's
         ``request.retries``); it is used only when Redis cannot be reached.
         """
+        return await self.increment(message_id, fallback_count=fallback_count) > self.max_retries
+
+    async def increment(self, message_id: str, *, fallback_count: int | None = None) -> int:
+        """Count one more failure and return the count, this one included (one round trip;
+        ``fallback_count`` as for ``increment_and_check``)."""
         key = self.key(message_id)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -72,7 +77,7 @@ class RetryTracker:
             count = fallback_count + 1
         else:
             self._note_up()
-        return int(count) > self.max_retries
+        return int(count)
 
     async def get(self, message_id: str) -> int:
         value = await self.redis.get(self.key(message_id))

@@ -33,6 +33,7 @@ import functools
 import inspect
 import os
 import random
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -77,6 +78,7 @@ class _Policy:
     max_deferrals: int
     detector: PoisonPillDetector
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None
+    tenant_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None]
 
 
 class _ProcessRuntime:
@@ -90,6 +92,10 @@ class _ProcessRuntime:
         self.connection = app.connection_for_write()
         self.rng = random.Random()
         self._trackers: dict[tuple[str, int], RetryTracker] = {}
+        # Under the solo pool on a transport without an event loop (the embedded demo's
+        # in-memory broker), Celery runs countdown/ETA tasks on its timer thread while
+        # the consumer thread runs the others: one loop, so one delivery at a time.
+        self._lock = threading.RLock()
 
     def tracker(self, prefix: str, limit: int) -> RetryTracker:
         key = (prefix, limit)
@@ -101,15 +107,16 @@ class _ProcessRuntime:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on this process's loop; on the soft time limit, cancel it and
         let it clean up before the limit is raised."""
-        task = self.loop.create_task(coroutine)
-        try:
-            return self.loop.run_until_complete(task)
-        except SoftTimeLimitExceeded:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    self.loop.run_until_complete(task)
-            raise
+        with self._lock:
+            task = self.loop.create_task(coroutine)
+            try:
+                return self.loop.run_until_complete(task)
+            except SoftTimeLimitExceeded:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        self.loop.run_until_complete(task)
+                raise
 
 
 def _redis_client(url: str | None) -> Redis:
@@ -195,6 +202,7 @@ def resilient_task(
             max_deferrals=max_deferrals,
             detector=detector or PoisonPillDetector(),
             on_dead_letter=on_dead_letter,
+            tenant_of=_tenant_finder(function, bind),
         )
         is_async = inspect.iscoroutinefunction(function)
 
@@ -291,7 +299,7 @@ def _dead_letter(
             error=exc,
             error_text=error_text,
             retries=retries,
-            tenant_id=_tenant_of(args, kwargs),
+            tenant_id=policy.tenant_of(args, kwargs),
         )
     )
     if policy.on_dead_letter is not None:
@@ -309,9 +317,23 @@ def _dead_letter(
     )
 
 
-def _tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    tenant = kwargs.get("tenant_id")
-    return None if tenant is None else str(tenant)
+def _tenant_finder(
+    function: Callable[..., Any], bind: bool
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str | None]:
+    """How to find the ``tenant_id`` argument of a call (by keyword or by position), so
+    each dead letter names its tenant and ``aura dlq ls --tenant`` finds it."""
+    signature = inspect.signature(function)
+
+    def tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        try:
+            bound = signature.bind_partial(*((None,) if bind else ()), *args, **kwargs)
+        except TypeError:  # arguments that do not fit the task (a poison pill, say)
+            tenant = kwargs.get("tenant_id")
+        else:
+            tenant = bound.arguments.get("tenant_id")
+        return None if tenant is None else str(tenant)
+
+    return tenant_of
 
 
 def _fail(
@@ -332,8 +354,10 @@ def _fail(
         )
         return None
     tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
-    exhausted = runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries))
-    if exhausted:
+    # The failures so far, this one included. Not request.retries: that also counts the
+    # deferrals, and a task put off five times by an open breaker is on its first failure.
+    failures = runtime.run(tracker.increment(request.id, fallback_count=request.retries))
+    if failures > policy.max_retries:
         if not policy.dlq_routing:
             raise exc
         _dead_letter(
@@ -349,7 +373,7 @@ def _fail(
         runtime.run(tracker.reset(request.id))
         return None
     countdown = backoff_delay(
-        request.retries + 1, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
+        failures, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
     )
     if isinstance(exc, LLMHTTPStatusError) and exc.retry_after:
         countdown = max(countdown, exc.retry_after)
@@ -359,7 +383,7 @@ def _fail(
         "task failed; retrying",
         task=task.name,
         message_id=request.id,
-        attempt=request.retries + 1,
+        attempt=failures,
         countdown=round(countdown, 3),
         error=f"{type(exc).__name__}: {exc}",
     )

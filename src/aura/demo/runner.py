@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from aura.config import get_settings
 from aura.db import Database, upgrade
 from aura.demo.report import DemoReport, Tally, tally
 from aura.errors import ConfigurationError, InvalidInputError
+from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 
 __all__ = ["FAULT_PROFILES", "DemoOptions", "Profile", "run_demo"]
@@ -83,7 +86,6 @@ DEMO_ENVIRONMENT = {
     "CIRCUIT_BREAKER_RESET_TIMEOUT": "3",
     "CELERY_TASK_SOFT_TIME_LIMIT": "20",
     "CELERY_TASK_HARD_TIME_LIMIT": "30",
-    "LOG_LEVEL": "ERROR",
 }
 MAX_PRODUCTS = 20_000
 _SETTLE_LIMIT_S = 600.0
@@ -122,6 +124,20 @@ def catalog_records(count: int) -> list[str]:
 
 
 @contextlib.contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """Send this process's logs to ``path`` for the run: the progress bar and the report
+    stay readable, and every retry, deferral and dead letter is still written down."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    with path.open("w", encoding="utf-8") as stream:
+        saved = [handler.setStream(stream) for handler in handlers]
+        try:
+            yield
+        finally:
+            for handler, original in zip(handlers, saved, strict=True):
+                handler.setStream(original)
+
+
+@contextlib.contextmanager
 def _environment(values: dict[str, str]) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
@@ -157,16 +173,23 @@ def run_demo(options: DemoOptions) -> DemoReport:
     profile = FAULT_PROFILES[options.faults]()
     if settings.llm_base_url is not None:  # a real provider: nothing to inject
         profile = FAULT_PROFILES["off"]()
-    with tempfile.TemporaryDirectory(prefix="aura-demo-") as scratch:
-        with LLMSimulator(profile.faults, seed=7).running_in_thread() as simulator:
-            environment = dict(DEMO_ENVIRONMENT)
-            if settings.llm_base_url is None:
-                environment["LLM_BASE_URL"] = simulator.base_url
-            if not all(real):
-                environment["DATABASE_URL"] = f"sqlite+aiosqlite:///{scratch}/demo.db"
-            with _environment(environment):
-                runner = _Run(options, profile, simulator, Path(scratch), embedded=not all(real))
-                return asyncio.run(runner.run())
+    log_path = Path(".aura", "demo.log").resolve()
+    log_path.parent.mkdir(exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="aura-demo-") as scratch,
+        _logs_to(log_path),
+        LLMSimulator(profile.faults, seed=7).running_in_thread() as simulator,
+    ):
+        environment = dict(DEMO_ENVIRONMENT)
+        if settings.llm_base_url is None:
+            environment["LLM_BASE_URL"] = simulator.base_url
+        if not all(real):
+            environment["DATABASE_URL"] = f"sqlite+aiosqlite:///{scratch}/demo.db"
+        with _environment(environment):
+            runner = _Run(
+                options, profile, simulator, Path(scratch), log_path, embedded=not all(real)
+            )
+            return asyncio.run(runner.run())
 
 
 class _Run:
@@ -176,9 +199,11 @@ class _Run:
         profile: Profile,
         simulator: LLMSimulator,
         scratch: Path,
+        log_path: Path,
         *,
         embedded: bool,
     ) -> None:
+        self.log_path = log_path
         self.options = options
         self.profile = profile
         self.simulator = simulator
@@ -201,12 +226,18 @@ class _Run:
         from aura.worker.celery_app import make_celery_app
 
         if self.embedded:
+            from celery.platforms import SecurityWarning
+
             from aura.worker.tasks import app
+
+            # A worker thread inside this CLI process: Celery's advice against running a
+            # worker as root is about a deployed worker, not a one-minute demo.
+            warnings.filterwarnings("ignore", category=SecurityWarning)
 
             worker = app.Worker(
                 pool="solo",
                 queues=["realtime_queue", "bulk_queue"],
-                loglevel="ERROR",
+                loglevel="WARNING",
                 redirect_stdouts=False,
                 quiet=True,
                 without_heartbeat=True,
@@ -224,6 +255,7 @@ class _Run:
             return
         self.metrics_dir.mkdir()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        log = self.log_path.open("a", encoding="utf-8")  # closed below
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -241,11 +273,11 @@ class _Run:
                 "--without-gossip",
                 "--without-mingle",
                 "-l",
-                "ERROR",
+                "WARNING",
             ],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
         try:
             yield make_celery_app(self.settings)
@@ -256,6 +288,7 @@ class _Run:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+            log.close()
 
     async def _import(self, database: Database, publisher: Any) -> DemoReport:
         from aura.gateway import Gateway, create_app, create_tenant_with_key
@@ -279,7 +312,7 @@ class _Run:
         import_id = uuid.UUID(response.json()["import_id"])
         counts, letters = await self._settle(database, tenant.id, import_id)
         elapsed = time.monotonic() - started
-        return self._report(counts, letters, elapsed)
+        return self._report(tenant.id, counts, letters, elapsed)
 
     async def _settle(
         self, database: Database, tenant_id: uuid.UUID, import_id: uuid.UUID
@@ -289,8 +322,8 @@ class _Run:
         while True:
             async with database.session() as session:
                 counts = await tally(session, tenant_id, import_id)
-            letters = await asyncio.to_thread(self._dead_letters)
-            enrich_dead = sum(1 for letter in letters if letter.task == "aura.enrich_product")
+            letters = await asyncio.to_thread(self._dead_letters, tenant_id)
+            enrich_dead = sum(1 for letter in letters if letter.task == ENRICH_TASK)
             if self.options.progress is not None:
                 self.options.progress(counts, enrich_dead)
             if not outage_started and counts.done >= counts.accepted * 0.3:
@@ -301,12 +334,15 @@ class _Run:
                 return counts, letters
             await asyncio.sleep(0.5)
 
-    def _dead_letters(self) -> list[Any]:
+    def _dead_letters(self, tenant_id: uuid.UUID) -> list[Any]:
+        """This run's dead letters (a real DLQ may hold other tenants' and older runs')."""
         from aura.messaging import DeadLetterQueue
         from aura.worker.tasks import app
 
         with app.connection_for_write() as connection:
-            return DeadLetterQueue(connection).list(limit=100_000, scan=100_000)
+            return DeadLetterQueue(connection).list(
+                tenant=str(tenant_id), limit=100_000, scan=100_000
+            )
 
     def _registry(self) -> CollectorRegistry:
         if self.embedded:
@@ -317,25 +353,32 @@ class _Run:
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
         return registry
 
-    def _report(self, counts: Tally, letters: list[Any], elapsed: float) -> DemoReport:
+    def _report(
+        self, tenant_id: uuid.UUID, counts: Tally, letters: list[Any], elapsed: float
+    ) -> DemoReport:
         registry = self._registry()
         by_reason = Counter(letter.reason.value for letter in letters)
+        first_of_each: dict[str, Any] = {}
+        for letter in letters:  # one example per (reason, task), for the report
+            first_of_each.setdefault(f"{letter.reason.value}/{letter.task}", letter)
         samples = [
-            {"id": l.id, "reason": l.reason.value, "task": l.task, "error": l.error[:100]}
-            for l in letters[:5]
+            {"id": x.id, "reason": x.reason.value, "task": x.task, "error": x.error[:100]}
+            for x in first_of_each.values()
         ]
         return DemoReport.build(
             mode="embedded" if self.embedded else "real services",
             faults=self.options.faults,
             counts=counts,
             dead_lettered=dict(by_reason),
-            ingest_dead=sum(1 for l in letters if l.task == "aura.ingest_product"),
-            enrich_dead=sum(1 for l in letters if l.task == "aura.enrich_product"),
+            ingest_dead=sum(1 for x in letters if x.task == INGEST_TASK),
+            enrich_dead=sum(1 for x in letters if x.task == ENRICH_TASK),
             retries=_metric_total(registry, "aura_task_retries_total", kind="retry"),
             deferrals=_metric_total(registry, "aura_task_retries_total", kind="deferral"),
             breaker_opens=_metric_total(registry, "llm_circuit_breaker_opens_total"),
             llm_requests=self.simulator.requests,
             elapsed_s=elapsed,
+            tenant_id=str(tenant_id),
+            log_path=str(self.log_path),
             samples=samples,
         )
 

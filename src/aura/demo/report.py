@@ -81,6 +81,8 @@ class DemoReport:
     throughput_per_s: float
     latency_p50_s: float
     latency_p99_s: float
+    tenant_id: str
+    log_path: str
     dead_letter_samples: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
@@ -98,6 +100,8 @@ class DemoReport:
         breaker_opens: int,
         llm_requests: int,
         elapsed_s: float,
+        tenant_id: str,
+        log_path: str,
         samples: list[dict[str, str]],
     ) -> DemoReport:
         # Lost: accepted records that neither made a product nor reached the DLQ, and
@@ -126,6 +130,8 @@ class DemoReport:
             throughput_per_s=round(counts.enriched / elapsed_s, 1) if elapsed_s else 0.0,
             latency_p50_s=round(_percentile(latencies, 50), 3),
             latency_p99_s=round(_percentile(latencies, 99), 3),
+            tenant_id=tenant_id,
+            log_path=log_path,
             dead_letter_samples=samples,
         )
 
