@@ -264,3 +264,96 @@ async def test_health_readiness_and_metrics(
     assert response.status_code == 503
     assert response.json()["checks"]["redis"].startswith("unavailable")
     assert response.json()["checks"]["database"] == "ok"
+
+
+async def test_oversized_imports_are_refused_and_write_nothing(
+    client: httpx.AsyncClient, pg_database: Database
+) -> None:
+    from sqlalchemy import func, select
+
+    from aura.db import Import
+    from aura.gateway.app import MAX_IMPORT_BYTES, MAX_IMPORT_RECORDS
+
+    tenant_id, key = await tenant(pg_database)
+    ndjson = {**key, "content-type": "application/x-ndjson"}
+    too_many = await client.post(
+        f"/v1/tenants/{tenant_id}/imports",
+        content=b"{}\n" * (MAX_IMPORT_RECORDS + 1),
+        headers=ndjson,
+    )
+    assert too_many.status_code == 422
+    assert too_many.json()["error"]["fields"][0]["field"] == "body"
+    assert f"at most {MAX_IMPORT_RECORDS} records" in too_many.json()["error"]["message"]
+    too_large = await client.post(
+        f"/v1/tenants/{tenant_id}/imports", content=b" " * (MAX_IMPORT_BYTES + 1), headers=ndjson
+    )
+    assert too_large.status_code == 413
+    async with pg_database.session() as session:
+        imports = await session.scalar(
+            select(func.count()).select_from(Import).where(Import.tenant_id == uuid.UUID(tenant_id))
+        )
+    assert imports == 0
+
+
+async def outbox_ids(database: Database, tenant_id: str) -> set[str]:
+    from sqlalchemy import select
+
+    from aura.db import OutboxMessage
+
+    async with database.session() as session:
+        rows = await session.scalars(
+            select(OutboxMessage.message_id).where(OutboxMessage.tenant_id == uuid.UUID(tenant_id))
+        )
+        return set(rows.all())
+
+
+async def test_a_broker_outage_loses_nothing_the_outbox_relay_sends_it_later(
+    pg_database: Database, publisher: Celery, amqp_url: str, redis_url: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from aura.gateway.outbox import relay_once
+
+    unreachable = make_celery_app(Settings(celery_broker_url="amqp://guest:guest@127.0.0.1:1//"))
+    unreachable.conf.broker_connection_timeout = 0.5
+    unreachable.conf.task_publish_retry = False
+    settings = Settings(celery_broker_url=amqp_url, redis_url=redis_url)
+    tenant_id, key = await tenant(pg_database)
+    async with gateway_client(pg_database, unreachable, settings) as down:
+        made = await down.post(
+            f"/v1/tenants/{tenant_id}/products", json=product("OB-1"), headers=key
+        )
+        imported = await down.post(
+            f"/v1/tenants/{tenant_id}/imports",
+            content=b'{"title": "A", "variants": [{"sku": "OB-2", "price": 1}]}\n{broken\n',
+            headers={**key, "content-type": "application/x-ndjson"},
+        )
+    # The data and its messages were committed together: the requests succeed.
+    assert made.status_code == 201, made.text
+    assert imported.status_code == 202, imported.text
+    enrich_id = f"enrich-{made.json()['id']}"
+    staged = await outbox_ids(pg_database, tenant_id)
+    assert enrich_id in staged
+    assert len(staged) == 3  # one enrichment, two records
+
+    # The relay leaves messages younger than min_age alone (a request may still send them)...
+    assert await relay_once(pg_database, publisher, min_age=3600) == 0
+    # ...and sends older ones once the broker is back, deleting each one sent.
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert await relay_once(pg_database, publisher, min_age=3600, now=lambda: later) >= 3
+    assert await outbox_ids(pg_database, tenant_id) == set()
+    _, (args, _, _) = take_message(amqp_url, REALTIME_QUEUE, enrich_id)
+    assert args == [made.json()["id"], tenant_id]
+    for record_id in staged - {enrich_id}:
+        _, (args, kwargs, _) = take_message(amqp_url, BULK_QUEUE, record_id)
+        assert args[1] == tenant_id
+        assert kwargs == {"import_id": imported.json()["import_id"]}
+
+
+async def test_published_messages_leave_the_outbox(
+    client: httpx.AsyncClient, pg_database: Database
+) -> None:
+    tenant_id, key = await tenant(pg_database)
+    made = await client.post(f"/v1/tenants/{tenant_id}/products", json=product("OB-9"), headers=key)
+    assert made.status_code == 201
+    assert await outbox_ids(pg_database, tenant_id) == set()

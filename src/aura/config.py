@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
     worker_queue_poll_interval: PositiveFloat = 5.0
+    # The gateway's outbox relay (not in the seed): how often it looks for messages a
+    # failed publish left behind, and how old one must be before the relay takes it.
+    outbox_relay_interval: PositiveFloat = 5.0
+    outbox_relay_min_age: PositiveFloat = 30.0
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"

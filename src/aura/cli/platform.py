@@ -80,3 +80,42 @@ def worker_command(
             "--loglevel=WARNING",
         ]
     )
+
+
+outbox_app = typer.Typer(help="The gateway's outbox of unpublished messages.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
+
+
+@outbox_app.command("relay")
+def outbox_relay(
+    min_age: float = typer.Option(
+        0.0, min=0.0, help="Only messages staged at least this many seconds ago."
+    ),
+) -> None:
+    """Publish what the outbox holds (the gateway also does this on its own, every
+    OUTBOX_RELAY_INTERVAL seconds) and print how many messages were sent and are left."""
+    from sqlalchemy import func, select
+
+    from aura.db import OutboxMessage
+    from aura.gateway.outbox import relay_once
+    from aura.worker.celery_app import make_celery_app
+
+    settings = get_settings()
+    if settings.celery_broker_url is None:
+        raise ConfigurationError("CELERY_BROKER_URL must be set to relay the outbox")
+
+    async def relay() -> tuple[int, int]:
+        database = Database.from_settings(settings)
+        publisher = make_celery_app(settings)
+        sent = 0
+        try:
+            while batch := await relay_once(database, publisher, min_age=min_age):
+                sent += batch
+            async with database.session() as session:
+                left = await session.scalar(select(func.count()).select_from(OutboxMessage))
+            return sent, int(left or 0)
+        finally:
+            await database.dispose()
+
+    sent, left = asyncio.run(relay())
+    typer.echo(f"outbox: {sent} published, {left} left")

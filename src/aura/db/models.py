@@ -5,6 +5,8 @@ products            a tenant's product
 variants            a product's variants; a SKU is unique within its tenant
 enrichments         the current LLM enrichment of a product (at most one)
 processed_messages  the inbox: one row per message whose effect is committed
+imports, import_records  a bulk import and each record's fate (pending, done, dead_lettered)
+outbox              messages committed with the change that caused them, not yet published
 """
 
 from __future__ import annotations
@@ -147,3 +149,18 @@ class ImportRecord(Base):
     status: Mapped[str] = mapped_column(String(20), default="pending")  # done, dead_lettered
     product_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class OutboxMessage(Base):
+    """A message written in the same transaction as the change that needs it, deleted once
+    the broker confirmed it; the relay publishes what a failed publish left behind."""
+
+    __tablename__ = "outbox"
+
+    message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_MAX_LENGTH), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(200))
+    args: Mapped[list[Any]] = mapped_column(JSON)
+    kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)

@@ -11,10 +11,17 @@
 
 Every tenant route needs ``X-API-Key``; a key sees only its own tenant (anything else is
 404). Bad input is a 4xx whose JSON names the field; nothing is half-written.
+
+Messages go through the outbox (``aura.db.outbox``): the product or the import's records
+and the messages they need are committed together, then published; if the broker is
+down the request still succeeds and the relay (every OUTBOX_RELAY_INTERVAL seconds)
+publishes what was left.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,19 +35,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.catalog import parse_product
+from aura.catalog import ProductIn, parse_product
 from aura.config import Settings, get_settings
 from aura.db import (
     Database,
     Enrichment,
+    Import,
     Product,
     Variant,
     create_import,
     create_product_with_variants,
     import_counts,
+    transactional,
 )
+from aura.db.outbox import Staged, stage_messages
 from aura.errors import (
     AuraError,
     ConflictError,
@@ -50,6 +60,7 @@ from aura.errors import (
     ServiceUnavailableError,
 )
 from aura.gateway.auth import tenant_for_key
+from aura.gateway.outbox import publish_staged, relay_forever
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
 
@@ -159,10 +170,22 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
 
         current = settings or get_settings()
         database = Database.from_settings(current)
-        app.state.gateway = Gateway(database, make_celery_app(current), default_checks(current))
+        publisher = make_celery_app(current)
+        app.state.gateway = Gateway(database, publisher, default_checks(current))
+        relay = asyncio.create_task(
+            relay_forever(
+                database,
+                publisher,
+                interval=current.outbox_relay_interval,
+                min_age=current.outbox_relay_min_age,
+            )
+        )
         try:
             yield
         finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
             await database.dispose()
 
     app = FastAPI(title="Aura gateway", lifespan=lifespan)
@@ -221,14 +244,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         gw = await authorize(request, tenant_id)
         data = parse_product(_json(await _body(request, MAX_PRODUCT_BYTES), "the product"))
         async with gw.database.session() as session:
-            product = await create_product_with_variants(session, tenant_id, data)
-        await run_in_threadpool(
-            gw.publisher.send_task,
-            ENRICH_TASK,
-            args=[str(product.id), str(tenant_id)],
-            task_id=f"enrich-{product.id}",
-            queue=REALTIME_QUEUE,
-        )
+            product, staged = await _accept_product(session, tenant_id, data)
+        await publish_staged(gw.database, gw.publisher, staged, origin="product")
         async with gw.database.session() as session:
             view = await _load_product(session, tenant_id, product.id)
         return JSONResponse(view, status_code=201)
@@ -271,19 +288,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         raw = await _body(request, MAX_IMPORT_BYTES)
         records = _split_records(raw, request.headers.get("content-type", ""))
         async with gw.database.session() as session:
-            batch, message_ids = await create_import(session, tenant_id, len(records))
-
-        def publish() -> None:
-            for message_id, record in zip(message_ids, records, strict=True):
-                gw.publisher.send_task(
-                    INGEST_TASK,
-                    args=[record, str(tenant_id)],
-                    kwargs={"import_id": str(batch.id)},
-                    task_id=message_id,
-                    queue=BULK_QUEUE,
-                )
-
-        await run_in_threadpool(publish)
+            batch, staged = await _accept_import(session, tenant_id, records)
+        await publish_staged(gw.database, gw.publisher, staged, origin="import")
         return JSONResponse({"import_id": str(batch.id), "accepted": len(records)}, status_code=202)
 
     @app.get("/v1/tenants/{tenant_id}/imports/{import_id}")
@@ -329,6 +335,46 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
 
 class _Unauthorized(Exception):
     pass
+
+
+@transactional
+async def _accept_product(
+    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn
+) -> tuple[Product, list[Staged]]:
+    """The product, its variants and its enrichment message: one transaction."""
+    product = await create_product_with_variants(session, tenant_id, data)
+    staged = [
+        Staged(
+            f"enrich-{product.id}",
+            tenant_id,
+            ENRICH_TASK,
+            REALTIME_QUEUE,
+            [str(product.id), str(tenant_id)],
+        )
+    ]
+    await stage_messages(session, staged)
+    return product, staged
+
+
+@transactional
+async def _accept_import(
+    session: AsyncSession, tenant_id: uuid.UUID, records: list[str]
+) -> tuple[Import, list[Staged]]:
+    """The import, a pending row per record and a message per record: one transaction."""
+    batch, message_ids = await create_import(session, tenant_id, len(records))
+    staged = [
+        Staged(
+            message_id,
+            tenant_id,
+            INGEST_TASK,
+            BULK_QUEUE,
+            [record, str(tenant_id)],
+            {"import_id": str(batch.id)},
+        )
+        for message_id, record in zip(message_ids, records, strict=True)
+    ]
+    await stage_messages(session, staged)
+    return batch, staged
 
 
 def _split_records(raw: bytes, content_type: str) -> list[str]:
