@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ import redis
 
 from aura.config import Settings
 from aura.worker.celery_app import make_celery_app
+from aura.worker.process import start_worker_process, stop_worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 VHOST = "aura_bench"
@@ -55,31 +55,7 @@ def main(messages: int, rounds: int, redis_url: str) -> None:
         "REDIS_URL": redis_url,
         "PYTHONPATH": str(ROOT),
     }
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.bench_tasks",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "2",
-            "-Q",
-            "realtime_queue",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "WARNING",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker_process("bench.bench_tasks", env, queues=["realtime_queue"], cwd=ROOT)
     client = redis.Redis.from_url(redis_url)
     try:
         app = make_celery_app(Settings(celery_broker_url=broker))
@@ -93,8 +69,7 @@ def main(messages: int, rounds: int, redis_url: str) -> None:
             for task in results:
                 results[task].append(run_round(app, client, task, messages))
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        stop_worker_process(worker)
         rabbitmqctl("delete_vhost", VHOST)
         client.close()
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from prometheus_client import REGISTRY
+
+from aura.worker.process import start_worker_process, stop_worker_process
 
 
 async def wait_until(
@@ -53,18 +53,10 @@ def wait_for(condition: Callable[[], bool], *, within: float = 30.0, interval: f
 
 def start_celery_worker(app_module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A real prefork worker (concurrency 2) on both work queues, logging to ``log``."""
-    command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-P", "prefork"]
-    command += ["-c", "2", "-Q", "realtime_queue,bulk_queue", "--without-heartbeat"]
-    command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
     with log.open("wb") as output:
-        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        return start_worker_process(app_module, env, output)
 
 
 def stop_celery_worker(process: subprocess.Popen[bytes]) -> None:
     """Warm shutdown, bounded; killed if it does not stop in 30 s."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+    stop_worker_process(process, timeout=30)

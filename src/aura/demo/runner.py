@@ -16,9 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -224,6 +221,7 @@ class _Run:
     @contextlib.contextmanager
     def _worker(self) -> Iterator[Any]:
         from aura.worker.celery_app import make_celery_app
+        from aura.worker.process import start_worker_process, stop_worker_process
 
         if self.embedded:
             from celery.platforms import SecurityWarning
@@ -255,39 +253,12 @@ class _Run:
             return
         self.metrics_dir.mkdir()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
-        log = self.log_path.open("a", encoding="utf-8")  # closed below
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "aura.worker.tasks",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                "2",
-                "-Q",
-                "realtime_queue,bulk_queue",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "WARNING",
-            ],
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
+        log = self.log_path.open("ab")  # closed below
+        process = start_worker_process("aura.worker.tasks", env, log)
         try:
             yield make_celery_app(self.settings)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop_worker_process(process)
             log.close()
 
     async def _import(self, database: Database, publisher: Any) -> DemoReport:
