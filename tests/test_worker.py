@@ -45,9 +45,13 @@ class Worker:
         return [letter for letter in letters if run in letter.task_args]
 
     def dlq_metric(self, reason: str) -> float:
+        return self.metric("messages_sent_to_dlq_total", reason=reason)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A counter summed over the worker's processes (multiprocess mode)."""
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))
-        return registry.get_sample_value("messages_sent_to_dlq_total", {"reason": reason}) or 0.0
+        return registry.get_sample_value(name, labels) or 0.0
 
     def count(self, key: str) -> int:
         return int(self.redis.get(key) or 0)
@@ -134,8 +138,10 @@ def test_a_task_that_always_fails_is_dead_lettered_after_max_retries(worker: Wor
 
 def test_an_async_task_past_the_soft_limit_is_cancelled_cleanly(worker: Worker) -> None:
     run = uuid.uuid4().hex
+    soft_before = worker.metric("celery_task_timeouts_total", kind="soft")
     worker.send("slow_async", run, 30)
     wait_for(lambda: len(worker.dead_letters(run)) == 1, within=60)
+    assert worker.metric("celery_task_timeouts_total", kind="soft") == soft_before + 4
     (letter,) = worker.dead_letters(run)
     assert letter.reason.value == "max_retries_exceeded"
     assert letter.error_type == "SoftTimeLimitExceeded"
@@ -147,6 +153,7 @@ def test_a_task_ignoring_the_soft_limit_is_killed_and_the_worker_serves_others(
     worker: Worker,
 ) -> None:
     run = uuid.uuid4().hex
+    hard_before = worker.metric("celery_task_timeouts_total", kind="hard")
     stubborn = worker.send("stubborn", run, 30)
     wait_for(lambda: worker.count(f"{run}:ignored_soft_limit") >= 1)  # it got the soft limit
     other_run = uuid.uuid4().hex
@@ -158,6 +165,8 @@ def test_a_task_ignoring_the_soft_limit_is_killed_and_the_worker_serves_others(
     assert letter.message_id == stubborn
     assert letter.reason.value == "worker_lost"
     assert worker.count(f"{run}:attempts") == 4
+    # Counted by the main process, once per kill.
+    assert worker.metric("celery_task_timeouts_total", kind="hard") == hard_before + 4
 
 
 def test_a_message_that_kills_its_worker_lands_in_the_dlq(worker: Worker) -> None:

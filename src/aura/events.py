@@ -35,6 +35,8 @@ __all__ = [
     "RetryKind",
     "RollbackReason",
     "TaskRetried",
+    "TaskTimedOut",
+    "TimeoutKind",
     "TransactionRolledBack",
     "add_hook",
     "emit",
@@ -76,6 +78,11 @@ class LLMOutcome(StrEnum):
 class RetryKind(StrEnum):
     RETRY = "retry"  # a transient failure, retried with backoff (spends the retry budget)
     DEFERRAL = "deferral"  # put off while the LLM circuit is open (spends no budget)
+
+
+class TimeoutKind(StrEnum):
+    SOFT = "soft"  # SoftTimeLimitExceeded raised in the task: it cleaned up, then retried
+    HARD = "hard"  # the pool killed the process: redelivered (acks_late), or the DLQ
 
 
 class CircuitState(StrEnum):
@@ -127,6 +134,12 @@ class TaskRetried:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskTimedOut:
+    task: str
+    kind: TimeoutKind
+
+
+@dataclass(frozen=True, slots=True)
 class QueueDepthObserved:
     queue: Queue
     pending: int
@@ -138,6 +151,7 @@ Event = (
     | CircuitBreakerOpened
     | CircuitStateChanged
     | LLMRequestFinished
+    | TaskTimedOut
     | MessageDeadLettered
     | TaskRetried
     | QueueDepthObserved

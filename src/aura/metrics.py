@@ -12,6 +12,8 @@
 Not in the seed, named in its style:
 
     aura_task_retries_total{kind}                  kind: retry | deferral
+    celery_task_timeouts_total{kind}               kind: soft | hard (the seed's "task
+                                                   timeouts" alert needs a count)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -42,11 +44,14 @@ from aura.events import (
     RetryKind,
     RollbackReason,
     TaskRetried,
+    TaskTimedOut,
+    TimeoutKind,
     TransactionRolledBack,
 )
 
 __all__ = [
     "CELERY_TASKS_PENDING",
+    "CELERY_TASK_TIMEOUTS",
     "CIRCUIT_STATE_VALUES",
     "DATABASE_TRANSACTION_ROLLBACKS",
     "LLM_API_REQUEST_DURATION",
@@ -114,8 +119,16 @@ AURA_TASK_RETRIES = Counter(
     ["kind"],
 )
 
+CELERY_TASK_TIMEOUTS = Counter(
+    "celery_task_timeouts_total",
+    "Tasks past a time limit: soft (cancelled, cleaned up, retried) or hard (process killed).",
+    ["kind"],
+)
+
 for _kind in RetryKind:
     AURA_TASK_RETRIES.labels(kind=_kind.value)
+for _timeout in TimeoutKind:
+    CELERY_TASK_TIMEOUTS.labels(kind=_timeout.value)
 for _reason in RollbackReason:
     DATABASE_TRANSACTION_ROLLBACKS.labels(reason=_reason.value)
 for _outcome in LLMOutcome:
@@ -143,6 +156,8 @@ def prometheus_hook(event: Event) -> None:
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
         case TaskRetried(kind=kind):
             AURA_TASK_RETRIES.labels(kind=kind.value).inc()
+        case TaskTimedOut(kind=timeout):
+            CELERY_TASK_TIMEOUTS.labels(kind=timeout.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
             CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
 

@@ -47,7 +47,7 @@ from redis.asyncio import Redis
 from aura import events
 from aura.config import get_settings
 from aura.errors import CircuitOpenError, LLMHTTPStatusError
-from aura.events import DeadLetterReason, RetryKind, TaskRetried
+from aura.events import DeadLetterReason, RetryKind, TaskRetried, TaskTimedOut, TimeoutKind
 from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX, RetryTracker
@@ -247,6 +247,8 @@ def _deliver(
     except CircuitOpenError as exc:
         return _defer(task, runtime, policy, exc, args, kwargs)
     except Exception as exc:
+        if isinstance(exc, SoftTimeLimitExceeded):
+            events.emit(TaskTimedOut(task.name, TimeoutKind.SOFT))
         return _fail(task, runtime, policy, exc, args, kwargs)
     if task.request.retries or redelivered:  # a failure was counted: clear it
         runtime.run(runtime.tracker(KEY_PREFIX, policy.max_retries).reset(task.request.id))

@@ -14,12 +14,13 @@ import threading
 from typing import Any
 
 import structlog
+from billiard.exceptions import TimeLimitExceeded
 from celery import Celery
 from prometheus_client import start_http_server
 
 from aura import events
 from aura.config import Settings
-from aura.events import Queue, QueueDepthObserved
+from aura.events import Queue, QueueDepthObserved, TaskTimedOut, TimeoutKind
 from aura.messaging.topology import work_queues
 from aura.metrics import exposition_registry
 
@@ -66,6 +67,12 @@ def install(app: Celery, settings: Settings) -> None:
 
             multiprocess.mark_process_dead(pid)
 
+    def on_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+        # A hard limit kills the child; Celery reports it here, in the main process.
+        if isinstance(exception, TimeLimitExceeded) and getattr(sender, "app", None) is app:
+            events.emit(TaskTimedOut(str(sender.name), TimeoutKind.HARD))
+
+    signals.task_failure.connect(on_failure, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     signals.worker_process_shutdown.connect(on_child_exit, weak=False)
