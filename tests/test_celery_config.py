@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from aura.config import Settings
 from aura.messaging import backoff_delay
+from aura.messaging.topology import BROKER_DELIVERY_LIMIT
 from aura.worker.celery_app import make_celery_app
 
 
@@ -30,7 +31,7 @@ def test_the_seeds_limits_and_the_nothing_lost_settings() -> None:
     for queue in queues.values():
         assert queue.durable
         assert queue.queue_arguments["x-queue-type"] == "quorum"
-        assert queue.queue_arguments["x-delivery-limit"] == 3
+        assert queue.queue_arguments["x-delivery-limit"] == BROKER_DELIVERY_LIMIT
         assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
         assert queue.exchange.type == "topic"  # what native delayed delivery needs
 
@@ -45,7 +46,10 @@ def test_settings_scale_the_limits() -> None:
     conf = make_celery_app(settings).conf
     assert (conf.task_soft_time_limit, conf.task_time_limit) == (0.5, 1.5)
     assert conf.worker_max_tasks_per_child == 10
-    assert all(q.queue_arguments["x-delivery-limit"] == 5 for q in conf.task_queues)
+    # Queue arguments never follow a setting: RabbitMQ would refuse the changed queue.
+    assert all(
+        q.queue_arguments["x-delivery-limit"] == BROKER_DELIVERY_LIMIT for q in conf.task_queues
+    )
 
 
 @pytest.mark.parametrize(

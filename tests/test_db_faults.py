@@ -61,6 +61,7 @@ async def test_backend_killed_between_product_and_variants(
     assert metric("database_transaction_rollbacks_total", reason="network_error") == before + 1
     critical = [entry for entry in logged if entry["log_level"] == "critical"]
     assert len(critical) == 1
+    assert "rollback" in critical[0]["event"]  # what the seed's `grep "rollback"` finds
     assert critical[0]["function"] == "create_product_with_variants"
     # asyncpg's words depend on when the kill lands ("connection is closed", "... closed in
     # the middle of operation", "cannot switch to state ..."): the driver's first line is

@@ -56,7 +56,7 @@ def product(*skus: str) -> dict[str, Any]:
 
 def take_message(amqp_url: str, queue: str, task_id: str) -> tuple[dict[str, Any], Any]:
     """Find the message of ``task_id`` on ``queue`` (bounded scan); ack it; return it."""
-    declared = {q.name: q for q in work_queues(3)}
+    declared = {q.name: q for q in work_queues()}
     with Connection(amqp_url) as connection:
         channel = connection.channel()
         bound = declared[queue](channel)

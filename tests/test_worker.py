@@ -72,6 +72,8 @@ def worker(
         "RETRY_TRACKER_MAX_RETRIES": "3",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
+    stale = metrics_dir / "counter_999999.db"  # left by an earlier run in the same dir
+    stale.write_bytes(b"stale")
     process = start_celery_worker(TASKS, env, log)
     app = make_celery_app(Settings(celery_broker_url=amqp_url))
     client = redis.Redis.from_url(redis_url)
@@ -80,6 +82,7 @@ def worker(
         run = uuid.uuid4().hex
         running.send("flaky", run, 0)
         wait_for(lambda: client.scard(f"{run}:done") == 1, within=60)  # consuming
+        assert not stale.exists()  # removed at start: its counts would be summed in
         yield running
     except AssertionError:
         print(log.read_text()[-5000:])

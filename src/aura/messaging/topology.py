@@ -5,6 +5,13 @@
 the broker's backstop when a message kills its worker on every delivery, since no
 process survives to count those deliveries. Every other failure is dead-lettered by
 ``resilient_task`` itself, with a reason, before the original is acked.
+
+The delivery limit is a constant, not RETRY_TRACKER_MAX_RETRIES: queue arguments cannot
+change once a queue exists (RabbitMQ refuses the next declaration with
+PRECONDITION_FAILED), so a limit that followed a setting would stop every worker the day
+someone changed it. ``resilient_task`` counts crash redeliveries against
+RETRY_TRACKER_MAX_RETRIES itself; the broker's limit only ends what that cannot (Redis
+down, or a process that dies before it can count).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from kombu.entity import Exchange, Queue
 
 __all__ = [
+    "BROKER_DELIVERY_LIMIT",
     "BULK_QUEUE",
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_QUEUE",
@@ -24,6 +32,7 @@ __all__ = [
 REALTIME_QUEUE = "realtime_queue"
 BULK_QUEUE = "bulk_queue"
 DEAD_LETTER_QUEUE = "aura.dlq"
+BROKER_DELIVERY_LIMIT = 10
 DEAD_LETTER_EXCHANGE = Exchange("aura.dlx", type="direct", durable=True)
 # Topic, because Celery's native delayed delivery (retries with a countdown on quorum
 # queues) routes through topic exchanges.
@@ -40,7 +49,7 @@ def dead_letter_queue() -> Queue:
     )
 
 
-def work_queues(delivery_limit: int) -> list[Queue]:
+def work_queues(delivery_limit: int = BROKER_DELIVERY_LIMIT) -> list[Queue]:
     """The two work queues; a message is dead-lettered after ``delivery_limit`` + 1
     deliveries that were never acknowledged."""
     arguments = {

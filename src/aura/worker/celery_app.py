@@ -60,7 +60,7 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         broker_transport_options={"confirm_publish": True},
         broker_connection_retry_on_startup=True,
         task_publish_retry=True,
-        task_queues=work_queues(delivery_limit=settings.retry_tracker_max_retries),
+        task_queues=work_queues(),
         task_default_queue=REALTIME_QUEUE,
         task_default_exchange=WORK_EXCHANGE.name,
         task_default_exchange_type=WORK_EXCHANGE.type,

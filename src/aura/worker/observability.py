@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,7 +31,7 @@ _log = structlog.get_logger("aura.worker.observability")
 
 
 def _poll_queues(app: Celery, settings: Settings, stop: threading.Event) -> None:
-    queues = work_queues(settings.retry_tracker_max_retries)
+    queues = work_queues()
     while not stop.wait(settings.worker_queue_poll_interval):
         try:
             with app.connection_for_read() as connection:
@@ -72,6 +73,18 @@ def install(app: Celery, settings: Settings) -> None:
         if isinstance(exception, TimeLimitExceeded) and getattr(sender, "app", None) is app:
             events.emit(TaskTimedOut(str(sender.name), TimeoutKind.HARD))
 
+    def on_init(sender: Any = None, **_: Any) -> None:
+        # Multiprocess metric files from an earlier run of this worker (a container that
+        # restarted in the same pod keeps its emptyDir) would be summed in: start clean,
+        # as prometheus_client asks, before any child is forked.
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if getattr(sender, "app", None) is app and directory and os.path.isdir(directory):
+            mine = f"_{os.getpid()}.db"  # this process's own files are already open
+            for stale in Path(directory).glob("*.db"):
+                if not stale.name.endswith(mine):
+                    stale.unlink(missing_ok=True)
+
+    signals.worker_init.connect(on_init, weak=False)
     signals.task_failure.connect(on_failure, weak=False)
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
