@@ -54,7 +54,12 @@ async def redis_url() -> AsyncIterator[str]:
         await client.flushdb()
     except Exception as exc:
         pytest.fail(f"Redis at {services.REDIS_TEST_URL} is not usable: {exc}", pytrace=False)
+    finally:
+        await client.aclose()
     yield services.REDIS_TEST_URL
+    # A new client: the chaos suite restarts Redis, which closes every connection made
+    # before it.
+    client = aioredis.from_url(services.REDIS_TEST_URL)
     await client.flushdb()
     await client.aclose()
 

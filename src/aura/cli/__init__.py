@@ -57,6 +57,7 @@ def config_command(
 
 
 # Commands live in their own modules and register themselves on ``app``.
+from aura.cli import chaos as _chaos  # noqa: E402, F401
 from aura.cli import db as _db  # noqa: E402, F401
 from aura.cli import demo as _demo  # noqa: E402, F401
 from aura.cli import dlq as _dlq  # noqa: E402, F401

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -38,7 +39,7 @@ from aura.errors import ConfigurationError, InvalidInputError
 from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 
-__all__ = ["FAULT_PROFILES", "DemoOptions", "Profile", "run_demo"]
+__all__ = ["FAULT_PROFILES", "DemoOptions", "ImportRun", "Profile", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -183,31 +184,71 @@ def run_demo(options: DemoOptions) -> DemoReport:
         if not all(real):
             environment["DATABASE_URL"] = f"sqlite+aiosqlite:///{scratch}/demo.db"
         with _environment(environment):
-            runner = _Run(
-                options, profile, simulator, Path(scratch), log_path, embedded=not all(real)
+            runner = _DemoRun(
+                catalog_records(options.products),
+                options.faults,
+                simulator,
+                Path(scratch),
+                log_path,
+                embedded=not all(real),
+                progress=options.progress,
+                outage_s=profile.outage_s,
             )
             return asyncio.run(runner.run())
 
 
-class _Run:
+class ImportRun:
+    """One import through the gateway, the worker and the simulator, to its accounting.
+
+    ``records`` go to the gateway as one import; the run waits until every record is
+    written or dead-lettered and every product enriched or dead-lettered (or
+    ``settle_limit`` passes), then counts. Subclasses inject faults: ``on_started`` once
+    the import is accepted, ``on_tick`` at each look at the counts (every 0.5 s).
+    """
+
     def __init__(
         self,
-        options: DemoOptions,
-        profile: Profile,
+        records: list[str],
+        label: str,
         simulator: LLMSimulator,
         scratch: Path,
         log_path: Path,
         *,
         embedded: bool,
+        progress: Callable[[Tally, int], None] | None = None,
+        settle_limit: float = _SETTLE_LIMIT_S,
+        worker_module: str = "aura.worker.tasks",
+        worker_concurrency: int = 2,
     ) -> None:
-        self.log_path = log_path
-        self.options = options
-        self.profile = profile
+        self.records = records
+        self.label = label
         self.simulator = simulator
         self.scratch = scratch
+        self.log_path = log_path
         self.embedded = embedded
+        self.progress = progress
+        self.settle_limit = settle_limit
+        self.worker_module = worker_module
+        self.worker_concurrency = worker_concurrency
         self.settings = get_settings()
         self.metrics_dir = scratch / "metrics"
+        self.worker_process: subprocess.Popen[bytes] | None = None
+        self.publisher: Any = None
+        self.tenant_id: uuid.UUID | None = None
+        self.letters: list[Any] = []  # this run's dead letters, once settled
+
+    async def on_started(self) -> None:
+        """Called once the gateway accepted the import (faults start here)."""
+
+    async def on_tick(self, counts: Tally) -> None:
+        """Called at every look at the counts."""
+
+    async def on_settled(self) -> None:
+        """Called when the run is settled, before the report (faults stop here)."""
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        """True while something beyond the import is still expected (a dead letter)."""
+        return False
 
     async def run(self) -> DemoReport:
         database = Database.from_settings(self.settings)
@@ -254,7 +295,10 @@ class _Run:
         self.metrics_dir.mkdir()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         log = self.log_path.open("ab")  # closed below
-        process = start_worker_process("aura.worker.tasks", env, log)
+        process = start_worker_process(
+            self.worker_module, env, log, concurrency=self.worker_concurrency
+        )
+        self.worker_process = process
         try:
             yield make_celery_app(self.settings)
         finally:
@@ -264,11 +308,15 @@ class _Run:
     async def _import(self, database: Database, publisher: Any) -> DemoReport:
         from aura.gateway import Gateway, create_app, create_tenant_with_key
 
+        self.publisher = publisher
         async with database.session() as session:
-            tenant, key = await create_tenant_with_key(session, f"demo-{uuid.uuid4().hex[:8]}")
+            tenant, key = await create_tenant_with_key(
+                session, f"{self.label}-{uuid.uuid4().hex[:8]}"
+            )
             await session.commit()
+        self.tenant_id = tenant.id
         app = create_app(Gateway(database, publisher, {}))
-        records = catalog_records(self.options.products)
+        records = self.records
         started = time.monotonic()
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://aura-gateway"
@@ -281,26 +329,35 @@ class _Run:
         if response.status_code != 202:
             raise RuntimeError(f"the gateway refused the import: {response.text[:300]}")
         import_id = uuid.UUID(response.json()["import_id"])
-        counts, letters = await self._settle(database, tenant.id, import_id)
+        await self.on_started()
+        try:
+            counts, letters = await self._settle(database, tenant.id, import_id)
+        finally:
+            await self.on_settled()
+        self.letters = letters
         elapsed = time.monotonic() - started
         return self._report(tenant.id, counts, letters, elapsed)
 
     async def _settle(
         self, database: Database, tenant_id: uuid.UUID, import_id: uuid.UUID
     ) -> tuple[Tally, list[Any]]:
-        outage_started = self.profile.outage_s == 0
-        deadline = time.monotonic() + _SETTLE_LIMIT_S
+        deadline = time.monotonic() + self.settle_limit
         while True:
-            async with database.session() as session:
-                counts = await tally(session, tenant_id, import_id)
-            letters = await asyncio.to_thread(self._dead_letters, tenant_id)
+            try:
+                async with database.session() as session:
+                    counts = await tally(session, tenant_id, import_id)
+                letters = await asyncio.to_thread(self._dead_letters, tenant_id)
+            except Exception:  # a fault this run injected (a killed connection): look again
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+                continue
             enrich_dead = sum(1 for letter in letters if letter.task == ENRICH_TASK)
-            if self.options.progress is not None:
-                self.options.progress(counts, enrich_dead)
-            if not outage_started and counts.done >= counts.accepted * 0.3:
-                self.simulator.start_outage(self.profile.outage_s)
-                outage_started = True
+            if self.progress is not None:
+                self.progress(counts, enrich_dead)
+            await self.on_tick(counts)
             settled = counts.pending == 0 and counts.enriched + enrich_dead >= counts.done
+            settled = settled and not self.awaiting_more(letters)
             if settled or time.monotonic() > deadline:
                 return counts, letters
             await asyncio.sleep(0.5)
@@ -338,7 +395,7 @@ class _Run:
         ]
         return DemoReport.build(
             mode="embedded" if self.embedded else "real services",
-            faults=self.options.faults,
+            faults=self.label,
             counts=counts,
             dead_lettered=dict(by_reason),
             ingest_dead=sum(1 for x in letters if x.task == INGEST_TASK),
@@ -356,3 +413,17 @@ class _Run:
 
 def report_json(report: DemoReport) -> str:
     return json.dumps(report.as_dict(), indent=2)
+
+
+class _DemoRun(ImportRun):
+    """The demo: one LLM outage, started once 30 % of the records are written."""
+
+    def __init__(self, *args: Any, outage_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outage_s = outage_s
+        self.outage_started = outage_s == 0
+
+    async def on_tick(self, counts: Tally) -> None:
+        if not self.outage_started and counts.done >= counts.accepted * 0.3:
+            self.simulator.start_outage(self.outage_s)
+            self.outage_started = True
