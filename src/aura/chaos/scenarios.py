@@ -44,6 +44,8 @@ BASE_ENVIRONMENT = {
     "CIRCUIT_BREAKER_RESET_TIMEOUT": "2",
     "CELERY_TASK_SOFT_TIME_LIMIT": "10",
     "CELERY_TASK_HARD_TIME_LIMIT": "15",
+    "OUTBOX_RELAY_INTERVAL": "1",
+    "OUTBOX_RELAY_MIN_AGE": "3",
     "LOG_LEVEL": "WARNING",
 }
 
@@ -201,11 +203,9 @@ class Outage(ChaosRun):
     faults = Faults(latency=0.005)
     outage_s = 8.0  # 4 x CIRCUIT_BREAKER_RESET_TIMEOUT
 
-    async def on_tick(self, counts: Any) -> None:
-        if not hasattr(self, "outage_at") and counts.enriched >= len(self.records) * 0.2:
-            self.outage_at = time.monotonic()
-            self.calls_before = self.simulator.outcomes().get("outage", 0)
-            self.simulator.start_outage(self.outage_s)
+    async def on_started(self) -> None:
+        # From the start, so the outage meets the load however small the load is.
+        self.simulator.start_outage(self.outage_s)
 
     def expect(self, report: DemoReport) -> list[str]:
         failures = _all_enriched(report, self.records)
@@ -290,8 +290,8 @@ class WorkerKills(ChaosRun):
     def _kill_children(self) -> None:
         assert self.worker_process is not None
         rng = random.Random(5)
-        for _ in range(self.kills):
-            time.sleep(1.5)
+        for kill in range(self.kills):
+            time.sleep(0.5 if kill == 0 else 1.5)
             if self.stopping:
                 return
             children = _children(self.worker_process.pid)
@@ -313,23 +313,45 @@ class WorkerKills(ChaosRun):
 # 6 ----------------------------------------------------------------------------------
 class HangingTasks(ChaosRun):
     name = "hanging"
-    summary = "LLM calls that hang past the soft limit → cancelled, retried; others continue"
+    summary = "hanging tasks → soft limit (cancelled, retried), hard limit (killed, recycled)"
     default_products = 100
     faults = Faults(latency=0.005, hang_rate=0.1, hang_seconds=6.0)
+    worker_module_name = "aura.chaos.tasks"
     # The soft limit, not the HTTP client, must end the hanging calls here.
     environment: ClassVar[dict[str, str]] = {
         "CELERY_TASK_SOFT_TIME_LIMIT": "2",
         "CELERY_TASK_HARD_TIME_LIMIT": "4",
         "LLM_READ_TIMEOUT": "30",
         "LLM_CALL_DEADLINE": "30",
-        "RETRY_TRACKER_MAX_RETRIES": "8",
     }
 
+    async def on_started(self) -> None:
+        from aura.chaos.tasks import STUBBORN_TASK
+
+        self.stubborn_id = f"stubborn-{uuid.uuid4().hex}"
+        await asyncio.to_thread(
+            self.publisher.send_task,
+            STUBBORN_TASK,
+            args=[str(self.tenant_id)],
+            task_id=self.stubborn_id,
+            queue="realtime_queue",
+        )
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        return not any(letter.message_id == self.stubborn_id for letter in letters)
+
     def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
-        soft = self.details.get("soft_timeouts", 0)
-        if soft == 0:
+        failures = []
+        if report.enriched != len(self.records):
+            failures.append(f"enriched {report.enriched} of {len(self.records)}")
+        if report.dead_lettered != {"worker_lost": 1}:
+            failures.append(
+                f"expected the stubborn task as worker_lost, got {report.dead_lettered}"
+            )
+        if self.details.get("soft_timeouts", 0) == 0:
             failures.append("no task reached the soft time limit")
+        if self.details.get("hard_timeouts", 0) == 0:
+            failures.append("no process was killed at the hard time limit")
         return failures
 
 
@@ -376,13 +398,19 @@ class RedisRestart(ChaosRun):
     name = "redis-restart"
     summary = "Redis restarted mid-run (its state lost) → processing continues, nothing loops"
     default_products = 200
-    faults = Faults(latency=0.01, error_rate=0.1, error_statuses=(503,), retry_after=1.0)
+    # Slow answers and a few failures: retries and the breaker's state live in Redis.
+    faults = Faults(latency=0.1, error_rate=0.1, error_statuses=(503,), retry_after=1.0)
     environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
 
-    async def on_tick(self, counts: Any) -> None:
-        if not hasattr(self, "restarted") and counts.done >= len(self.records) * 0.3:
-            self.restarted = True
-            self.details["redis_down_s"] = await asyncio.to_thread(_restart_redis)
+    async def on_started(self) -> None:
+        def restart() -> None:
+            time.sleep(0.5)  # ingest under way, enrichment starting
+            self.details["redis_down_s"] = _restart_redis()
+
+        self.start_beside(restart)
+
+    async def on_settled(self) -> None:
+        await self.stop_beside()
 
     def expect(self, report: DemoReport) -> list[str]:
         failures = _all_enriched(report, self.records)
@@ -417,17 +445,24 @@ def _restart_redis() -> float:
 # 9 ----------------------------------------------------------------------------------
 class BrokerConnectionsClosed(ChaosRun):
     name = "rabbitmq-close"
-    summary = "RabbitMQ closes every connection mid-run → workers reconnect, nothing lost"
+    summary = "RabbitMQ closes every connection mid-run → workers, gateway reconnect"
     default_products = 200
     faults = Faults(latency=0.01)
-    environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "6"}
+
+    def first_records(self) -> list[str]:
+        return self.records[: len(self.records) // 2]
 
     async def on_tick(self, counts: Any) -> None:
         closes = self.details.setdefault("connections_closed", 0)
-        if (closes == 0 and counts.done >= len(self.records) * 0.2) or (
-            closes == 1 and counts.enriched >= len(self.records) * 0.5
-        ):
+        if closes == 0 and counts.done >= len(self.records) * 0.2:
             await asyncio.to_thread(self._close_all)
+            # The gateway's publisher lost its connection too: the rest goes through it.
+            await self.post_import(self.records[len(self.records) // 2 :])
+        elif closes == 1 and counts.enriched >= len(self.records) * 0.5:
+            await asyncio.to_thread(self._close_all)
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        return int(self.details.get("connections_closed", 0)) < 2
 
     def _close_all(self) -> None:
         vhost = urlsplit(str(self.settings.celery_broker_url)).path.lstrip("/") or "/"

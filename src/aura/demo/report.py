@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,14 +29,17 @@ class Tally:
     latencies_s: list[float] = field(default_factory=list)
 
 
-async def tally(session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUID) -> Tally:
-    batch = await session.get(Import, import_id)
-    assert batch is not None
+async def tally(
+    session: AsyncSession, tenant_id: uuid.UUID, import_ids: Sequence[uuid.UUID]
+) -> Tally:
+    """The counts of a run's imports (one or more, all the tenant's)."""
+    batches = (await session.scalars(select(Import).where(Import.id.in_(import_ids)))).all()
+    assert len(batches) == len(import_ids)
     statuses = dict(
         (
             await session.execute(
                 select(ImportRecord.status, func.count())
-                .where(ImportRecord.import_id == import_id)
+                .where(ImportRecord.import_id.in_(import_ids))
                 .group_by(ImportRecord.status)
             )
         ).all()
@@ -48,12 +52,12 @@ async def tally(session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUI
             select(Enrichment.created_at).where(Enrichment.tenant_id == tenant_id)
         )
     ).all()
-    started = batch.created_at
+    started = min(batch.created_at for batch in batches)
     latencies = [
         (stamp.replace(tzinfo=started.tzinfo) - started).total_seconds() for stamp in finished
     ]
     return Tally(
-        accepted=batch.accepted,
+        accepted=sum(batch.accepted for batch in batches),
         done=int(statuses.get("done", 0)),
         dead_lettered=int(statuses.get("dead_lettered", 0)),
         pending=int(statuses.get("pending", 0)),
