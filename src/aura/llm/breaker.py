@@ -37,18 +37,17 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from aura import events
 from aura.errors import CircuitOpenError
 from aura.events import CircuitBreakerOpened, CircuitState, CircuitStateChanged
+from aura.redis_errors import REDIS_UNREACHABLE
 
 __all__ = ["BreakerRecord", "CircuitBreaker", "Decision", "transition"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("aura.llm.breaker")
-_REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +263,7 @@ class CircuitBreaker:
         if self.shared:
             try:
                 record, decision = await self._apply_in_redis(event, now)
-            except _REDIS_ERRORS as exc:
+            except REDIS_UNREACHABLE as exc:
                 self._fall_back(now, exc)
                 record, decision = self._transition(self._record, event, now)
         else:
@@ -321,7 +320,7 @@ class CircuitBreaker:
             )
         try:
             raw = await self._redis.hgetall(self.key)
-        except _REDIS_ERRORS as exc:
+        except REDIS_UNREACHABLE as exc:
             self._fall_back(now, exc)
             return
         if self._redis_down:

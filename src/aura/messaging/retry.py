@@ -12,16 +12,15 @@ logged once per outage, not per message.
 from __future__ import annotations
 
 import structlog
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from aura.errors import ServiceUnavailableError
 from aura.message_id import validate_message_id
+from aura.redis_errors import REDIS_UNREACHABLE
 
 __all__ = ["KEY_PREFIX", "RetryTracker"]
 
 KEY_PREFIX = "retry_count:"
-_REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 _log = structlog.get_logger("aura.messaging.retry")
 
 
@@ -68,7 +67,7 @@ class RetryTracker:
                 pipe.incr(key)
                 pipe.expire(key, self.ttl)
                 count, _ = await pipe.execute()
-        except _REDIS_ERRORS as exc:
+        except REDIS_UNREACHABLE as exc:
             if fallback_count is None:
                 raise ServiceUnavailableError(
                     f"cannot reach Redis to count retries: {exc}"
