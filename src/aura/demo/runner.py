@@ -354,6 +354,8 @@ class ImportRun:
                 counts, letters = await self._settle(database, tenant.id)
             finally:
                 await self.on_settled()
+            async with database.session() as session:
+                counts = await tally(session, tenant.id, self.import_ids, latencies=True)
         self.letters = letters
         elapsed = time.monotonic() - started
         return self._report(tenant.id, counts, letters, elapsed)
@@ -378,11 +380,17 @@ class ImportRun:
 
     async def _settle(self, database: Database, tenant_id: uuid.UUID) -> tuple[Tally, list[Any]]:
         deadline = time.monotonic() + self.settle_limit
+        letters: list[Any] = []
+        letters_read = float("-inf")
         while True:
             try:
                 async with database.session() as session:
                     counts = await tally(session, tenant_id, self.import_ids)
-                letters = await asyncio.to_thread(self._dead_letters, tenant_id)
+                # The DLQ is read whole (filtered by tenant): every few seconds for the
+                # progress bar, and at every look once nothing is pending.
+                if counts.pending == 0 or time.monotonic() - letters_read >= 3.0:
+                    letters = await asyncio.to_thread(self._dead_letters, tenant_id)
+                    letters_read = time.monotonic()
             except Exception:  # a fault this run injected (a killed connection): look again
                 if time.monotonic() > deadline:
                     raise
