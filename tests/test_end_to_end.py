@@ -17,7 +17,14 @@ from kombu.connection import Connection
 from sqlalchemy import func, select
 
 from aura.config import Settings
-from aura.db import Database, Enrichment, ImportRecord, ProcessedMessage, Product
+from aura.db import (
+    Database,
+    Enrichment,
+    ImportRecord,
+    ProcessedMessage,
+    Product,
+    create_import,
+)
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetterQueue
@@ -197,3 +204,76 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
 async def _scalars(database: Database, statement: object) -> list[str]:
     async with database.session() as session:
         return list((await session.scalars(statement)).all())  # type: ignore[call-overload]
+
+
+async def _scrape() -> dict[str, float]:
+    async with httpx.AsyncClient() as scraper:
+        exposition = (await scraper.get(f"http://127.0.0.1:{METRICS_PORT}/metrics")).text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_duplicate_deliveries_of_a_committed_enrichment_make_no_llm_call(
+    pg_database: Database,
+    amqp_url: str,
+    platform_worker: subprocess.Popen[bytes],
+    simulator: LLMSimulator,
+) -> None:
+    from aura.gateway.app import ENRICH_TASK, INGEST_TASK
+
+    publisher = make_celery_app(Settings(celery_broker_url=amqp_url))
+    async with pg_database.session() as session:
+        tenant, _ = await create_tenant_with_key(session, f"dup-{uuid.uuid4().hex[:8]}")
+        await session.commit()
+    record = json.dumps({"title": "Dup", "variants": [{"sku": "DUP-1", "price": "3"}]})
+    async with pg_database.session() as session:  # an import of one record, as the gateway
+        batch, (ingest_id,) = await create_import(session, tenant.id, 1)
+        await session.commit()
+    ingest = {
+        "args": [record, str(tenant.id)],
+        "kwargs": {"import_id": str(batch.id)},
+        "task_id": ingest_id,
+        "queue": "bulk_queue",
+    }
+    publisher.send_task(INGEST_TASK, **ingest)
+
+    async def enriched() -> bool:
+        return (
+            await count(
+                pg_database,
+                select(func.count())
+                .select_from(Enrichment)
+                .where(Enrichment.tenant_id == tenant.id),
+            )
+            == 1
+        )
+
+    await wait_until(enriched, within=60, interval=0.2)
+    async with pg_database.session() as session:
+        product_id = await session.scalar(select(Product.id).where(Product.tenant_id == tenant.id))
+    key = 'aura_duplicate_deliveries_total{kind="committed"}'
+    before_metric = (await _scrape()).get(key, 0.0)
+    before_llm = simulator.requests
+
+    for _ in range(200):  # the relay, a redelivery, a replay: the same message again
+        publisher.send_task(
+            ENRICH_TASK,
+            args=[str(product_id), str(tenant.id)],
+            task_id=f"enrich-{product_id}",
+            queue="realtime_queue",
+        )
+    publisher.send_task(INGEST_TASK, **ingest)  # the ingest again: it requeues its enrichment
+
+    async def all_acked() -> bool:
+        return (await _scrape()).get(key, 0.0) >= before_metric + 202
+
+    await wait_until(all_acked, within=120, interval=0.5)
+    assert simulator.requests == before_llm  # no LLM request for a committed enrichment
+    assert await enriched()
+    products = await count(
+        pg_database, select(func.count()).select_from(Product).where(Product.tenant_id == tenant.id)
+    )
+    assert products == 1

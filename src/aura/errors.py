@@ -4,7 +4,8 @@
     ├── ConfigurationError            a setting is missing or invalid (the CLI exits 2)
     ├── InvalidInputError             bad input: names the field and what is expected
     │   ├── NotFoundError             it names something that does not exist (a tenant)
-    │   └── ConflictError             it clashes with what exists (a SKU already taken)
+    │   ├── ConflictError             it clashes with what exists (a SKU already taken)
+    │   └── ConflictingMessageIdError a message id already used with another payload
     ├── DatabaseTransactionError      network failure inside @transactional (transient);
     │                                 ``commit_outcome_unknown`` when COMMIT itself failed
     ├── TransactionAbortedError       an inner @transactional call failed and the outer
@@ -31,6 +32,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "ConflictError",
+    "ConflictingMessageIdError",
     "DatabaseTransactionError",
     "InvalidInputError",
     "LLMConnectionError",
@@ -93,6 +95,12 @@ class NotFoundError(InvalidInputError):
 
 class ConflictError(InvalidInputError):
     """The input clashes with what is already stored."""
+
+
+class ConflictingMessageIdError(ConflictError):
+    """A message id whose effect is stored for another payload: an idempotency key reused
+    with another request body. Dead-lettered as ``conflicting_message_id``, never acked
+    as a success."""
 
 
 class DatabaseTransactionError(AuraError):

@@ -24,6 +24,8 @@ __all__ = [
     "CircuitState",
     "CircuitStateChanged",
     "DeadLetterReason",
+    "DuplicateDelivered",
+    "DuplicateKind",
     "Event",
     "Hook",
     "LLMOutcome",
@@ -60,6 +62,13 @@ class DeadLetterReason(StrEnum):
     MAX_DEFERRALS_EXCEEDED = "max_deferrals_exceeded"  # the LLM circuit stayed open too long
     WORKER_LOST = "worker_lost"  # dead-lettered by the broker's delivery limit
     TASK_FAILED = "task_failed"  # rejected by Celery (a task without DLQ routing failed)
+    MALFORMED_MESSAGE = "malformed_message"  # not a Celery message for a known task
+    CONFLICTING_MESSAGE_ID = "conflicting_message_id"  # an id reused with another payload
+
+
+class DuplicateKind(StrEnum):
+    COMMITTED = "committed"  # its effect was committed: acked without running
+    DEAD_LETTERED = "dead_lettered"  # its dead letter was written: acked, not written again
 
 
 class Queue(StrEnum):
@@ -128,6 +137,13 @@ class MessageDeadLettered:
 
 
 @dataclass(frozen=True, slots=True)
+class DuplicateDelivered:
+    """A delivery whose fate was already settled (a redelivery, a relay's second copy)."""
+
+    kind: DuplicateKind
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRetried:
     task: str
     kind: RetryKind
@@ -154,6 +170,7 @@ Event = (
     | TaskTimedOut
     | MessageDeadLettered
     | TaskRetried
+    | DuplicateDelivered
     | QueueDepthObserved
 )
 Hook = Callable[[Event], None]

@@ -7,11 +7,14 @@
     llm_circuit_breaker_state{breaker}             0 closed, 1 half-open, 2 open
     llm_api_request_duration_seconds{outcome}      histogram; outcome from ``LLMOutcome``
     messages_sent_to_dlq_total{reason}             reason: poison_pill | max_retries_exceeded
+                                                   (and Aura's others: ``DeadLetterReason``)
     celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue
 
 Not in the seed, named in its style:
 
     aura_task_retries_total{kind}                  kind: retry | deferral
+    aura_duplicate_deliveries_total{kind}          kind: committed | dead_lettered (a
+                                                   delivery whose fate was already settled)
     celery_task_timeouts_total{kind}               kind: soft | hard (the seed's "task
                                                    timeouts" alert needs a count)
 
@@ -34,6 +37,8 @@ from aura.events import (
     CircuitState,
     CircuitStateChanged,
     DeadLetterReason,
+    DuplicateDelivered,
+    DuplicateKind,
     Event,
     LLMOutcome,
     LLMRequestFinished,
@@ -50,6 +55,7 @@ from aura.events import (
 )
 
 __all__ = [
+    "AURA_DUPLICATE_DELIVERIES",
     "CELERY_TASKS_PENDING",
     "CELERY_TASK_TIMEOUTS",
     "CIRCUIT_STATE_VALUES",
@@ -119,6 +125,12 @@ AURA_TASK_RETRIES = Counter(
     ["kind"],
 )
 
+AURA_DUPLICATE_DELIVERIES = Counter(
+    "aura_duplicate_deliveries_total",
+    "Deliveries whose fate was already settled: effect committed, or dead letter written.",
+    ["kind"],
+)
+
 CELERY_TASK_TIMEOUTS = Counter(
     "celery_task_timeouts_total",
     "Tasks past a time limit: soft (cancelled, cleaned up, retried) or hard (process killed).",
@@ -127,6 +139,8 @@ CELERY_TASK_TIMEOUTS = Counter(
 
 for _kind in RetryKind:
     AURA_TASK_RETRIES.labels(kind=_kind.value)
+for _duplicate in DuplicateKind:
+    AURA_DUPLICATE_DELIVERIES.labels(kind=_duplicate.value)
 for _timeout in TimeoutKind:
     CELERY_TASK_TIMEOUTS.labels(kind=_timeout.value)
 for _reason in RollbackReason:
@@ -154,6 +168,8 @@ def prometheus_hook(event: Event) -> None:
             LLM_API_REQUEST_DURATION.labels(outcome=outcome.value).observe(duration_s)
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
+        case DuplicateDelivered(kind=duplicate):
+            AURA_DUPLICATE_DELIVERIES.labels(kind=duplicate.value).inc()
         case TaskRetried(kind=kind):
             AURA_TASK_RETRIES.labels(kind=kind.value).inc()
         case TaskTimedOut(kind=timeout):

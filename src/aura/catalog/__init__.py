@@ -5,6 +5,6 @@ or raises ``InvalidInputError`` whose message names every bad field
 (``variants.0.price: expected a number greater than 0``) and whose ``errors`` lists them.
 """
 
-from aura.catalog.schema import ProductIn, VariantIn, parse_product
+from aura.catalog.schema import MAX_RECORD_CHARS, ProductIn, VariantIn, parse_product, parse_record
 
-__all__ = ["ProductIn", "VariantIn", "parse_product"]
+__all__ = ["MAX_RECORD_CHARS", "ProductIn", "VariantIn", "parse_product", "parse_record"]

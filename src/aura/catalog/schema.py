@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -19,14 +20,19 @@ from pydantic import (
 from aura.errors import InvalidInputError
 
 __all__ = [
+    "MAX_RECORD_CHARS",
     "ProductIn",
     "VariantIn",
     "describe_validation_error",
     "parse_product",
+    "parse_record",
     "parse_variant",
 ]
 
 M = TypeVar("M", bound=BaseModel)
+# The largest raw record (one catalog line) read at all: far above any valid product
+# (100 variants x 50 attributes of 500 characters is ~2.5 M), and checked before parsing.
+MAX_RECORD_CHARS = 4_000_000
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 MAX_VARIANTS = 100
@@ -120,3 +126,18 @@ def parse_product(data: Any) -> ProductIn:
 def parse_variant(data: Any, index: int = 0) -> VariantIn:
     """Validate one raw variant (field paths read ``variants.{index}.…``)."""
     return _parse(VariantIn, data, "variant", prefix=f"variants.{index}.")
+
+
+def parse_record(raw: str) -> ProductIn:
+    """One raw catalog record (a JSON text) as a product; ``InvalidInputError`` if it is
+    too large, nested too deep or not a valid product, ``json.JSONDecodeError`` if it is
+    not JSON. Linear in its size."""
+    if len(raw) > MAX_RECORD_CHARS:
+        raise InvalidInputError(
+            f"record is {len(raw)} characters, over the {MAX_RECORD_CHARS} limit", field=""
+        )
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # a JSONDecodeError goes up as it is: the seed's poison pill
+        raise InvalidInputError("record is nested too deep to parse", field="") from None
+    return parse_product(data)

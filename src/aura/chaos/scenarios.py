@@ -117,6 +117,9 @@ class ChaosRun(ImportRun):
         if task is not None:
             await task
 
+    async def on_settled(self) -> None:
+        await self.stop_beside()  # a fault running beside the load ends with it
+
     @property
     def stopping(self) -> bool:
         return getattr(self, "_stop", False)
@@ -253,9 +256,6 @@ class DatabaseKills(ChaosRun):
                 self.details["backends_killed"] += int(done.stdout.strip())
             time.sleep(0.3)
 
-    async def on_settled(self) -> None:
-        await self.stop_beside()
-
     def expect(self, report: DemoReport) -> list[str]:
         failures = _all_enriched(report, self.records)
         if not self.details.get("backends_killed"):
@@ -300,9 +300,6 @@ class WorkerKills(ChaosRun):
                     os.kill(rng.choice(children), signal.SIGKILL)
                     self.details["processes_killed"] += 1
 
-    async def on_settled(self) -> None:
-        await self.stop_beside()
-
     def expect(self, report: DemoReport) -> list[str]:
         failures = _all_enriched(report, self.records)
         if not self.details.get("processes_killed"):
@@ -310,13 +307,45 @@ class WorkerKills(ChaosRun):
         return failures
 
 
+class _WorkerKillingMessage(ChaosRun):
+    """Besides the records, one message whose every delivery ends with its worker process
+    dead (``killing_task``, from ``aura.chaos.tasks``): the run waits for it to reach the
+    DLQ as worker_lost, the only dead letter expected."""
+
+    killing_task: ClassVar[str]
+    worker_module_name = "aura.chaos.tasks"
+
+    async def on_started(self) -> None:
+        self.killing_id = f"{self.killing_task.rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
+        await asyncio.to_thread(
+            self.publisher.send_task,
+            self.killing_task,
+            args=[str(self.tenant_id)],
+            task_id=self.killing_id,
+            queue="realtime_queue",
+        )
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        return not any(letter.message_id == self.killing_id for letter in letters)
+
+    def expect(self, report: DemoReport) -> list[str]:
+        failures = []
+        if report.enriched != len(self.records):
+            failures.append(f"enriched {report.enriched} of {len(self.records)}")
+        if report.dead_lettered != {"worker_lost": 1}:
+            failures.append(
+                f"expected {self.killing_task} as one worker_lost, got {report.dead_lettered}"
+            )
+        return failures
+
+
 # 6 ----------------------------------------------------------------------------------
-class HangingTasks(ChaosRun):
+class HangingTasks(_WorkerKillingMessage):
     name = "hanging"
     summary = "hanging tasks → soft limit (cancelled, retried), hard limit (killed, recycled)"
     default_products = 100
     faults = Faults(latency=0.005, hang_rate=0.1, hang_seconds=6.0)
-    worker_module_name = "aura.chaos.tasks"
+    killing_task = "aura.chaos.stubborn"  # swallows the soft limit: killed at the hard one
     # The soft limit, not the HTTP client, must end the hanging calls here.
     environment: ClassVar[dict[str, str]] = {
         "CELERY_TASK_SOFT_TIME_LIMIT": "2",
@@ -325,29 +354,8 @@ class HangingTasks(ChaosRun):
         "LLM_CALL_DEADLINE": "30",
     }
 
-    async def on_started(self) -> None:
-        from aura.chaos.tasks import STUBBORN_TASK
-
-        self.stubborn_id = f"stubborn-{uuid.uuid4().hex}"
-        await asyncio.to_thread(
-            self.publisher.send_task,
-            STUBBORN_TASK,
-            args=[str(self.tenant_id)],
-            task_id=self.stubborn_id,
-            queue="realtime_queue",
-        )
-
-    def awaiting_more(self, letters: list[Any]) -> bool:
-        return not any(letter.message_id == self.stubborn_id for letter in letters)
-
     def expect(self, report: DemoReport) -> list[str]:
-        failures = []
-        if report.enriched != len(self.records):
-            failures.append(f"enriched {report.enriched} of {len(self.records)}")
-        if report.dead_lettered != {"worker_lost": 1}:
-            failures.append(
-                f"expected the stubborn task as worker_lost, got {report.dead_lettered}"
-            )
+        failures = super().expect(report)
         if self.details.get("soft_timeouts", 0) == 0:
             failures.append("no task reached the soft time limit")
         if self.details.get("hard_timeouts", 0) == 0:
@@ -356,34 +364,11 @@ class HangingTasks(ChaosRun):
 
 
 # 7 ----------------------------------------------------------------------------------
-class Killer(ChaosRun):
+class Killer(_WorkerKillingMessage):
     name = "killer"
     summary = "a message that kills its worker every time → DLQ after bounded deliveries"
     default_products = 100
-    worker_module_name = "aura.chaos.tasks"
-
-    async def on_started(self) -> None:
-        from aura.chaos.tasks import CRASH_TASK
-
-        self.crash_id = f"crash-{uuid.uuid4().hex}"
-        await asyncio.to_thread(
-            self.publisher.send_task,
-            CRASH_TASK,
-            args=[str(self.tenant_id)],
-            task_id=self.crash_id,
-            queue="realtime_queue",
-        )
-
-    def awaiting_more(self, letters: list[Any]) -> bool:
-        return not any(letter.message_id == self.crash_id for letter in letters)
-
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = []
-        if report.enriched != len(self.records):
-            failures.append(f"enriched {report.enriched} of {len(self.records)}")
-        if report.dead_lettered != {"worker_lost": 1}:
-            failures.append(f"expected one worker_lost dead letter, got {report.dead_lettered}")
-        return failures
+    killing_task = "aura.chaos.crash"  # SIGKILLs its own process
 
 
 # 8 ----------------------------------------------------------------------------------
@@ -408,9 +393,6 @@ class RedisRestart(ChaosRun):
             self.details["redis_down_s"] = _restart_redis()
 
         self.start_beside(restart)
-
-    async def on_settled(self) -> None:
-        await self.stop_beside()
 
     def expect(self, report: DemoReport) -> list[str]:
         failures = _all_enriched(report, self.records)

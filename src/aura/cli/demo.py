@@ -64,6 +64,10 @@ def _print(console: Console, report: DemoReport) -> None:
         ("deferred while the breaker was open", report.deferrals),
         ("breaker opens", report.breaker_opens),
         ("LLM requests sent", report.llm_requests),
+        (
+            "  = enrichments + failed requests retried + extra",
+            f"{report.enriched} + {report.llm_failed} + {report.llm_extra}",
+        ),
         ("lost (must be 0)", report.lost),
         ("duplicates (must be 0)", report.duplicates),
         ("throughput", f"{report.throughput_per_s} products/s"),

@@ -23,6 +23,7 @@ from aura.cli import app
 from aura.config import get_settings
 from aura.errors import ConfigurationError, InvalidInputError
 from aura.events import DeadLetterReason
+from aura.logs import bounded_text, redact
 from aura.messaging.dlq import MAX_SCAN, DeadLetter, DeadLetterQueue, purge, replay
 from aura.messaging.retry import RetryTracker
 from aura.messaging.task import DEFER_PREFIX
@@ -65,8 +66,18 @@ def _reader() -> Iterator[DeadLetterQueue]:
         yield DeadLetterQueue(connection)
 
 
+_MAX_SHOWN_BODY = 64 * 1024
+
+
 def _row(letter: DeadLetter) -> dict[str, object]:
-    return letter.model_dump(mode="json")
+    """A letter as JSON; a malformed original's body redacted and cut to 64 KiB (the DLQ
+    keeps it whole)."""
+    row = letter.model_dump(mode="json")
+    original = row.get("original")
+    if isinstance(original, dict) and isinstance(original.get("body"), str):
+        original["body"] = bounded_text(original["body"], _MAX_SHOWN_BODY)
+        original["headers"] = redact(original.get("headers") or {})
+    return row
 
 
 @dlq_app.command("ls")

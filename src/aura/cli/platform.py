@@ -67,19 +67,23 @@ def worker_command(
     settings = get_settings()
     if settings.celery_broker_url is None:
         raise ConfigurationError("CELERY_BROKER_URL must be set to run a worker")
+    from aura.worker.process import run_worker
     from aura.worker.tasks import ingest_product
 
-    ingest_product.app.worker_main(
+    status = run_worker(
+        ingest_product.app,
         [
-            "worker",
             "--pool=prefork",
             f"--concurrency={concurrency}",
             f"--queues={','.join(chosen)}",
             "--without-gossip",
             "--without-mingle",
             "--loglevel=WARNING",
-        ]
+        ],
     )
+    if status != 0:  # a supervisor must see an unclean stop as one
+        typer.echo(f"aura worker: stopped with status {status} (see the log above)", err=True)
+        raise typer.Exit(status)
 
 
 outbox_app = typer.Typer(help="The gateway's outbox of unpublished messages.", no_args_is_help=True)

@@ -4,13 +4,14 @@ Database                      engine + sessions from Settings (asyncpg or aiosql
 transactional                 one function, one transaction; network failures rolled
                               back, counted and raised as DatabaseTransactionError
 claim_message                 the inbox: an effect happens once per message id
+DatabaseInbox                 its read side, for resilient_task(inbox=...)
 create_product_with_variants  the seed's example, on create_product/create_variants
 upgrade                       Alembic migrations (``aura db upgrade``)
 """
 
 from aura.db.engine import Database, database_url
 from aura.db.imports import create_import, import_counts, mark_record
-from aura.db.inbox import already_processed, claim_message
+from aura.db.inbox import DatabaseInbox, already_processed, claim_message
 from aura.db.migrate import current_revision, upgrade
 from aura.db.models import (
     Base,
@@ -35,6 +36,7 @@ from aura.errors import DatabaseTransactionError, TransactionAbortedError
 __all__ = [
     "Base",
     "Database",
+    "DatabaseInbox",
     "DatabaseTransactionError",
     "Enrichment",
     "Import",

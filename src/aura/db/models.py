@@ -125,6 +125,8 @@ class ProcessedMessage(Base):
     task: Mapped[str] = mapped_column(String(200))
     tenant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # SHA-256 of the payload (aura.messaging.idempotency); NULL for rows made before 0004
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class Import(Base):

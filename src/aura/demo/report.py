@@ -88,6 +88,7 @@ class DemoReport:
     deferrals: int
     breaker_opens: int
     llm_requests: int
+    llm_failed: int  # requests the provider (the simulator) failed: each is retried
     lost: int
     duplicates: int
     elapsed_s: float
@@ -112,6 +113,7 @@ class DemoReport:
         deferrals: int,
         breaker_opens: int,
         llm_requests: int,
+        llm_failed: int,
         elapsed_s: float,
         tenant_id: str,
         log_path: str,
@@ -137,6 +139,7 @@ class DemoReport:
             deferrals=deferrals,
             breaker_opens=breaker_opens,
             llm_requests=llm_requests,
+            llm_failed=llm_failed,
             lost=lost,
             duplicates=duplicates,
             elapsed_s=round(elapsed_s, 2),
@@ -148,8 +151,14 @@ class DemoReport:
             dead_letter_samples=samples,
         )
 
+    @property
+    def llm_extra(self) -> int:
+        """LLM requests beyond one per enrichment plus one per failed request: calls made
+        for work already done (must be 0 when nothing but the provider fails)."""
+        return self.llm_requests - self.enriched - self.llm_failed
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"llm_extra": self.llm_extra}
 
 
 def _percentile(values: list[float], percent: int) -> float:

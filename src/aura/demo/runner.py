@@ -451,6 +451,7 @@ class ImportRun:
             deferrals=_metric_total(registry, "aura_task_retries_total", kind="deferral"),
             breaker_opens=_metric_total(registry, "llm_circuit_breaker_opens_total"),
             llm_requests=self.simulator.requests,
+            llm_failed=sum(n for k, n in self.simulator.outcomes().items() if k != "ok"),
             elapsed_s=elapsed,
             tenant_id=str(tenant_id),
             log_path=str(self.log_path),

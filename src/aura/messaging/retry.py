@@ -15,6 +15,7 @@ import structlog
 from redis.asyncio import Redis
 
 from aura.errors import ServiceUnavailableError
+from aura.logs import describe_exception
 from aura.message_id import validate_message_id
 from aura.redis_errors import REDIS_UNREACHABLE
 
@@ -90,7 +91,7 @@ class RetryTracker:
             self._redis_down = True
             _log.error(
                 "retry tracker cannot reach Redis; counting with the delivery's own retries",
-                error=f"{type(exc).__name__}: {exc}",
+                error=describe_exception(exc),
             )
 
     def _note_up(self) -> None:

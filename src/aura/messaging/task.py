@@ -18,6 +18,20 @@ Per delivery (the seed's "Error Handling Hierarchy")::
 
 A dead letter is published with a publisher confirm before the task returns, and Celery
 acks the original (late) only after that: never lost, at worst duplicated in the DLQ.
+A marker in Redis (``dlq_written:{id}:{reason}:{fingerprint}``), set after the confirm,
+keeps a redelivery from writing the same letter again; the reader counts one per id and
+reason whatever slips through.
+
+With an ``inbox`` (see ``aura.messaging.idempotency``) each delivery is looked up before
+it runs: a committed twin is acked without running (no external call), a committed
+other payload under the same id is dead-lettered as ``conflicting_message_id``; and no
+dead letter is written for a message whose effect the inbox shows committed.
+
+Redis is an optimisation of every step, never a condition of its fate: when it cannot
+be reached, counting falls back to Celery's own ``request.retries``, clearing counters
+after a success is skipped (their TTL ends them), and the dead-letter marker is skipped
+(at worst a duplicate letter). A redelivery after a lost connection is a redelivery:
+tasks are not cancelled on connection loss (they finish; the inbox absorbs the twin).
 
 ``async def`` tasks run on one event loop per worker process, made after fork and kept
 for the process's life (pooled database and Redis connections are bound to it). When
@@ -34,7 +48,7 @@ import inspect
 import os
 import random
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -46,17 +60,33 @@ from redis.asyncio import Redis
 
 from aura import events
 from aura.config import get_settings
-from aura.errors import CircuitOpenError, LLMHTTPStatusError
-from aura.events import DeadLetterReason, RetryKind, TaskRetried, TaskTimedOut, TimeoutKind
+from aura.errors import (
+    CircuitOpenError,
+    ConflictingMessageIdError,
+    LLMHTTPStatusError,
+    cause_chain,
+)
+from aura.events import (
+    DeadLetterReason,
+    DuplicateDelivered,
+    DuplicateKind,
+    RetryKind,
+    TaskRetried,
+    TaskTimedOut,
+    TimeoutKind,
+)
+from aura.logs import describe_exception
 from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
+from aura.messaging.idempotency import Inbox, InboxEntry, message_fingerprint
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX, RetryTracker
 
-__all__ = ["DEFER_PREFIX", "backoff_delay", "process_loop", "resilient_task"]
+__all__ = ["DEFER_PREFIX", "DLQ_MARKER_PREFIX", "backoff_delay", "process_loop", "resilient_task"]
 
 T = TypeVar("T")
 _log = structlog.get_logger("aura.messaging.task")
 DEFER_PREFIX = "defer_count:"
+DLQ_MARKER_PREFIX = "dlq_written:"
 # RabbitMQ's native delayed delivery (how Celery delays retries on quorum queues) counts
 # whole seconds, and refuses a countdown below one.
 _MIN_COUNTDOWN = 1.0
@@ -79,6 +109,8 @@ class _Policy:
     detector: PoisonPillDetector
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None
     tenant_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None]
+    inbox: Inbox | None
+    on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None
 
 
 class _ProcessRuntime:
@@ -160,6 +192,8 @@ def resilient_task(
     max_deferrals: int = 30,
     detector: PoisonPillDetector | None = None,
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
+    inbox: Inbox | None = None,
+    on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None = None,
     **celery_options: Any,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
@@ -177,6 +211,8 @@ def resilient_task(
     max_deferrals: int = 30,
     detector: PoisonPillDetector | None = None,
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
+    inbox: Inbox | None = None,
+    on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None = None,
     **celery_options: Any,
 ) -> Any:
     """Decorate a ``def`` or ``async def`` as a resilient Celery task (see the module doc).
@@ -185,8 +221,11 @@ def resilient_task(
     often a task is put off while the LLM circuit is open (30 x the breaker's reset timeout,
     30 minutes with the seed's 60 s). ``on_dead_letter`` is awaited with each dead letter
     once it is safe in the DLQ (to mark the record failed, say); if it fails, that is
-    logged and nothing else changes. Other keyword arguments go to ``app.task`` (``name``,
-    ``queue``, ``soft_time_limit``, ...).
+    logged and nothing else changes. ``inbox`` makes deliveries idempotent by id and
+    payload (``aura.messaging.idempotency``); ``on_duplicate`` is awaited, with the
+    task's arguments, when a delivery's effect is already committed (to redo a recovery
+    step such as queueing follow-up work). Other keyword arguments go to ``app.task``
+    (``name``, ``queue``, ``soft_time_limit``, ...).
     """
 
     def decorate(function: Callable[..., Any]) -> Task:
@@ -203,6 +242,8 @@ def resilient_task(
             detector=detector or PoisonPillDetector(),
             on_dead_letter=on_dead_letter,
             tenant_of=_tenant_finder(function, bind),
+            inbox=inbox,
+            on_duplicate=on_duplicate,
         )
         is_async = inspect.iscoroutinefunction(function)
 
@@ -211,7 +252,11 @@ def resilient_task(
             return _deliver(self, function, is_async, bind, policy, args, kwargs)
 
         options = {"name": f"{function.__module__}.{function.__qualname__}"} | celery_options
-        task: Task = celery.task(bind=True, max_retries=None, **options)(run)
+        # aura_signature becomes a class attribute: the envelope guard binds arguments to it.
+        signature = _call_signature(function, bind)
+        task: Task = celery.task(bind=True, max_retries=None, aura_signature=signature, **options)(
+            run
+        )
         return task
 
     return decorate(fn) if fn is not None else decorate
@@ -221,6 +266,15 @@ def _default_app() -> Celery:
     from aura.worker.celery_app import celery_app
 
     return celery_app
+
+
+def _call_signature(function: Callable[..., Any], bind: bool) -> inspect.Signature:
+    """The parameters a message's arguments must bind to (``self`` left out)."""
+    signature = inspect.signature(function)
+    if bind:
+        parameters = list(signature.parameters.values())[1:]
+        signature = signature.replace(parameters=parameters)
+    return signature
 
 
 def _deliver(
@@ -233,7 +287,12 @@ def _deliver(
     kwargs: dict[str, Any],
 ) -> Any:
     runtime = _runtime(task.app)
-    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    request = task.request
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    if policy.inbox is not None:
+        request.aura_fingerprint = message_fingerprint(task.name, args, kwargs)
+        if _settled_by_inbox(task, runtime, policy, args, kwargs):
+            return None
     if redelivered and _crash_budget_spent(task, runtime, policy, args, kwargs):
         return None
     call_args = (task, *args) if bind else args
@@ -250,9 +309,108 @@ def _deliver(
         if isinstance(exc, SoftTimeLimitExceeded):
             events.emit(TaskTimedOut(task.name, TimeoutKind.SOFT))
         return _fail(task, runtime, policy, exc, args, kwargs)
-    if task.request.retries or redelivered:  # a failure was counted: clear it
-        runtime.run(runtime.tracker(KEY_PREFIX, policy.max_retries).reset(task.request.id))
+    if request.retries or redelivered:  # a failure or deferral was counted: clear it
+        _forget_counts(runtime, request.id)
     return result
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _fingerprint(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    known = getattr(task.request, "aura_fingerprint", None)
+    return known if isinstance(known, str) else message_fingerprint(task.name, args, kwargs)
+
+
+def _lookup(runtime: _ProcessRuntime, policy: _Policy, message_id: str) -> InboxEntry | None:
+    assert policy.inbox is not None
+    return runtime.run(policy.inbox.lookup(message_id))
+
+
+def _settled_by_inbox(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> bool:
+    """True when the inbox settles this delivery before it runs: a committed twin (acked
+    without running) or a committed other payload (dead-lettered as a conflict). If the
+    inbox cannot be read, the delivery runs: its claim decides."""
+    request = task.request
+    try:
+        entry = _lookup(runtime, policy, request.id)
+    except Exception as exc:
+        _log.warning(
+            "inbox lookup failed; the delivery runs and its claim decides",
+            task=task.name,
+            message_id=request.id,
+            error=describe_exception(exc, 300),
+        )
+        return False
+    if entry is None:
+        return False
+    fingerprint = _fingerprint(task, args, kwargs)
+    if not entry.matches(fingerprint):
+        conflict = ConflictingMessageIdError(
+            f"message id {request.id} was committed for another payload "
+            f"(stored {entry.fingerprint}, this one {fingerprint})"
+        )
+        _dead_letter(
+            task,
+            runtime,
+            policy,
+            DeadLetterReason.CONFLICTING_MESSAGE_ID,
+            conflict,
+            args,
+            kwargs,
+            0,
+            check_inbox=False,
+        )
+        return True
+    _acknowledge_duplicate(task, runtime, policy, args, kwargs)
+    return True
+
+
+def _acknowledge_duplicate(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """The effect is committed: redo recovery steps only, clear counters, ack."""
+    request = task.request
+    if policy.on_duplicate is not None:
+        try:
+            runtime.run(policy.on_duplicate(*args, **kwargs))
+        except (Retry, Ignore, Reject):
+            raise
+        except Exception as exc:  # a failed recovery step is retried like any failure;
+            _fail(task, runtime, policy, exc, args, kwargs)  # never dead-lettered: committed
+            return
+    _forget_counts(runtime, request.id)
+    events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
+    _log.info(
+        "effect already committed; delivery acked without running",
+        task=task.name,
+        message_id=request.id,
+    )
+
+
+def _forget_counts(runtime: _ProcessRuntime, message_id: str) -> None:
+    """Clear the retry and deferral counters; best effort (their TTL ends them anyway).
+    A Redis outage here must not fail a delivery whose effect is committed."""
+    try:
+        keys = (KEY_PREFIX + message_id, DEFER_PREFIX + message_id)
+        runtime.run(_await(runtime.redis.delete(*keys)))
+    except Exception as exc:  # unreachable, a full pool, ...: never a reason to fail
+        _log.warning(
+            "could not clear the retry counters; their TTL ends them",
+            message_id=message_id,
+            error=describe_exception(exc, 300),
+        )
 
 
 def _crash_budget_spent(
@@ -267,13 +425,23 @@ def _crash_budget_spent(
     crashes and retries together stay within max_retries + 1 executions."""
     request = task.request
     tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
-    if not runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries)):
+    try:
+        spent = runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries))
+    except Exception as exc:  # Redis refusing (a full pool, say): run it; the broker's
+        _log.warning(  # delivery limit still bounds a message that kills every run
+            "could not count a redelivery; running it",
+            task=task.name,
+            message_id=request.id,
+            error=describe_exception(exc, 300),
+        )
+        return False
+    if not spent:
         return False
     lost = WorkerLostError("its worker died on every run (killed, out of memory or hard limit)")
     _dead_letter(
         task, runtime, policy, DeadLetterReason.WORKER_LOST, lost, args, kwargs, policy.max_retries
     )
-    runtime.run(tracker.reset(request.id))
+    _forget_counts(runtime, request.id)
     return True
 
 
@@ -287,28 +455,62 @@ def _dead_letter(
     kwargs: dict[str, Any],
     retries: int,
     error_text: str | None = None,
+    *,
+    check_inbox: bool = True,
 ) -> None:
+    """Dead-letter this delivery -- unless the inbox shows its effect committed (then it
+    is a success), or this very letter was already written (then it is acked)."""
     request = task.request
-    letter = runtime.run(
-        route_to_dlq(
-            request.id,
-            reason,
-            connection=runtime.connection,
+    fingerprint = _fingerprint(task, args, kwargs)
+    if (
+        check_inbox
+        and policy.inbox is not None
+        and _committed(task, runtime, policy, exc, fingerprint)
+    ):
+        events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
+        _log.warning(
+            "effect already committed; acked, not dead-lettered",
             task=task.name,
-            queue=queue_of(request.delivery_info),
-            args=list(args),
-            kwargs=kwargs,
-            error=exc,
-            error_text=error_text,
-            retries=retries,
-            tenant_id=policy.tenant_of(args, kwargs),
+            message_id=request.id,
+            reason=reason.value,
         )
-    )
+        _forget_counts(runtime, request.id)
+        return
+    marker = f"{DLQ_MARKER_PREFIX}{request.id}:{reason.value}:{fingerprint[:16]}"
+    if _marker_set(runtime, marker):
+        letter = None
+    else:
+        letter = runtime.run(
+            route_to_dlq(
+                request.id,
+                reason,
+                connection=runtime.connection,
+                task=task.name,
+                queue=queue_of(request.delivery_info),
+                args=list(args),
+                kwargs=kwargs,
+                error=exc,
+                error_text=error_text,
+                retries=retries,
+                tenant_id=policy.tenant_of(args, kwargs),
+                fingerprint=fingerprint,
+            )
+        )
+        _set_marker(runtime, marker)
     if policy.on_dead_letter is not None:
         try:
-            runtime.run(policy.on_dead_letter(letter))
+            runtime.run(policy.on_dead_letter(letter or _placeholder(task, reason, args, kwargs)))
         except Exception:  # the dead letter is safe; a failing hook must not undo that
             _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
+    if letter is None:
+        events.emit(DuplicateDelivered(DuplicateKind.DEAD_LETTERED))
+        _log.info(
+            "dead letter already written; acked",
+            task=task.name,
+            message_id=request.id,
+            reason=reason.value,
+        )
+        return
     _log.error(
         "message sent to the dead-letter queue",
         task=task.name,
@@ -317,6 +519,68 @@ def _dead_letter(
         error=letter.error,
         dead_letter=letter.id,
     )
+
+
+def _placeholder(
+    task: Task, reason: DeadLetterReason, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> DeadLetter:
+    """What the hook gets when the letter was written by an earlier delivery."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    return DeadLetter(
+        message_id=task.request.id,
+        reason=reason,
+        task=task.name,
+        queue=queue_of(task.request.delivery_info),
+        first_failure_at=now,
+        last_failure_at=now,
+    )
+
+
+def _committed(
+    task: Task, runtime: _ProcessRuntime, policy: _Policy, exc: BaseException, fingerprint: str
+) -> bool:
+    """Whether the inbox holds this payload's effect. If the inbox cannot be read, the
+    answer is unknown: the delivery is put off (deferral budget) rather than dead-lettered
+    on a guess; once that budget is spent it is dead-lettered (and logged)."""
+    request = task.request
+    try:
+        entry = _lookup(runtime, policy, request.id)
+    except Exception as lookup_error:
+        deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
+        try:
+            spent = runtime.run(
+                deferrals.increment_and_check(request.id, fallback_count=request.retries)
+            )
+        except Exception:  # Redis refusing too: Celery's own count bounds the wait
+            spent = request.retries >= policy.max_deferrals
+        text = describe_exception(lookup_error, 300)
+        if spent:
+            _log.error("inbox unreadable and deferrals spent; dead-lettering", error=text)
+            return False
+        _log.warning(
+            "inbox unreadable: cannot tell whether the effect is committed; put off",
+            task=task.name,
+            message_id=request.id,
+            error=text,
+        )
+        countdown = max(backoff_delay(1, base=1.0, cap=10.0, rng=runtime.rng), _MIN_COUNTDOWN)
+        raise task.retry(exc=exc, countdown=countdown) from None
+    return entry is not None and entry.matches(fingerprint)
+
+
+def _marker_set(runtime: _ProcessRuntime, marker: str) -> bool:
+    try:
+        return bool(runtime.run(_await(runtime.redis.exists(marker))))
+    except Exception:  # Redis unreachable or refusing: write it; at worst a second copy
+        return False  # write it: at worst a second copy, which the reader folds
+
+
+def _set_marker(runtime: _ProcessRuntime, marker: str) -> None:
+    # If Redis is down the letter is still safe; a redelivery may write a second copy.
+    with contextlib.suppress(Exception):
+        runtime.run(_await(runtime.redis.set(marker, 1, ex=runtime.settings.retry_tracker_ttl)))
 
 
 def _tenant_finder(
@@ -347,6 +611,20 @@ def _fail(
     kwargs: dict[str, Any],
 ) -> None:
     request = task.request
+    if any(isinstance(link, ConflictingMessageIdError) for link in cause_chain(exc)):
+        # Its claim found the id committed for another payload (a twin ran at once).
+        _dead_letter(
+            task,
+            runtime,
+            policy,
+            DeadLetterReason.CONFLICTING_MESSAGE_ID,
+            exc,
+            args,
+            kwargs,
+            0,
+            check_inbox=False,
+        )
+        return None
     if policy.poison_pill_detection and policy.detector.is_poison_pill(exc):
         if not policy.dlq_routing:
             raise exc
@@ -372,7 +650,7 @@ def _fail(
             kwargs,
             policy.max_retries,
         )
-        runtime.run(tracker.reset(request.id))
+        _forget_counts(runtime, request.id)
         return None
     countdown = backoff_delay(
         failures, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
@@ -387,7 +665,7 @@ def _fail(
         message_id=request.id,
         attempt=failures,
         countdown=round(countdown, 3),
-        error=f"{type(exc).__name__}: {exc}",
+        error=describe_exception(exc),
     )
     raise task.retry(exc=exc, countdown=countdown)
 

@@ -12,6 +12,12 @@
     worker_prefetch_multiplier 1: a worker holds one message per process, no more
     JSON only                  no pickle crosses the broker
     confirm_publish            every publish (tasks, retries, dead letters) is confirmed
+    worker_consumer            aura.messaging.envelope:GuardedConsumer: whatever arrives on
+                               a work queue ends in a task or the DLQ, never a crash
+    worker_cancel_long_running_tasks_on_connection_loss=False  a lost broker connection
+                               does not kill running tasks: they finish, their acks are
+                               lost, and the redelivered twin meets the inbox (killing them
+                               made a redelivery look like a dead worker: worker_lost)
 
 Time limits work only in the prefork pool; run workers with it (the default).
 
@@ -22,6 +28,7 @@ importing this module reads no environment.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from celery import Celery, signals
@@ -56,7 +63,8 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         # (or redelivers a killed one) instead of dropping it.
         task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="aura.messaging.envelope:GuardedConsumer",
         broker_transport_options={"confirm_publish": True},
         broker_connection_retry_on_startup=True,
         task_publish_retry=True,
@@ -75,6 +83,9 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
             declare_topology(app)
 
     signals.worker_init.connect(declare_dead_letter_queue, weak=False)
+    # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
+    # this app chose not to, on purpose (see the module doc).
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced", category=Warning)
     from aura.worker import observability
 
     observability.install(app, settings)

@@ -11,11 +11,32 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import click
 
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 
-__all__ = ["start_worker_process", "stop_worker_process"]
+__all__ = ["run_worker", "start_worker_process", "stop_worker_process"]
+
+
+def run_worker(app: Any, argv: Sequence[str]) -> int:
+    """Run ``celery worker`` in this process and return its exit status.
+
+    ``Celery.worker_main`` drops the status (it runs click with ``standalone_mode=False``
+    and ignores what comes back), so a worker that stopped on an unrecoverable error
+    exited 0 and a supervisor saw a clean shutdown. This returns it instead.
+    """
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # what Celery.start does: ``-A`` defaults to this app
+    try:
+        code = celery.main(args=["worker", *argv], standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 def start_worker_process(

@@ -9,6 +9,12 @@
 Malformed records are poison pills (DLQ at once, import record marked dead_lettered); a
 dropped database connection or an LLM failure is transient (retried); an open LLM
 circuit defers the task. Each effect is committed once, whatever the redeliveries.
+
+Both tasks read the inbox before they run (``DatabaseInbox``): a delivery whose effect is
+committed makes no LLM call and writes nothing; a committed ingest only queues its
+enrichment again (the publish after its commit may have been lost; the enrichment's own
+inbox absorbs the twin). The same message id with another payload is dead-lettered as
+``conflicting_message_id``.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.catalog import ProductIn, parse_product
+from aura.catalog import ProductIn, parse_record
 from aura.config import get_settings
 from aura.db import (
     Database,
+    DatabaseInbox,
     Enrichment,
     ImportRecord,
     Product,
@@ -41,7 +48,7 @@ from aura.db import (
 from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import ResilientLLMClient
-from aura.messaging import DeadLetter, resilient_task
+from aura.messaging import DeadLetter, delivery_fingerprint, resilient_task
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 
 __all__ = ["app", "enrich_product", "ingest_product"]
@@ -62,6 +69,9 @@ def _process_resources() -> tuple[Database, ResilientLLMClient]:
     return _resources[pid]
 
 
+_inbox = DatabaseInbox(lambda: _process_resources()[0])
+
+
 class _EnrichmentAnswer(BaseModel):
     description: str = Field(min_length=1, max_length=2000)
     tags: list[str] = Field(default_factory=list, max_length=20)
@@ -69,9 +79,16 @@ class _EnrichmentAnswer(BaseModel):
 
 @transactional
 async def _ingest(
-    session: AsyncSession, tenant_id: uuid.UUID, product: ProductIn, *, message_id: str
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    product: ProductIn,
+    *,
+    message_id: str,
+    fingerprint: str,
 ) -> uuid.UUID:
-    if not await claim_message(session, message_id, task=INGEST_TASK, tenant_id=tenant_id):
+    if not await claim_message(
+        session, message_id, task=INGEST_TASK, tenant_id=tenant_id, fingerprint=fingerprint
+    ):
         # Redelivered after its commit: find what it made, so enrichment is still queued.
         made = await session.scalar(
             select(ImportRecord.product_id).where(ImportRecord.message_id == message_id)
@@ -91,21 +108,47 @@ async def _mark_dead(letter: DeadLetter) -> None:
         await session.commit()
 
 
-@resilient_task(name=INGEST_TASK, queue=BULK_QUEUE, on_dead_letter=_mark_dead)
-async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | None = None) -> str:
-    """One raw record, exactly as the tenant sent it."""
-    product = parse_product(json.loads(raw))
-    database, _ = _process_resources()
-    async with database.session() as session:
-        product_id = await _ingest(
-            session, uuid.UUID(tenant_id), product, message_id=self.request.id
-        )
-    self.app.send_task(
+def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None:
+    ingest_product.app.send_task(
         ENRICH_TASK,
         args=[str(product_id), tenant_id],
         task_id=f"enrich-{product_id}",
         queue=REALTIME_QUEUE,
     )
+
+
+async def _requeue_enrichment(raw: str, tenant_id: str, import_id: str | None = None) -> None:
+    """A committed ingest delivered again: queue its enrichment again, nothing else."""
+    message_id = ingest_product.request.id
+    database, _ = _process_resources()
+    async with database.session() as session:
+        made = await session.scalar(
+            select(ImportRecord.product_id).where(ImportRecord.message_id == message_id)
+        )
+    if made is not None:
+        _queue_enrichment(made, tenant_id)
+
+
+@resilient_task(
+    name=INGEST_TASK,
+    queue=BULK_QUEUE,
+    on_dead_letter=_mark_dead,
+    inbox=_inbox,
+    on_duplicate=_requeue_enrichment,
+)
+async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | None = None) -> str:
+    """One raw record, exactly as the tenant sent it."""
+    product = parse_record(raw)
+    database, _ = _process_resources()
+    async with database.session() as session:
+        product_id = await _ingest(
+            session,
+            uuid.UUID(tenant_id),
+            product,
+            message_id=self.request.id,
+            fingerprint=delivery_fingerprint(self),
+        )
+    _queue_enrichment(product_id, tenant_id)
     return str(product_id)
 
 
@@ -131,8 +174,11 @@ async def _write_enrichment(
     *,
     model: str,
     message_id: str,
+    fingerprint: str,
 ) -> None:
-    if not await claim_message(session, message_id, task=ENRICH_TASK, tenant_id=tenant_id):
+    if not await claim_message(
+        session, message_id, task=ENRICH_TASK, tenant_id=tenant_id, fingerprint=fingerprint
+    ):
         return
     dialect = session.get_bind().dialect.name
     insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
@@ -152,7 +198,7 @@ async def _write_enrichment(
     )
 
 
-@resilient_task(name=ENRICH_TASK, queue=REALTIME_QUEUE)
+@resilient_task(name=ENRICH_TASK, queue=REALTIME_QUEUE, inbox=_inbox)
 async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
     """Ask the LLM about one product and store its answer."""
     tenant, pid = uuid.UUID(tenant_id), uuid.UUID(product_id)
@@ -173,7 +219,13 @@ async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
         raise LLMMalformedResponseError(f"the enrichment answer is unusable: {exc}") from exc
     async with database.session() as session:
         await _write_enrichment(
-            session, tenant, pid, answer, model=completion.model, message_id=self.request.id
+            session,
+            tenant,
+            pid,
+            answer,
+            model=completion.model,
+            message_id=self.request.id,
+            fingerprint=delivery_fingerprint(self),
         )
 
 
