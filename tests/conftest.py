@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -46,9 +47,39 @@ async def pg_url() -> AsyncIterator[str]:
     await services.drop_pg_database()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_redis_untouched() -> Iterator[None]:
+    """The machine's Redis is other people's: the run must not restart (or stop) it."""
+    before = services.RedisIdentity.of()
+    started = time.monotonic()
+    yield
+    if before is None:  # nothing answered there at the start: nothing to protect
+        return
+    after = services.RedisIdentity.of()
+    if not before.still_running(after, time.monotonic() - started):
+        pytest.fail(
+            f"the machine's Redis at {services.MACHINE_REDIS} was restarted or stopped "
+            f"during the run: before {before}, after {after}",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
-async def redis_url() -> AsyncIterator[str]:
-    """URL of this run's own Redis db number (flushed at the start and the end)."""
+async def redis_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """URL of this run's own Redis: a redis-server the run starts on a free port (stopped
+    at the end), or the db number AURA_TEST_REDIS_URL names (flushed at the start and the
+    end: only that db, never the server)."""
+    if services.REDIS_TEST_URL is None:
+        own = services.OwnRedis(str(tmp_path_factory.mktemp("own-redis")))
+        try:
+            own.start()
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield own.url
+        finally:
+            own.stop()
+        return
     client = aioredis.from_url(services.REDIS_TEST_URL)
     try:
         await client.flushdb()
@@ -57,8 +88,6 @@ async def redis_url() -> AsyncIterator[str]:
     finally:
         await client.aclose()
     yield services.REDIS_TEST_URL
-    # A new client: the chaos suite restarts Redis, which closes every connection made
-    # before it.
     client = aioredis.from_url(services.REDIS_TEST_URL)
     await client.flushdb()
     await client.aclose()

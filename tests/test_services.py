@@ -37,12 +37,13 @@ async def test_redis_is_the_real_server(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     try:
         info = await client.info("server")
-        assert info["tcp_port"] == 6379
+        host, port = redis_url.split("://", 1)[1].rsplit("/", 1)[0].rsplit(":", 1)
+        assert info["tcp_port"] == int(port)
         assert "redis_version" in info
         token = uuid.uuid4().hex
         await client.set("probe", token, ex=60)
         # Read it back over a raw socket speaking RESP: a separate client, the same server.
-        with socket.create_connection(("127.0.0.1", 6379), timeout=5) as raw:
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
             db = redis_url.rsplit("/", 1)[1]
             raw.sendall(f"SELECT {db}\r\nGET probe\r\n".encode())
             reply = b""

@@ -1,12 +1,15 @@
 """The chaos scenarios: a bounded load on the real stack with one fault injected for real.
 
 Each scenario imports catalog records through the gateway (outbox, RabbitMQ), lets a real
-prefork worker (2 processes) ingest and enrich them against the LLM simulator, injects its
-fault while that runs, and ends with an accounting. It passes only when nothing is lost,
-nothing is doubled, and every message met the fate the scenario expects.
+prefork worker (2 processes, under a supervisor) ingest and enrich them against the LLM
+simulator, injects its fault once the worker consumes, heals, drains, and counts every
+message (``aura.chaos.accounting``). It passes only when nothing is lost, stranded,
+doubled or both committed and dead-lettered, and every message met the fate the
+scenario expects (``expected_fates``, the README's table).
 
-Times are scaled through Settings (the environment the worker reads), never by patching
-code: see ``BASE_ENVIRONMENT`` and each scenario's ``environment``.
+Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
+its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
+worker reads), never by patching code. ``seed`` makes a run's choices repeatable.
 """
 
 from __future__ import annotations
@@ -15,25 +18,28 @@ import asyncio
 import contextlib
 import json
 import os
-import random
-import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
+
+from kombu.connection import Connection
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from aura.catalog import parse_product
+from aura.chaos.accounting import Accounting, Sent
+from aura.chaos.resources import owned_stack, run_tool
+from aura.chaos.run import ChaosRun, _all_committed
 from aura.config import get_settings
-from aura.demo.report import DemoReport
-from aura.demo.runner import ImportRun, _environment, _logs_to, catalog_records
+from aura.demo.runner import _environment, _logs_to, catalog_records
 from aura.errors import ConfigurationError, InvalidInputError
+from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
+from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE
 
 __all__ = ["SCENARIOS", "ChaosResult", "run_scenario"]
 
@@ -48,24 +54,17 @@ BASE_ENVIRONMENT = {
     "OUTBOX_RELAY_MIN_AGE": "3",
     "LOG_LEVEL": "WARNING",
 }
+MAX_PRODUCTS = 20_000
 
 
 @dataclass
 class ChaosResult:
     scenario: str
     passed: bool
-    sent: int
-    committed: int  # products written once and enriched once
-    dead_lettered: dict[str, int]
-    duplicates: int
-    lost: int
-    retries: int
-    deferrals: int
-    breaker_opens: int
-    elapsed_s: float
-    throughput_per_s: float
-    latency_p50_s: float
-    latency_p99_s: float
+    seed: int
+    sent: int  # records imported through the gateway
+    accounting: dict[str, Any]
+    metrics: dict[str, int]
     failures: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -87,55 +86,23 @@ def valid_records(count: int) -> list[str]:
     raise AssertionError("the bundled catalog ran out of valid records")  # pragma: no cover
 
 
-class ChaosRun(ImportRun):
-    """A scenario: the records it sends, its fault, what it expects."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    default_products: ClassVar[int] = 200
-    faults: ClassVar[Faults] = Faults()
-    environment: ClassVar[dict[str, str]] = {}
-    worker_module_name: ClassVar[str] = "aura.worker.tasks"
-
-    details: dict[str, Any]
-
-    @classmethod
-    def make_records(cls, products: int) -> list[str]:
-        return valid_records(products)
-
-    def expect(self, report: DemoReport) -> list[str]:
-        """What this scenario requires beyond lost = duplicates = 0 (failures, if any)."""
-        return _all_enriched(report, self.records)
-
-    # helpers for faults that run beside the load
-    def start_beside(self, fault: Callable[[], Any]) -> None:
-        self._beside = asyncio.get_running_loop().create_task(asyncio.to_thread(fault))
-
-    async def stop_beside(self) -> None:
-        self._stop = True
-        task = getattr(self, "_beside", None)
-        if task is not None:
-            await task
-
-    async def on_settled(self) -> None:
-        await self.stop_beside()  # a fault running beside the load ends with it
-
-    @property
-    def stopping(self) -> bool:
-        return getattr(self, "_stop", False)
-
-
-def _all_enriched(report: DemoReport, records: list[str]) -> list[str]:
+def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
     failures = []
-    if report.enriched != len(records):
-        failures.append(f"enriched {report.enriched} of {len(records)}")
-    if report.dead_lettered:
-        failures.append(f"unexpected dead letters: {report.dead_lettered}")
+    if accounting.dead_lettered != letters:
+        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
+    if accounting.committed_once != 2 * good:
+        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
     return failures
 
 
+def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
+    if accounting.llm_extra > allowed:
+        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
+    return []
+
+
 # 1 ----------------------------------------------------------------------------------
-MALFORMED = [
+MALFORMED_RECORDS = [
     '{"title": "Broken JSON", "variants": [',  # bad JSON
     '{"title": "Lone surrogate \\udcff", "variants": [{"sku": "BAD-ENC", "price": "1"}]}',
     '{"brand": "No title", "variants": [{"sku": "BAD-MISSING", "price": "1"}]}',  # missing key
@@ -148,35 +115,30 @@ MALFORMED = [
 
 class Poison(ChaosRun):
     name = "poison"
-    summary = "malformed messages (bad JSON, bad encoding, missing keys, wrong types) → DLQ"
-    default_products = 200
+    summary = "malformed records (bad JSON, bad encoding, missing keys, wrong types) → DLQ"
+    expected_fates = "good records committed once; each malformed one poison_pill, 0 retries"
 
     @classmethod
-    def make_records(cls, products: int) -> list[str]:
+    def make_records(cls, products: int, rng: Any) -> list[str]:
         good = valid_records(products)
-        bad = [MALFORMED[i % len(MALFORMED)] for i in range(max(len(MALFORMED), products // 10))]
-        mixed = good + bad
-        random.Random(4).shuffle(mixed)
+        count = max(len(MALFORMED_RECORDS), products // 10)
+        mixed = good + [MALFORMED_RECORDS[i % len(MALFORMED_RECORDS)] for i in range(count)]
+        rng.shuffle(mixed)
         return mixed
 
-    def expect(self, report: DemoReport) -> list[str]:
-        bad = sum(1 for r in self.records if r in MALFORMED)
-        failures = []
-        if report.dead_lettered != {"poison_pill": bad}:
-            failures.append(f"expected {bad} poison_pill dead letters, got {report.dead_lettered}")
-        if report.enriched != len(self.records) - bad:
-            failures.append(f"enriched {report.enriched} of {len(self.records) - bad}")
-        spent = [letter.message_id for letter in self.letters if letter.retries != 0]
-        if spent:
-            failures.append(f"poison pills that spent retries: {spent[:5]}")
-        return failures
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        bad = sum(1 for r in self.records if r in MALFORMED_RECORDS)
+        failures = _expect_letters(accounting, len(self.records) - bad, {"poison_pill": bad})
+        if metrics["retries"]:
+            failures.append(f"{metrics['retries']} retries: poison pills spend none")
+        return failures + _extra_calls(accounting)
 
 
 # 2 ----------------------------------------------------------------------------------
 class FlakyLLM(ChaosRun):
     name = "flaky-llm"
     summary = "30 % of LLM calls fail (5xx, 429, timeouts) → all enriched, retries bounded"
-    default_products = 200
+    expected_fates = "all committed once; retries > 0 and bounded; no extra LLM call"
     faults = Faults(
         latency=0.005,
         error_rate=0.2,
@@ -189,36 +151,36 @@ class FlakyLLM(ChaosRun):
     # budget is raised so "all enriched" holds; bounded is what is checked.
     environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
 
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
-        if report.retries == 0:
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        if metrics["retries"] == 0:
             failures.append("no retries: the faults did not happen")
-        if report.retries > 8 * len(self.records):
-            failures.append(f"{report.retries} retries is over the budget of 8 per product")
-        return failures
+        if metrics["retries"] > 8 * len(self.records):
+            failures.append(f"{metrics['retries']} retries is over the budget of 8 per product")
+        return failures + _extra_calls(accounting)
 
 
 # 3 ----------------------------------------------------------------------------------
 class Outage(ChaosRun):
     name = "llm-outage"
     summary = "an LLM outage longer than the reset timeout → breaker opens, tasks deferred"
-    default_products = 200
+    expected_fates = "all committed once; breaker opens, deferrals > 0, few calls in the outage"
     faults = Faults(latency=0.005)
     outage_s = 8.0  # 4 x CIRCUIT_BREAKER_RESET_TIMEOUT
 
-    async def on_started(self) -> None:
-        # From the start, so the outage meets the load however small the load is.
+    async def fault(self) -> None:
         self.simulator.start_outage(self.outage_s)
+        await asyncio.sleep(self.outage_s)
 
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
         during = self.simulator.outcomes().get("outage", 0)
         self.details["llm_calls_during_outage"] = during
         fail_max = get_settings().circuit_breaker_fail_max
         trials = int(self.outage_s / 2) + 2  # one trial per reset timeout, and slack
-        if report.breaker_opens < 1:
+        if metrics["breaker_opens"] < 1:
             failures.append("the breaker never opened")
-        if report.deferrals == 0:
+        if metrics["deferrals"] == 0:
             failures.append("no task was deferred")
         if during > fail_max * 2 + trials * 2:  # two worker processes may each race a few
             failures.append(f"{during} calls reached the provider during the outage")
@@ -226,48 +188,57 @@ class Outage(ChaosRun):
 
 
 # 4 ----------------------------------------------------------------------------------
+# Backends inside a transaction (a write, or a COMMIT, in flight), never idle ones.
+_IN_FLIGHT = (
+    "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+    "where datname = current_database() and pid <> pg_backend_pid() "
+    "and backend_type = 'client backend' and xact_start is not null "
+    "and state in ('active', 'idle in transaction')"
+)
+
+
 class DatabaseKills(ChaosRun):
     name = "db-kill"
-    summary = "PostgreSQL connections killed (pg_terminate_backend) while writes are in flight"
-    default_products = 200
+    summary = "PostgreSQL backends killed while their transactions are in flight"
+    expected_fates = "all committed once; network rollbacks > 0, retries > 0, no half-written row"
+    faults = Faults(latency=0.01)
     environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "10"}
-    kill_for_s = 6.0
+    window_s = 20.0
 
-    async def on_started(self) -> None:
+    async def fault(self) -> None:
+        """Kill in-flight transactions until the worker has seen rollbacks and retried
+        (or the window ends): a kill that only finds idle connections proves nothing."""
         self.details["backends_killed"] = 0
-        self.start_beside(self._kill_backends)
+        engine = create_async_engine(self.stack.database_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                until = time.monotonic() + self.window_s
+                while time.monotonic() < until:
+                    killed = int((await connection.execute(text(_IN_FLIGHT))).scalar() or 0)
+                    self.details["backends_killed"] += killed
+                    if killed:
+                        metrics = await asyncio.to_thread(self._metrics)
+                        if metrics["network_rollbacks"] >= 3 and metrics["retries"] >= 1:
+                            return
+                    await asyncio.sleep(0.02 + self.rng.random() * 0.03)
+        finally:
+            await engine.dispose()
 
-    def _kill_backends(self) -> None:
-        url = urlsplit(str(self.settings.database_url).replace("+asyncpg", ""))
-        database = url.path.lstrip("/")
-        sql = (
-            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
-            "where datname = current_database() and pid <> pg_backend_pid() "
-            "and backend_type = 'client backend'"
-        )
-        until = time.monotonic() + self.kill_for_s
-        while time.monotonic() < until and not self.stopping:
-            done = subprocess.run(  # noqa: S603 - psql with our own arguments
-                ["psql",  # noqa: S607 "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432),
-                 "-U", url.username or "postgres", "-d", database, "-Atc", sql],
-                capture_output=True, text=True, timeout=30, check=False,
-            )  # fmt: skip
-            if done.returncode == 0 and done.stdout.strip().isdigit():
-                self.details["backends_killed"] += int(done.stdout.strip())
-            time.sleep(0.3)
-
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
         if not self.details.get("backends_killed"):
-            failures.append("no connection was killed")
-        partial = self.details.get("products_without_variants", 0)
-        if partial:
-            failures.append(f"{partial} products were written without their variants")
+            failures.append("no in-flight transaction was killed")
+        if metrics["network_rollbacks"] == 0:
+            failures.append("no network rollback: no transaction failed mid-flight")
+        if metrics["retries"] == 0:
+            failures.append("no retry after a killed transaction")
         return failures
 
 
 # 5 ----------------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def _children(pid: int | None) -> list[int]:
+    if pid is None:
+        return []
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
@@ -278,65 +249,50 @@ def _children(pid: int) -> list[int]:
 class WorkerKills(ChaosRun):
     name = "worker-kill"
     summary = "a worker process SIGKILLed mid-task, repeatedly → nothing lost or doubled"
-    default_products = 200
+    expected_fates = "all committed once; extra LLM calls at most one per kill"
     faults = Faults(latency=0.02)  # tasks take long enough to be killed mid-flight
     environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "6"}
     kills = 6
 
-    async def on_started(self) -> None:
+    async def fault(self) -> None:
         self.details["processes_killed"] = 0
-        self.start_beside(self._kill_children)
-
-    def _kill_children(self) -> None:
-        assert self.worker_process is not None
-        rng = random.Random(5)
-        for kill in range(self.kills):
-            time.sleep(0.5 if kill == 0 else 1.5)
-            if self.stopping:
-                return
-            children = _children(self.worker_process.pid)
+        for _ in range(self.kills):
+            await asyncio.sleep(0.5 + self.rng.random())
+            children = _children(self.worker_pid)
             if children:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(rng.choice(children), signal.SIGKILL)
+                    os.kill(self.rng.choice(children), signal.SIGKILL)
                     self.details["processes_killed"] += 1
 
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
         if not self.details.get("processes_killed"):
             failures.append("no worker process was killed")
-        return failures
+        return failures + _extra_calls(accounting, self.details.get("processes_killed", 0))
 
 
 class _WorkerKillingMessage(ChaosRun):
     """Besides the records, one message whose every delivery ends with its worker process
-    dead (``killing_task``, from ``aura.chaos.tasks``): the run waits for it to reach the
-    DLQ as worker_lost, the only dead letter expected."""
+    dead (``killing_task``, from ``aura.chaos.tasks``): expected in the DLQ as
+    worker_lost, the only dead letter."""
 
     killing_task: ClassVar[str]
     worker_module_name = "aura.chaos.tasks"
+    expected_fates = "records committed once; the killing message worker_lost"
 
-    async def on_started(self) -> None:
-        self.killing_id = f"{self.killing_task.rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
+    async def before_load(self) -> None:
+        killing_id = f"{self.killing_task.rsplit('.', 1)[-1]}-{uuid.uuid4().hex}"
         await asyncio.to_thread(
             self.publisher.send_task,
             self.killing_task,
             args=[str(self.tenant_id)],
-            task_id=self.killing_id,
-            queue="realtime_queue",
+            task_id=killing_id,
+            queue=REALTIME_QUEUE,
         )
+        self.sent.append(Sent(killing_id))
 
-    def awaiting_more(self, letters: list[Any]) -> bool:
-        return not any(letter.message_id == self.killing_id for letter in letters)
-
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = []
-        if report.enriched != len(self.records):
-            failures.append(f"enriched {report.enriched} of {len(self.records)}")
-        if report.dead_lettered != {"worker_lost": 1}:
-            failures.append(
-                f"expected {self.killing_task} as one worker_lost, got {report.dead_lettered}"
-            )
-        return failures
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        return _expect_letters(accounting, len(self.records), {"worker_lost": 1})
 
 
 # 6 ----------------------------------------------------------------------------------
@@ -354,11 +310,11 @@ class HangingTasks(_WorkerKillingMessage):
         "LLM_CALL_DEADLINE": "30",
     }
 
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = super().expect(report)
-        if self.details.get("soft_timeouts", 0) == 0:
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = super().expect(accounting, metrics)
+        if metrics["soft_timeouts"] == 0:
             failures.append("no task reached the soft time limit")
-        if self.details.get("hard_timeouts", 0) == 0:
+        if metrics["hard_timeouts"] == 0:
             failures.append("no process was killed at the hard time limit")
         return failures
 
@@ -372,102 +328,237 @@ class Killer(_WorkerKillingMessage):
 
 
 # 8 ----------------------------------------------------------------------------------
-REDIS_START = [
-    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
-    "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
-    "--logfile", "/var/log/redis/ci.log",
-]  # fmt: skip
-
-
 class RedisRestart(ChaosRun):
     name = "redis-restart"
-    summary = "Redis restarted mid-run (its state lost) → processing continues, nothing loops"
-    default_products = 200
+    summary = "the run's own Redis killed and restarted (its state lost) → nothing loops"
+    expected_fates = "all committed once"
     # Slow answers and a few failures: retries and the breaker's state live in Redis.
     faults = Faults(latency=0.1, error_rate=0.1, error_statuses=(503,), retry_after=1.0)
     environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
 
-    async def on_started(self) -> None:
-        def restart() -> None:
-            time.sleep(0.5)  # ingest under way, enrichment starting
-            self.details["redis_down_s"] = _restart_redis()
-
-        self.start_beside(restart)
-
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
-        if "redis_down_s" not in self.details:
-            failures.append("Redis was never restarted")
-        return failures
-
-
-def _run_tool(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """One of the machine's service tools (redis-cli, rabbitmqctl), found on PATH."""
-    return subprocess.run(  # noqa: S603 - fixed tool names, our own arguments
-        list(command), capture_output=True, text=True, timeout=60, check=check
-    )
-
-
-def _restart_redis() -> float:
-    """Stop the local Redis (no save) and start it again with this machine's command."""
-    if shutil.which("redis-server") is None:
-        raise ConfigurationError("redis-server is not installed here: cannot restart Redis")
-    started = time.monotonic()
-    _run_tool("redis-cli", "-p", "6379", "shutdown", "nosave", check=False)
-    time.sleep(1.0)  # down for a while, as a real restart is
-    _run_tool(*REDIS_START)
-    deadline = time.monotonic() + 30
-    while _run_tool("redis-cli", "-p", "6379", "ping", check=False).stdout.strip() != "PONG":
-        if time.monotonic() > deadline:
-            raise ConfigurationError("Redis did not come back within 30 s")
-        time.sleep(0.1)
-    return round(time.monotonic() - started, 2)
+    async def fault(self) -> None:
+        started = time.monotonic()
+        await asyncio.to_thread(self.stack.redis.restart, 1.0)
+        self.details["redis_down_s"] = round(time.monotonic() - started, 2)
 
 
 # 9 ----------------------------------------------------------------------------------
-class BrokerConnectionsClosed(ChaosRun):
-    name = "rabbitmq-close"
-    summary = "RabbitMQ closes every connection mid-run → workers, gateway reconnect"
-    default_products = 200
-    faults = Faults(latency=0.01)
+class RedisDown(ChaosRun):
+    name = "redis-down"
+    summary = "the run's own Redis down while retried tasks succeed → committed, never DLQ'd"
+    expected_fates = "all committed once; retries > 0; none committed and dead-lettered"
+    faults = Faults(latency=0.02, error_rate=0.3, error_statuses=(503,), retry_after=0.5)
+    environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
+    down_s = 8.0
 
-    def first_records(self) -> list[str]:
-        return self.records[: len(self.records) // 2]
+    async def fault(self) -> None:
+        await asyncio.to_thread(self.stack.redis.stop)
+        self.details["redis_down_s"] = self.down_s
+        await asyncio.sleep(self.down_s)
 
-    async def on_tick(self, counts: Any) -> None:
-        closes = self.details.setdefault("connections_closed", 0)
-        if closes == 0 and counts.done >= len(self.records) * 0.2:
-            await asyncio.to_thread(self._close_all)
-            # The gateway's publisher lost its connection too: the rest goes through it.
-            await self.post_import(self.records[len(self.records) // 2 :])
-        elif closes == 1 and counts.enriched >= len(self.records) * 0.5:
-            await asyncio.to_thread(self._close_all)
+    async def heal(self) -> None:
+        if not self.stack.redis.answers():
+            await asyncio.to_thread(self.stack.redis.start)
 
-    def awaiting_more(self, letters: list[Any]) -> bool:
-        return int(self.details.get("connections_closed", 0)) < 2
-
-    def _close_all(self) -> None:
-        vhost = urlsplit(str(self.settings.celery_broker_url)).path.lstrip("/") or "/"
-        _run_tool("rabbitmqctl", "close_all_connections", "-p", vhost, "aura chaos")
-        self.details["connections_closed"] += 1
-
-    def expect(self, report: DemoReport) -> list[str]:
-        failures = _all_enriched(report, self.records)
-        if self.details.get("connections_closed", 0) < 2:
-            failures.append("the broker's connections were not closed twice")
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        if metrics["retries"] == 0:
+            failures.append("no retries while Redis was down")
         return failures
 
 
 # 10 ---------------------------------------------------------------------------------
+class BrokerConnectionsClosed(ChaosRun):
+    name = "rabbitmq-close"
+    summary = "RabbitMQ closes the run's vhost's connections in a loop while tasks run"
+    expected_fates = "all committed once; the gateway and the worker reconnect"
+    faults = Faults(latency=0.02)
+    closes = 4
+
+    def first_records(self) -> list[str]:
+        return self.records[: len(self.records) // 2]
+
+    async def fault(self) -> None:
+        self.details["connections_closed"] = 0
+        for close in range(self.closes):
+            await asyncio.to_thread(
+                run_tool, "rabbitmqctl", "close_all_connections", "-p", self.stack.vhost,
+                "aura chaos",
+            )  # fmt: skip
+            self.details["connections_closed"] += 1
+            if close == 0:  # the gateway's publisher lost its connection too
+                await self.post_import(self.records[len(self.records) // 2 :])
+            await asyncio.sleep(1.0 + self.rng.random())
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        if self.details.get("connections_closed", 0) < self.closes:
+            failures.append(
+                f"the connections were closed {self.details.get('connections_closed')} times"
+            )
+        return failures
+
+
+# 11 ---------------------------------------------------------------------------------
+def malformed_messages(
+    marker: str,
+) -> list[tuple[str, bytes, str | None, str | None, dict[str, Any] | None]]:
+    """(kind, body, content type, encoding, headers): one of every kind the envelope guard
+    refuses (``aura.messaging.envelope``); each body carries ``marker``."""
+
+    def headers(task: str = INGEST_TASK, **extra: Any) -> dict[str, Any]:
+        return {"task": task, "id": str(uuid.uuid4()), "lang": "py", **extra}
+
+    ok = json.dumps([[marker, str(uuid.uuid4())], {}, {}]).encode()
+    js, utf8 = "application/json", "utf-8"
+    deep = ("[" * 1000 + f'"{marker}"' + "]" * 1000).encode()
+    pickled = b"\x80\x04K\x01." + marker.encode()
+    no_headers = json.dumps({"task": INGEST_TASK, "args": [marker]}).encode()
+    too_many = json.dumps([[marker, 1, 2, 3, 4, 5], {}, {}]).encode()
+    gzip = headers(compression="application/x-gzip")
+    return [
+        ("not_json", f"not json {marker} {{".encode(), js, utf8, headers()),
+        ("not_json", b'["\xff\xfe' + marker.encode() + b'"]', js, utf8, headers()),
+        ("bad_shape", json.dumps({"run": marker}).encode(), js, utf8, headers()),
+        ("bad_shape", json.dumps([[marker], {}]).encode(), js, utf8, headers()),
+        ("content_type", ok, "text/plain", utf8, headers()),
+        ("content_type", pickled, "application/x-python-serialize", "binary", headers()),
+        ("not_protocol_2", ok, js, utf8, {"id": str(uuid.uuid4())}),
+        ("not_protocol_2", no_headers, js, utf8, None),
+        ("unknown_task", ok, js, utf8, headers(task="aura.no_such_task")),
+        ("bad_arguments", too_many, js, utf8, headers()),
+        ("bad_headers", ok, js, utf8, headers(timelimit="soon")),
+        ("bad_headers", ok, js, utf8, headers(eta="the day after tomorrow")),
+        ("too_deep", b"[" + deep + b", {}, {}]", js, utf8, headers()),
+        ("bad_message_id", ok, js, utf8, {**headers(), "id": "../../etc/passwd"}),
+        ("not_json", b"not zlib " + marker.encode(), js, utf8, gzip),
+    ]
+
+
+class MalformedMessages(ChaosRun):
+    name = "malformed"
+    summary = "malformed messages published raw to the work queues (every envelope kind)"
+    expected_fates = "records committed once; each raw message malformed_message, byte for byte"
+
+    async def before_load(self) -> None:
+        await asyncio.to_thread(self._publish_raw)
+
+    def _publish_raw(self) -> None:
+        kinds = malformed_messages("")  # the kinds, for the count
+        with Connection(self.stack.broker_url, transport_options={"confirm_publish": True}) as conn:
+            producer = conn.Producer()
+            for index in range(len(kinds)):
+                marker = f"chaos-malformed-{uuid.uuid4().hex}"
+                _, body, content_type, encoding, headers = malformed_messages(marker)[index]
+                producer.publish(
+                    body,
+                    exchange=WORK_EXCHANGE.name,
+                    routing_key=self.rng.choice([BULK_QUEUE, REALTIME_QUEUE]),
+                    content_type=content_type,
+                    content_encoding=encoding,
+                    headers=headers or {},
+                    delivery_mode="persistent",
+                )
+                self.sent.append(Sent("", marker=marker.encode()))
+        self.details["malformed_kinds"] = sorted({kind for kind, *_ in kinds})
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        return _expect_letters(
+            accounting, len(self.records), {"malformed_message": len(self.sent)}
+        ) + _extra_calls(accounting)
+
+
+# 12 ---------------------------------------------------------------------------------
+class ReusedMessageId(ChaosRun):
+    name = "reused-id"
+    summary = "a committed message id sent again with another payload (ingest and enrich)"
+    expected_fates = "records committed once; each reuse one conflicting_message_id letter"
+
+    async def on_tick(self, counts: Any) -> None:
+        if self.sent or counts.enriched < 2:
+            return
+        from sqlalchemy import select
+
+        from aura.db import Database, Enrichment, ImportRecord
+
+        database = Database.from_settings(self.settings)
+        try:
+            async with database.session() as session:
+                record_id, product_id = (
+                    await session.execute(
+                        select(ImportRecord.message_id, ImportRecord.product_id)
+                        .join(Enrichment, Enrichment.product_id == ImportRecord.product_id)
+                        .limit(1)
+                    )
+                ).one()
+                other = await session.scalar(
+                    select(Enrichment.product_id).where(Enrichment.product_id != product_id)
+                )
+        finally:
+            await database.dispose()
+        other_record = valid_records(len(self.records) + 1)[-1]
+        reuses = [
+            (INGEST_TASK, [other_record, str(self.tenant_id)], record_id, BULK_QUEUE),
+            (
+                ENRICH_TASK,
+                [str(other), str(self.tenant_id)],
+                f"enrich-{product_id}",
+                REALTIME_QUEUE,
+            ),
+        ]
+        for task, args, message_id, queue in reuses:
+            await asyncio.to_thread(
+                self.publisher.send_task, task, args=args, task_id=message_id, queue=queue
+            )
+            self.sent.append(Sent(message_id, conflict=True))
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        return not self.sent or super().awaiting_more(letters)
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = []
+        if accounting.committed_once != 2 * len(self.records):
+            failures.append(f"committed {accounting.committed_once} of {2 * len(self.records)}")
+        if accounting.dead_lettered != {"conflicting_message_id": len(self.sent)}:
+            failures.append(
+                f"expected {len(self.sent)} conflicting_message_id letters, "
+                f"got {accounting.dead_lettered}"
+            )
+        return failures + _extra_calls(accounting)
+
+
+# 13 ---------------------------------------------------------------------------------
+class LargeRecord(ChaosRun):
+    name = "large-record"
+    summary = "a 10 MB record among the others → poison_pill, the rest unharmed"
+    expected_fates = "records committed once; the 10 MB one poison_pill"
+    record_bytes = 10 * 1024 * 1024
+
+    @classmethod
+    def make_records(cls, products: int, rng: Any) -> list[str]:
+        good = valid_records(products)
+        padding = "x" * cls.record_bytes
+        huge = json.dumps(
+            {"title": "Huge", "brand": padding, "variants": [{"sku": "HUGE-1", "price": "1"}]}
+        )
+        good.insert(rng.randrange(len(good) + 1), huge)
+        return good
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        return _expect_letters(accounting, len(self.records) - 1, {"poison_pill": 1})
+
+
+# 14 ---------------------------------------------------------------------------------
 class Load(ChaosRun):
     name = "load"
     summary = "10,000 records through the gateway with 2 worker processes: rate and latency"
+    expected_fates = "all committed once; no extra LLM call"
     default_products = 10_000
-    faults = Faults()
 
-    def expect(self, report: DemoReport) -> list[str]:
-        self.details["messages_per_s"] = round(2 * report.enriched / report.elapsed_s, 1)
-        return _all_enriched(report, self.records)
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        elapsed = float(self.details.get("elapsed_s") or 1.0)
+        self.details["messages_per_s"] = round(accounting.committed_once / elapsed, 1)
+        return _all_committed(accounting, self.records) + _extra_calls(accounting)
 
 
 SCENARIOS: dict[str, type[ChaosRun]] = {
@@ -481,115 +572,89 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         HangingTasks,
         Killer,
         RedisRestart,
+        RedisDown,
         BrokerConnectionsClosed,
+        MalformedMessages,
+        ReusedMessageId,
+        LargeRecord,
         Load,
     )
 }
 
 
-def run_scenario(name: str, *, products: int | None = None) -> ChaosResult:
-    """Run one scenario on the real services (DATABASE_URL, REDIS_URL, CELERY_BROKER_URL)."""
-    if name not in SCENARIOS:
+def run_scenario(
+    name: str | type[ChaosRun], *, products: int | None = None, seed: int | None = None
+) -> ChaosResult:
+    """Run one scenario on its own stack, made on the servers DATABASE_URL and
+    CELERY_BROKER_URL name (a private redis-server stands for Redis)."""
+    if isinstance(name, str) and name not in SCENARIOS:
         raise InvalidInputError(
             f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}", field="name"
         )
+    scenario = SCENARIOS[name] if isinstance(name, str) else name
     settings = get_settings()
-    if not (settings.database_url and settings.redis_url and settings.celery_broker_url):
+    if not (settings.database_url and settings.celery_broker_url):
         raise ConfigurationError(
-            "aura chaos runs on the real services: set DATABASE_URL, REDIS_URL and "
-            "CELERY_BROKER_URL"
+            "aura chaos runs on the real services: set DATABASE_URL and CELERY_BROKER_URL "
+            "(it makes its own database and vhost there, and runs its own redis-server)"
         )
     if settings.database_url.startswith("sqlite"):
         raise ConfigurationError("aura chaos needs PostgreSQL in DATABASE_URL, not SQLite")
-    scenario = SCENARIOS[name]
     count = products or scenario.default_products
-    if not 1 <= count <= 20_000:
+    if not 1 <= count <= MAX_PRODUCTS:
         raise InvalidInputError(
-            f"--products must be between 1 and 20000, got {count}", field="products"
+            f"--products must be between 1 and {MAX_PRODUCTS}, got {count}", field="products"
         )
-    records = scenario.make_records(count)
-    log_path = Path(".aura", f"chaos-{name}.log").resolve()
+    seed = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
+    import random
+
+    records = scenario.make_records(count, random.Random(seed))
+    log_path = Path(".aura", f"chaos-{scenario.name}.log").resolve()
     log_path.parent.mkdir(exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(prefix=f"aura-chaos-{name}-") as scratch,
+        tempfile.TemporaryDirectory(prefix=f"aura-chaos-{scenario.name}-") as scratch,
         _logs_to(log_path),
-        LLMSimulator(scenario.faults, seed=11).running_in_thread() as simulator,
-        _environment(
-            {**BASE_ENVIRONMENT, **scenario.environment, "LLM_BASE_URL": simulator.base_url}
-        ),
+        LLMSimulator(scenario.faults, seed=seed).running_in_thread() as simulator,
     ):
-        run = scenario(
-            records,
-            f"chaos-{name}",
-            simulator,
-            Path(scratch),
-            log_path,
-            embedded=False,
-            settle_limit=300.0,
-            worker_module=scenario.worker_module_name,
+        return asyncio.run(
+            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings)
         )
-        run.details = {}
-        report = asyncio.run(_run_and_inspect(run))
-        failures = []
-        if report.lost:
-            failures.append(f"lost {report.lost}")
-        if report.duplicates:
-            failures.append(f"duplicates {report.duplicates}")
-        failures += run.expect(report)
+
+
+async def _run(
+    scenario: type[ChaosRun],
+    records: list[str],
+    simulator: LLMSimulator,
+    scratch: Path,
+    log_path: Path,
+    seed: int,
+    settings: Any,
+) -> ChaosResult:
+    (scratch / "redis").mkdir()
+    async with owned_stack(
+        str(settings.database_url), str(settings.celery_broker_url), scratch / "redis"
+    ) as stack:
+        environment = {
+            **BASE_ENVIRONMENT,
+            **scenario.environment,
+            "LLM_BASE_URL": simulator.base_url,
+            "DATABASE_URL": stack.database_url,
+            "CELERY_BROKER_URL": stack.broker_url,
+            "REDIS_URL": stack.redis_url,
+        }
+        with _environment(environment):
+            run = scenario(records, simulator, scratch, log_path, stack, seed)
+            accounting, metrics = await run.run_and_count()
+            failures = [f"drain: {run.details['drain']}"] if "drain" in run.details else []
+            failures += accounting.failures() + run.expect(accounting, metrics)
+    run.details["database"], run.details["vhost"] = stack.database, stack.vhost
     return ChaosResult(
-        scenario=name,
+        scenario=scenario.name,
         passed=not failures,
+        seed=seed,
         sent=len(records),
-        committed=report.enriched,
-        dead_lettered=report.dead_lettered,
-        duplicates=report.duplicates,
-        lost=report.lost,
-        retries=report.retries,
-        deferrals=report.deferrals,
-        breaker_opens=report.breaker_opens,
-        elapsed_s=report.elapsed_s,
-        throughput_per_s=report.throughput_per_s,
-        latency_p50_s=report.latency_p50_s,
-        latency_p99_s=report.latency_p99_s,
+        accounting=accounting.as_dict(),
+        metrics=metrics,
         failures=failures,
         details=run.details,
     )
-
-
-async def _run_and_inspect(run: ChaosRun) -> DemoReport:
-    report = await run.run()
-    registry = run._registry()
-    from aura.demo.runner import _metric_total
-
-    run.details["soft_timeouts"] = _metric_total(
-        registry, "celery_task_timeouts_total", kind="soft"
-    )
-    run.details["hard_timeouts"] = _metric_total(
-        registry, "celery_task_timeouts_total", kind="hard"
-    )
-    run.details["network_rollbacks"] = _metric_total(
-        registry, "database_transaction_rollbacks_total", reason="network_error"
-    )
-    run.details["products_without_variants"] = await _products_without_variants(run)
-    return report
-
-
-async def _products_without_variants(run: ChaosRun) -> int:
-    from sqlalchemy import func, select
-
-    from aura.db import Database, Product, Variant
-
-    database = Database.from_settings(run.settings)
-    try:
-        async with database.session() as session:
-            orphans = await session.scalar(
-                select(func.count())
-                .select_from(Product)
-                .where(
-                    Product.tenant_id == run.tenant_id,
-                    ~select(Variant.id).where(Variant.product_id == Product.id).exists(),
-                )
-            )
-        return int(orphans or 0)
-    finally:
-        await database.dispose()

@@ -1,0 +1,299 @@
+"""One chaos run: load, fault, heal, drain, stop, count.
+
+    1. the run's own stack (``aura.chaos.resources``): database, vhost, Redis server
+    2. the tenant; ``before_load`` (a scenario may publish its own messages here)
+    3. the worker under a supervisor (``aura.chaos.supervisor``) that restarts it on exit
+    4. the records go in through the gateway (outbox, relay)
+    5. once the worker consumes (a first record reached its fate), the fault window
+       (``fault``, bounded by the scenario), then ``heal`` (restart what it stopped)
+    6. the drain: until every record and enrichment reached a fate, with a bound that
+       follows progress (``stall_s`` with nothing moving fails the run, however long it
+       took to get there)
+    7. the worker is stopped, then every message is counted (``aura.chaos.accounting``)
+
+Every wait is bounded; nothing outside the run's own stack is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kombu.connection import Connection
+from prometheus_client import CollectorRegistry
+
+from aura.chaos.accounting import Accounting, Sent, account, read_broker
+from aura.chaos.resources import OwnedStack
+from aura.chaos.supervisor import WorkerSupervisor
+from aura.db import Database, upgrade
+from aura.demo.report import Tally, tally
+from aura.demo.runner import ImportRun, _metric_total
+from aura.gateway.app import ENRICH_TASK
+from aura.llm import Faults, LLMSimulator
+from aura.messaging import DeadLetter, DeadLetterQueue
+
+__all__ = ["ChaosRun"]
+
+_LOOK_S = 0.5
+_CEILING_S = 3600.0  # a last bound: progress, not this, ends a healthy run
+
+
+class ChaosRun(ImportRun):
+    """A scenario: the records it sends, its fault window and heal, what it expects."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    expected_fates: ClassVar[str] = "all committed once"
+    default_products: ClassVar[int] = 200
+    faults: ClassVar[Faults] = Faults()
+    environment: ClassVar[dict[str, str]] = {}
+    worker_module_name: ClassVar[str] = "aura.worker.tasks"
+    stall_s: ClassVar[float] = 90.0
+
+    def __init__(
+        self,
+        records: list[str],
+        simulator: LLMSimulator,
+        scratch: Path,
+        log_path: Path,
+        stack: OwnedStack,
+        seed: int,
+    ) -> None:
+        super().__init__(
+            records,
+            f"chaos-{self.name}",
+            simulator,
+            scratch,
+            log_path,
+            embedded=False,
+            worker_module=self.worker_module_name,
+        )
+        self.stack = stack
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.details: dict[str, Any] = {}
+        self.sent: list[Sent] = []
+        self.supervisor: WorkerSupervisor | None = None
+        self.metric_dirs: list[Path] = []
+        self.letters_seen: list[DeadLetter] = []
+
+    @classmethod
+    def make_records(cls, products: int, rng: random.Random) -> list[str]:
+        from aura.chaos.scenarios import valid_records
+
+        return valid_records(products)
+
+    # -- hooks ---------------------------------------------------------------------------
+    async def before_load(self) -> None:
+        """The tenant exists, the worker does not run yet."""
+
+    async def fault(self) -> None:
+        """The fault window, beside the load (bounded: the drain waits for it)."""
+
+    async def heal(self) -> None:
+        """After the fault window: restart what it stopped."""
+
+    async def before_count(self, database: Database) -> None:
+        """The worker is stopped; nothing is counted yet."""
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        """This scenario's expected fates, beyond the invariants (failures, if any)."""
+        return _all_committed(accounting, self.records)
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        """True while a message the scenario sent itself has no dead letter yet."""
+        return not all(_has_letter(s, letters) for s in self.sent)
+
+    # -- the run -------------------------------------------------------------------------
+    @property
+    def worker_pid(self) -> int | None:
+        return None if self.supervisor is None else self.supervisor.pid
+
+    def _launch(self) -> Any:
+        import os
+
+        from aura.worker.process import start_worker_process
+
+        # A directory per launch: a worker clears the metric files it finds at its start.
+        directory = self.metrics_dir / f"launch-{len(self.metric_dirs)}"
+        directory.mkdir(parents=True)
+        self.metric_dirs.append(directory)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        with self.log_path.open("ab") as log:
+            return start_worker_process(self.worker_module, env, log, concurrency=2)
+
+    async def run_and_count(self) -> tuple[Accounting, dict[str, int]]:
+        import httpx
+
+        from aura.gateway import Gateway, create_app, create_tenant_with_key
+        from aura.gateway.outbox import relay_forever
+        from aura.worker.celery_app import make_celery_app
+
+        database = Database.from_settings(self.settings)
+        try:
+            await upgrade(database)
+            async with database.session() as session:
+                tenant, key = await create_tenant_with_key(
+                    session, f"{self.label}-{uuid.uuid4().hex[:8]}"
+                )
+                await session.commit()
+            self.tenant_id = tenant.id
+            self.publisher = make_celery_app(self.settings)
+            await self.before_load()
+            self.supervisor = WorkerSupervisor(self._launch)
+            self.supervisor.start()
+            started = time.monotonic()
+            relay = asyncio.create_task(
+                relay_forever(
+                    database,
+                    self.publisher,
+                    interval=self.settings.outbox_relay_interval,
+                    min_age=self.settings.outbox_relay_min_age,
+                )
+            )
+            app = create_app(Gateway(database, self.publisher, {}))
+            try:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://aura-gateway"
+                ) as client:
+                    self._client, self._key = client, key
+                    await self.post_import(self.first_records())
+                    await self._drain(database)
+            finally:
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await relay
+                await asyncio.to_thread(self.supervisor.stop)
+            self.details["elapsed_s"] = round(time.monotonic() - started, 2)
+            self.details["worker_restarts"] = self.supervisor.restarts
+            self.details["worker_exit_codes"] = self.supervisor.exit_codes[:10]
+            await self.before_count(database)
+            broker = await asyncio.to_thread(read_broker, self.stack.broker_url, self.stack.vhost)
+            async with database.session() as session:
+                accounting = await account(
+                    session,
+                    tenant_id=tenant.id,
+                    import_ids=self.import_ids,
+                    sent=self.sent,
+                    broker=broker,
+                    llm_requests=self.simulator.requests,
+                    llm_failed=sum(n for k, n in self.simulator.outcomes().items() if k != "ok"),
+                )
+            return accounting, self._metrics()
+        finally:
+            await database.dispose()
+
+    async def _tally(self, database: Database) -> Tally:
+        assert self.tenant_id is not None
+        async with database.session() as session:
+            return await tally(session, self.tenant_id, self.import_ids)
+
+    async def _drain(self, database: Database) -> None:
+        """Wait for the worker to consume, run the fault window, heal, and drain."""
+        assert self.supervisor is not None
+        begun = last_move = time.monotonic()
+        signature: tuple[int, ...] | None = None
+        ceiling = time.monotonic() + _CEILING_S
+        fault: asyncio.Task[None] | None = None
+        healed = False
+        letters: list[DeadLetter] = []
+        letters_read = float("-inf")
+        try:
+            while True:
+                await asyncio.sleep(_LOOK_S)
+                now = time.monotonic()
+                try:
+                    counts = await self._tally(database)
+                    if counts.pending == 0 or now - letters_read >= 3.0:
+                        letters = await asyncio.to_thread(self._read_letters)
+                        letters_read = now
+                except Exception:  # a fault this run injected (a killed connection)
+                    counts = None
+                if counts is not None:
+                    moved = (
+                        counts.done, counts.dead_lettered, counts.enriched, len(letters),
+                        self.simulator.requests, self.supervisor.restarts,
+                    )  # fmt: skip
+                    if moved != signature:
+                        signature, last_move = moved, now
+                    if fault is None and counts.done + counts.dead_lettered + len(letters) > 0:
+                        # The worker consumes: only now does the fault window open.
+                        self.details["fault_started_after_s"] = round(now - begun, 2)
+                        fault = asyncio.create_task(self.fault())
+                    imports = len(self.import_ids)
+                    await self.on_tick(counts)
+                    if fault is not None and fault.done() and not healed:
+                        fault.result()  # a fault that could not be injected fails the run
+                        await self.heal()
+                        healed = True
+                    enrich_dead = sum(1 for x in letters if x.task == ENRICH_TASK)
+                    settled = (
+                        healed
+                        and counts.pending == 0
+                        and counts.enriched + enrich_dead >= counts.done
+                        and imports == len(self.import_ids)
+                        and not self.awaiting_more(letters)
+                    )
+                    if settled:
+                        self.letters_seen = letters
+                        return
+                if self.supervisor.gave_up:
+                    self.details["drain"] = "the worker kept exiting: the supervisor gave up"
+                    return
+                if now - last_move > self.stall_s or now > ceiling:
+                    self.details["drain"] = f"stalled: nothing moved for {self.stall_s:.0f} s"
+                    return
+        finally:
+            if fault is not None and not fault.done():
+                fault.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fault
+            if fault is not None and not healed:
+                await self.heal()
+
+    def _read_letters(self) -> list[DeadLetter]:
+        with Connection(self.stack.broker_url, connect_timeout=5) as connection:
+            return DeadLetterQueue(connection).list(limit=100_000, scan=100_000)
+
+    def _metrics(self) -> dict[str, int]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        for directory in self.metric_dirs:
+            MultiProcessCollector(registry, path=str(directory))
+        wanted = {
+            "retries": ("aura_task_retries_total", {"kind": "retry"}),
+            "deferrals": ("aura_task_retries_total", {"kind": "deferral"}),
+            "breaker_opens": ("llm_circuit_breaker_opens_total", {}),
+            "soft_timeouts": ("celery_task_timeouts_total", {"kind": "soft"}),
+            "hard_timeouts": ("celery_task_timeouts_total", {"kind": "hard"}),
+            "network_rollbacks": (
+                "database_transaction_rollbacks_total",
+                {"reason": "network_error"},
+            ),
+            "duplicate_deliveries": ("aura_duplicate_deliveries_total", {}),
+        }
+        return {
+            key: _metric_total(registry, name, **labels) for key, (name, labels) in wanted.items()
+        }
+
+
+def _has_letter(sent: Sent, letters: list[DeadLetter]) -> bool:
+    if sent.marker is not None:
+        return any(x.original is not None and sent.marker in x.original.raw() for x in letters)
+    return any(x.message_id == sent.message_id for x in letters)
+
+
+def _all_committed(accounting: Accounting, records: list[str]) -> list[str]:
+    """Every record ingested and enriched once; no dead letter."""
+    failures = []
+    if accounting.committed_once != 2 * len(records):
+        failures.append(f"committed {accounting.committed_once} of {2 * len(records)} messages")
+    if accounting.dead_lettered:
+        failures.append(f"unexpected dead letters: {accounting.dead_lettered}")
+    return failures
