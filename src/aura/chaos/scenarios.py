@@ -440,7 +440,7 @@ class MalformedMessages(ChaosRun):
     summary = "malformed messages published raw to the work queues (every envelope kind)"
     expected_fates = "records committed once; each raw message malformed_message, byte for byte"
 
-    async def before_load(self) -> None:
+    async def fault(self) -> None:  # raw, while the worker consumes the records
         await asyncio.to_thread(self._publish_raw)
 
     def _publish_raw(self) -> None:
