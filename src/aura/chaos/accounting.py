@@ -170,7 +170,7 @@ async def account(
     """Count every message of the run (see the module docstring)."""
     records = (
         await session.execute(
-            select(ImportRecord.message_id, ImportRecord.status).where(
+            select(ImportRecord.message_id, ImportRecord.status, ImportRecord.product_id).where(
                 ImportRecord.import_id.in_(import_ids)
             )
         )
@@ -188,8 +188,10 @@ async def account(
     outbox = set((await session.scalars(select(OutboxMessage.message_id))).all())
 
     extra = list(sent)
-    ordinary = [str(message_id) for message_id, _ in records]
-    ordinary += [f"enrich-{product_id}" for product_id in products]
+    ordinary = [str(message_id) for message_id, _, _ in records]
+    # One enrichment per product an ingest made (a product nobody made is a duplicate).
+    made = sorted({str(product_id) for _, _, product_id in records if product_id is not None})
+    ordinary += [f"enrich-{product_id}" for product_id in made]
     ordinary += [s.message_id for s in extra if s.marker is None and not s.conflict]
     conflicts = [s for s in extra if s.conflict]
     malformed = [s for s in extra if s.marker is not None]
@@ -230,10 +232,10 @@ async def account(
     ]
     disagreeing = [
         str(message_id)
-        for message_id, status in records
+        for message_id, status, _ in records
         if (status == "done") != (message_id in inbox)
     ]
-    committed_ingests = sum(1 for message_id, _ in records if message_id in inbox)
+    committed_ingests = sum(1 for message_id, _, _ in records if message_id in inbox)
     enrich_committed = sum(1 for p in products if f"enrich-{p}" in inbox)
     samples = {
         label: ids[:_SAMPLE]
