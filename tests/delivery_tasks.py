@@ -1,6 +1,6 @@
 """Tasks for test_delivery.py, run by a real Celery worker process (loaded with -A).
 
-``effect`` commits one row to ``delivery_effects`` with its inbox claim, in one
+``effect`` commits one row to ``aura_tests.delivery_effects`` with its inbox claim, in one
 transaction: a row per message id that is not exactly one is a lost or doubled effect.
 """
 
@@ -22,16 +22,19 @@ from aura.worker.celery_app import celery_app
 app = celery_app
 configure_logging("WARNING")
 FAST = {"backoff_base": 1.0, "backoff_max": 2.0}  # whole seconds: the broker delays retries
-EFFECTS_TABLE = """
-CREATE TABLE IF NOT EXISTS delivery_effects (
-    id BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, run TEXT NOT NULL, note TEXT
-)"""
+EFFECTS_TABLE = (  # in a schema of its own: not part of the models' migrations
+    "CREATE SCHEMA IF NOT EXISTS aura_tests",
+    "CREATE TABLE IF NOT EXISTS aura_tests.delivery_effects ("
+    " id BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, run TEXT NOT NULL, note TEXT)",
+)
 _databases: dict[int, Database] = {}
 
 
 def database() -> Database:
     if os.getpid() not in _databases:
-        _databases[os.getpid()] = Database(os.environ["DATABASE_URL"], pool_size=4, max_overflow=2)
+        _databases[os.getpid()] = Database(
+            os.environ["DATABASE_URL"], pool_size=10, max_overflow=10
+        )
     return _databases[os.getpid()]
 
 
@@ -44,7 +47,7 @@ async def _commit(
     ):
         return
     await session.execute(
-        text("INSERT INTO delivery_effects (message_id, run, note) VALUES (:m, :r, :n)"),
+        text("INSERT INTO aura_tests.delivery_effects (message_id, run, note) VALUES (:m, :r, :n)"),
         {"m": message_id, "r": run, "n": note},
     )
 
@@ -64,3 +67,56 @@ async def effect(self: Any, run: str, note: str, fail_times: int = 0, seconds: f
 async def parse(self: Any, raw: str, run: str) -> None:
     """A catalog record that must parse (the platform's first step); nothing else."""
     parse_record(raw)
+
+
+def _redis() -> Any:
+    import redis.asyncio as aioredis
+
+    key = ("redis", os.getpid())
+    if key not in _clients:
+        _clients[key] = aioredis.from_url(os.environ["REDIS_URL"])
+    return _clients[key]
+
+
+_clients: dict[Any, Any] = {}
+
+
+@resilient_task(inbox=DatabaseInbox(database), **FAST)
+async def barrier(self: Any, run: str, parties: int) -> None:
+    """Commit only once ``parties`` tasks of ``run`` are in flight at the same time: in a
+    worker that runs fewer at once, none ever commits (each gives up after 60 s)."""
+    redis = _redis()
+    await redis.incr(f"{run}:arrived")
+    for _ in range(1200):
+        if int(await redis.get(f"{run}:arrived") or 0) >= parties:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"fewer than {parties} tasks in flight at once")
+    async with database().session() as session:
+        await _commit(session, self.request.id, delivery_fingerprint(self), run, "barrier")
+
+
+@resilient_task(**FAST)
+async def sleepy(self: Any, run: str, seconds: float) -> None:
+    """Sleeps past the soft limit; its cleanup must run when it is cancelled."""
+    redis = _redis()
+    await redis.incr(f"{run}:attempts")
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        await redis.incr(f"{run}:cleaned")
+        raise
+
+
+@resilient_task(**FAST)
+async def stubborn(self: Any, run: str, seconds: float) -> None:
+    """Swallows every cancellation: only the hard limit ends it."""
+    redis = _redis()
+    await redis.incr(f"{run}:attempts")
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            await redis.incr(f"{run}:ignored")

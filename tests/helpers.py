@@ -51,10 +51,18 @@ def wait_for(condition: Callable[[], bool], *, within: float = 30.0, interval: f
         time.sleep(interval)
 
 
-def start_celery_worker(app_module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A real prefork worker (concurrency 2) on both work queues, logging to ``log``."""
+def start_celery_worker(
+    app_module: str,
+    env: dict[str, str],
+    log: Path,
+    *,
+    pool: str = "prefork",
+    concurrency: int = 2,
+) -> subprocess.Popen[bytes]:
+    """A real worker on both work queues (prefork, 2 children, unless told otherwise),
+    logging to ``log``."""
     with log.open("wb") as output:
-        return start_worker_process(app_module, env, output)
+        return start_worker_process(app_module, env, output, pool=pool, concurrency=concurrency)
 
 
 def stop_celery_worker(process: subprocess.Popen[bytes]) -> None:

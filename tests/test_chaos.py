@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,12 +48,12 @@ SCALED = {
     "large-record": 4,
     "load": 60,
 }
-# A finding, not a flake: the worker's ingest ``on_dead_letter`` hook marks the import
-# record dead_lettered for a conflicting_message_id letter too, so the committed record's
-# status is overwritten (aura/worker/tasks.py, not this suite's to change).
-KNOWN_FAILURES = {
-    "reused-id": "a conflicting ingest overwrites its committed import record's status"
-}
+# ./test runs these (one per fault class the worker-level tests in test_delivery.py,
+# test_worker.py and test_async_pool.py do not already drive end to end); the rest run
+# with AURA_CHAOS_ALL=1 (``AURA_CHAOS_ALL=1 ./test -k chaos``) or ``aura chaos all``, so
+# the suite stays within its time budget on a 2-core machine.
+IN_SUITE = {"db-kill", "worker-kill", "redis-restart", "reused-id"}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def test_every_scenario_is_scaled_here() -> None:
@@ -77,12 +78,15 @@ def test_list_and_bad_input() -> None:
 
 
 def _scenario_params() -> list[Any]:
+    run_all = os.environ.get("AURA_CHAOS_ALL") == "1"
     return [
         pytest.param(
             name,
             marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True)]
             if name in KNOWN_FAILURES
-            else [],
+            else []
+            if run_all or name in IN_SUITE
+            else [pytest.mark.skip(reason="AURA_CHAOS_ALL=1 runs it (suite time budget)")],
         )
         for name in SCALED
     ]

@@ -65,8 +65,8 @@ class Worker:
             rows = (
                 await session.execute(
                     text(
-                        "SELECT message_id, count(*) FROM delivery_effects WHERE run = :r "
-                        "GROUP BY message_id"
+                        "SELECT message_id, count(*) FROM aura_tests.delivery_effects "
+                        "WHERE run = :r GROUP BY message_id"
                     ),
                     {"r": run},
                 )
@@ -114,7 +114,8 @@ async def worker(
     own_redis = services.OwnRedis(str(tmp_path_factory.mktemp("redis")))
     own_redis.start()
     async with pg_database.session() as session:
-        await session.execute(text(EFFECTS_TABLE))
+        for statement in EFFECTS_TABLE:
+            await session.execute(text(statement))
         await session.commit()
     metrics_dir = tmp_path_factory.mktemp("delivery-metrics")
     log = tmp_path_factory.mktemp("delivery") / "worker.log"

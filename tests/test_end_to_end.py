@@ -68,7 +68,7 @@ def platform_worker(
         "WORKER_QUEUE_POLL_INTERVAL": "0.5",
         "LOG_LEVEL": "WARNING",
     }
-    process = start_celery_worker("aura.worker.tasks", env, log)
+    process = start_celery_worker("aura.worker.tasks", env, log, pool="async", concurrency=20)
     yield process
     stop_celery_worker(process)
     if process.returncode not in (0, -signal.SIGTERM):

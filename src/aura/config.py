@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
+    # How a worker process runs tasks (not in the seed): "async" holds up to
+    # WORKER_CONCURRENCY async tasks at once on one event loop (aura.messaging.pool);
+    # "prefork" runs one task per child process (Celery's default; for def tasks).
+    worker_pool: Literal["async", "prefork"] = "async"
+    worker_concurrency: int = Field(default=100, ge=1, le=2000)
     worker_queue_poll_interval: PositiveFloat = 5.0
     # The gateway's outbox relay (not in the seed): how often it looks for messages a
     # failed publish left behind, and how old one must be before the relay takes it.

@@ -53,6 +53,10 @@ class ChaosRun(ImportRun):
     faults: ClassVar[Faults] = Faults()
     environment: ClassVar[dict[str, str]] = {}
     worker_module_name: ClassVar[str] = "aura.worker.tasks"
+    # The async pool (the default worker mode), 20 tasks in flight; scenarios that need
+    # prefork children (to SIGKILL one, or a def task past the hard limit) say prefork.
+    worker_pool: ClassVar[str] = "async"
+    worker_slots: ClassVar[int] = 20
     stall_s: ClassVar[float] = 90.0
 
     def __init__(
@@ -125,7 +129,10 @@ class ChaosRun(ImportRun):
         self.metric_dirs.append(directory)
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
         with self.log_path.open("ab") as log:
-            return start_worker_process(self.worker_module, env, log, concurrency=2)
+            slots = self.worker_slots if self.worker_pool == "async" else 2
+            return start_worker_process(
+                self.worker_module, env, log, concurrency=slots, pool=self.worker_pool
+            )
 
     async def run_and_count(self) -> tuple[Accounting, dict[str, int]]:
         import httpx

@@ -247,6 +247,7 @@ def _children(pid: int | None) -> list[int]:
 
 
 class WorkerKills(ChaosRun):
+    worker_pool = "prefork"  # it kills the pool's children
     name = "worker-kill"
     summary = "a worker process SIGKILLed mid-task, repeatedly → nothing lost or doubled"
     expected_fates = "all committed once; extra LLM calls at most one per kill"
@@ -278,6 +279,7 @@ class _WorkerKillingMessage(ChaosRun):
 
     killing_task: ClassVar[str]
     worker_module_name = "aura.chaos.tasks"
+    worker_pool = "prefork"  # its tasks are def tasks that kill or outlive their process
     expected_fates = "records committed once; the killing message worker_lost"
 
     async def before_load(self) -> None:

@@ -21,6 +21,12 @@ def demo_command(
     products: int = typer.Option(1200, help="How many catalog records to import (max 20,000)."),
     faults: str = typer.Option("default", help="LLM faults to inject: off, default or heavy."),
     as_json: bool = typer.Option(False, "--json", help="Print only the report, as JSON."),
+    concurrency: int = typer.Option(
+        50, help="LLM calls in flight in the real services' async worker (1 to 2,000)."
+    ),
+    llm_latency: float | None = typer.Option(
+        None, help="Seconds the simulated LLM takes per answer (real ones take 0.3-5)."
+    ),
 ) -> None:
     """Import a sample catalog through the gateway, worker and LLM simulator; report."""
     console = Console(stderr=as_json)
@@ -40,7 +46,13 @@ def demo_command(
         progress.update(ingest, completed=counts.done + counts.dead_lettered)
         progress.update(enrich, total=max(counts.done, 1), completed=counts.enriched + enrich_dead)
 
-    options = DemoOptions(products=products, faults=faults, progress=show)
+    options = DemoOptions(
+        products=products,
+        faults=faults,
+        progress=show,
+        concurrency=concurrency,
+        llm_latency=llm_latency,
+    )
     with progress:
         report = run_demo(options)
     if as_json:
@@ -76,6 +88,10 @@ def _print(console: Console, report: DemoReport) -> None:
             f"{report.latency_p50_s} s / {report.latency_p99_s} s",
         ),
         ("elapsed", f"{report.elapsed_s} s"),
+        (
+            "worker tasks in flight / LLM latency",
+            f"{report.concurrency} / {report.llm_latency_s} s",
+        ),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

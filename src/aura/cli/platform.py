@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import typer
 
@@ -55,9 +56,22 @@ def worker_command(
     queues: str = typer.Option(
         f"{REALTIME_QUEUE},{BULK_QUEUE}", help="Comma-separated queues to consume."
     ),
-    concurrency: int = typer.Option(2, min=1, max=64, help="Worker processes (prefork)."),
+    pool: str = typer.Option(
+        "", help="async (many tasks per process; default: WORKER_POOL) or prefork."
+    ),
+    concurrency: int = typer.Option(
+        0,
+        min=0,
+        max=2000,
+        help="Tasks in flight per process (async) or child processes (prefork); "
+        "default WORKER_CONCURRENCY (async) or 2 (prefork).",
+    ),
+    processes: int = typer.Option(
+        1, min=1, max=64, help="Worker processes on this node, restarted when they exit."
+    ),
 ) -> None:
-    """Run the intelligence worker: prefork, so the time limits work."""
+    """Run the intelligence worker (async pool by default: hundreds of LLM calls in
+    flight per process; --processes to use every core)."""
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = set(chosen) - {REALTIME_QUEUE, BULK_QUEUE}
     if not chosen or unknown:
@@ -67,13 +81,23 @@ def worker_command(
     settings = get_settings()
     if settings.celery_broker_url is None:
         raise ConfigurationError("CELERY_BROKER_URL must be set to run a worker")
+    pool = pool or settings.worker_pool
+    if pool not in ("async", "prefork"):
+        raise InvalidInputError(f"--pool takes async or prefork, got {pool!r}", field="pool")
+    if not concurrency:
+        concurrency = settings.worker_concurrency if pool == "async" else 2
+    if processes > 1:
+        raise typer.Exit(_supervise(chosen, pool, concurrency, processes, settings))
+
+    from aura.worker.celery_app import ASYNC_POOL
     from aura.worker.process import run_worker
     from aura.worker.tasks import ingest_product
 
+    celery = ingest_product.app
+    celery.conf.worker_pool = ASYNC_POOL if pool == "async" else "prefork"
     status = run_worker(
-        ingest_product.app,
+        celery,
         [
-            "--pool=prefork",
             f"--concurrency={concurrency}",
             f"--queues={','.join(chosen)}",
             "--without-gossip",
@@ -84,6 +108,27 @@ def worker_command(
     if status != 0:  # a supervisor must see an unclean stop as one
         typer.echo(f"aura worker: stopped with status {status} (see the log above)", err=True)
         raise typer.Exit(status)
+
+
+def _supervise(
+    queues: list[str], pool: str, concurrency: int, processes: int, settings: Any
+) -> int:
+    """``processes`` single-process workers under a supervisor; /metrics served here."""
+    import os
+    import sys
+
+    from aura.worker.supervisor import Supervisor
+
+    command = [sys.executable, "-m", "aura", "worker", "--queues", ",".join(queues)]
+    command += ["--pool", pool, "--concurrency", str(concurrency), "--processes", "1"]
+    env = {**os.environ, "WORKER_METRICS_PORT": "0"}  # one endpoint for the node: ours
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        from aura.metrics import exposition_registry
+
+        start_http_server(settings.worker_metrics_port, registry=exposition_registry())
+    return Supervisor(command, env, processes).run()
 
 
 outbox_app = typer.Typer(help="The gateway's outbox of unpublished messages.", no_args_is_help=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -77,6 +77,11 @@ async def already_processed(session: AsyncSession, message_id: str) -> bool:
     return found is not None
 
 
+_LOOKUP = select(ProcessedMessage.fingerprint).where(
+    ProcessedMessage.message_id == bindparam("message_id")
+)
+
+
 class DatabaseInbox:
     """``resilient_task``'s inbox, read from ``processed_messages`` (one primary-key
     lookup per delivery). ``database`` is called on first use, inside the worker
@@ -87,12 +92,7 @@ class DatabaseInbox:
 
     async def lookup(self, message_id: str) -> InboxEntry | None:
         validate_message_id(message_id)
-        async with self._database().session() as session:
-            row = (
-                await session.execute(
-                    select(ProcessedMessage.fingerprint).where(
-                        ProcessedMessage.message_id == message_id
-                    )
-                )
-            ).first()
+        # A Core connection, not an ORM session: this runs before every delivery.
+        async with self._database().engine.connect() as connection:
+            row = (await connection.execute(_LOOKUP, {"message_id": message_id})).first()
         return None if row is None else InboxEntry(fingerprint=row[0])

@@ -98,6 +98,8 @@ class DemoReport:
     tenant_id: str
     log_path: str
     dead_letter_samples: list[dict[str, str]] = field(default_factory=list)
+    concurrency: int = 1  # tasks in flight in the worker (1: the embedded solo worker)
+    llm_latency_s: float = 0.0  # the simulator's added latency per answer
 
     @classmethod
     def build(

@@ -96,12 +96,24 @@ class DemoOptions:
     products: int = 1200
     faults: str = "default"
     progress: Callable[[Tally, int], None] | None = None  # (counts, enrich dead letters)
+    concurrency: int = 50  # tasks in flight in the real services' async worker
+    llm_latency: float | None = None  # seconds per LLM answer (real calls take 0.3-5 s)
 
     def __post_init__(self) -> None:
         if not 1 <= self.products <= MAX_PRODUCTS:
             raise InvalidInputError(
                 f"--products must be between 1 and {MAX_PRODUCTS}, got {self.products}",
                 field="products",
+            )
+        if not 1 <= self.concurrency <= 2000:
+            raise InvalidInputError(
+                f"--concurrency must be between 1 and 2000, got {self.concurrency}",
+                field="concurrency",
+            )
+        if self.llm_latency is not None and not 0 <= self.llm_latency <= 60:
+            raise InvalidInputError(
+                f"--llm-latency must be between 0 and 60 seconds, got {self.llm_latency}",
+                field="llm_latency",
             )
         if self.faults not in FAULT_PROFILES:
             raise InvalidInputError(
@@ -183,6 +195,8 @@ def run_demo(options: DemoOptions) -> DemoReport:
     profile = FAULT_PROFILES[options.faults]()
     if settings.llm_base_url is not None:  # a real provider: nothing to inject
         profile = FAULT_PROFILES["off"]()
+    if options.llm_latency is not None:
+        profile.faults.latency = options.llm_latency
     log_path = Path(".aura", "demo.log").resolve()
     log_path.parent.mkdir(exist_ok=True)
     with (
@@ -205,8 +219,12 @@ def run_demo(options: DemoOptions) -> DemoReport:
                 embedded=not all(real),
                 progress=options.progress,
                 outage_s=profile.outage_s,
+                worker_concurrency=options.concurrency,
             )
-            return asyncio.run(runner.run())
+            report = asyncio.run(runner.run())
+            report.concurrency = options.concurrency if all(real) else 1
+            report.llm_latency_s = profile.faults.latency
+            return report
 
 
 class ImportRun:
@@ -308,8 +326,8 @@ class ImportRun:
         self.metrics_dir.mkdir()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         log = self.log_path.open("ab")  # closed below
-        process = start_worker_process(
-            self.worker_module, env, log, concurrency=self.worker_concurrency
+        process = start_worker_process(  # the async pool: many LLM calls in flight
+            self.worker_module, env, log, concurrency=self.worker_concurrency, pool="async"
         )
         self.worker_process = process
         try:

@@ -20,7 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura import events
 from aura.config import Settings, get_settings
@@ -165,15 +165,22 @@ class ResilientLLMClient:
                 write=settings.llm_write_timeout,
                 pool=settings.llm_pool_timeout,
             ),
-            transport=transport,
+            transport=transport or _aiohttp_transport(settings),
             follow_redirects=False,
         )
         self._owned_redis: Redis | None = None
         if redis is None and settings.redis_url is not None:
             # Short socket timeouts: a sick Redis must not add seconds to an LLM call.
-            redis = self._owned_redis = Redis.from_url(
-                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5
+            # A pool that waits for a free connection (bounded) rather than failing when
+            # the calls in flight outnumber it: that is back-pressure, not Redis down.
+            pool = BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=max(100, settings.worker_concurrency + 20),
+                timeout=5.0,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
             )
+            redis = self._owned_redis = Redis(connection_pool=pool)
         self.circuit_breaker = CircuitBreaker(
             breaker_name,
             fail_max=fail_max or settings.circuit_breaker_fail_max,
@@ -240,3 +247,11 @@ class ResilientLLMClient:
     def _observe(error: LLMError, started: float) -> None:
         outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
         events.emit(LLMRequestFinished(outcome, time.perf_counter() - started))
+
+
+def _aiohttp_transport(settings: Settings) -> httpx.AsyncBaseTransport:
+    """aiohttp's pool under httpx's API (``aura.llm.transport``), sized for a worker's
+    concurrency (AsyncPool), so calls in flight never queue for a connection."""
+    from aura.llm.transport import LLMTransport
+
+    return LLMTransport(max(100, settings.worker_concurrency))

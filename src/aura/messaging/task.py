@@ -45,9 +45,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import os
 import random
-import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -56,7 +54,6 @@ import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
-from redis.asyncio import Redis
 
 from aura import events
 from aura.config import get_settings
@@ -79,7 +76,13 @@ from aura.logs import describe_exception
 from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
 from aura.messaging.idempotency import Inbox, InboxEntry, message_fingerprint
 from aura.messaging.poison import PoisonPillDetector
-from aura.messaging.retry import KEY_PREFIX, RetryTracker
+from aura.messaging.retry import KEY_PREFIX
+from aura.messaging.runtime import (
+    ContextStack,
+    HardTimeLimitExceeded,
+    ProcessRuntime,
+    process_runtime,
+)
 
 __all__ = ["DEFER_PREFIX", "DLQ_MARKER_PREFIX", "backoff_delay", "process_loop", "resilient_task"]
 
@@ -113,60 +116,11 @@ class _Policy:
     on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None
 
 
-class _ProcessRuntime:
-    """What one worker process keeps for its life: one event loop and its clients."""
-
-    def __init__(self, app: Celery) -> None:
-        self.pid = os.getpid()
-        self.settings = get_settings()
-        self.loop = asyncio.new_event_loop()
-        self.redis: Redis = _redis_client(self.settings.redis_url)
-        self.connection = app.connection_for_write()
-        self.rng = random.Random()
-        self._trackers: dict[tuple[str, int], RetryTracker] = {}
-        # Under the solo pool on a transport without an event loop (the embedded demo's
-        # in-memory broker), Celery runs countdown/ETA tasks on its timer thread while
-        # the consumer thread runs the others: one loop, so one delivery at a time.
-        self._lock = threading.RLock()
-
-    def tracker(self, prefix: str, limit: int) -> RetryTracker:
-        key = (prefix, limit)
-        if key not in self._trackers:
-            ttl = self.settings.retry_tracker_ttl
-            self._trackers[key] = RetryTracker(self.redis, limit, ttl, prefix=prefix)
-        return self._trackers[key]
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run ``coroutine`` on this process's loop; on the soft time limit, cancel it and
-        let it clean up before the limit is raised."""
-        with self._lock:
-            task = self.loop.create_task(coroutine)
-            try:
-                return self.loop.run_until_complete(task)
-            except SoftTimeLimitExceeded:
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        self.loop.run_until_complete(task)
-                raise
+_ProcessRuntime = ProcessRuntime
 
 
-def _redis_client(url: str | None) -> Redis:
-    if url is None:  # embedded: an in-process stand-in
-        from fakeredis import FakeAsyncRedis
-
-        return FakeAsyncRedis()
-    return Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-
-
-_runtimes: dict[int, _ProcessRuntime] = {}
-
-
-def _runtime(app: Celery) -> _ProcessRuntime:
-    runtime = _runtimes.get(os.getpid())
-    if runtime is None:  # first use in this process (after fork in a prefork child)
-        runtime = _runtimes[os.getpid()] = _ProcessRuntime(app)
-    return runtime
+def _runtime(app: Celery) -> ProcessRuntime:
+    return process_runtime(app)
 
 
 def process_loop(app: Celery | None = None) -> asyncio.AbstractEventLoop:
@@ -249,9 +203,16 @@ def resilient_task(
 
         @functools.wraps(function)
         def run(self: Task, *args: Any, **kwargs: Any) -> Any:
-            return _deliver(self, function, is_async, bind, policy, args, kwargs)
+            try:
+                return _deliver(self, function, is_async, bind, policy, args, kwargs)
+            except HardTimeLimitExceeded:  # AsyncPool: as after prefork's kill at the hard
+                events.emit(TaskTimedOut(self.name, TimeoutKind.HARD))  # limit, the message
+                raise Reject("past the hard time limit", requeue=True) from None  # comes back
 
-        options = {"name": f"{function.__module__}.{function.__qualname__}"} | celery_options
+        options = {
+            "name": f"{function.__module__}.{function.__qualname__}",
+            "base": _ResilientTask,
+        } | celery_options
         # aura_signature becomes a class attribute: the envelope guard binds arguments to it.
         signature = _call_signature(function, bind)
         task: Task = celery.task(bind=True, max_retries=None, aura_signature=signature, **options)(
@@ -260,6 +221,18 @@ def resilient_task(
         return task
 
     return decorate(fn) if fn is not None else decorate
+
+
+class _ResilientTask(Task):  # type: ignore[misc]
+    """Its request stack lives in a context variable: ``self.request`` inside an ``async
+    def`` task running on the shared loop (AsyncPool) is its own (see ContextStack)."""
+
+    @classmethod
+    def bind(cls, app: Celery) -> Any:
+        bound = super().bind(app)
+        if not isinstance(cls.__dict__.get("request_stack"), ContextStack):
+            cls.request_stack = ContextStack()
+        return bound
 
 
 def _default_app() -> Celery:
@@ -298,7 +271,7 @@ def _deliver(
     call_args = (task, *args) if bind else args
     try:
         if is_async:
-            result = runtime.run(function(*call_args, **kwargs))
+            result = runtime.run(function(*call_args, **kwargs), soft_limited=True)
         else:
             result = function(*call_args, **kwargs)
     except (Retry, Ignore, Reject):
@@ -480,22 +453,23 @@ def _dead_letter(
     if _marker_set(runtime, marker):
         letter = None
     else:
-        letter = runtime.run(
-            route_to_dlq(
-                request.id,
-                reason,
-                connection=runtime.connection,
-                task=task.name,
-                queue=queue_of(request.delivery_info),
-                args=list(args),
-                kwargs=kwargs,
-                error=exc,
-                error_text=error_text,
-                retries=retries,
-                tenant_id=policy.tenant_of(args, kwargs),
-                fingerprint=fingerprint,
+        with runtime.publishing() as connection:
+            letter = runtime.run(
+                route_to_dlq(
+                    request.id,
+                    reason,
+                    connection=connection,
+                    task=task.name,
+                    queue=queue_of(request.delivery_info),
+                    args=list(args),
+                    kwargs=kwargs,
+                    error=exc,
+                    error_text=error_text,
+                    retries=retries,
+                    tenant_id=policy.tenant_of(args, kwargs),
+                    fingerprint=fingerprint,
+                )
             )
-        )
         _set_marker(runtime, marker)
     if policy.on_dead_letter is not None:
         try:

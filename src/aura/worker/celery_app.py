@@ -9,7 +9,10 @@
                                acks those by default: the message would be lost)
     x-delivery-limit           ... at most RETRY_TRACKER_MAX_RETRIES + 1 deliveries, then
                                the broker dead-letters it (``worker_lost``)
-    worker_prefetch_multiplier 1: a worker holds one message per process, no more
+    worker_prefetch_multiplier 1: a worker holds one message per task slot, no more
+    worker_pool                WORKER_POOL: async (default; aura.messaging.pool.AsyncPool,
+                               WORKER_CONCURRENCY tasks in flight on one event loop, with
+                               per-task time limits) or prefork (one task per child)
     JSON only                  no pickle crosses the broker
     confirm_publish            every publish (tasks, retries, dead letters) is confirmed
     worker_consumer            aura.messaging.envelope:GuardedConsumer: whatever arrives on
@@ -19,7 +22,8 @@
                                lost, and the redelivered twin meets the inbox (killing them
                                made a redelivery look like a dead worker: worker_lost)
 
-Time limits work only in the prefork pool; run workers with it (the default).
+Time limits work in the prefork pool (Celery's) and in the async pool (Aura's, per task);
+Celery's threads, gevent and eventlet pools have none.
 
 ``celery_app`` is built on first access (module ``__getattr__``), from Settings, so
 importing this module reads no environment.
@@ -41,7 +45,10 @@ from aura.messaging.topology import (
     work_queues,
 )
 
-__all__ = ["celery_app", "declare_topology", "make_celery_app"]  # noqa: F822 - celery_app comes from __getattr__
+__all__ = ["ASYNC_POOL", "celery_app", "declare_topology", "make_celery_app"]  # noqa: F822 - celery_app comes from __getattr__
+
+
+ASYNC_POOL = "aura.messaging.pool:AsyncPool"
 
 
 def make_celery_app(settings: Settings | None = None) -> Celery:
@@ -63,6 +70,8 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         # (or redelivers a killed one) instead of dropping it.
         task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
+        worker_pool=ASYNC_POOL if settings.worker_pool == "async" else "prefork",
+        worker_concurrency=settings.worker_concurrency if settings.worker_pool == "async" else None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_consumer="aura.messaging.envelope:GuardedConsumer",
         broker_transport_options={"confirm_publish": True},

@@ -47,10 +47,13 @@ def start_worker_process(
     concurrency: int = 2,
     queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
     cwd: Path | None = None,
+    pool: str = "prefork",
 ) -> subprocess.Popen[bytes]:
-    """``celery -A app_module worker`` with the prefork pool (time limits work only
-    there), its output (stdout and stderr) to ``output``."""
-    command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-P", "prefork"]
+    """``celery -A app_module worker`` with ``pool`` (prefork: ``concurrency`` child
+    processes; async: ``concurrency`` tasks in flight in one process), its output
+    (stdout and stderr) to ``output``."""
+    env = {**env, "WORKER_POOL": pool}  # the app reads its pool from Settings
+    command = [sys.executable, "-m", "celery", "-A", app_module, "worker"]
     command += ["-c", str(concurrency), "-Q", ",".join(queues), "--without-heartbeat"]
     command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
     # Our own interpreter and arguments, no shell.

@@ -19,6 +19,7 @@ inbox absorbs the twin). The same message id with another payload is dead-letter
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -46,6 +47,7 @@ from aura.db import (
     transactional,
 )
 from aura.errors import LLMMalformedResponseError, NotFoundError
+from aura.events import DeadLetterReason
 from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import ResilientLLMClient
 from aura.messaging import DeadLetter, delivery_fingerprint, resilient_task
@@ -102,14 +104,19 @@ async def _ingest(
 
 
 async def _mark_dead(letter: DeadLetter) -> None:
+    if letter.reason is DeadLetterReason.CONFLICTING_MESSAGE_ID:
+        return  # the id's import record belongs to the payload committed under it
     database, _ = _process_resources()
     async with database.session() as session:
         await mark_record(session, letter.message_id, "dead_lettered")
         await session.commit()
 
 
-def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None:
-    ingest_product.app.send_task(
+async def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None:
+    """Publish (confirmed) the product's enrichment, off the event loop: a blocking
+    publish on it would stall every other task in flight (AsyncPool)."""
+    await asyncio.to_thread(
+        ingest_product.app.send_task,
         ENRICH_TASK,
         args=[str(product_id), tenant_id],
         task_id=f"enrich-{product_id}",
@@ -126,7 +133,7 @@ async def _requeue_enrichment(raw: str, tenant_id: str, import_id: str | None = 
             select(ImportRecord.product_id).where(ImportRecord.message_id == message_id)
         )
     if made is not None:
-        _queue_enrichment(made, tenant_id)
+        await _queue_enrichment(made, tenant_id)
 
 
 @resilient_task(
@@ -148,7 +155,7 @@ async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | 
             message_id=self.request.id,
             fingerprint=delivery_fingerprint(self),
         )
-    _queue_enrichment(product_id, tenant_id)
+    await _queue_enrichment(product_id, tenant_id)
     return str(product_id)
 
 

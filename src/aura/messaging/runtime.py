@@ -1,0 +1,326 @@
+"""One worker process's asyncio runtime: the loop ``async def`` tasks run on, its clients,
+and -- under ``AsyncPool`` -- the per-task time limits Celery cannot give a thread.
+
+Two ways to run, chosen by the pool:
+
+    inline    (prefork, solo)  the calling thread drives the loop (``run_until_complete``),
+                               one delivery at a time; Celery's own soft and hard limits
+                               apply (the soft one cancels the coroutine, cleanup runs)
+    threaded  (AsyncPool)      the loop runs for the process's life in a thread of its
+                               own; each of the pool's N threads hands its task's
+                               coroutine to it and waits, so N tasks are in flight at once
+
+Time limits, threaded (Celery enforces none for threads), per task:
+
+    soft   the task's coroutine is cancelled at its soft limit and awaited, so its cleanup
+           and rollbacks run; ``SoftTimeLimitExceeded`` is raised in its thread, exactly
+           as prefork's signal raises it (a transient failure: retried)
+    hard   a task still running at its hard limit (it swallowed the cancellation) is
+           given up: ``HardTimeLimitExceeded`` in its thread, the message is requeued (its
+           next delivery counts as a crash, as after prefork's kill) and the process is
+           recycled once the others drain, so the stray coroutine ends with it
+    loop   a loop that does not answer for longer than the hard limit (a coroutine that
+           blocks it) ends the process (exit 70): every message it held is redelivered
+
+The clients are sized for the concurrency: the Redis pool waits (bounded) for a free
+connection instead of failing, and a wait that runs out is a back-pressure error, never
+taken for "Redis unreachable".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import structlog
+from billiard.exceptions import SoftTimeLimitExceeded
+from celery import Celery
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from aura.config import get_settings
+from aura.messaging.retry import RetryTracker
+
+__all__ = [
+    "ContextStack",
+    "HardTimeLimitExceeded",
+    "ProcessRuntime",
+    "process_runtime",
+    "start_threaded",
+]
+
+T = TypeVar("T")
+_log = structlog.get_logger("aura.messaging.runtime")
+_REDIS_POOL_WAIT = 10.0  # seconds a coroutine waits for a free Redis connection
+_WATCHDOG_INTERVAL = 1.0
+EXIT_LOOP_BLOCKED = 70
+
+
+class HardTimeLimitExceeded(BaseException):
+    """A task ran past its hard time limit (threaded runtime): given up and requeued. A
+    BaseException, so no ``except Exception`` in a task or in the retry policy takes it
+    for an ordinary failure."""
+
+
+class ContextStack:
+    """Celery's request stack, kept in a context variable instead of a thread-local.
+
+    Celery pushes a task's request (``self.request``) on a stack local to the thread that
+    runs it; a coroutine on the shared loop runs in another thread, where that stack is
+    empty. In a context variable, the request travels with the context each coroutine is
+    started in (``ProcessRuntime.run`` copies the calling thread's), so ``self.request``
+    inside an ``async def`` task is its own, however many run at once."""
+
+    def __init__(self) -> None:
+        self._stack: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+            f"aura_request_stack_{id(self)}", default=()
+        )
+
+    def push(self, obj: Any) -> None:
+        self._stack.set((*self._stack.get(), obj))
+
+    def pop(self) -> Any:
+        stack = self._stack.get()
+        if not stack:
+            return None
+        self._stack.set(stack[:-1])
+        return stack[-1]
+
+    @property
+    def top(self) -> Any:
+        stack = self._stack.get()
+        return stack[-1] if stack else None
+
+    @property
+    def stack(self) -> list[Any]:
+        return list(self._stack.get())
+
+    def __len__(self) -> int:
+        return len(self._stack.get())
+
+
+class _Limits(threading.local):
+    """This thread's task: when its soft limit falls, and when its hard one does."""
+
+    soft_at: float | None = None
+    hard_at: float | None = None
+
+
+class ProcessRuntime:
+    """What one worker process keeps for its life: one event loop and its clients."""
+
+    def __init__(self, app: Celery, *, concurrency: int = 1) -> None:
+        self.pid = os.getpid()
+        self.app = app
+        self.settings = get_settings()
+        self.concurrency = concurrency
+        self.loop = asyncio.new_event_loop()
+        self.redis: Redis = _redis_client(self.settings.redis_url, concurrency)
+        self.connection = app.connection_for_write()
+        self.rng = random.Random()
+        self._trackers: dict[tuple[str, int], RetryTracker] = {}
+        # Inline under the solo pool on a transport without an event loop (the embedded
+        # demo's in-memory broker), Celery runs countdown/ETA tasks on its timer thread
+        # while the consumer thread runs the others: one loop, one delivery at a time.
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._limits = _Limits()
+        self._publish_lock = threading.Lock()
+        self._running: dict[concurrent.futures.Future[Any], asyncio.Task[Any]] = {}
+        self.on_hard_limit: Callable[[], None] | None = None
+
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None
+
+    def tracker(self, prefix: str, limit: int) -> RetryTracker:
+        key = (prefix, limit)
+        if key not in self._trackers:
+            ttl = self.settings.retry_tracker_ttl
+            self._trackers[key] = RetryTracker(self.redis, limit, ttl, prefix=prefix)
+        return self._trackers[key]
+
+    # -- threaded mode -------------------------------------------------------------------
+    def start_loop_thread(self) -> None:
+        """Run the loop in a thread of its own from now on (``AsyncPool``)."""
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="aura-loop", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop_loop_thread(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+    @contextlib.contextmanager
+    def task_limits(self, soft: float | None, hard: float | None) -> Iterator[None]:
+        """The time limits of the task this thread runs (threaded mode only)."""
+        now = time.monotonic()
+        self._limits.soft_at = None if soft is None else now + soft
+        self._limits.hard_at = None if hard is None else now + hard
+        try:
+            yield
+        finally:
+            self._limits.soft_at = self._limits.hard_at = None
+
+    def watch_loop(self, hard_limit: float, exit_process: Callable[[int], None]) -> None:
+        """End the process when the loop stops answering for longer than ``hard_limit``."""
+
+        def watch() -> None:
+            while self._thread is not None and self._thread.is_alive():
+                answered = threading.Event()
+                self.loop.call_soon_threadsafe(answered.set)
+                if not answered.wait(hard_limit):
+                    _log.critical(
+                        "event loop blocked past the hard time limit; ending the process",
+                        hard_limit=hard_limit,
+                    )
+                    exit_process(EXIT_LOOP_BLOCKED)
+                    return
+                time.sleep(_WATCHDOG_INTERVAL)
+
+        threading.Thread(target=watch, name="aura-loop-watchdog", daemon=True).start()
+
+    # -- both modes ----------------------------------------------------------------------
+    def run(self, coroutine: Coroutine[Any, Any, T], *, soft_limited: bool = False) -> T:
+        """Run ``coroutine`` on this process's loop and return its result.
+
+        ``soft_limited``: this is the task's own work, which its soft limit cancels
+        (threaded mode; inline, Celery's signal does it)."""
+        if self._thread is None:
+            return self._run_inline(coroutine)
+        soft_at = self._limits.soft_at if soft_limited else None
+        future = self._submit(_soft_limited(coroutine, soft_at), contextvars.copy_context())
+        hard_at = self._limits.hard_at
+        try:
+            return future.result(None if hard_at is None else max(hard_at - time.monotonic(), 0))
+        except concurrent.futures.TimeoutError:
+            self.cancel(future)
+            if self.on_hard_limit is not None:
+                self.on_hard_limit()
+            raise HardTimeLimitExceeded("the task ran past its hard time limit") from None
+
+    def _submit(
+        self, coroutine: Coroutine[Any, Any, T], context: contextvars.Context
+    ) -> concurrent.futures.Future[T]:
+        """``run_coroutine_threadsafe``, with the caller's context (its task's request)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            if not future.set_running_or_notify_cancel():
+                coroutine.close()
+                return
+            task = self.loop.create_task(coroutine, context=context)
+
+            def settle(done: asyncio.Task[T]) -> None:
+                if done.cancelled():
+                    future.cancel()  # no-op once running: report it as an error instead
+                    if not future.done():
+                        future.set_exception(concurrent.futures.CancelledError())
+                elif (error := done.exception()) is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(done.result())
+
+            task.add_done_callback(settle)
+            self._running[future] = task
+
+        def forget(done: concurrent.futures.Future[T]) -> None:
+            task = self._running.pop(done, None)
+            if task is not None and not task.done():
+                self.loop.call_soon_threadsafe(task.cancel)
+
+        future.add_done_callback(forget)
+        self.loop.call_soon_threadsafe(start)
+        return future
+
+    def cancel(self, future: concurrent.futures.Future[Any]) -> None:
+        """Cancel the coroutine behind ``future`` (it may ignore it: the hard limit)."""
+        task = self._running.get(future)
+        if task is not None:
+            self.loop.call_soon_threadsafe(task.cancel)
+
+    def _run_inline(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """On the soft time limit (Celery's signal), cancel it and let it clean up."""
+        with self._lock:
+            task = self.loop.create_task(coroutine)
+            try:
+                return self.loop.run_until_complete(task)
+            except SoftTimeLimitExceeded:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        self.loop.run_until_complete(task)
+                raise
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[Any]:
+        """A broker connection to publish dead letters on: this process's own, one user
+        at a time (kombu connections are not thread-safe)."""
+        with self._publish_lock:
+            yield self.connection
+
+
+async def _soft_limited(coroutine: Coroutine[Any, Any, T], soft_at: float | None) -> T:
+    if soft_at is None:
+        return await coroutine
+    loop_deadline = asyncio.get_running_loop().time() + (soft_at - time.monotonic())
+    async with asyncio.timeout_at(loop_deadline) as limit:
+        try:
+            return await coroutine
+        except asyncio.CancelledError:
+            if limit.expired():
+                raise SoftTimeLimitExceeded() from None
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _redis_client(url: str | None, concurrency: int) -> Redis:
+    if url is None:  # embedded: an in-process stand-in
+        from fakeredis import FakeAsyncRedis
+
+        return FakeAsyncRedis()
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max(50, concurrency),
+        timeout=_REDIS_POOL_WAIT,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    return Redis(connection_pool=pool)
+
+
+_runtimes: dict[int, ProcessRuntime] = {}
+
+
+def process_runtime(app: Celery) -> ProcessRuntime:
+    """This process's runtime, made on first use (after fork in a prefork child)."""
+    runtime = _runtimes.get(os.getpid())
+    if runtime is None:
+        runtime = _runtimes[os.getpid()] = ProcessRuntime(app)
+    return runtime
+
+
+def start_threaded(app: Celery, concurrency: int) -> ProcessRuntime:
+    """Make this process's runtime threaded, for ``concurrency`` tasks at once."""
+    runtime = _runtimes.get(os.getpid())
+    if runtime is None or runtime.concurrency < concurrency:
+        runtime = _runtimes[os.getpid()] = ProcessRuntime(app, concurrency=concurrency)
+    if not runtime.threaded:
+        runtime.start_loop_thread()
+    return runtime
