@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # Circuit breaker
     circuit_breaker_fail_max: PositiveInt = 3
     circuit_breaker_reset_timeout: PositiveFloat = 60
+    # Not in the seed: failures further apart than this never add up to an open breaker
+    circuit_breaker_failure_window: PositiveFloat = 60
+    # What one breaker covers: each (provider, model), each model, or each provider
+    circuit_breaker_key: Literal["provider_model", "model", "provider"] = "provider_model"
     # Services (unset: the embedded default)
     database_url: str | None = None
     redis_url: str | None = None
@@ -111,6 +115,10 @@ class Settings(BaseSettings):
     llm_write_timeout: PositiveFloat = 5.0
     llm_pool_timeout: PositiveFloat = 5.0
     llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
+    llm_first_token_timeout: PositiveFloat = 10.0  # streaming: until the first chunk
+    # aiohttp under httpx.AsyncClient (bench/llm_transport.py), or httpx's own pool
+    llm_http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    llm_max_connections: PositiveInt = 500  # sized for the calls a process keeps in flight
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
     worker_queue_poll_interval: PositiveFloat = 5.0
