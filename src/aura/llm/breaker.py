@@ -150,15 +150,13 @@ def transition(
         run_goes_on = record.failures and now - record.first_failure <= failure_window
         failures, first = (record.failures + 1, record.first_failure) if run_goes_on else (1, now)
         if failures >= fail_max:
-            opened = BreakerRecord(CircuitState.OPEN, failures, now + reset_timeout, 0.0, first, now)
+            opened = BreakerRecord(
+                CircuitState.OPEN, failures, now + reset_timeout, 0.0, first, now
+            )
             return opened, Decision(opened=True)
         return replace(record, failures=failures, first_failure=first, last_failure=now), _ALLOW
     if event == "success":
-        if (
-            record.state is CircuitState.CLOSED
-            and record.failures
-            and now >= record.last_failure
-        ):
+        if record.state is CircuitState.CLOSED and record.failures and now >= record.last_failure:
             return replace(record, failures=0, first_failure=0.0, last_failure=0.0), _ALLOW
         return record, _ALLOW
     if event == "trial_failure":
@@ -371,9 +369,9 @@ class CircuitBreaker:
         record = BreakerRecord.from_redis(raw)
         self._adopt(record)
         success, self._unrecorded_success = self._unrecorded_success, 0.0
-        if record.failures and record.state is CircuitState.CLOSED and success:
-            if success >= record.last_failure:
-                await self._apply("success", at=success)  # a success other processes missed
+        closed_with_failures = record.failures and record.state is CircuitState.CLOSED
+        if closed_with_failures and success and success >= record.last_failure:
+            await self._apply("success", at=success)  # a success other processes missed
 
     def _fall_back(self, now: float, exc: BaseException) -> None:
         self._fresh_until = now + self._redis_retry_interval
