@@ -346,7 +346,7 @@ class ResilientLLMClient:
                         if assembler.done:
                             break
             except TimeoutError as exc:
-                what = "a first token" if not assembler.chunks else "a complete answer"
+                what = "first token" if not assembler.chunks else "complete answer"
                 limit_s = self.first_token_timeout if not assembler.chunks else self.deadline
                 raise LLMTimeoutError(f"no {what} within {limit_s:g}s") from exc
             except (httpx.RequestError, aiohttp.ClientError) as exc:
