@@ -225,13 +225,28 @@ async def test_a_failing_model_leaves_another_models_calls_alone() -> None:
         ) as sim,
         client_for(sim, model="bad-model") as client,
     ):
+        bad = client.breaker_for("bad-model").name
+        opens = metric("aura_llm_circuit_breaker_opens_total", breaker=bad)
+        failed = metric("aura_llm_requests_total", model="bad-model", outcome="http_error")
+        answered = metric("aura_llm_requests_total", model="gpt-4o-mini", outcome="success")
+        tokens = metric("aura_llm_tokens_total", model="gpt-4o-mini", kind="completion")
         for _ in range(3):
             with pytest.raises(LLMHTTPStatusError):
                 await client.complete(MESSAGES)
+        assert metric("aura_llm_circuit_breaker_opens_total", breaker=bad) == opens + 1
+        assert metric("aura_llm_requests_total", model="bad-model", outcome="http_error") == (
+            failed + 3
+        )
         with pytest.raises(CircuitOpenError, match="bad-model"):
             await client.complete(MESSAGES)
         good = await client.complete(MESSAGES, model="gpt-4o-mini")
         assert good.model == "gpt-4o-mini"
+        assert metric("aura_llm_requests_total", model="gpt-4o-mini", outcome="success") == (
+            answered + 1
+        )
+        assert metric("aura_llm_tokens_total", model="gpt-4o-mini", kind="completion") == (
+            tokens + good.usage.completion_tokens
+        )
         assert client.breaker_for("bad-model").state is CircuitState.OPEN
         assert client.breaker_for("gpt-4o-mini").state is CircuitState.CLOSED
         assert client.circuit_breaker is client.breaker_for("bad-model")

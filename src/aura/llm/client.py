@@ -314,9 +314,9 @@ class ResilientLLMClient:
                 raise _status_error(response)
             completion = parse_completion(response.content, time.perf_counter() - started)
         except LLMError as exc:
-            self._observe(exc, started)
+            self._observe(exc, started, body["model"])
             raise
-        events.emit(LLMRequestFinished(LLMOutcome.SUCCESS, time.perf_counter() - started))
+        self._observe_success(completion, started, body["model"])
         return completion
 
     async def _stream(self, body: dict[str, Any], on_delta: DeltaHook | None) -> Completion:
@@ -353,12 +353,25 @@ class ResilientLLMClient:
                 raise _transport_error(exc) from exc
             completion = assembler.result(time.perf_counter() - started)
         except LLMError as exc:
-            self._observe(exc, started)
+            self._observe(exc, started, body["model"])
             raise
-        events.emit(LLMRequestFinished(LLMOutcome.SUCCESS, time.perf_counter() - started))
+        self._observe_success(completion, started, body["model"])
         return completion
 
     @staticmethod
-    def _observe(error: LLMError, started: float) -> None:
+    def _observe(error: LLMError, started: float, model: str) -> None:
         outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
-        events.emit(LLMRequestFinished(outcome, time.perf_counter() - started))
+        events.emit(LLMRequestFinished(outcome, time.perf_counter() - started, model))
+
+    @staticmethod
+    def _observe_success(completion: Completion, started: float, model: str) -> None:
+        usage = completion.usage
+        events.emit(
+            LLMRequestFinished(
+                LLMOutcome.SUCCESS,
+                time.perf_counter() - started,
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+        )
