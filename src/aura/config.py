@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     # aiohttp under httpx.AsyncClient (bench/llm_transport.py), or httpx's own pool
     llm_http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     llm_max_connections: PositiveInt = 500  # sized for the calls a process keeps in flight
+    # Fleet-wide rate limits per provider and model (0: none), through Redis
+    llm_rate_limit_rpm: float = Field(default=0.0, ge=0)
+    llm_rate_limit_tpm: float = Field(default=0.0, ge=0)
+    llm_rate_limit_burst: PositiveFloat = 1.0  # seconds' worth of budget spent at once
+    llm_rate_limit_max_wait: float = Field(default=10.0, ge=0)  # longer: deferred
+    llm_completion_tokens_estimate: PositiveInt = 512  # charged when max_tokens is unset
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
     worker_queue_poll_interval: PositiveFloat = 5.0

@@ -4,6 +4,7 @@ ResilientLLMClient   chat completions, streamed or not; ``http_client`` (httpx) 
                      ``circuit_breaker`` (the default model's), ``breaker_for(model)``
 Completion           the answer: text, choices, tool calls, finish reason, usage, model
 CircuitBreaker       asyncio breaker, shared by every process on one Redis
+RateLimiter          fleet-wide requests/tokens per minute (GCRA in Redis, one round trip)
 LLMSimulator         the OpenAI-compatible stand-in with fault injection (``Faults``)
 """
 
@@ -24,6 +25,7 @@ from aura.llm.client import (
     trips_breaker,
 )
 from aura.llm.protocol import Choice, Completion, StreamAssembler, ToolCall, Usage
+from aura.llm.ratelimit import LLMRateLimitedError, RateLimit, RateLimiter, estimate_tokens
 from aura.llm.simulator import Faults, LLMSimulator, enrichment_for
 
 __all__ = [
@@ -39,13 +41,17 @@ __all__ = [
     "LLMError",
     "LLMHTTPStatusError",
     "LLMMalformedResponseError",
+    "LLMRateLimitedError",
     "LLMSimulator",
     "LLMTimeoutError",
+    "RateLimit",
+    "RateLimiter",
     "ResilientLLMClient",
     "StreamAssembler",
     "ToolCall",
     "Usage",
     "enrichment_for",
+    "estimate_tokens",
     "provider_of",
     "transition",
     "trips_breaker",

@@ -35,8 +35,9 @@ httpx's own CPU at hundreds of calls in flight (bench/llm_transport.py), sized b
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,9 +57,10 @@ from aura.errors import (
     LLMMalformedResponseError,
     LLMTimeoutError,
 )
-from aura.events import LLMOutcome, LLMRequestFinished
+from aura.events import CircuitState, LLMOutcome, LLMRequestFinished
 from aura.llm.breaker import CircuitBreaker
 from aura.llm.protocol import Completion, StreamAssembler, Usage, parse_completion
+from aura.llm.ratelimit import RateLimit, RateLimiter, estimate_tokens
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
@@ -107,6 +109,25 @@ def _error_text(response: httpx.Response) -> str:
         message = None
     text = str(message or response.reason_phrase or "no reason given")
     return " ".join(text.split())[:_MAX_ERROR_TEXT]
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def provider_hold_off(headers: httpx.Headers) -> tuple[float, bool] | None:
+    """How long the provider asks everyone to hold off: ``Retry-After`` seconds, else
+    (when ``x-ratelimit-remaining-requests`` is 0) the request budget's full reset, in
+    OpenAI's "1m30s" form; and whether it is the latter."""
+    retry_after = _retry_after(headers)
+    if retry_after is not None:
+        return retry_after, False
+    if headers.get("x-ratelimit-remaining-requests") != "0":
+        return None
+    parts = _DURATION_PART.findall(headers.get("x-ratelimit-reset-requests", "")[:32])
+    if not parts:
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts), True
 
 
 def _status_error(response: httpx.Response) -> LLMHTTPStatusError:
@@ -169,6 +190,8 @@ class ResilientLLMClient:
         clock: Callable[[], float] = time.time,
         transport: httpx.AsyncBaseTransport | None = None,
         breaker_name: str = "llm",
+        rate_limit: RateLimit | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         settings = settings or get_settings()
         self.base_url = (base_url or settings.llm_base_url or DEFAULT_SIMULATOR_URL).rstrip("/")
@@ -210,8 +233,17 @@ class ResilientLLMClient:
         self._fail_max = fail_max or settings.circuit_breaker_fail_max
         self._reset_timeout = reset_timeout or settings.circuit_breaker_reset_timeout
         self._failure_window = settings.circuit_breaker_failure_window
+        self.rate_limit = rate_limit or RateLimit(
+            settings.llm_rate_limit_rpm,
+            settings.llm_rate_limit_tpm,
+            settings.llm_rate_limit_burst,
+        )
         self._breakers: dict[str, CircuitBreaker] = {}
         self.circuit_breaker = self.breaker_for(self.model)
+        self._rate_limit_max_wait = settings.llm_rate_limit_max_wait
+        self._tokens_estimate = settings.llm_completion_tokens_estimate
+        self._sleep = sleep
+        self._limiters: dict[str, RateLimiter] = {}
 
     # -- breakers -------------------------------------------------------------------------
 
@@ -237,10 +269,34 @@ class ResilientLLMClient:
                 failure_window=self._failure_window,
                 redis=self._redis,
                 clock=self._clock,
-                is_failure=trips_breaker,
+                is_failure=self._trips_breaker,
                 trial_lease=self.deadline + 5.0,
             )
         return breaker
+
+    def _trips_breaker(self, exc: BaseException) -> bool:
+        if isinstance(exc, LLMHTTPStatusError) and exc.status_code == 429 and self._limiting:
+            return False  # the fleet's limiter holds off on it (see aura.llm.ratelimit)
+        return trips_breaker(exc)
+
+    @property
+    def _limiting(self) -> bool:
+        return self.rate_limit.enabled and self._redis is not None
+
+    def limiter_for(self, model: str) -> RateLimiter:
+        """The fleet-wide rate limiter of ``model`` at this provider (made on first use;
+        models are bounded by the breakers)."""
+        limiter = self._limiters.get(model)
+        if limiter is None:
+            self.breaker_for(model)  # the same bound on models
+            limiter = self._limiters[model] = RateLimiter(
+                f"{provider_of(self.base_url)}/{model}",
+                self.rate_limit,
+                redis=self._redis,
+                clock=self._clock,
+                sleep=self._sleep,
+            )
+        return limiter
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
@@ -289,6 +345,9 @@ class ResilientLLMClient:
             body = {"model": candidate, "messages": list(messages), **params}
             breaker = self.breaker_for(candidate)
             try:
+                if self._limiting and breaker.state is CircuitState.CLOSED:
+                    tokens = estimate_tokens(body, self._tokens_estimate)
+                    await self.limiter_for(candidate).acquire(tokens, self._rate_limit_max_wait)
                 if stream:
                     return await breaker.call(self._stream, body, on_delta)
                 return await breaker.call(self._request, body)
@@ -310,6 +369,7 @@ class ResilientLLMClient:
                 ) from exc
             except (httpx.RequestError, aiohttp.ClientError) as exc:
                 raise _transport_error(exc) from exc
+            await self._heed_provider(body["model"], response)
             if not response.is_success:
                 raise _status_error(response)
             completion = parse_completion(response.content, time.perf_counter() - started)
@@ -333,6 +393,7 @@ class ResilientLLMClient:
                     asyncio.timeout_at(first_at) as limit,
                     self.http_client.stream("POST", "/chat/completions", json=body) as response,
                 ):
+                    await self._heed_provider(body["model"], response)
                     if not response.is_success:
                         await response.aread()
                         raise _status_error(response)
@@ -357,6 +418,15 @@ class ResilientLLMClient:
             raise
         self._observe_success(completion, started, body["model"])
         return completion
+
+    async def _heed_provider(self, model: str, response: httpx.Response) -> None:
+        """A 429 (or a spent budget in x-ratelimit-*) holds the whole fleet off."""
+        if not self._limiting:
+            return
+        if response.status_code == 429 or "x-ratelimit-remaining-requests" in response.headers:
+            hold = provider_hold_off(response.headers)
+            if hold is not None:
+                await self.limiter_for(model).hold_off(hold[0], full_reset=hold[1])
 
     @staticmethod
     def _observe(error: LLMError, started: float, model: str) -> None:

@@ -73,6 +73,9 @@ class Faults:
     midstream_reset_rate: float = 0.0  # streams only: reset after the first chunks
     midstream_error_rate: float = 0.0  # streams only: an error event after the first chunks
     api_key: str | None = None  # when set, requests must carry it (else 401)
+    rpm: float = 0.0  # provider-style limits (0: none): over them, 429 + Retry-After
+    tpm: float = 0.0  # tokens counted as prompt words + the answer's words
+    rate_burst_s: float = 1.0  # seconds' worth of either budget that may go at once
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` (field -> value); unknown fields and bad values raise."""
@@ -128,6 +131,7 @@ class LLMSimulator:
         # Models offered: with a list, any other model is a 404 (as providers answer)
         self.models = models
         self.model_faults = dict(model_faults or {})
+        self._tats: dict[tuple[str, str], float] = {}  # (model, kind) -> GCRA arrival time
         self.host = host
         self.port = port
         self.stats: Counter[str] = Counter()
@@ -371,9 +375,14 @@ class LLMSimulator:
             return _error(404, f"The model '{model}' does not exist")
         parsed["model"] = model
         delay = faults.latency + (self._random.uniform(0, faults.jitter) if faults.jitter else 0)
-        if parsed.get("stream"):
-            return self._streamed(parsed, faults, delay)
         answer = completion_for(parsed)
+        limited, headers = self._rate_limit(model, faults, answer["usage"]["total_tokens"])
+        if limited is not None:
+            return limited
+        if parsed.get("stream"):
+            reply = self._streamed(parsed, faults, delay)
+            reply.headers += headers
+            return reply
         faulty: list[tuple[float, Callable[[], _Reply]]] = [
             (faults.error_rate, lambda: self._status_error(faults)),
             (faults.hang_rate, lambda: _json("hang", 200, answer, delay=faults.hang_seconds)),
@@ -384,7 +393,40 @@ class LLMSimulator:
             (faults.reset_rate, lambda: _Reply("reset", reset=True)),
             (faults.malformed_rate, lambda: _Reply("malformed", 200, b'{"choices": [{"mess')),
         ]
-        return self._roll(faulty) or _json("ok", 200, answer, delay=delay)
+        return self._roll(faulty) or _json("ok", 200, answer, delay=delay, headers=headers)
+
+    def _rate_limit(
+        self, model: str, faults: Faults, tokens: int
+    ) -> tuple[_Reply | None, list[tuple[str, str]]]:
+        """GCRA per model, as providers limit: a 429 with Retry-After over the limit, and
+        x-ratelimit-* headers on every answer."""
+        now = time.monotonic()
+        headers: list[tuple[str, str]] = []
+        waits: list[float] = []
+        updates: list[tuple[tuple[str, str], float]] = []
+        for kind, per_minute, cost in (("requests", faults.rpm, 1), ("tokens", faults.tpm, tokens)):
+            if per_minute <= 0:
+                continue
+            interval = 60.0 / per_minute
+            burst = interval * max(per_minute / 60.0 * faults.rate_burst_s, cost)
+            tat = max(self._tats.get((model, kind), now), now)
+            new_tat = tat + interval * cost
+            wait = new_tat - burst - now
+            waits.append(wait)
+            updates.append(((model, kind), new_tat))
+            remaining = max(int((burst - (new_tat - now)) / interval), 0) if wait <= 0 else 0
+            headers += [
+                (f"x-ratelimit-limit-{kind}", f"{per_minute:g}"),
+                (f"x-ratelimit-remaining-{kind}", str(remaining)),
+                (f"x-ratelimit-reset-{kind}", f"{max(new_tat - now, 0.0):.3f}s"),
+            ]
+        if waits and max(waits) > 0:
+            self.stats["rate_limited"] += 1
+            retry = [("retry-after", f"{max(waits):.3f}")]
+            return _error(429, "Rate limit reached", outcome="429", headers=retry + headers), []
+        for key, new_tat in updates:
+            self._tats[key] = new_tat
+        return None, headers
 
     def _streamed(self, body: dict[str, Any], faults: Faults, delay: float) -> _Reply:
         events = [
