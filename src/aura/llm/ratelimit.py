@@ -192,14 +192,15 @@ class RateLimiter:
         return wait
 
     async def hold_off(self, seconds: float, *, full_reset: bool = False) -> None:
-        """The provider said "no call before ``seconds`` from now" (Retry-After), or, with
-        ``full_reset``, "the request budget is whole again in ``seconds``" (GCRA's own
-        TAT, as x-ratelimit-reset-requests says it): the fleet holds off."""
+        """The provider said "no call before ``seconds`` from now" (Retry-After): the
+        fleet holds off that long. With ``full_reset`` it said "your request budget is
+        spent; whole again in ``seconds``": its burst is not ours, so the fleet only
+        paces, its next call one interval away."""
         if self._hold is None or seconds <= 0 or not math.isfinite(seconds):
             return
         now = self._clock()
         if full_reset:
-            tats = [now + seconds, 0.0]
+            tats = [now + min(seconds, self._request_window), 0.0]
         else:  # the next slot opens a burst window before the TAT: push it past ``seconds``
             tats = [
                 now + seconds + window - interval if interval else 0.0
