@@ -4,12 +4,15 @@
     python -m tests.llm_peer burst BASE_URL REDIS_URL BREAKER N GO_KEY
 
 It prints "ready" once its client exists, then one JSON line with what its calls got.
+With PEER_MODELS=a,b in its environment it makes its N calls to each of those models and
+counts what they got as "model:outcome".
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -25,15 +28,21 @@ from aura.logs import configure_logging
 MESSAGES = [{"role": "user", "content": "peer"}]
 
 
-async def one(client: ResilientLLMClient, messages: list[dict[str, str]] = MESSAGES) -> str:
+async def one(
+    client: ResilientLLMClient,
+    messages: list[dict[str, str]] = MESSAGES,
+    model: str | None = None,
+) -> str:
     """One call; what it got, as a word (shared with test_llm_fleet.py)."""
     try:
-        await client.complete(messages)
+        await client.complete(messages, model=model)
     except CircuitOpenError:
-        return "circuit_open"
+        outcome = "circuit_open"
     except LLMError as exc:
-        return type(exc).__name__
-    return "ok"
+        outcome = type(exc).__name__
+    else:
+        outcome = "ok"
+    return outcome if model is None else f"{model}:{outcome}"
 
 
 async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *rest: str) -> None:
@@ -42,6 +51,8 @@ async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *
     client = ResilientLLMClient(
         settings=Settings(), base_url=base_url, redis=redis, breaker_name=breaker
     )
+    listed = os.environ.get("PEER_MODELS")
+    models: list[str | None] = list(listed.split(",")) if listed else [None]
     print("ready", flush=True)
     if mode == "burst":
         deadline = time.monotonic() + 20
@@ -49,9 +60,9 @@ async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *
             if time.monotonic() > deadline:
                 raise SystemExit("no go signal within 20 s")
             await asyncio.sleep(0.005)
-        outcomes = await asyncio.gather(*(one(client) for _ in range(n)))
+        outcomes = await asyncio.gather(*(one(client, model=m) for m in models for _ in range(n)))
     else:
-        outcomes = [await one(client) for _ in range(n)]
+        outcomes = [await one(client, model=m) for m in models for _ in range(n)]
     opens = REGISTRY.get_sample_value("llm_circuit_breaker_opens_total") or 0.0
     print(json.dumps({"outcomes": Counter(outcomes), "opens": opens}), flush=True)
     await client.aclose()

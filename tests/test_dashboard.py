@@ -98,7 +98,7 @@ def test_one_row_per_seed_layer_in_order(dashboard: dict[str, Any]) -> None:
 def test_each_layers_metrics_sit_in_its_row(dashboard: dict[str, Any]) -> None:
     prefixes = {
         "Database": ("database_", "sqlalchemy_"),
-        "LLM": ("llm_",),
+        "LLM": ("llm_", "aura_llm_"),
         "Message processing": ("messages_", "celery_", "aura_task_", "aura_duplicate_"),
     }
     for title, panels in panels_by_row(dashboard).items():

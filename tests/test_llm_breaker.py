@@ -32,7 +32,7 @@ def test_three_failures_open_the_breaker_once() -> None:
     assert (record.state, record.failures, first.opened, second.opened) == (CLOSED, 2, False, False)
     record, third = transition(record, "failure", 102.0, **POLICY)
     assert third.opened
-    assert record == BreakerRecord(OPEN, 3, 162.0, 0.0)
+    assert record == BreakerRecord(OPEN, 3, 162.0, 0.0, first_failure=100.0, last_failure=102.0)
     record, straggler = transition(record, "failure", 103.0, **POLICY)
     assert not straggler.opened  # a late failure elsewhere does not open it again
     assert record.open_until == 162.0
@@ -42,6 +42,27 @@ def test_a_success_resets_consecutive_failures() -> None:
     record = BreakerRecord(CLOSED, 2)
     record, _ = transition(record, "success", 0.0, **POLICY)
     assert record == BreakerRecord()
+
+
+def test_failures_further_apart_than_the_window_start_a_new_run() -> None:
+    policy = POLICY | {"failure_window": 10.0}
+    record, _ = transition(BreakerRecord(), "failure", 100.0, **policy)
+    record, _ = transition(record, "failure", 105.0, **policy)
+    record, late = transition(record, "failure", 110.5, **policy)  # 10.5 s after the first
+    assert not late.opened
+    assert (record.failures, record.first_failure, record.last_failure) == (1, 110.5, 110.5)
+    record, _ = transition(record, "failure", 115.0, **policy)
+    record, third = transition(record, "failure", 120.5, **policy)  # exactly 10 s: one run
+    assert third.opened
+
+
+def test_a_success_older_than_the_latest_failure_does_not_break_the_run() -> None:
+    record, _ = transition(BreakerRecord(), "failure", 100.0, **POLICY)
+    record, _ = transition(record, "failure", 102.0, **POLICY)
+    stale, _ = transition(record, "success", 101.0, **POLICY)  # recorded late, happened before
+    assert stale == record
+    fresh, _ = transition(record, "success", 102.5, **POLICY)
+    assert fresh == BreakerRecord()
 
 
 def test_open_rejects_until_the_reset_timeout_then_leases_one_trial() -> None:
@@ -251,3 +272,81 @@ async def test_a_cancelled_trial_lets_the_next_caller_try(
         await trial
     assert await breaker.call(ok) == "ok"  # not wedged until the lease runs out
     assert breaker.state is CLOSED
+
+
+# -- the opening rule across processes (two breakers on one Redis: two processes' caches) --
+
+
+@pytest.fixture
+async def two_processes(
+    redis_url: str,
+) -> AsyncIterator[tuple[FakeClock, CircuitBreaker, CircuitBreaker]]:
+    clock = FakeClock()
+    client = aioredis.from_url(redis_url)
+    name = f"rule-{uuid.uuid4().hex[:8]}"
+
+    def breaker() -> CircuitBreaker:
+        return CircuitBreaker(
+            name, redis=client, clock=clock, is_failure=lambda exc: isinstance(exc, Boom)
+        )
+
+    yield clock, breaker(), breaker()
+    await client.aclose()
+
+
+async def test_a_success_the_other_process_had_within_its_refresh_interval_may_not_count(
+    two_processes: tuple[FakeClock, CircuitBreaker, CircuitBreaker],
+) -> None:
+    """The issue's sequence, within one refresh interval: fail B, succeed A, fail B, fail
+    B opens the breaker. This is the documented limit, kept honest by a test."""
+    clock, a, b = two_processes
+    assert await a.call(ok) == "ok"  # A's view: closed, no failures, fresh for 1 s
+    with pytest.raises(Boom):
+        await b.call(boom)
+    clock.advance(0.2)
+    assert await a.call(ok) == "ok"  # A does not know of B's failure: no round trip
+    for _ in range(2):
+        clock.advance(0.2)
+        with pytest.raises(Boom):
+            await b.call(boom)
+    assert b.state is OPEN
+
+
+async def test_a_success_is_recorded_with_the_next_refresh_and_breaks_the_run(
+    two_processes: tuple[FakeClock, CircuitBreaker, CircuitBreaker],
+) -> None:
+    clock, a, b = two_processes
+    assert await a.call(ok) == "ok"
+    with pytest.raises(Boom):
+        await b.call(boom)
+    clock.advance(0.2)
+    assert await a.call(ok) == "ok"  # unrecorded yet
+    clock.advance(1.0)
+    assert await a.call(ok) == "ok"  # A refreshes, sees B's failure older than its success
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await b.call(boom)
+    assert b.state is CLOSED  # fail, success, fail, fail: two in a row, not three
+    with pytest.raises(Boom):
+        await b.call(boom)
+    assert b.state is OPEN
+
+
+async def test_failures_recorded_by_different_processes_add_up_within_the_window(
+    two_processes: tuple[FakeClock, CircuitBreaker, CircuitBreaker],
+) -> None:
+    clock, a, b = two_processes
+    with pytest.raises(Boom):
+        await a.call(boom)
+    clock.advance(30)
+    with pytest.raises(Boom):
+        await b.call(boom)
+    clock.advance(31)  # 61 s after the first failure: a new run begins
+    with pytest.raises(Boom):
+        await a.call(boom)
+    assert a.state is CLOSED
+    with pytest.raises(Boom):
+        await b.call(boom)
+    with pytest.raises(Boom):
+        await a.call(boom)
+    assert a.state is OPEN

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # Circuit breaker
     circuit_breaker_fail_max: PositiveInt = 3
     circuit_breaker_reset_timeout: PositiveFloat = 60
+    # Not in the seed: failures further apart than this never add up to an open breaker
+    circuit_breaker_failure_window: PositiveFloat = 60
+    # What one breaker covers: each (provider, model), each model, or each provider
+    circuit_breaker_key: Literal["provider_model", "model", "provider"] = "provider_model"
     # Services (unset: the embedded default)
     database_url: str | None = None
     redis_url: str | None = None
@@ -111,6 +115,16 @@ class Settings(BaseSettings):
     llm_write_timeout: PositiveFloat = 5.0
     llm_pool_timeout: PositiveFloat = 5.0
     llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
+    llm_first_token_timeout: PositiveFloat = 10.0  # streaming: until the first chunk
+    # aiohttp under httpx.AsyncClient (bench/llm_transport.py), or httpx's own pool
+    llm_http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    llm_max_connections: PositiveInt = 500  # sized for the calls a process keeps in flight
+    # Fleet-wide rate limits per provider and model (0: none), through Redis
+    llm_rate_limit_rpm: float = Field(default=0.0, ge=0)
+    llm_rate_limit_tpm: float = Field(default=0.0, ge=0)
+    llm_rate_limit_burst: PositiveFloat = 1.0  # seconds' worth of budget spent at once
+    llm_rate_limit_max_wait: float = Field(default=10.0, ge=0)  # longer: deferred
+    llm_completion_tokens_estimate: PositiveInt = 512  # charged when max_tokens is unset
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
     # How a worker process runs tasks (not in the seed): "async" holds up to

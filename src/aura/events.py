@@ -128,6 +128,10 @@ class CircuitStateChanged:
 class LLMRequestFinished:
     outcome: LLMOutcome
     duration_s: float
+    # The model asked for: from configuration (a client keeps at most 64), never from input
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,10 @@ Not in the seed, named in its style:
                                                    delivery whose fate was already settled)
     celery_task_timeouts_total{kind}               kind: soft | hard (the seed's "task
                                                    timeouts" alert needs a count)
+    aura_llm_circuit_breaker_opens_total{breaker}  the seed's opens, per breaker (one per
+                                                   provider and model)
+    aura_llm_requests_total{model,outcome}         LLM calls by model (from configuration)
+    aura_llm_tokens_total{model,kind}              kind: prompt | completion
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -119,6 +123,22 @@ CELERY_TASKS_PENDING = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+AURA_LLM_BREAKER_OPENS = Counter(
+    "aura_llm_circuit_breaker_opens_total",
+    "Transitions of an LLM circuit breaker to open, per breaker (provider and model).",
+    ["breaker"],
+)
+AURA_LLM_REQUESTS = Counter(
+    "aura_llm_requests_total",
+    "LLM calls that reached the provider, by model and outcome.",
+    ["model", "outcome"],
+)
+AURA_LLM_TOKENS = Counter(
+    "aura_llm_tokens_total",
+    "Tokens the provider reported using, by model: prompt or completion.",
+    ["model", "kind"],
+)
+
 AURA_TASK_RETRIES = Counter(
     "aura_task_retries_total",
     "Task executions put off for another try: retry (transient) or deferral (open circuit).",
@@ -160,12 +180,20 @@ def prometheus_hook(event: Event) -> None:
             DATABASE_TRANSACTION_ROLLBACKS.labels(reason=reason.value).inc()
         case PoolConnectionsChanged(delta=delta):
             SQLALCHEMY_POOL_CONNECTIONS_ACTIVE.inc(delta)
-        case CircuitBreakerOpened():
+        case CircuitBreakerOpened(breaker=breaker):
             LLM_CIRCUIT_BREAKER_OPENS.inc()
+            AURA_LLM_BREAKER_OPENS.labels(breaker=breaker).inc()
         case CircuitStateChanged(breaker=breaker, state=state):
             LLM_CIRCUIT_BREAKER_STATE.labels(breaker=breaker).set(CIRCUIT_STATE_VALUES[state])
-        case LLMRequestFinished(outcome=outcome, duration_s=duration_s):
+        case LLMRequestFinished(outcome=outcome, duration_s=duration_s, model=model):
             LLM_API_REQUEST_DURATION.labels(outcome=outcome.value).observe(duration_s)
+            if model:
+                AURA_LLM_REQUESTS.labels(model=model, outcome=outcome.value).inc()
+                if event.prompt_tokens or event.completion_tokens:
+                    AURA_LLM_TOKENS.labels(model=model, kind="prompt").inc(event.prompt_tokens)
+                    AURA_LLM_TOKENS.labels(model=model, kind="completion").inc(
+                        event.completion_tokens
+                    )
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
         case DuplicateDelivered(kind=duplicate):

@@ -1,6 +1,8 @@
 """``aura breaker`` and ``aura retries``: the shared state the fleet keeps in Redis.
 
-    aura breaker status [--json]          every breaker's state (SCAN, bounded)
+    aura breaker status [--json]          every breaker's state (SCAN, bounded): one
+                                          per provider and model, named
+                                          llm:{provider}/{model} (CIRCUIT_BREAKER_KEY)
     aura breaker reset NAME               force it closed, fleet-wide
     aura retries ls [--kind retry|defer] [--limit N] [--json]
                                           messages with a failure (or deferral) count
@@ -96,10 +98,18 @@ class _BreakerView:
         shown = state.value
         if state is CircuitState.OPEN and trial_in == 0:
             shown = "open (next call is a trial)"
+        # "llm:{provider}/{model}", "llm:{model}" or "llm:{provider}" (CIRCUIT_BREAKER_KEY)
+        scope = self.name.split(":", 1)[1] if ":" in self.name else ""
+        provider, _, model = scope.partition("/") if "/" in scope else ("", "", scope)
+        first = self.record.first_failure
         return {
             "name": self.name,
+            "provider": provider or None,
+            "model": model or None,
             "state": shown,
+            # failures in the current run (see aura.llm.breaker: the opening rule)
             "consecutive_failures": self.record.failures,
+            "run_started_s_ago": round(now - first, 1) if self.record.failures and first else None,
             "trial_in_s": round(trial_in, 1) if state is not CircuitState.CLOSED else None,
         }
 
@@ -126,12 +136,14 @@ def breaker_status(
     if not rows:
         typer.echo("no breaker state in Redis: every breaker is closed (none has failed yet)")
         return
-    table = Table(title="LLM circuit breakers")
-    for column in ("name", "state", "consecutive failures", "trial in"):
+    table = Table(title="LLM circuit breakers (one per provider and model)")
+    for column in ("name", "state", "failures in a row", "run began", "trial in"):
         table.add_column(column)
     for row in rows:
         trial = "" if row["trial_in_s"] is None else f"{row['trial_in_s']} s"
-        table.add_row(str(row["name"]), str(row["state"]), str(row["consecutive_failures"]), trial)
+        began = "" if row["run_started_s_ago"] is None else f"{row['run_started_s_ago']} s ago"
+        failures = str(row["consecutive_failures"])
+        table.add_row(str(row["name"]), str(row["state"]), failures, began, trial)
     Console().print(table)
     if more:
         typer.echo("(more may exist: raise --limit or --scan)")

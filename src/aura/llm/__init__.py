@@ -1,7 +1,10 @@
-"""The LLM layer (seed pattern 2): timeouts, an overall deadline and a fleet-wide breaker.
+"""The LLM layer (seed pattern 2): timeouts, deadlines and fleet-wide breakers per model.
 
-ResilientLLMClient   chat completions; ``http_client`` (httpx) and ``circuit_breaker``
+ResilientLLMClient   chat completions, streamed or not; ``http_client`` (httpx) and
+                     ``circuit_breaker`` (the default model's), ``breaker_for(model)``
+Completion           the answer: text, choices, tool calls, finish reason, usage, model
 CircuitBreaker       asyncio breaker, shared by every process on one Redis
+RateLimiter          fleet-wide requests/tokens per minute (GCRA in Redis, one round trip)
 LLMSimulator         the OpenAI-compatible stand-in with fault injection (``Faults``)
 """
 
@@ -16,16 +19,20 @@ from aura.errors import (
 from aura.llm.breaker import BreakerRecord, CircuitBreaker, transition
 from aura.llm.client import (
     DEFAULT_SIMULATOR_URL,
-    Completion,
+    MAX_BREAKERS,
     ResilientLLMClient,
-    Usage,
+    provider_of,
     trips_breaker,
 )
+from aura.llm.protocol import Choice, Completion, StreamAssembler, ToolCall, Usage
+from aura.llm.ratelimit import LLMRateLimitedError, RateLimit, RateLimiter, estimate_tokens
 from aura.llm.simulator import Faults, LLMSimulator, enrichment_for
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
+    "MAX_BREAKERS",
     "BreakerRecord",
+    "Choice",
     "CircuitBreaker",
     "CircuitOpenError",
     "Completion",
@@ -34,11 +41,18 @@ __all__ = [
     "LLMError",
     "LLMHTTPStatusError",
     "LLMMalformedResponseError",
+    "LLMRateLimitedError",
     "LLMSimulator",
     "LLMTimeoutError",
+    "RateLimit",
+    "RateLimiter",
     "ResilientLLMClient",
+    "StreamAssembler",
+    "ToolCall",
     "Usage",
     "enrichment_for",
+    "estimate_tokens",
+    "provider_of",
     "transition",
     "trips_breaker",
 ]

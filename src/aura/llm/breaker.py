@@ -1,6 +1,6 @@
 """A circuit breaker for asyncio whose state is shared by every process on one Redis.
 
-States (the seed's policy: open after ``fail_max`` consecutive failures, half-open after
+States (the seed's policy: open after ``fail_max`` failures in a row, half-open after
 ``reset_timeout`` seconds)::
 
     closed ──fail_max failures──► open ──reset_timeout──► half-open (one trial, fleet-wide)
@@ -21,6 +21,20 @@ per ``refresh_interval`` (1 s), so a successful call in the closed state makes n
 round trip of its own, and every process sees a breaker opened elsewhere within 1 s.
 The process whose transition opened the breaker emits ``CircuitBreakerOpened``: the
 opens counter moves once per fleet transition.
+
+The opening rule, as it holds across a fleet. The breaker opens when ``fail_max``
+failures are recorded fleet-wide, the first and the last at most ``failure_window``
+seconds apart, with no success recorded between them. Every failure is recorded (it goes
+to Redis). A success is recorded only by a process that knows of the failures: a success
+made while this process's cached view shows failures resets the count at once; one made
+while its view shows none costs nothing (no Redis round trip: that is the closed hot
+path) and is recorded with the process's next refresh, i.e. its first call at least
+``refresh_interval`` (1 s) later, if by then the count holds failures older than the
+success. So "``fail_max`` consecutive failures" is exact for successes at least one
+refresh interval older than the failure that would open the breaker, and for a single
+process; a success newer than that, in another process, may not break the run (fail B,
+succeed A, fail B, fail B within a second opens it). Making it exact would cost every
+successful call a Redis round trip.
 
 If Redis is unreachable the breaker carries on with its cached record as local state,
 logs that once (and once again when Redis is back), and retries Redis every
@@ -55,9 +69,11 @@ class BreakerRecord:
     """The shared state of one breaker."""
 
     state: CircuitState = CircuitState.CLOSED
-    failures: int = 0  # consecutive failures while closed
+    failures: int = 0  # failures in the current run while closed
     open_until: float = 0.0  # when a trial call may run
     trial_until: float = 0.0  # lease of the running trial call (half-open)
+    first_failure: float = 0.0  # when the current run of failures began
+    last_failure: float = 0.0  # when its latest failure was recorded
 
     def to_redis(self) -> dict[str, str]:
         return {
@@ -65,6 +81,8 @@ class BreakerRecord:
             "failures": str(self.failures),
             "open_until": repr(self.open_until),
             "trial_until": repr(self.trial_until),
+            "first_failure": repr(self.first_failure),
+            "last_failure": repr(self.last_failure),
         }
 
     @classmethod
@@ -78,6 +96,8 @@ class BreakerRecord:
             failures=int(fields["failures"]),
             open_until=float(fields["open_until"]),
             trial_until=float(fields["trial_until"]),
+            first_failure=float(fields.get("first_failure", 0.0)),  # absent before issue 16
+            last_failure=float(fields.get("last_failure", 0.0)),
         )
 
 
@@ -105,12 +125,15 @@ def transition(
     fail_max: int,
     reset_timeout: float,
     trial_lease: float,
+    failure_window: float = float("inf"),
 ) -> tuple[BreakerRecord, Decision]:
     """The whole state machine, as a pure function of (record, event, now).
 
     Events: ``acquire`` (may a call run now?), ``failure`` and ``success`` (of a normal
-    call), ``trial_failure``, ``trial_success`` and ``trial_abandoned`` (of the half-open
-    trial; abandoned when it was cancelled before it could tell).
+    call; for a success, ``now`` is when it happened, which may be before failures other
+    processes recorded since: those it does not undo), ``trial_failure``,
+    ``trial_success`` and ``trial_abandoned`` (of the half-open trial; abandoned when it
+    was cancelled before it could tell).
     """
     replace = dataclasses.replace
     if event == "acquire":
@@ -124,17 +147,22 @@ def transition(
     if event == "failure":
         if record.state is not CircuitState.CLOSED:
             return record, _ALLOW  # already open: a straggler's failure changes nothing
-        failures = record.failures + 1
+        run_goes_on = record.failures and now - record.first_failure <= failure_window
+        failures, first = (record.failures + 1, record.first_failure) if run_goes_on else (1, now)
         if failures >= fail_max:
-            opened = BreakerRecord(CircuitState.OPEN, failures, now + reset_timeout, 0.0)
+            opened = BreakerRecord(
+                CircuitState.OPEN, failures, now + reset_timeout, 0.0, first, now
+            )
             return opened, Decision(opened=True)
-        return replace(record, failures=failures), _ALLOW
+        return replace(record, failures=failures, first_failure=first, last_failure=now), _ALLOW
     if event == "success":
-        if record.state is CircuitState.CLOSED and record.failures:
-            return replace(record, failures=0), _ALLOW
+        if record.state is CircuitState.CLOSED and record.failures and now >= record.last_failure:
+            return replace(record, failures=0, first_failure=0.0, last_failure=0.0), _ALLOW
         return record, _ALLOW
     if event == "trial_failure":
-        reopened = BreakerRecord(CircuitState.OPEN, record.failures, now + reset_timeout, 0.0)
+        reopened = replace(
+            record, state=CircuitState.OPEN, open_until=now + reset_timeout, trial_until=0.0
+        )
         return reopened, Decision(opened=True)
     if event == "trial_success":
         return BreakerRecord(), _ALLOW
@@ -160,12 +188,17 @@ class CircuitBreaker:
         trial_lease: float = 60.0,
         refresh_interval: float = 1.0,
         redis_retry_interval: float = 5.0,
+        failure_window: float = 60.0,
     ) -> None:
-        if fail_max < 1 or reset_timeout <= 0 or trial_lease <= 0:
-            raise ValueError("fail_max must be >= 1; reset_timeout and trial_lease > 0")
+        if fail_max < 1 or reset_timeout <= 0 or trial_lease <= 0 or failure_window <= 0:
+            raise ValueError(
+                "fail_max must be >= 1; reset_timeout, trial_lease and failure_window > 0"
+            )
         self.name = name
         self.fail_max = fail_max
         self.reset_timeout = reset_timeout
+        self.failure_window = failure_window
+        self._unrecorded_success = 0.0  # latest success not yet told to Redis (hot path)
         self.key = f"aura:circuit_breaker:{name}"
         self._redis = redis
         self._clock = clock
@@ -205,6 +238,8 @@ class CircuitBreaker:
                 raise
             if self._record.failures:
                 await self._apply("success")
+            else:
+                self._unrecorded_success = now  # told to Redis with the next refresh
             return result
         return await self._call_checked(now, fn, args, kwargs)
 
@@ -237,6 +272,8 @@ class CircuitBreaker:
             await self._apply("trial_success")
         elif self._record.failures:
             await self._apply("success")
+        else:
+            self._unrecorded_success = now
         return result
 
     def _retry_after(self, now: float) -> float:
@@ -257,8 +294,8 @@ class CircuitBreaker:
         elif self._record.failures:
             await self._apply("success")
 
-    async def _apply(self, event: str) -> Decision:
-        now = self._clock()
+    async def _apply(self, event: str, at: float | None = None) -> Decision:
+        now = self._clock() if at is None else at
         decision: Decision
         if self.shared:
             try:
@@ -290,6 +327,7 @@ class CircuitBreaker:
             fail_max=self.fail_max,
             reset_timeout=self.reset_timeout,
             trial_lease=self._trial_lease,
+            failure_window=self.failure_window,
         )
 
     async def _apply_in_redis(self, event: str, now: float) -> tuple[BreakerRecord, Decision]:
@@ -306,7 +344,7 @@ class CircuitBreaker:
 
         await self._redis.transaction(atomically, self.key)
         self._loaded = True
-        self._fresh_until = now + self._refresh_interval
+        self._fresh_until = self._clock() + self._refresh_interval
         return outcome[0]
 
     async def _refresh(self, now: float) -> None:
@@ -328,7 +366,12 @@ class CircuitBreaker:
             _log.warning("circuit breaker state shared through Redis again", breaker=self.name)
         self._loaded = True
         self._fresh_until = max(self._fresh_until, now + self._refresh_interval)
-        self._adopt(BreakerRecord.from_redis(raw))
+        record = BreakerRecord.from_redis(raw)
+        self._adopt(record)
+        success, self._unrecorded_success = self._unrecorded_success, 0.0
+        closed_with_failures = record.failures and record.state is CircuitState.CLOSED
+        if closed_with_failures and success and success >= record.last_failure:
+            await self._apply("success", at=success)  # a success other processes missed
 
     def _fall_back(self, now: float, exc: BaseException) -> None:
         self._fresh_until = now + self._redis_retry_interval

@@ -1,62 +1,83 @@
-"""``ResilientLLMClient``: OpenAI-compatible chat completions under a circuit breaker.
+"""``ResilientLLMClient``: OpenAI-compatible chat completions under a breaker per model.
 
 Every call gets the seed's per-phase timeouts (connect 5, read 10, write 5, pool 5 s) and,
-because httpx's read timeout is per read (a server trickling one byte every 9 s never
-trips it), an overall deadline per call. Nothing retries underneath the breaker: a call
-is one HTTP request, and retry policy belongs to the task that made it.
+because a read timeout is per read (a server trickling one byte every 9 s never trips
+it), an overall deadline per call. A streamed call (``stream=True``) also has a
+first-token timeout: no first chunk within ``LLM_FIRST_TOKEN_TIMEOUT`` is a timeout. A
+cancelled call closes its connection (the stream is left unread, so the pool drops it).
+Nothing retries underneath the breaker: a call is one HTTP request, and retry policy
+belongs to the task that made it.
 
-What trips the breaker: timeouts, connection errors, malformed answers, and HTTP 408, 425,
-429 and 5xx. Any other 4xx (400, 401, 403, 404, 422) is a request or configuration
-problem: it raises ``LLMHTTPStatusError`` and counts as the provider being up.
+What the breaker counts, once per call (a stream is one call):
+
+    provider failure (counts)          not a failure (the provider is up, or nobody knows)
+    ---------------------------------  ------------------------------------------------------
+    timeout, deadline, first token     400, 401, 403, 404, 422 and other 4xx: the request
+    connection refused / reset,        or the configuration is wrong
+      also mid-stream                  the caller's cancellation (CancelledError)
+    HTTP 408, 425, 429, 5xx            any answer: content, tool calls, a ``length`` cut
+    an unreadable body or stream
+
+One breaker per provider and model (``CIRCUIT_BREAKER_KEY``: ``provider_model``, or
+``model``, or ``provider``), each shared fleet-wide through Redis and named
+``{breaker_name}:{key}``; ``circuit_breaker`` is the one of the default model. A failing
+model leaves the others' calls alone, and ``complete(..., fallback_models=[...])`` goes on
+to the next model while one's breaker is open. Breakers are made on first use, at most
+``MAX_BREAKERS`` per client: models come from configuration, so their names are a small
+fixed set fit for metric labels.
+
+The transport: ``http_client`` is an ``httpx.AsyncClient``; with ``LLM_HTTP_TRANSPORT=aiohttp``
+(the default) it runs over aiohttp (``httpx_aiohttp``), whose pool costs a fraction of
+httpx's own CPU at hundreds of calls in flight (bench/llm_transport.py), sized by
+``LLM_MAX_CONNECTIONS``. aiohttp has no write timeout; connect, read and pool hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura import events
 from aura.config import Settings, get_settings
 from aura.errors import (
+    CircuitOpenError,
     LLMConnectionError,
     LLMError,
     LLMHTTPStatusError,
     LLMMalformedResponseError,
     LLMTimeoutError,
 )
-from aura.events import LLMOutcome, LLMRequestFinished
+from aura.events import CircuitState, LLMOutcome, LLMRequestFinished
 from aura.llm.breaker import CircuitBreaker
+from aura.llm.protocol import Completion, StreamAssembler, Usage, parse_completion
+from aura.llm.ratelimit import RateLimit, RateLimiter, estimate_tokens
 
-__all__ = ["DEFAULT_SIMULATOR_URL", "Completion", "ResilientLLMClient", "Usage", "trips_breaker"]
+__all__ = [
+    "DEFAULT_SIMULATOR_URL",
+    "MAX_BREAKERS",
+    "Completion",
+    "ResilientLLMClient",
+    "Usage",
+    "provider_of",
+    "trips_breaker",
+]
 
 DEFAULT_SIMULATOR_URL = "http://127.0.0.1:8765/v1"
+MAX_BREAKERS = 64
 _MAX_ERROR_TEXT = 200
+_MAX_ERROR_BODY = 64_000
 
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """One chat completion: ``text`` is the assistant's message."""
-
-    text: str
-    model: str
-    usage: Usage
-    latency_s: float
-    finish_reason: str | None = None
-    response_id: str | None = None
+DeltaHook = Callable[[str], object]
 
 
 def trips_breaker(exc: BaseException) -> bool:
@@ -66,8 +87,8 @@ def trips_breaker(exc: BaseException) -> bool:
     return isinstance(exc, LLMError)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
     if value is None:
         return None
     try:
@@ -84,36 +105,48 @@ def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
         message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-    except ValueError:
+    except (ValueError, AttributeError):
         message = None
     text = str(message or response.reason_phrase or "no reason given")
     return " ".join(text.split())[:_MAX_ERROR_TEXT]
 
 
-def _parse_completion(response: httpx.Response, latency_s: float) -> Completion:
-    try:
-        body = response.json()
-        choice = body["choices"][0]
-        text = choice["message"]["content"]
-        if not isinstance(text, str):
-            raise TypeError("message content is not a string")
-        usage = body.get("usage") or {}
-        return Completion(
-            text=text,
-            model=str(body.get("model", "")),
-            usage=Usage(
-                int(usage.get("prompt_tokens", 0)),
-                int(usage.get("completion_tokens", 0)),
-                int(usage.get("total_tokens", 0)),
-            ),
-            latency_s=latency_s,
-            finish_reason=choice.get("finish_reason"),
-            response_id=body.get("id"),
-        )
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise LLMMalformedResponseError(
-            f"the provider's answer is not a chat completion ({type(exc).__name__}: {exc})"
-        ) from exc
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def provider_hold_off(headers: httpx.Headers) -> tuple[float, bool] | None:
+    """How long the provider asks everyone to hold off: ``Retry-After`` seconds, else
+    (when ``x-ratelimit-remaining-requests`` is 0) the request budget's full reset, in
+    OpenAI's "1m30s" form; and whether it is the latter."""
+    retry_after = _retry_after(headers)
+    if retry_after is not None:
+        return retry_after, False
+    if headers.get("x-ratelimit-remaining-requests") != "0":
+        return None
+    parts = _DURATION_PART.findall(headers.get("x-ratelimit-reset-requests", "")[:32])
+    if not parts:
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts), True
+
+
+def _status_error(response: httpx.Response) -> LLMHTTPStatusError:
+    return LLMHTTPStatusError(
+        response.status_code, _error_text(response), retry_after=_retry_after(response.headers)
+    )
+
+
+def _transport_error(exc: httpx.RequestError | aiohttp.ClientError) -> LLMError:
+    """httpx's error (or aiohttp's, unmapped) as ours. httpx_aiohttp maps every aiohttp
+    connection error, a reset included, to ``httpx.ConnectTimeout``: its cause tells."""
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) else exc
+    if isinstance(cause, aiohttp.ClientError):
+        timed_out = isinstance(cause, aiohttp.ServerTimeoutError)
+    else:
+        cause, timed_out = exc, isinstance(exc, httpx.TimeoutException)
+    if timed_out:  # httpx's name tells the phase (ReadTimeout, ConnectTimeout, PoolTimeout)
+        return LLMTimeoutError(f"{type(exc).__name__} talking to the LLM provider")
+    return LLMConnectionError(f"{type(cause).__name__}: {cause}"[:_MAX_ERROR_TEXT])
 
 
 _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
@@ -124,13 +157,21 @@ _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
 )
 
 
+def provider_of(base_url: str) -> str:
+    """The provider part of a breaker's name: host[:port], never credentials."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or "provider"
+    return f"{host}:{parts.port}" if parts.port else host
+
+
 class ResilientLLMClient:
-    """Chat completions with timeouts, an overall deadline and a (fleet-wide) breaker.
+    """Chat completions with timeouts, an overall deadline and fleet-wide breakers.
 
     ``ResilientLLMClient()`` builds itself from Settings: LLM_BASE_URL (default: the
     bundled simulator on 127.0.0.1:8765), LLM_API_KEY, LLM_MODEL, the four LLM timeouts,
-    LLM_CALL_DEADLINE, CIRCUIT_BREAKER_FAIL_MAX/RESET_TIMEOUT, and REDIS_URL (unset: the
-    breaker is local to this process). Keyword arguments override each of them.
+    LLM_CALL_DEADLINE, LLM_FIRST_TOKEN_TIMEOUT, LLM_HTTP_TRANSPORT, LLM_MAX_CONNECTIONS,
+    CIRCUIT_BREAKER_FAIL_MAX/RESET_TIMEOUT/FAILURE_WINDOW/KEY, and REDIS_URL (unset: the
+    breakers are local to this process). Keyword arguments override each of them.
     """
 
     def __init__(
@@ -142,19 +183,29 @@ class ResilientLLMClient:
         model: str | None = None,
         timeout: httpx.Timeout | None = None,
         deadline: float | None = None,
+        first_token_timeout: float | None = None,
         fail_max: int | None = None,
         reset_timeout: float | None = None,
         redis: Redis | None = None,
         clock: Callable[[], float] = time.time,
         transport: httpx.AsyncBaseTransport | None = None,
         breaker_name: str = "llm",
+        rate_limit: RateLimit | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         settings = settings or get_settings()
         self.base_url = (base_url or settings.llm_base_url or DEFAULT_SIMULATOR_URL).rstrip("/")
         self.model = model or settings.llm_model
         self.deadline = deadline or settings.llm_call_deadline
+        self.first_token_timeout = first_token_timeout or settings.llm_first_token_timeout
         key = settings.llm_api_key.get_secret_value() if api_key is None else api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        limits = httpx.Limits(
+            max_connections=settings.llm_max_connections,
+            max_keepalive_connections=settings.llm_max_connections,
+        )
+        if transport is None and settings.llm_http_transport == "aiohttp":
+            transport = AiohttpTransport(limits=limits)
         self.http_client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -165,7 +216,8 @@ class ResilientLLMClient:
                 write=settings.llm_write_timeout,
                 pool=settings.llm_pool_timeout,
             ),
-            transport=transport or _aiohttp_transport(settings),
+            limits=limits,
+            transport=transport,
             follow_redirects=False,
         )
         self._owned_redis: Redis | None = None
@@ -181,15 +233,84 @@ class ResilientLLMClient:
                 socket_connect_timeout=0.5,
             )
             redis = self._owned_redis = Redis(connection_pool=pool)
-        self.circuit_breaker = CircuitBreaker(
-            breaker_name,
-            fail_max=fail_max or settings.circuit_breaker_fail_max,
-            reset_timeout=reset_timeout or settings.circuit_breaker_reset_timeout,
-            redis=redis,
-            clock=clock,
-            is_failure=trips_breaker,
-            trial_lease=self.deadline + 5.0,
+        self._redis = redis
+        self._clock = clock
+        self._breaker_name = breaker_name
+        self._breaker_key = settings.circuit_breaker_key
+        self._fail_max = fail_max or settings.circuit_breaker_fail_max
+        self._reset_timeout = reset_timeout or settings.circuit_breaker_reset_timeout
+        self._failure_window = settings.circuit_breaker_failure_window
+        self.rate_limit = rate_limit or RateLimit(
+            settings.llm_rate_limit_rpm,
+            settings.llm_rate_limit_tpm,
+            settings.llm_rate_limit_burst,
         )
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.circuit_breaker = self.breaker_for(self.model)
+        self._rate_limit_max_wait = settings.llm_rate_limit_max_wait
+        self._tokens_estimate = settings.llm_completion_tokens_estimate
+        self._sleep = sleep
+        self._limiters: dict[str, RateLimiter] = {}
+
+    # -- breakers -------------------------------------------------------------------------
+
+    def breaker_name_for(self, model: str) -> str:
+        provider = provider_of(self.base_url)
+        key = {"provider_model": f"{provider}/{model}", "model": model, "provider": provider}
+        return f"{self._breaker_name}:{key[self._breaker_key]}"
+
+    def breaker_for(self, model: str) -> CircuitBreaker:
+        """The breaker that guards calls to ``model`` (made on first use)."""
+        name = self.breaker_name_for(model)
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            if len(self._breakers) >= MAX_BREAKERS:
+                raise ValueError(
+                    f"more than {MAX_BREAKERS} models through one client: models must come "
+                    "from configuration, not from input"
+                )
+            breaker = self._breakers[name] = CircuitBreaker(
+                name,
+                fail_max=self._fail_max,
+                reset_timeout=self._reset_timeout,
+                failure_window=self._failure_window,
+                redis=self._redis,
+                clock=self._clock,
+                is_failure=self._trips_breaker,
+                trial_lease=self.deadline + 5.0,
+            )
+        return breaker
+
+    def _trips_breaker(self, exc: BaseException) -> bool:
+        if isinstance(exc, LLMHTTPStatusError) and exc.status_code == 429 and self._limiting:
+            return False  # the fleet's limiter holds off on it (see aura.llm.ratelimit)
+        return trips_breaker(exc)
+
+    @property
+    def _limiting(self) -> bool:
+        return self.rate_limit.enabled and self._redis is not None
+
+    def limiter_for(self, model: str) -> RateLimiter:
+        """The fleet-wide rate limiter of ``model`` at this provider (made on first use;
+        models are bounded by the breakers)."""
+        limiter = self._limiters.get(model)
+        if limiter is None:
+            self.breaker_for(model)  # the same bound on models
+            limiter = self._limiters[model] = RateLimiter(
+                f"{provider_of(self.base_url)}/{model}",
+                self.rate_limit,
+                redis=self._redis,
+                clock=self._clock,
+                sleep=self._sleep,
+            )
+        return limiter
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """Every breaker this client has made, by name."""
+        return dict(self._breakers)
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> ResilientLLMClient:
         return self
@@ -202,56 +323,132 @@ class ResilientLLMClient:
         if self._owned_redis is not None:
             await self._owned_redis.aclose()
 
-    async def complete(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
-        """Send one chat completion; raise an ``LLMError`` or ``CircuitOpenError``."""
+    # -- calls ----------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        model: str | None = None,
+        fallback_models: Sequence[str] = (),
+        stream: bool = False,
+        on_delta: DeltaHook | None = None,
+        **params: Any,
+    ) -> Completion:
+        """Send one chat completion; raise an ``LLMError`` or ``CircuitOpenError``.
+
+        ``params`` go into the request body as they are (``temperature``, ``max_tokens``,
+        ``n``, ``tools``, ``tool_choice``, ``response_format``, ...). ``stream=True``
+        streams the answer (``on_delta`` gets the first choice's content as it comes) and
+        returns the same ``Completion``. While ``model``'s breaker is open the call goes
+        to the next of ``fallback_models``; when every one is open, ``CircuitOpenError``
+        with the soonest ``retry_after``. ``Completion.model`` says who answered.
+        """
         if not messages:
             raise ValueError("messages must not be empty")
-        body = {"model": self.model, "messages": list(messages), **params}
-        return await self.circuit_breaker.call(self._request, body)
+        candidates = [model or self.model, *fallback_models]
+        refused: CircuitOpenError | None = None
+        for candidate in candidates:
+            body = {"model": candidate, "messages": list(messages), **params}
+            breaker = self.breaker_for(candidate)
+            try:
+                if self._limiting and breaker.state is CircuitState.CLOSED:
+                    tokens = estimate_tokens(body, self._tokens_estimate)
+                    await self.limiter_for(candidate).acquire(tokens, self._rate_limit_max_wait)
+                if stream:
+                    return await breaker.call(self._stream, body, on_delta)
+                return await breaker.call(self._request, body)
+            except CircuitOpenError as exc:
+                if refused is None or exc.retry_after < refused.retry_after:
+                    refused = exc
+        assert refused is not None
+        raise refused
 
     async def _request(self, body: dict[str, Any]) -> Completion:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.deadline):
-                response = await self.http_client.post("/chat/completions", json=body)
-            completion = self._interpret(response, time.perf_counter() - started)
+            try:
+                async with asyncio.timeout(self.deadline):
+                    response = await self.http_client.post("/chat/completions", json=body)
+            except TimeoutError as exc:
+                raise LLMTimeoutError(
+                    f"no complete answer within the {self.deadline:g}s deadline"
+                ) from exc
+            except (httpx.RequestError, aiohttp.ClientError) as exc:
+                raise _transport_error(exc) from exc
+            await self._heed_provider(body["model"], response)
+            if not response.is_success:
+                raise _status_error(response)
+            completion = parse_completion(response.content, time.perf_counter() - started)
         except LLMError as exc:
-            self._observe(exc, started)
+            self._observe(exc, started, body["model"])
             raise
-        except TimeoutError as exc:  # the overall deadline
-            error: LLMError = LLMTimeoutError(
-                f"no complete answer within the {self.deadline:g}s deadline"
-            )
-            self._observe(error, started)
-            raise error from exc
-        except httpx.TimeoutException as exc:
-            error = LLMTimeoutError(f"{type(exc).__name__} talking to the LLM provider")
-            self._observe(error, started)
-            raise error from exc
-        except httpx.TransportError as exc:
-            error = LLMConnectionError(f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT])
-            self._observe(error, started)
-            raise error from exc
-        events.emit(LLMRequestFinished(LLMOutcome.SUCCESS, time.perf_counter() - started))
+        self._observe_success(completion, started, body["model"])
         return completion
 
-    @staticmethod
-    def _interpret(response: httpx.Response, latency_s: float) -> Completion:
-        if response.is_success:
-            return _parse_completion(response, latency_s)
-        raise LLMHTTPStatusError(
-            response.status_code, _error_text(response), retry_after=_retry_after(response)
-        )
+    async def _stream(self, body: dict[str, Any], on_delta: DeltaHook | None) -> Completion:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline_at = loop.time() + self.deadline
+        first_at = loop.time() + min(self.first_token_timeout, self.deadline)
+        assembler = StreamAssembler()
+        body = {**body, "stream": True}
+        body.setdefault("stream_options", {"include_usage": True})
+        try:
+            try:
+                async with (
+                    asyncio.timeout_at(first_at) as limit,
+                    self.http_client.stream("POST", "/chat/completions", json=body) as response,
+                ):
+                    await self._heed_provider(body["model"], response)
+                    if not response.is_success:
+                        await response.aread()
+                        raise _status_error(response)
+                    async for text in response.aiter_text():
+                        deltas = assembler.feed(text)
+                        if assembler.chunks and limit.when() != deadline_at:
+                            limit.reschedule(deadline_at)  # the first token came in time
+                        if on_delta is not None:
+                            for delta in deltas:
+                                on_delta(delta)
+                        if assembler.done:
+                            break
+            except TimeoutError as exc:
+                what = "first token" if not assembler.chunks else "complete answer"
+                limit_s = self.first_token_timeout if not assembler.chunks else self.deadline
+                raise LLMTimeoutError(f"no {what} within {limit_s:g}s") from exc
+            except (httpx.RequestError, aiohttp.ClientError) as exc:
+                raise _transport_error(exc) from exc
+            completion = assembler.result(time.perf_counter() - started)
+        except LLMError as exc:
+            self._observe(exc, started, body["model"])
+            raise
+        self._observe_success(completion, started, body["model"])
+        return completion
+
+    async def _heed_provider(self, model: str, response: httpx.Response) -> None:
+        """A 429 (or a spent budget in x-ratelimit-*) holds the whole fleet off."""
+        if not self._limiting:
+            return
+        if response.status_code == 429 or "x-ratelimit-remaining-requests" in response.headers:
+            hold = provider_hold_off(response.headers)
+            if hold is not None:
+                await self.limiter_for(model).hold_off(hold[0], full_reset=hold[1])
 
     @staticmethod
-    def _observe(error: LLMError, started: float) -> None:
+    def _observe(error: LLMError, started: float, model: str) -> None:
         outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
-        events.emit(LLMRequestFinished(outcome, time.perf_counter() - started))
+        events.emit(LLMRequestFinished(outcome, time.perf_counter() - started, model))
 
-
-def _aiohttp_transport(settings: Settings) -> httpx.AsyncBaseTransport:
-    """aiohttp's pool under httpx's API (``aura.llm.transport``), sized for a worker's
-    concurrency (AsyncPool), so calls in flight never queue for a connection."""
-    from aura.llm.transport import LLMTransport
-
-    return LLMTransport(max(100, settings.worker_concurrency))
+    @staticmethod
+    def _observe_success(completion: Completion, started: float, model: str) -> None:
+        usage = completion.usage
+        events.emit(
+            LLMRequestFinished(
+                LLMOutcome.SUCCESS,
+                time.perf_counter() - started,
+                model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+        )

@@ -5,13 +5,23 @@ has to misbehave the way real providers do, down to the socket: it answers over 
 asyncio streams with h11 (the HTTP/1.1 state machine httpx itself uses), which lets it
 hang, trickle bytes and reset connections -- things an ASGI framework hides.
 
-Answers are deterministic from the input: for a product it returns JSON with a short
-description and tags. Faults (``Faults``) are set at start and changed while it runs:
+It speaks what the client speaks (``simulator_answers``): tool calls, several choices,
+``max_tokens`` cuts, JSON answers, usage, server-sent-event streaming, and
+``GET /v1/models``. Answers are deterministic from the input: for a product it returns
+JSON with a short description and tags. Faults (``Faults``) are set at start, per model
+if wanted (``model_faults``), and changed while it runs:
 
     POST /admin/faults   {"error_rate": 0.3, ...}   update some fault settings
+                         {"model": "m", ...}        ... of one model's faults
     POST /admin/outage   {"seconds": 10, "mode": "error"|"reset"|"hang"}
     POST /admin/reset                               zero the counters
     GET  /admin/stats                               requests received, by outcome
+
+A streamed answer meets the same faults as a plain one, and three of its own, mid-stream:
+``midstream_reset_rate`` (the connection is reset after the first chunks),
+``midstream_error_rate`` (an ``{"error": ...}`` event, then the end) and
+``malformed_rate`` (a broken event). ``latency`` delays the first chunk (the time to the
+first token) and ``trickle_interval`` paces the chunks of a trickled stream.
 
 Random faults come from a seeded generator, so a run with the same seed and the same
 requests misbehaves the same way.
@@ -22,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import random
 import socket
@@ -30,17 +39,20 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import h11
 
-__all__ = ["Faults", "LLMSimulator", "enrichment_for"]
+from aura.llm.simulator_answers import completion_for, enrichment_for, stream_events, validate
+
+__all__ = ["DEFAULT_MODELS", "Faults", "LLMSimulator", "enrichment_for"]
 
 OutageMode = Literal["error", "reset", "hang"]
 _MAX_BODY = 1_000_000
-_TAG_WORDS = 5
+_MIDSTREAM_AFTER = 3  # chunks sent before a mid-stream fault
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o")
 
 
 @dataclass
@@ -58,7 +70,12 @@ class Faults:
     trickle_interval: float = 0.5
     reset_rate: float = 0.0  # reset the connection instead of answering
     malformed_rate: float = 0.0  # answer 200 with a body that is not a completion
+    midstream_reset_rate: float = 0.0  # streams only: reset after the first chunks
+    midstream_error_rate: float = 0.0  # streams only: an error event after the first chunks
     api_key: str | None = None  # when set, requests must carry it (else 401)
+    rpm: float = 0.0  # provider-style limits (0: none): over them, 429 + Retry-After
+    tpm: float = 0.0  # tokens counted as prompt words + the answer's words
+    rate_burst_s: float = 1.0  # seconds' worth of either budget that may go at once
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` (field -> value); unknown fields and bad values raise."""
@@ -74,53 +91,6 @@ class Faults:
             setattr(self, name, value)
 
 
-def enrichment_for(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The deterministic answer: a description and tags made from the last user message."""
-    prompt = next(
-        (str(m.get("content", "")) for m in reversed(messages) if m.get("role") == "user"), ""
-    )
-    try:
-        product = json.loads(prompt)
-    except ValueError:
-        product = None
-    if not isinstance(product, dict):
-        product = {"title": prompt[:80]}
-    title = str(product.get("title") or "this product")
-    brand = product.get("brand")
-    category = product.get("category")
-    words = [w.strip(".,:;!?()").lower() for w in f"{title} {category or ''}".split()]
-    tags = sorted({w for w in words if len(w) > 2})[:_TAG_WORDS]
-    digest = hashlib.sha256(prompt.encode()).hexdigest()[:6]
-    description = f"{title}{f' by {brand}' if brand else ''}: built to last, made to be used."
-    return {"description": description, "tags": tags, "ref": digest}
-
-
-def _completion(body: dict[str, Any]) -> dict[str, Any]:
-    messages = body.get("messages")
-    assert isinstance(messages, list)
-    content = json.dumps(enrichment_for(messages))
-    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-    completion_tokens = len(content.split())
-    return {
-        "id": "chatcmpl-" + hashlib.sha256(content.encode()).hexdigest()[:16],
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": str(body.get("model", "aura-sim")),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
 @dataclass
 class _Reply:
     outcome: str  # what the stats call it: ok, 500, hang, trickle, reset, malformed, ...
@@ -128,8 +98,10 @@ class _Reply:
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
     delay: float = 0.0
-    trickle: float = 0.0  # seconds between body bytes; 0: all at once
+    trickle: float = 0.0  # seconds between body bytes (events, streamed); 0: all at once
     reset: bool = False
+    events: list[bytes] | None = None  # a server-sent-event stream instead of a body
+    midstream: str = ""  # streams: "reset" after _MIDSTREAM_AFTER events
 
 
 def _json(outcome: str, status: int, payload: Any, **extra: Any) -> _Reply:
@@ -146,9 +118,20 @@ class LLMSimulator:
     background thread with ``with LLMSimulator(...).running_in_thread() as sim:``."""
 
     def __init__(
-        self, faults: Faults | None = None, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0
+        self,
+        faults: Faults | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int = 0,
+        models: tuple[str, ...] | None = None,
+        model_faults: dict[str, Faults] | None = None,
     ) -> None:
         self.faults = faults or Faults()
+        # Models offered: with a list, any other model is a 404 (as providers answer)
+        self.models = models
+        self.model_faults = dict(model_faults or {})
+        self._tats: dict[tuple[str, str], float] = {}  # (model, kind) -> GCRA arrival time
         self.host = host
         self.port = port
         self.stats: Counter[str] = Counter()
@@ -250,7 +233,11 @@ class LLMSimulator:
             if reply.reset:
                 _reset(writer)
                 return
-            await self._send(connection, writer, reply)
+            if reply.events is not None:
+                if not await self._send_stream(connection, writer, reply):
+                    return
+            else:
+                await self._send(connection, writer, reply)
             if connection.our_state is h11.MUST_CLOSE:
                 return
             connection.start_next_cycle()
@@ -298,6 +285,34 @@ class LLMSimulator:
         writer.write(connection.send(h11.EndOfMessage()))
         await writer.drain()
 
+    async def _send_stream(
+        self, connection: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply
+    ) -> bool:
+        """Send an SSE stream; False when the connection is gone (reset, or the client
+        hung up: counted as ``stream_abandoned``)."""
+        assert reply.events is not None
+        if reply.delay:
+            await asyncio.sleep(reply.delay)  # the time to the first token
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        try:
+            writer.write(connection.send(h11.Response(status_code=200, headers=headers)))
+            for index, event in enumerate(reply.events):
+                if reply.midstream == "reset" and index == _MIDSTREAM_AFTER:
+                    _reset(writer)
+                    return False
+                writer.write(connection.send(h11.Data(data=event)))
+                await writer.drain()
+                if writer.is_closing():
+                    raise ConnectionResetError("the client closed the stream")
+                if reply.trickle:
+                    await asyncio.sleep(reply.trickle)
+            writer.write(connection.send(h11.EndOfMessage()))
+            await writer.drain()
+        except ConnectionError:
+            self.stats["stream_abandoned"] += 1
+            return False
+        return True
+
     # -- what to answer ---------------------------------------------------------------------
 
     async def _handle(self, request: h11.Request, body: bytes) -> _Reply:
@@ -307,6 +322,8 @@ class LLMSimulator:
             return self._admin(method, path, body)
         if path == "/healthz":
             return _json("health", 200, {"status": "ok"})
+        if method == "GET" and path.removeprefix("/v1").startswith("/models"):
+            return self._models(path.removeprefix("/v1").removeprefix("/models").strip("/"))
         if path not in {"/v1/chat/completions", "/chat/completions"} or method != "POST":
             return _error(404, f"no route {method} {path}")
         self.stats["requests"] += 1
@@ -314,8 +331,31 @@ class LLMSimulator:
         self.stats[f"outcome:{reply.outcome}"] += 1
         return reply
 
+    def offered_models(self) -> tuple[str, ...]:
+        listed = self.models if self.models is not None else DEFAULT_MODELS
+        return tuple(dict.fromkeys((*listed, *self.model_faults)))
+
+    def _models(self, model: str) -> _Reply:
+        cards = {
+            name: {"id": name, "object": "model", "created": 0, "owned_by": "aura-sim"}
+            for name in self.offered_models()
+        }
+        if not model:
+            return _json("models", 200, {"object": "list", "data": list(cards.values())})
+        if model in cards:
+            return _json("models", 200, cards[model])
+        return _error(404, f"The model '{model}' does not exist", outcome="models")
+
+    def faults_for(self, model: str) -> Faults:
+        return self.model_faults.get(model, self.faults)
+
     def _chat(self, request: h11.Request, body: bytes) -> _Reply:
-        faults = self.faults
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        model = str(parsed.get("model") or "aura-sim") if isinstance(parsed, dict) else ""
+        faults = self.faults_for(model)
         if time.monotonic() < self._outage_until:
             mode = self._outage_mode
             if mode == "reset":
@@ -328,18 +368,23 @@ class LLMSimulator:
             if sent != f"Bearer {faults.api_key}":
                 return _error(401, "invalid API key")
         try:
-            parsed = json.loads(body)
-            if not isinstance(parsed, dict) or not isinstance(parsed.get("messages"), list):
-                raise ValueError("a JSON object with a 'messages' list is required")
-            if not parsed["messages"]:
-                raise ValueError("'messages' must not be empty")
+            validate(parsed)
         except ValueError as exc:
             return _error(400, str(exc)[:200])
+        if self.models is not None and model not in self.offered_models():
+            return _error(404, f"The model '{model}' does not exist")
+        parsed["model"] = model
         delay = faults.latency + (self._random.uniform(0, faults.jitter) if faults.jitter else 0)
-        answer = _completion(parsed)
-        roll = self._random.random()
-        for rate, make in (
-            (faults.error_rate, self._status_error),
+        answer = completion_for(parsed)
+        limited, headers = self._rate_limit(model, faults, answer["usage"]["total_tokens"])
+        if limited is not None:
+            return limited
+        if parsed.get("stream"):
+            reply = self._streamed(parsed, faults, delay)
+            reply.headers += headers
+            return reply
+        faulty: list[tuple[float, Callable[[], _Reply]]] = [
+            (faults.error_rate, lambda: self._status_error(faults)),
             (faults.hang_rate, lambda: _json("hang", 200, answer, delay=faults.hang_seconds)),
             (
                 faults.trickle_rate,
@@ -347,15 +392,83 @@ class LLMSimulator:
             ),
             (faults.reset_rate, lambda: _Reply("reset", reset=True)),
             (faults.malformed_rate, lambda: _Reply("malformed", 200, b'{"choices": [{"mess')),
-        ):
+        ]
+        return self._roll(faulty) or _json("ok", 200, answer, delay=delay, headers=headers)
+
+    def _rate_limit(
+        self, model: str, faults: Faults, tokens: int
+    ) -> tuple[_Reply | None, list[tuple[str, str]]]:
+        """GCRA per model, as providers limit: a 429 with Retry-After over the limit, and
+        x-ratelimit-* headers on every answer."""
+        now = time.monotonic()
+        headers: list[tuple[str, str]] = []
+        waits: list[float] = []
+        updates: list[tuple[tuple[str, str], float]] = []
+        for kind, per_minute, cost in (("requests", faults.rpm, 1), ("tokens", faults.tpm, tokens)):
+            if per_minute <= 0:
+                continue
+            interval = 60.0 / per_minute
+            burst = interval * max(per_minute / 60.0 * faults.rate_burst_s, cost)
+            tat = max(self._tats.get((model, kind), now), now)
+            new_tat = tat + interval * cost
+            wait = new_tat - burst - now
+            waits.append(wait)
+            updates.append(((model, kind), new_tat))
+            remaining = max(int((burst - (new_tat - now)) / interval), 0) if wait <= 0 else 0
+            headers += [
+                (f"x-ratelimit-limit-{kind}", f"{per_minute:g}"),
+                (f"x-ratelimit-remaining-{kind}", str(remaining)),
+                (f"x-ratelimit-reset-{kind}", f"{max(new_tat - now, 0.0):.3f}s"),
+            ]
+        if waits and max(waits) > 0:
+            self.stats["rate_limited"] += 1
+            retry = [("retry-after", f"{max(waits):.3f}")]
+            return _error(429, "Rate limit reached", outcome="429", headers=retry + headers), []
+        for key, new_tat in updates:
+            self._tats[key] = new_tat
+        return None, headers
+
+    def _streamed(self, body: dict[str, Any], faults: Faults, delay: float) -> _Reply:
+        events = [
+            b"data: [DONE]\n\n"
+            if chunk is None
+            else b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            for chunk in stream_events(body)
+        ]
+        broken = list(events)
+        broken[_MIDSTREAM_AFTER:] = [b'data: {"choices": [{"del\n\n']
+        failed = list(events)
+        error = {"error": {"message": "simulated failure mid-stream", "type": "server_error"}}
+        failed[_MIDSTREAM_AFTER:] = [b"data: " + json.dumps(error).encode() + b"\n\n"]
+        faulty: list[tuple[float, Callable[[], _Reply]]] = [
+            (faults.error_rate, lambda: self._status_error(faults)),
+            (faults.hang_rate, lambda: _Reply("hang", events=events, delay=faults.hang_seconds)),
+            (
+                faults.trickle_rate,
+                lambda: _Reply("trickle", events=events, trickle=faults.trickle_interval),
+            ),
+            (faults.reset_rate, lambda: _Reply("reset", reset=True)),
+            (faults.malformed_rate, lambda: _Reply("malformed", events=broken, delay=delay)),
+            (
+                faults.midstream_reset_rate,
+                lambda: _Reply("midstream_reset", events=events, midstream="reset", delay=delay),
+            ),
+            (faults.midstream_error_rate, lambda: _Reply("midstream_error", events=failed)),
+        ]
+        return self._roll(faulty) or _Reply("ok", events=events, delay=delay)
+
+    def _roll(self, faulty: list[tuple[float, Callable[[], _Reply]]]) -> _Reply | None:
+        """One die for all faults: each takes its rate's share of [0, 1)."""
+        roll = self._random.random()
+        for rate, make in faulty:
             if roll < rate:
                 return make()
             roll -= rate
-        return _json("ok", 200, answer, delay=delay)
+        return None
 
-    def _status_error(self) -> _Reply:
-        status = self._random.choice(self.faults.error_statuses)
-        headers = _retry_after(self.faults) if status in (429, 503) else []
+    def _status_error(self, faults: Faults) -> _Reply:
+        status = self._random.choice(faults.error_statuses)
+        headers = _retry_after(faults) if status in (429, 503) else []
         return _error(status, "simulated failure", headers=headers)
 
     def _admin(self, method: str, path: str, body: bytes) -> _Reply:
@@ -365,8 +478,13 @@ class LLMSimulator:
                 stats = {"requests": self.requests, "by_outcome": self.outcomes()}
                 return _json("admin", 200, stats)
             if method == "POST" and path == "/admin/faults":
-                self.faults.update(payload)
-                return _json("admin", 200, dataclasses.asdict(self.faults))
+                model = payload.pop("model", None)
+                if model is None:
+                    self.faults.update(payload)
+                    return _json("admin", 200, dataclasses.asdict(self.faults))
+                faults = self.model_faults.setdefault(str(model), Faults())
+                faults.update(payload)
+                return _json("admin", 200, dataclasses.asdict(faults))
             if method == "POST" and path == "/admin/outage":
                 mode = payload.get("mode", "error")
                 if mode not in ("error", "reset", "hang"):
