@@ -35,11 +35,13 @@ import contextlib
 import contextvars
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import greenlet
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
@@ -53,6 +55,7 @@ __all__ = [
     "HardTimeLimitExceeded",
     "ProcessRuntime",
     "process_runtime",
+    "run_in_greenlet",
     "start_threaded",
 ]
 
@@ -104,6 +107,43 @@ class ContextStack:
 
     def __len__(self) -> int:
         return len(self._stack.get())
+
+
+_LIMITS: contextvars.ContextVar[tuple[float | None, float | None]] = contextvars.ContextVar(
+    "aura_task_limits", default=(None, None)
+)
+
+
+class _TaskGreenlet(greenlet.greenlet):  # type: ignore[misc]
+    """Runs one delivery's Celery tracer (synchronous code) on the loop's thread; where
+    that code waits for a coroutine (``ProcessRuntime.run``) it switches back to the
+    loop, which awaits it and switches in again with the result (SQLAlchemy's asyncio
+    bridge works the same way). No thread per task: no GIL hand-offs."""
+
+
+async def run_in_greenlet(
+    function: Callable[..., T], *args: Any, soft: float | None, hard: float | None
+) -> T:
+    """Run ``function(*args)`` in a task greenlet with these time limits (seconds)."""
+    now = time.monotonic()
+    limits = (None if soft is None else now + soft, None if hard is None else now + hard)
+
+    def body() -> T:
+        _LIMITS.set(limits)
+        return function(*args)
+
+    child = _TaskGreenlet(body, greenlet.getcurrent())
+    child.gr_context = contextvars.copy_context()
+    result = child.switch()
+    while not child.dead:
+        awaitable = result  # the child asks for this to be awaited
+        try:
+            value = await awaitable
+        except BaseException:
+            result = child.throw(*sys.exc_info())
+        else:
+            result = child.switch(value)
+    return result  # type: ignore[no-any-return]
 
 
 class _Limits(threading.local):
@@ -202,6 +242,8 @@ class ProcessRuntime:
 
         ``soft_limited``: this is the task's own work, which its soft limit cancels
         (threaded mode; inline, Celery's signal does it)."""
+        if isinstance(greenlet.getcurrent(), _TaskGreenlet):
+            return self._run_from_greenlet(coroutine, soft_limited)
         if self._thread is None:
             return self._run_inline(coroutine)
         soft_at = self._limits.soft_at if soft_limited else None
@@ -214,6 +256,27 @@ class ProcessRuntime:
             if self.on_hard_limit is not None:
                 self.on_hard_limit()
             raise HardTimeLimitExceeded("the task ran past its hard time limit") from None
+
+    def _run_from_greenlet(self, coroutine: Coroutine[Any, Any, T], soft_limited: bool) -> T:
+        soft_at, hard_at = _LIMITS.get()
+        wrapped = _soft_limited(coroutine, soft_at if soft_limited else None)
+        # Awaited in a task of its own, in this greenlet's context (its task's request).
+        return greenlet.getcurrent().parent.switch(  # type: ignore[no-any-return]
+            self._hard_limited(wrapped, contextvars.copy_context(), hard_at)
+        )
+
+    async def _hard_limited(
+        self, coroutine: Coroutine[Any, Any, T], context: contextvars.Context, hard_at: float | None
+    ) -> T:
+        task = self.loop.create_task(coroutine, context=context)
+        timeout = None if hard_at is None else max(hard_at - time.monotonic(), 0)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()  # it may ignore it: the process is recycled below
+            if self.on_hard_limit is not None:
+                self.on_hard_limit()
+            raise HardTimeLimitExceeded("the task ran past its hard time limit")
+        return task.result()
 
     def _submit(
         self, coroutine: Coroutine[Any, Any, T], context: contextvars.Context
