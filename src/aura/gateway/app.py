@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
+import structlog
 from celery import Celery
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,18 +61,39 @@ from aura.errors import (
     ServiceUnavailableError,
 )
 from aura.gateway.auth import tenant_for_key
+from aura.gateway.bodies import (
+    JSON_TYPES,
+    MAX_IMPORT_BYTES,
+    MAX_IMPORT_RECORDS,
+    MAX_PRODUCT_BYTES,
+    NDJSON_TYPES,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    media_type,
+    product_document,
+    read_body,
+    split_import,
+)
+from aura.gateway.guard import RETRY_AFTER_SECONDS, ErrorGuard
 from aura.gateway.outbox import publish_staged, relay_forever
+from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
 
-__all__ = ["ENRICH_TASK", "INGEST_TASK", "Gateway", "create_app"]
+__all__ = [
+    "ENRICH_TASK",
+    "INGEST_TASK",
+    "MAX_IMPORT_BYTES",
+    "MAX_IMPORT_RECORDS",
+    "MAX_PRODUCT_BYTES",
+    "Gateway",
+    "create_app",
+]
 
 INGEST_TASK = "aura.ingest_product"
 ENRICH_TASK = "aura.enrich_product"
-MAX_PRODUCT_BYTES = 256 * 1024
-MAX_IMPORT_BYTES = 16 * 1024 * 1024
-MAX_IMPORT_RECORDS = 20_000
-MAX_JSON_DEPTH = 32
+_CENTS = Decimal("0.01")
+_log = structlog.get_logger("aura.gateway")
 
 
 @dataclass
@@ -90,44 +112,6 @@ def _error(
     if fields:
         body["fields"] = fields
     return JSONResponse({"error": body}, status_code=status)
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(limit)
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise _TooLarge(limit)
-    return bytes(chunks)
-
-
-class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body larger than {limit} bytes")
-        self.limit = limit
-
-
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_JSON_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level + 1)
-    return level
-
-
-def _json(raw: bytes, what: str) -> Any:
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"{what} is not valid JSON: {exc}"[:300], field="body") from exc
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidInputError(f"{what} is nested deeper than {MAX_JSON_DEPTH}", field="body")
-    return value
 
 
 def _product_view(
@@ -189,6 +173,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             await database.dispose()
 
     app = FastAPI(title="Aura gateway", lifespan=lifespan)
+    app.add_middleware(ErrorGuard)
     if gateway is not None:
         app.state.gateway = gateway
 
@@ -202,12 +187,19 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             fields = [{"field": f, "message": m} for f, m in exc.errors]
             return _error(422, "invalid_input", str(exc), fields)
         if isinstance(exc, DatabaseTransactionError | ServiceUnavailableError):
-            return _error(503, "unavailable", "a dependency is unavailable; retry later")
+            response = _error(503, "unavailable", "a dependency is unavailable; retry later")
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
         return _error(500, "internal", "internal error")
 
-    @app.exception_handler(_TooLarge)
-    async def too_large(_: Request, exc: _TooLarge) -> JSONResponse:
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return _error(413, "too_large", str(exc), [{"field": "body", "message": str(exc)}])
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def unsupported(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        fields = [{"field": "content-type", "message": str(exc)}]
+        return _error(415, "unsupported_media_type", str(exc), fields)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -242,13 +234,26 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     @app.post("/v1/tenants/{tenant_id}/products", status_code=201)
     async def post_product(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
-        data = parse_product(_json(await _body(request, MAX_PRODUCT_BYTES), "the product"))
-        async with gw.database.session() as session:
-            product, staged = await _accept_product(session, tenant_id, data)
-        await publish_staged(gw.database, gw.publisher, staged, origin="product")
-        async with gw.database.session() as session:
-            view = await _load_product(session, tenant_id, product.id)
-        return JSONResponse(view, status_code=201)
+        media_type(request.headers.get("content-type", ""), JSON_TYPES)
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), MAX_PRODUCT_BYTES
+        )
+        data = parse_product(product_document(raw))
+        try:
+            async with gw.database.session() as session:
+                product, staged = await _accept_product(session, tenant_id, data)
+        except DatabaseTransactionError as exc:
+            if not exc.commit_outcome_unknown:
+                raise
+            # The COMMIT's answer was lost: look before saying 503 (its SKUs are ours).
+            found = await _committed_product(gw.database, tenant_id, data.variants[0].sku)
+            if found is None:
+                raise
+            _log.warning("commit outcome was unknown; the product is committed", origin="product")
+            return JSONResponse(found, status_code=201)
+        # Committed: from here on nothing may turn the answer into an error.
+        await _publish_after_commit(gw, staged, origin="product")
+        return JSONResponse(_committed_view(product, data), status_code=201)
 
     @app.get("/v1/tenants/{tenant_id}/products/{product_id}")
     async def get_product(
@@ -285,12 +290,25 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     @app.post("/v1/tenants/{tenant_id}/imports", status_code=202)
     async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
-        raw = await _body(request, MAX_IMPORT_BYTES)
-        records = _split_records(raw, request.headers.get("content-type", ""))
-        async with gw.database.session() as session:
-            batch, staged = await _accept_import(session, tenant_id, records)
-        await publish_staged(gw.database, gw.publisher, staged, origin="import")
-        return JSONResponse({"import_id": str(batch.id), "accepted": len(records)}, status_code=202)
+        kind = media_type(request.headers.get("content-type", ""), JSON_TYPES | NDJSON_TYPES)
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), MAX_IMPORT_BYTES
+        )
+        records = split_import(raw, kind)
+        import_id = uuid.uuid4()
+        accepted = JSONResponse(
+            {"import_id": str(import_id), "accepted": len(records)}, status_code=202
+        )
+        try:
+            async with gw.database.session() as session:
+                staged = await _accept_import(session, tenant_id, import_id, records)
+        except DatabaseTransactionError as exc:
+            if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
+                raise
+            _log.warning("commit outcome was unknown; the import is committed", origin="import")
+            return accepted  # its messages are the relay's once their lease expires
+        await _publish_after_commit(gw, staged, origin="import")
+        return accepted
 
     @app.get("/v1/tenants/{tenant_id}/imports/{import_id}")
     async def get_import(
@@ -358,10 +376,10 @@ async def _accept_product(
 
 @transactional
 async def _accept_import(
-    session: AsyncSession, tenant_id: uuid.UUID, records: list[str]
-) -> tuple[Import, list[Staged]]:
+    session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUID, records: list[str]
+) -> list[Staged]:
     """The import, a pending row per record and a message per record: one transaction."""
-    batch, message_ids = await create_import(session, tenant_id, len(records))
+    batch, message_ids = await create_import(session, tenant_id, len(records), import_id=import_id)
     staged = [
         Staged(
             message_id,
@@ -374,30 +392,61 @@ async def _accept_import(
         for message_id, record in zip(message_ids, records, strict=True)
     ]
     await stage_messages(session, staged)
-    return batch, staged
+    return staged
 
 
-def _split_records(raw: bytes, content_type: str) -> list[str]:
-    """A JSON array (each element re-serialized) or JSON lines (each line as it came)."""
-    if content_type.split(";")[0].strip() == "application/json":
-        value = _json(raw, "the import")
-        if not isinstance(value, list):
-            raise InvalidInputError("the import must be a JSON array of records", field="body")
-        records = [json.dumps(item) for item in value]
-    else:
-        try:
-            text_body = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInputError("JSON lines must be UTF-8", field="body") from exc
-        records = [line for line in text_body.splitlines() if line.strip()]
-    if not records:
-        raise InvalidInputError("the import holds no records", field="body")
-    if len(records) > MAX_IMPORT_RECORDS:
-        raise InvalidInputError(
-            f"an import holds at most {MAX_IMPORT_RECORDS} records, got {len(records)}",
-            field="body",
+async def _publish_after_commit(gw: Gateway, staged: list[Staged], *, origin: str) -> None:
+    """Publish what was just committed. Never raises: the request's data is committed, so
+    its answer is success; what could not be published or cleared is the relay's."""
+    try:
+        await publish_staged(gw.database, gw.publisher, staged, origin=origin)
+    except Exception as exc:
+        _log.warning(
+            "publishing after the commit failed; the outbox relay will send what is left",
+            origin=origin,
+            messages=len(staged),
+            error=describe_exception(exc),
         )
-    return records
+
+
+async def _import_exists(database: Database, import_id: uuid.UUID) -> bool:
+    """Whether an import whose COMMIT outcome was unknown is there (False if unsure)."""
+    try:
+        async with database.session() as session:
+            return await session.get(Import, import_id) is not None
+    except Exception:
+        return False
+
+
+async def _committed_product(
+    database: Database, tenant_id: uuid.UUID, sku: str
+) -> dict[str, Any] | None:
+    """The product holding ``sku`` after a COMMIT of unknown outcome (None if unsure)."""
+    try:
+        async with database.session() as session:
+            product_id = await session.scalar(
+                select(Variant.product_id).where(Variant.tenant_id == tenant_id, Variant.sku == sku)
+            )
+            if product_id is None:
+                return None
+            return await _load_product(session, tenant_id, product_id)
+    except Exception:
+        return None
+
+
+def _committed_view(product: Product, data: ProductIn) -> dict[str, Any]:
+    """The view of a product just committed, from what was written (no read after the
+    commit: the database may be gone by now, and the answer must still be 201)."""
+    variants = [
+        Variant(
+            sku=v.sku,
+            price=v.price.quantize(_CENTS),
+            currency=v.currency,
+            attributes=dict(v.attributes),
+        )
+        for v in sorted(data.variants, key=lambda v: v.sku)
+    ]
+    return _product_view(product, variants, None)
 
 
 async def _load_product(
