@@ -51,7 +51,7 @@ from aura.db import (
     import_counts,
     transactional,
 )
-from aura.db.outbox import Staged, stage_messages
+from aura.db.outbox import Claim, Staged, stage_messages
 from aura.errors import (
     AuraError,
     ConflictError,
@@ -75,7 +75,7 @@ from aura.gateway.bodies import (
     split_import,
 )
 from aura.gateway.guard import RETRY_AFTER_SECONDS, ErrorGuard
-from aura.gateway.outbox import publish_staged, relay_forever
+from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
 from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
@@ -103,6 +103,9 @@ class Gateway:
     database: Database
     publisher: Celery
     ready_checks: dict[str, Callable[[], Any]]
+    # How long a request holds the outbox rows it staged before the relay may take them
+    # (renewed while it publishes): OUTBOX_RELAY_MIN_AGE when built from Settings.
+    outbox_lease: float = DEFAULT_LEASE
 
 
 def _error(
@@ -155,7 +158,12 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         current = settings or get_settings()
         database = Database.from_settings(current)
         publisher = make_celery_app(current)
-        app.state.gateway = Gateway(database, publisher, default_checks(current))
+        app.state.gateway = Gateway(
+            database,
+            publisher,
+            default_checks(current),
+            outbox_lease=current.outbox_relay_min_age,
+        )
         relay = asyncio.create_task(
             relay_forever(
                 database,
@@ -241,7 +249,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         data = parse_product(product_document(raw))
         try:
             async with gw.database.session() as session:
-                product, staged = await _accept_product(session, tenant_id, data)
+                product, staged = await _accept_product(session, tenant_id, data, gw.outbox_lease)
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown:
                 raise
@@ -301,7 +309,9 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         )
         try:
             async with gw.database.session() as session:
-                staged = await _accept_import(session, tenant_id, import_id, records)
+                staged = await _accept_import(
+                    session, tenant_id, import_id, records, gw.outbox_lease
+                )
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
                 raise
@@ -357,8 +367,8 @@ class _Unauthorized(Exception):
 
 @transactional
 async def _accept_product(
-    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn
-) -> tuple[Product, list[Staged]]:
+    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn, lease: float
+) -> tuple[Product, tuple[list[Staged], Claim]]:
     """The product, its variants and its enrichment message: one transaction."""
     product = await create_product_with_variants(session, tenant_id, data)
     staged = [
@@ -370,14 +380,19 @@ async def _accept_product(
             [str(product.id), str(tenant_id)],
         )
     ]
-    await stage_messages(session, staged)
-    return product, staged
+    claim = Claim.new(staging_lease(lease))  # the request publishes these after the commit
+    await stage_messages(session, staged, claim)
+    return product, (staged, claim)
 
 
 @transactional
 async def _accept_import(
-    session: AsyncSession, tenant_id: uuid.UUID, import_id: uuid.UUID, records: list[str]
-) -> list[Staged]:
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    import_id: uuid.UUID,
+    records: list[str],
+    lease: float,
+) -> tuple[list[Staged], Claim]:
     """The import, a pending row per record and a message per record: one transaction."""
     batch, message_ids = await create_import(session, tenant_id, len(records), import_id=import_id)
     staged = [
@@ -391,20 +406,26 @@ async def _accept_import(
         )
         for message_id, record in zip(message_ids, records, strict=True)
     ]
-    await stage_messages(session, staged)
-    return staged
+    claim = Claim.new(staging_lease(lease))
+    await stage_messages(session, staged, claim)
+    return staged, claim
 
 
-async def _publish_after_commit(gw: Gateway, staged: list[Staged], *, origin: str) -> None:
+async def _publish_after_commit(
+    gw: Gateway, claimed: tuple[list[Staged], Claim], *, origin: str
+) -> None:
     """Publish what was just committed. Never raises: the request's data is committed, so
     its answer is success; what could not be published or cleared is the relay's."""
     try:
-        await publish_staged(gw.database, gw.publisher, staged, origin=origin)
+        staged, claim = claimed
+        await publish_claimed(
+            gw.database, gw.publisher, staged, claim, lease=gw.outbox_lease, origin=origin
+        )
     except Exception as exc:
         _log.warning(
             "publishing after the commit failed; the outbox relay will send what is left",
             origin=origin,
-            messages=len(staged),
+            messages=len(claimed[0]),
             error=describe_exception(exc),
         )
 
