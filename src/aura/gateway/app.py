@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,13 +32,17 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
+from aura import __version__
 from aura.catalog import ProductIn, parse_product
 from aura.config import Settings, get_settings
 from aura.db import (
@@ -75,7 +80,18 @@ from aura.gateway.bodies import (
     split_import,
 )
 from aura.gateway.guard import RETRY_AFTER_SECONDS, ErrorGuard
+from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
+from aura.gateway.schemas import (
+    ERROR_RESPONSES,
+    Health,
+    ImportAccepted,
+    ImportCounts,
+    ProductOut,
+    ProductPage,
+    Readiness,
+    error_responses,
+)
 from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
@@ -109,12 +125,26 @@ class Gateway:
 
 
 def _error(
-    status: int, code: str, message: str, fields: list[dict[str, str]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    fields: list[dict[str, str]] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if fields:
         body["fields"] = fields
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method some route serves at ``path`` (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute | Route) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return methods
 
 
 def _product_view(
@@ -180,7 +210,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
                 await relay
             await database.dispose()
 
-    app = FastAPI(title="Aura gateway", lifespan=lifespan)
+    app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
+    app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
     if gateway is not None:
         app.state.gateway = gateway
@@ -199,6 +230,20 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return response
         return _error(500, "internal", "internal error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Routing errors in our format; OPTIONS and 405 list every method of the path."""
+        if exc.status_code not in (404, 405):
+            return _error(exc.status_code, "http_error", str(exc.detail))
+        allowed = _allowed_methods(request.app, request.url.path)
+        if not allowed:
+            return _error(404, "not_found", f"no such resource: {request.url.path[:200]}")
+        allow = {"Allow": ", ".join(sorted(allowed | {"OPTIONS"}))}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=allow)
+        message = f"{request.method} is not allowed here; allowed: {allow['Allow']}"
+        return _error(405, "method_not_allowed", message, headers=allow)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -239,7 +284,15 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def unauthorized(_: Request, exc: _Unauthorized) -> JSONResponse:
         return _error(401, "unauthorized", str(exc), [{"field": "X-API-Key", "message": str(exc)}])
 
-    @app.post("/v1/tenants/{tenant_id}/products", status_code=201)
+    @app.post(
+        "/v1/tenants/{tenant_id}/products",
+        status_code=201,
+        response_model=ProductOut,
+        responses=error_responses(401, 404, 409, 413, 415, 422, 503),
+        dependencies=[Security(API_KEY)],
+        openapi_extra=PRODUCT_BODY,
+        summary="Create a product and queue its enrichment",
+    )
     async def post_product(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
         media_type(request.headers.get("content-type", ""), JSON_TYPES)
@@ -263,7 +316,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         await _publish_after_commit(gw, staged, origin="product")
         return JSONResponse(_committed_view(product, data), status_code=201)
 
-    @app.get("/v1/tenants/{tenant_id}/products/{product_id}")
+    @app.get(
+        "/v1/tenants/{tenant_id}/products/{product_id}",
+        response_model=ProductOut,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="A product with its variants and enrichment state",
+    )
     async def get_product(
         tenant_id: uuid.UUID, product_id: uuid.UUID, request: Request
     ) -> dict[str, Any]:
@@ -271,7 +330,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         async with gw.database.session() as session:
             return await _load_product(session, tenant_id, product_id)
 
-    @app.get("/v1/tenants/{tenant_id}/products")
+    @app.get(
+        "/v1/tenants/{tenant_id}/products",
+        response_model=ProductPage,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="A page of the tenant's products",
+    )
     async def list_products(
         tenant_id: uuid.UUID,
         request: Request,
@@ -295,7 +360,15 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             items = [await _load_product(session, tenant_id, pid) for pid in ids]
         return {"items": items, "total": int(total or 0), "limit": limit, "offset": offset}
 
-    @app.post("/v1/tenants/{tenant_id}/imports", status_code=202)
+    @app.post(
+        "/v1/tenants/{tenant_id}/imports",
+        status_code=202,
+        response_model=ImportAccepted,
+        responses=error_responses(401, 404, 413, 415, 422, 503),
+        dependencies=[Security(API_KEY)],
+        openapi_extra=IMPORT_BODY,
+        summary="Import a catalog: each record becomes one message, processed or dead-lettered",
+    )
     async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
         kind = media_type(request.headers.get("content-type", ""), JSON_TYPES | NDJSON_TYPES)
@@ -320,7 +393,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         await _publish_after_commit(gw, staged, origin="import")
         return accepted
 
-    @app.get("/v1/tenants/{tenant_id}/imports/{import_id}")
+    @app.get(
+        "/v1/tenants/{tenant_id}/imports/{import_id}",
+        response_model=ImportCounts,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="Where an import's records are",
+    )
     async def get_import(
         tenant_id: uuid.UUID, import_id: uuid.UUID, request: Request
     ) -> dict[str, Any]:
@@ -331,11 +410,16 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             raise NotFoundError(f"unknown import {import_id}", field="import_id")
         return {"import_id": str(import_id), **counts}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A dependency is unavailable"}},
+        summary="The database, Redis and the broker answer",
+    )
     async def readyz(request: Request) -> JSONResponse:
         gw = state(request)
         checks: dict[str, str] = {}
@@ -354,7 +438,12 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        summary="Prometheus exposition",
+    )
     async def metrics() -> Response:
         return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
