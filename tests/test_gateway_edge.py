@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -353,3 +354,50 @@ async def test_an_import_while_backends_are_killed_is_202_committed_or_503_with_
     # Every 202 is committed whole; no 503 left anything behind.
     assert sorted(str(i) for i in imports) == sorted(accepted)
     assert all(records[uuid.UUID(i)] == 50 for i in accepted)
+
+
+class HeldPublisher:
+    """A publisher whose sends wait until the test lets them go (requests held in flight)."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.release = threading.Event()
+
+    def send_task(self, name: str, **options: Any) -> None:
+        self.entered += 1
+        assert self.release.wait(30), "the test never let the publish go"
+
+
+async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
+    pg_database: Database,
+) -> None:
+    tenant_id, key = await tenant(pg_database)
+    held = HeldPublisher()
+    app = create_app(Gateway(pg_database, held, {}, max_in_flight=2))  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    headers = {**key, "content-type": "application/json"}
+    url = f"/v1/tenants/{tenant_id}/products"
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        in_flight = [
+            asyncio.create_task(client.post(url, content=product_text(), headers=headers))
+            for _ in range(2)
+        ]
+
+        async def both_held() -> bool:
+            return held.entered == 2
+
+        try:
+            await wait_until(both_held, within=15)
+            shed = await client.post(url, content=product_text(), headers=headers)
+            health = await client.get("/healthz")
+        finally:
+            held.release.set()
+        served = await asyncio.gather(*in_flight)
+        after = await client.post(url, content=product_text(), headers=headers)
+    assert shed.status_code == 503
+    assert shed.headers["retry-after"] == "1"
+    assert shed.json()["error"]["code"] == "overloaded"
+    assert health.status_code == 200  # never shed
+    assert [r.status_code for r in served] == [201, 201]
+    assert after.status_code == 201  # capacity is back
+    assert await written(pg_database, tenant_id) == (3, 0)  # the shed one wrote nothing

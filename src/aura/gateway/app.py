@@ -79,7 +79,12 @@ from aura.gateway.bodies import (
     read_body,
     split_import,
 )
-from aura.gateway.guard import RETRY_AFTER_SECONDS, ErrorGuard
+from aura.gateway.guard import (
+    DEFAULT_MAX_IN_FLIGHT,
+    RETRY_AFTER_SECONDS,
+    ErrorGuard,
+    LoadShedder,
+)
 from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
 from aura.gateway.schemas import (
@@ -122,6 +127,8 @@ class Gateway:
     # How long a request holds the outbox rows it staged before the relay may take them
     # (renewed while it publishes): OUTBOX_RELAY_MIN_AGE when built from Settings.
     outbox_lease: float = DEFAULT_LEASE
+    # Tenant requests served at once; more are shed with 503 + Retry-After.
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
 
 def _error(
@@ -213,6 +220,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
+    limit = gateway.max_in_flight if gateway is not None else DEFAULT_MAX_IN_FLIGHT
+    app.add_middleware(LoadShedder, limit=limit)  # outermost: shed before anything runs
     if gateway is not None:
         app.state.gateway = gateway
 

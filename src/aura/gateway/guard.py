@@ -21,9 +21,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aura.db.transactional import is_network_error
 from aura.errors import cause_chain
 
-__all__ = ["RETRY_AFTER_SECONDS", "ErrorGuard", "error_body", "is_unavailable"]
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "RETRY_AFTER_SECONDS",
+    "ErrorGuard",
+    "LoadShedder",
+    "error_body",
+    "is_unavailable",
+]
 
 RETRY_AFTER_SECONDS = 1
+DEFAULT_MAX_IN_FLIGHT = 64
 _log = structlog.get_logger("aura.gateway")
 
 
@@ -88,3 +96,43 @@ class ErrorGuard:
                 }
             )
             await send({"type": "http.response.body", "body": body})
+
+
+class LoadShedder:
+    """At most ``limit`` tenant requests at once; the next is ``503 overloaded`` with
+    ``Retry-After`` at once, before it holds a database connection or a byte of its body.
+
+    Past its capacity a gateway otherwise queues requests on the database pool until
+    latency runs away and they time out; shedding keeps the ones it serves fast and tells
+    the others, cheaply, when to come back. Health, readiness and metrics are never shed.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            body = error_body("overloaded", "the gateway is at capacity; retry later")
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

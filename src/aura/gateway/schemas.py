@@ -104,7 +104,7 @@ _DESCRIPTIONS = {
     413: "Body over its size limit",
     415: "Content type not accepted by this operation",
     422: "Invalid input; every offending field is named",
-    503: "A dependency is unavailable; retry after Retry-After seconds",
+    503: "Overloaded, or a dependency is unavailable; retry after Retry-After seconds",
 }
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
 
