@@ -401,3 +401,33 @@ async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
     assert [r.status_code for r in served] == [201, 201]
     assert after.status_code == 201  # capacity is back
     assert await written(pg_database, tenant_id) == (3, 0)  # the shed one wrote nothing
+
+
+async def test_valid_keys_are_cached_for_a_while_unknown_ones_never(
+    pg_database: Database,
+) -> None:
+    from aura.gateway.auth import KeyCache
+    from tests.helpers import FakeClock
+
+    tenant_id, key = await tenant(pg_database)
+    clock = FakeClock()
+    cache = KeyCache(ttl=10, size=1, clock=clock)
+    lookups = 0
+
+    class CountingSession:
+        async def scalar(self, statement: Any) -> Any:
+            nonlocal lookups
+            lookups += 1
+            async with pg_database.session() as session:
+                return await session.scalar(statement)
+
+    session: Any = CountingSession()
+    assert str(await cache.tenant_for_key(session, key["X-API-Key"])) == tenant_id
+    assert str(await cache.tenant_for_key(session, key["X-API-Key"])) == tenant_id
+    assert lookups == 1
+    clock.advance(11)
+    assert str(await cache.tenant_for_key(session, key["X-API-Key"])) == tenant_id
+    assert lookups == 2
+    assert await cache.tenant_for_key(session, "aura_unknown") is None
+    assert await cache.tenant_for_key(session, "aura_unknown") is None
+    assert lookups == 4

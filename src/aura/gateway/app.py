@@ -26,7 +26,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -65,7 +65,7 @@ from aura.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from aura.gateway.auth import tenant_for_key
+from aura.gateway.auth import KeyCache
 from aura.gateway.bodies import (
     JSON_TYPES,
     MAX_IMPORT_BYTES,
@@ -129,6 +129,7 @@ class Gateway:
     outbox_lease: float = DEFAULT_LEASE
     # Tenant requests served at once; more are shed with 503 + Retry-After.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 def _error(
@@ -282,7 +283,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         if not key:
             raise _Unauthorized("missing X-API-Key header")
         async with gw.database.session() as session:
-            owner = await tenant_for_key(session, key)
+            owner = await gw.keys.tenant_for_key(session, key)
         if owner is None:
             raise _Unauthorized("invalid API key")
         if owner != tenant_id:
