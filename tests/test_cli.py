@@ -148,12 +148,80 @@ def test_db_upgrade_migrates_the_configured_database(tmp_path: Path) -> None:
     }
 
 
-def test_db_upgrade_on_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
-    done = run_aura("db", "upgrade", env={"DATABASE_URL": "postgresql://u:pw5678@127.0.0.1:1/x"})
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    assert "pw5678" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+PG = "postgresql://postgres:pw5678@127.0.0.1:5432"
+RABBIT = "amqp://guest:guest@127.0.0.1:5672"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (
+            ("db", "upgrade"),
+            {"DATABASE_URL": "postgresql://u:pw5678@127.0.0.1:1/x"},
+            "PostgreSQL at postgresql+asyncpg://u:***@127.0.0.1:1/x: ",
+        ),
+        (
+            ("db", "upgrade"),
+            {"DATABASE_URL": f"{PG}/aura_no_such_database"},
+            'database "aura_no_such_database" does not exist',
+        ),
+        (
+            ("tenant", "create", "acme"),
+            {"DATABASE_URL": "postgresql://aura_no_such_role:pw5678@127.0.0.1:5432/test"},
+            "PostgreSQL at postgresql+asyncpg://aura_no_such_role:***@127.0.0.1:5432/test: "
+            'role "aura_no_such_role" does not exist',
+        ),
+        (
+            ("outbox", "relay"),
+            {"CELERY_BROKER_URL": "amqp://guest:pw5678@127.0.0.1:1//"},
+            "RabbitMQ at amqp://guest:***@127.0.0.1:1//: [Errno 111] Connection refused",
+        ),
+        (
+            ("outbox", "relay"),
+            {"CELERY_BROKER_URL": "amqp://guest:pw5678@127.0.0.1:5672//"},
+            "RabbitMQ at amqp://guest:***@127.0.0.1:5672//: (0, 0): (403) ACCESS_REFUSED",
+        ),
+        (
+            ("gateway",),
+            {"CELERY_BROKER_URL": f"{RABBIT}/aura_no_such_vhost"},
+            "NOT_ALLOWED - vhost aura_no_such_vhost not found",
+        ),
+        (
+            ("gateway",),
+            {"CELERY_BROKER_URL": f"{RABBIT}//", "DATABASE_URL": f"{PG}/aura_no_such_database"},
+            "PostgreSQL at postgresql+asyncpg://postgres:***@127.0.0.1:5432/aura_no_such_database: "
+            'database "aura_no_such_database" does not exist',
+        ),
+        (
+            ("retries", "ls"),
+            {"REDIS_URL": "redis://:pw5678@127.0.0.1:1/0"},
+            "Redis",
+        ),
+    ],
+)
+def test_a_service_that_cannot_be_used_is_one_line_naming_it_exit_2(
+    args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    done = run_aura(*args, env={**env, "DB_CONNECT_TIMEOUT": "5"}, timeout=40)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "pw5678" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("aura: ")
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("broker", [None, "memory://localhost/"])
+def test_the_gateway_refuses_to_start_without_a_broker_its_workers_can_reach(
+    broker: str | None,
+) -> None:
+    done = run_aura("gateway", env={"CELERY_BROKER_URL": broker} if broker else {})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "aura gateway needs CELERY_BROKER_URL" in lines[0]
+    assert "`aura demo` runs the embedded gateway" in lines[0]
 
 
 def test_llm_sim_serves_completions_and_refuses_bad_rates() -> None:

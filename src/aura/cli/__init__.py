@@ -1,7 +1,9 @@
 """The ``aura`` command line.
 
 Settings are validated once, before any command runs: a bad value prints one line naming
-the variable and exits 2. Any Aura error a command raises is printed as one line too
+the variable and exits 2. A service that cannot be used (PostgreSQL, RabbitMQ, Redis:
+unreachable, refused credentials, no such database or vhost) is one line naming it and its
+URL, password masked, exit 2 (``aura.cli.failures``). Any other Aura error is one line too
 (exit 2 for bad input or configuration, 1 otherwise); tracebacks are for bugs only.
 """
 
@@ -14,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aura.cli.failures import service_failure
 from aura.config import get_settings
 from aura.errors import AuraError, ConfigurationError, InvalidInputError
 from aura.logs import configure_logging, register_secret
@@ -73,6 +76,12 @@ def main() -> None:
     except (ConfigurationError, InvalidInputError) as exc:
         print(f"aura: {exc}", file=sys.stderr)
         sys.exit(2)
-    except AuraError as exc:
-        print(f"aura: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as exc:
+        line = service_failure(exc, get_settings())
+        if line is not None:
+            print(f"aura: {line}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(exc, AuraError):
+            print(f"aura: {type(exc).__name__}: {exc}", file=sys.stderr)
+            sys.exit(1)
+        raise

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from aura.cli import app
+from aura.cli.failures import check_broker, check_database
 from aura.config import get_settings
 from aura.db import Database, upgrade
 from aura.errors import ConfigurationError, InvalidInputError
@@ -43,11 +44,23 @@ def gateway_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=1, max=65535),
 ) -> None:
-    """Serve the API gateway (uvicorn)."""
+    """Serve the API gateway (uvicorn). Needs RabbitMQ (CELERY_BROKER_URL) and its workers:
+    without one, imports would wait on an in-process broker no worker can reach (``aura
+    demo`` runs the embedded gateway with its own worker)."""
     import uvicorn
 
     from aura.gateway import create_app
 
+    settings = get_settings()
+    broker = settings.celery_broker_url
+    if broker is None or broker.startswith("memory"):
+        raise ConfigurationError(
+            "aura gateway needs CELERY_BROKER_URL (RabbitMQ, where its workers listen): "
+            f"it is {'unset' if broker is None else broker}, so nothing it accepted would "
+            "ever be processed; `aura demo` runs the embedded gateway with its own worker"
+        )
+    check_broker(broker)
+    asyncio.run(check_database(settings))
     uvicorn.run(create_app(), host=host, port=port, log_config=None)
 
 
@@ -150,8 +163,9 @@ def outbox_relay(
     from aura.worker.celery_app import make_celery_app
 
     settings = get_settings()
-    if settings.celery_broker_url is None:
-        raise ConfigurationError("CELERY_BROKER_URL must be set to relay the outbox")
+    if settings.celery_broker_url is None or settings.celery_broker_url.startswith("memory"):
+        raise ConfigurationError("CELERY_BROKER_URL must point at RabbitMQ to relay the outbox")
+    check_broker(settings.celery_broker_url)
 
     async def relay() -> tuple[int, int]:
         database = Database.from_settings(settings)

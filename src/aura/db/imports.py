@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.db.models import Import, ImportRecord
@@ -18,22 +18,37 @@ from aura.db.transactional import transactional
 __all__ = ["RECORD_STATUSES", "create_import", "import_counts", "mark_record"]
 
 RECORD_STATUSES = ("pending", "done", "dead_lettered")
+_CHUNK = 1000
 
 
 @transactional
 async def create_import(
-    session: AsyncSession, tenant_id: uuid.UUID, records: int
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    records: int,
+    *,
+    import_id: uuid.UUID | None = None,
 ) -> tuple[Import, list[str]]:
-    """An import of ``records`` records, all pending; returns it and the records' message ids."""
-    batch = Import(tenant_id=tenant_id, accepted=records)
+    """An import of ``records`` records, all pending; returns it and the records' message ids.
+    ``import_id`` lets a caller whose COMMIT outcome is unknown look for it afterwards."""
+    batch = Import(id=import_id or uuid.uuid4(), tenant_id=tenant_id, accepted=records)
     session.add(batch)
     await session.flush()
     message_ids = [str(uuid.uuid4()) for _ in range(records)]
-    session.add_all(
-        ImportRecord(message_id=m, import_id=batch.id, tenant_id=tenant_id, position=i)
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "message_id": m,
+            "import_id": batch.id,
+            "tenant_id": tenant_id,
+            "position": i,
+            "status": "pending",
+            "updated_at": now,
+        }
         for i, m in enumerate(message_ids)
-    )
-    await session.flush()
+    ]
+    for start in range(0, len(rows), _CHUNK):
+        await session.execute(insert(ImportRecord), rows[start : start + _CHUNK])
     return batch, message_ids
 
 

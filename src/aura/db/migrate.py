@@ -37,8 +37,9 @@ async def upgrade(database: Database, revision: str = "head") -> None:
             await connection.run_sync(lambda sync: command.upgrade(_config(sync), revision))
     except Exception as exc:
         if is_network_error(exc):
+            service = "PostgreSQL" if database.dialect == "postgresql" else "SQLite"
             raise ServiceUnavailableError(
-                f"cannot reach the database at {mask_url(database.url)}: {describe_error(exc)}"
+                f"cannot reach {service} at {mask_url(database.url)}: {describe_error(exc)}"
             ) from exc
         raise
 

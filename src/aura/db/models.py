@@ -155,7 +155,8 @@ class ImportRecord(Base):
 
 class OutboxMessage(Base):
     """A message written in the same transaction as the change that needs it, deleted once
-    the broker confirmed it; the relay publishes what a failed publish left behind."""
+    the broker confirmed it; the relay publishes what a failed publish left behind.
+    ``claimed_by`` publishes it, alone, until ``claimed_until`` (``aura.db.outbox``)."""
 
     __tablename__ = "outbox"
 
@@ -166,3 +167,5 @@ class OutboxMessage(Base):
     args: Mapped[list[Any]] = mapped_column(JSON)
     kwargs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(32))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

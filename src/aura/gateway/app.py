@@ -22,21 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
+import structlog
 from celery import Celery
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
+from aura import __version__
 from aura.catalog import ProductIn, parse_product
 from aura.config import Settings, get_settings
 from aura.db import (
@@ -50,7 +56,7 @@ from aura.db import (
     import_counts,
     transactional,
 )
-from aura.db.outbox import Staged, stage_messages
+from aura.db.outbox import Claim, Staged, stage_messages
 from aura.errors import (
     AuraError,
     ConflictError,
@@ -59,19 +65,56 @@ from aura.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from aura.gateway.auth import tenant_for_key
-from aura.gateway.outbox import publish_staged, relay_forever
+from aura.gateway.auth import KeyCache
+from aura.gateway.bodies import (
+    JSON_TYPES,
+    MAX_IMPORT_BYTES,
+    MAX_IMPORT_RECORDS,
+    MAX_PRODUCT_BYTES,
+    NDJSON_TYPES,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    media_type,
+    product_document,
+    read_body,
+    split_import,
+)
+from aura.gateway.guard import (
+    DEFAULT_MAX_IN_FLIGHT,
+    RETRY_AFTER_SECONDS,
+    ErrorGuard,
+    LoadShedder,
+)
+from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
+from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
+from aura.gateway.schemas import (
+    ERROR_RESPONSES,
+    Health,
+    ImportAccepted,
+    ImportCounts,
+    ProductOut,
+    ProductPage,
+    Readiness,
+    error_responses,
+)
+from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
 
-__all__ = ["ENRICH_TASK", "INGEST_TASK", "Gateway", "create_app"]
+__all__ = [
+    "ENRICH_TASK",
+    "INGEST_TASK",
+    "MAX_IMPORT_BYTES",
+    "MAX_IMPORT_RECORDS",
+    "MAX_PRODUCT_BYTES",
+    "Gateway",
+    "create_app",
+]
 
 INGEST_TASK = "aura.ingest_product"
 ENRICH_TASK = "aura.enrich_product"
-MAX_PRODUCT_BYTES = 256 * 1024
-MAX_IMPORT_BYTES = 16 * 1024 * 1024
-MAX_IMPORT_RECORDS = 20_000
-MAX_JSON_DEPTH = 32
+_CENTS = Decimal("0.01")
+_log = structlog.get_logger("aura.gateway")
 
 
 @dataclass
@@ -81,53 +124,35 @@ class Gateway:
     database: Database
     publisher: Celery
     ready_checks: dict[str, Callable[[], Any]]
+    # How long a request holds the outbox rows it staged before the relay may take them
+    # (renewed while it publishes): OUTBOX_RELAY_MIN_AGE when built from Settings.
+    outbox_lease: float = DEFAULT_LEASE
+    # Tenant requests served at once; more are shed with 503 + Retry-After.
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 def _error(
-    status: int, code: str, message: str, fields: list[dict[str, str]] | None = None
+    status: int,
+    code: str,
+    message: str,
+    fields: list[dict[str, str]] | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if fields:
         body["fields"] = fields
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(limit)
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise _TooLarge(limit)
-    return bytes(chunks)
-
-
-class _TooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body larger than {limit} bytes")
-        self.limit = limit
-
-
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_JSON_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level + 1)
-    return level
-
-
-def _json(raw: bytes, what: str) -> Any:
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"{what} is not valid JSON: {exc}"[:300], field="body") from exc
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidInputError(f"{what} is nested deeper than {MAX_JSON_DEPTH}", field="body")
-    return value
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method some route serves at ``path`` (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute | Route) and route.path_regex.match(path):
+            methods |= route.methods or set()
+    return methods
 
 
 def _product_view(
@@ -171,7 +196,12 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         current = settings or get_settings()
         database = Database.from_settings(current)
         publisher = make_celery_app(current)
-        app.state.gateway = Gateway(database, publisher, default_checks(current))
+        app.state.gateway = Gateway(
+            database,
+            publisher,
+            default_checks(current),
+            outbox_lease=current.outbox_relay_min_age,
+        )
         relay = asyncio.create_task(
             relay_forever(
                 database,
@@ -188,7 +218,11 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
                 await relay
             await database.dispose()
 
-    app = FastAPI(title="Aura gateway", lifespan=lifespan)
+    app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
+    app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
+    app.add_middleware(ErrorGuard)
+    limit = gateway.max_in_flight if gateway is not None else DEFAULT_MAX_IN_FLIGHT
+    app.add_middleware(LoadShedder, limit=limit)  # outermost: shed before anything runs
     if gateway is not None:
         app.state.gateway = gateway
 
@@ -202,12 +236,33 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             fields = [{"field": f, "message": m} for f, m in exc.errors]
             return _error(422, "invalid_input", str(exc), fields)
         if isinstance(exc, DatabaseTransactionError | ServiceUnavailableError):
-            return _error(503, "unavailable", "a dependency is unavailable; retry later")
+            response = _error(503, "unavailable", "a dependency is unavailable; retry later")
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
         return _error(500, "internal", "internal error")
 
-    @app.exception_handler(_TooLarge)
-    async def too_large(_: Request, exc: _TooLarge) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Routing errors in our format; OPTIONS and 405 list every method of the path."""
+        if exc.status_code not in (404, 405):
+            return _error(exc.status_code, "http_error", str(exc.detail))
+        allowed = _allowed_methods(request.app, request.url.path)
+        if not allowed:
+            return _error(404, "not_found", f"no such resource: {request.url.path[:200]}")
+        allow = {"Allow": ", ".join(sorted(allowed | {"OPTIONS"}))}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=allow)
+        message = f"{request.method} is not allowed here; allowed: {allow['Allow']}"
+        return _error(405, "method_not_allowed", message, headers=allow)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return _error(413, "too_large", str(exc), [{"field": "body", "message": str(exc)}])
+
+    @app.exception_handler(UnsupportedMediaType)
+    async def unsupported(_: Request, exc: UnsupportedMediaType) -> JSONResponse:
+        fields = [{"field": "content-type", "message": str(exc)}]
+        return _error(415, "unsupported_media_type", str(exc), fields)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -228,7 +283,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         if not key:
             raise _Unauthorized("missing X-API-Key header")
         async with gw.database.session() as session:
-            owner = await tenant_for_key(session, key)
+            owner = await gw.keys.tenant_for_key(session, key)
         if owner is None:
             raise _Unauthorized("invalid API key")
         if owner != tenant_id:
@@ -239,18 +294,45 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def unauthorized(_: Request, exc: _Unauthorized) -> JSONResponse:
         return _error(401, "unauthorized", str(exc), [{"field": "X-API-Key", "message": str(exc)}])
 
-    @app.post("/v1/tenants/{tenant_id}/products", status_code=201)
+    @app.post(
+        "/v1/tenants/{tenant_id}/products",
+        status_code=201,
+        response_model=ProductOut,
+        responses=error_responses(401, 404, 409, 413, 415, 422, 503),
+        dependencies=[Security(API_KEY)],
+        openapi_extra=PRODUCT_BODY,
+        summary="Create a product and queue its enrichment",
+    )
     async def post_product(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
-        data = parse_product(_json(await _body(request, MAX_PRODUCT_BYTES), "the product"))
-        async with gw.database.session() as session:
-            product, staged = await _accept_product(session, tenant_id, data)
-        await publish_staged(gw.database, gw.publisher, staged, origin="product")
-        async with gw.database.session() as session:
-            view = await _load_product(session, tenant_id, product.id)
-        return JSONResponse(view, status_code=201)
+        media_type(request.headers.get("content-type", ""), JSON_TYPES)
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), MAX_PRODUCT_BYTES
+        )
+        data = parse_product(product_document(raw))
+        try:
+            async with gw.database.session() as session:
+                product, staged = await _accept_product(session, tenant_id, data, gw.outbox_lease)
+        except DatabaseTransactionError as exc:
+            if not exc.commit_outcome_unknown:
+                raise
+            # The COMMIT's answer was lost: look before saying 503 (its SKUs are ours).
+            found = await _committed_product(gw.database, tenant_id, data.variants[0].sku)
+            if found is None:
+                raise
+            _log.warning("commit outcome was unknown; the product is committed", origin="product")
+            return JSONResponse(found, status_code=201)
+        # Committed: from here on nothing may turn the answer into an error.
+        await _publish_after_commit(gw, staged, origin="product")
+        return JSONResponse(_committed_view(product, data), status_code=201)
 
-    @app.get("/v1/tenants/{tenant_id}/products/{product_id}")
+    @app.get(
+        "/v1/tenants/{tenant_id}/products/{product_id}",
+        response_model=ProductOut,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="A product with its variants and enrichment state",
+    )
     async def get_product(
         tenant_id: uuid.UUID, product_id: uuid.UUID, request: Request
     ) -> dict[str, Any]:
@@ -258,7 +340,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         async with gw.database.session() as session:
             return await _load_product(session, tenant_id, product_id)
 
-    @app.get("/v1/tenants/{tenant_id}/products")
+    @app.get(
+        "/v1/tenants/{tenant_id}/products",
+        response_model=ProductPage,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="A page of the tenant's products",
+    )
     async def list_products(
         tenant_id: uuid.UUID,
         request: Request,
@@ -282,17 +370,46 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             items = [await _load_product(session, tenant_id, pid) for pid in ids]
         return {"items": items, "total": int(total or 0), "limit": limit, "offset": offset}
 
-    @app.post("/v1/tenants/{tenant_id}/imports", status_code=202)
+    @app.post(
+        "/v1/tenants/{tenant_id}/imports",
+        status_code=202,
+        response_model=ImportAccepted,
+        responses=error_responses(401, 404, 413, 415, 422, 503),
+        dependencies=[Security(API_KEY)],
+        openapi_extra=IMPORT_BODY,
+        summary="Import a catalog: each record becomes one message, processed or dead-lettered",
+    )
     async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
-        raw = await _body(request, MAX_IMPORT_BYTES)
-        records = _split_records(raw, request.headers.get("content-type", ""))
-        async with gw.database.session() as session:
-            batch, staged = await _accept_import(session, tenant_id, records)
-        await publish_staged(gw.database, gw.publisher, staged, origin="import")
-        return JSONResponse({"import_id": str(batch.id), "accepted": len(records)}, status_code=202)
+        kind = media_type(request.headers.get("content-type", ""), JSON_TYPES | NDJSON_TYPES)
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), MAX_IMPORT_BYTES
+        )
+        records = split_import(raw, kind)
+        import_id = uuid.uuid4()
+        accepted = JSONResponse(
+            {"import_id": str(import_id), "accepted": len(records)}, status_code=202
+        )
+        try:
+            async with gw.database.session() as session:
+                staged = await _accept_import(
+                    session, tenant_id, import_id, records, gw.outbox_lease
+                )
+        except DatabaseTransactionError as exc:
+            if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
+                raise
+            _log.warning("commit outcome was unknown; the import is committed", origin="import")
+            return accepted  # its messages are the relay's once their lease expires
+        await _publish_after_commit(gw, staged, origin="import")
+        return accepted
 
-    @app.get("/v1/tenants/{tenant_id}/imports/{import_id}")
+    @app.get(
+        "/v1/tenants/{tenant_id}/imports/{import_id}",
+        response_model=ImportCounts,
+        responses=ERROR_RESPONSES,
+        dependencies=[Security(API_KEY)],
+        summary="Where an import's records are",
+    )
     async def get_import(
         tenant_id: uuid.UUID, import_id: uuid.UUID, request: Request
     ) -> dict[str, Any]:
@@ -303,11 +420,16 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             raise NotFoundError(f"unknown import {import_id}", field="import_id")
         return {"import_id": str(import_id), **counts}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A dependency is unavailable"}},
+        summary="The database, Redis and the broker answer",
+    )
     async def readyz(request: Request) -> JSONResponse:
         gw = state(request)
         checks: dict[str, str] = {}
@@ -326,7 +448,12 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+        summary="Prometheus exposition",
+    )
     async def metrics() -> Response:
         return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
@@ -339,8 +466,8 @@ class _Unauthorized(Exception):
 
 @transactional
 async def _accept_product(
-    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn
-) -> tuple[Product, list[Staged]]:
+    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn, lease: float
+) -> tuple[Product, tuple[list[Staged], Claim]]:
     """The product, its variants and its enrichment message: one transaction."""
     product = await create_product_with_variants(session, tenant_id, data)
     staged = [
@@ -352,16 +479,21 @@ async def _accept_product(
             [str(product.id), str(tenant_id)],
         )
     ]
-    await stage_messages(session, staged)
-    return product, staged
+    claim = Claim.new(staging_lease(lease))  # the request publishes these after the commit
+    await stage_messages(session, staged, claim)
+    return product, (staged, claim)
 
 
 @transactional
 async def _accept_import(
-    session: AsyncSession, tenant_id: uuid.UUID, records: list[str]
-) -> tuple[Import, list[Staged]]:
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    import_id: uuid.UUID,
+    records: list[str],
+    lease: float,
+) -> tuple[list[Staged], Claim]:
     """The import, a pending row per record and a message per record: one transaction."""
-    batch, message_ids = await create_import(session, tenant_id, len(records))
+    batch, message_ids = await create_import(session, tenant_id, len(records), import_id=import_id)
     staged = [
         Staged(
             message_id,
@@ -373,31 +505,68 @@ async def _accept_import(
         )
         for message_id, record in zip(message_ids, records, strict=True)
     ]
-    await stage_messages(session, staged)
-    return batch, staged
+    claim = Claim.new(staging_lease(lease))
+    await stage_messages(session, staged, claim)
+    return staged, claim
 
 
-def _split_records(raw: bytes, content_type: str) -> list[str]:
-    """A JSON array (each element re-serialized) or JSON lines (each line as it came)."""
-    if content_type.split(";")[0].strip() == "application/json":
-        value = _json(raw, "the import")
-        if not isinstance(value, list):
-            raise InvalidInputError("the import must be a JSON array of records", field="body")
-        records = [json.dumps(item) for item in value]
-    else:
-        try:
-            text_body = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInputError("JSON lines must be UTF-8", field="body") from exc
-        records = [line for line in text_body.splitlines() if line.strip()]
-    if not records:
-        raise InvalidInputError("the import holds no records", field="body")
-    if len(records) > MAX_IMPORT_RECORDS:
-        raise InvalidInputError(
-            f"an import holds at most {MAX_IMPORT_RECORDS} records, got {len(records)}",
-            field="body",
+async def _publish_after_commit(
+    gw: Gateway, claimed: tuple[list[Staged], Claim], *, origin: str
+) -> None:
+    """Publish what was just committed. Never raises: the request's data is committed, so
+    its answer is success; what could not be published or cleared is the relay's."""
+    try:
+        staged, claim = claimed
+        await publish_claimed(
+            gw.database, gw.publisher, staged, claim, lease=gw.outbox_lease, origin=origin
         )
-    return records
+    except Exception as exc:
+        _log.warning(
+            "publishing after the commit failed; the outbox relay will send what is left",
+            origin=origin,
+            messages=len(claimed[0]),
+            error=describe_exception(exc),
+        )
+
+
+async def _import_exists(database: Database, import_id: uuid.UUID) -> bool:
+    """Whether an import whose COMMIT outcome was unknown is there (False if unsure)."""
+    try:
+        async with database.session() as session:
+            return await session.get(Import, import_id) is not None
+    except Exception:
+        return False
+
+
+async def _committed_product(
+    database: Database, tenant_id: uuid.UUID, sku: str
+) -> dict[str, Any] | None:
+    """The product holding ``sku`` after a COMMIT of unknown outcome (None if unsure)."""
+    try:
+        async with database.session() as session:
+            product_id = await session.scalar(
+                select(Variant.product_id).where(Variant.tenant_id == tenant_id, Variant.sku == sku)
+            )
+            if product_id is None:
+                return None
+            return await _load_product(session, tenant_id, product_id)
+    except Exception:
+        return None
+
+
+def _committed_view(product: Product, data: ProductIn) -> dict[str, Any]:
+    """The view of a product just committed, from what was written (no read after the
+    commit: the database may be gone by now, and the answer must still be 201)."""
+    variants = [
+        Variant(
+            sku=v.sku,
+            price=v.price.quantize(_CENTS),
+            currency=v.currency,
+            attributes=dict(v.attributes),
+        )
+        for v in sorted(data.variants, key=lambda v: v.sku)
+    ]
+    return _product_view(product, variants, None)
 
 
 async def _load_product(

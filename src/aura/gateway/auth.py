@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.db import Tenant, create_tenant
 
-__all__ = ["create_tenant_with_key", "hash_key", "new_key", "tenant_for_key"]
+__all__ = ["KeyCache", "create_tenant_with_key", "hash_key", "new_key", "tenant_for_key"]
 
 KEY_PREFIX = "aura_"
 
@@ -42,3 +45,28 @@ async def tenant_for_key(session: AsyncSession, key: str) -> uuid.UUID | None:
         select(Tenant.id).where(Tenant.api_key_hash == hash_key(key))
     )
     return found
+
+
+class KeyCache:
+    """Keys recently found valid, by hash, for ``ttl`` seconds (at most ``size`` of them):
+    a request does not spend a database round trip on its key. A deleted tenant's key
+    keeps working in this process for at most ``ttl``; unknown keys are never cached."""
+
+    def __init__(
+        self, ttl: float = 10.0, size: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl, self.size, self.clock = ttl, size, clock
+        self._found: OrderedDict[str, tuple[uuid.UUID, float]] = OrderedDict()
+
+    async def tenant_for_key(self, session: AsyncSession, key: str) -> uuid.UUID | None:
+        digest = hash_key(key)
+        hit = self._found.get(digest)
+        if hit is not None and hit[1] > self.clock():
+            return hit[0]
+        tenant = await tenant_for_key(session, key)
+        if tenant is not None:
+            self._found[digest] = (tenant, self.clock() + self.ttl)
+            self._found.move_to_end(digest)
+            while len(self._found) > self.size:
+                self._found.popitem(last=False)
+        return tenant

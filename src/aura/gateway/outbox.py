@@ -1,17 +1,28 @@
 """Publishing the outbox: after each commit, and by a relay for what was left behind.
 
-``publish_staged`` sends messages the request just committed and deletes each one the
-broker confirmed. If the broker is unreachable the request still succeeds (its data and
-messages are committed) and the failure is logged; ``relay_once`` (run every
-OUTBOX_RELAY_INTERVAL seconds by the gateway, and by ``aura outbox relay``) publishes
-messages older than OUTBOX_RELAY_MIN_AGE. A message may be published twice (the relay
-and a slow request, or a crash after the publish and before the delete); the worker's
-inbox makes that harmless.
+``publish_claimed`` sends messages its publisher holds a claim on (``aura.db.outbox``) and
+deletes each one the broker confirmed. Before each batch it renews its claim and sends only
+what it still holds; it renews again whenever half the lease has passed, so a slow publish
+of thousands of messages keeps them, and a publisher that stops (crash, broker down) lets
+them go when the lease runs out. The request's own publish never raises for a broker
+failure: its data and messages are committed, what was not sent stays for the relay.
+
+``relay_once`` (every OUTBOX_RELAY_INTERVAL seconds in the gateway, and ``aura outbox
+relay``) claims messages at least OUTBOX_RELAY_MIN_AGE old whose lease ran out, and
+publishes them the same way. A publisher holds its rows OUTBOX_RELAY_MIN_AGE at a time.
+A request stages its rows held for at least STAGED_HOLD seconds (its own transaction,
+thousands of rows, may take a while before it can publish); a request that dies between
+its commit and its first renewal delays its messages by that much, never loses them. A
+publisher that fails (broker down) lets its rows go at once, for the relay.
+
+What may still be published twice is written in ``aura.db.outbox``; the inbox makes it
+harmless. What is never published twice: a row a live publisher is sending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -20,18 +31,44 @@ from celery import Celery
 from starlette.concurrency import run_in_threadpool
 
 from aura.db import Database
-from aura.db.outbox import Staged, clear_outbox, due_messages
+from aura.db.outbox import Claim, Staged, claim_due, clear_outbox, release_claim, renew_claim
+from aura.logs import describe_exception
 
-__all__ = ["publish_staged", "relay_forever", "relay_once"]
+__all__ = [
+    "DEFAULT_LEASE",
+    "STAGED_HOLD",
+    "publish_claimed",
+    "relay_forever",
+    "relay_once",
+    "staging_lease",
+]
 
+DEFAULT_LEASE = 30.0
+STAGED_HOLD = 60.0
+_BATCH = 500
+_MIN_LEASE = 1.0
 _log = structlog.get_logger("aura.gateway.outbox")
 
 
-def _send(publisher: Celery, messages: Sequence[Staged]) -> tuple[list[str], BaseException | None]:
-    """Publish in order; stop at the first failure. Returns the ids sent and the failure."""
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def staging_lease(lease: float) -> float:
+    """How long a request holds the rows it stages (see the module's docstring)."""
+    return max(lease, STAGED_HOLD)
+
+
+def _send(
+    publisher: Celery, messages: Sequence[Staged], deadline: float, clock: Callable[[], float]
+) -> tuple[list[str], BaseException | None]:
+    """Publish in order until done, a failure, or ``deadline`` (at least one is tried).
+    Returns the ids sent and the failure."""
     sent: list[str] = []
     try:
         for message in messages:
+            if sent and clock() >= deadline:
+                break  # renew the claim before going on
             publisher.send_task(
                 message.task,
                 args=message.args,
@@ -45,27 +82,68 @@ def _send(publisher: Celery, messages: Sequence[Staged]) -> tuple[list[str], Bas
     return sent, None
 
 
-async def publish_staged(
-    database: Database, publisher: Celery, messages: Sequence[Staged], *, origin: str
+async def publish_claimed(
+    database: Database,
+    publisher: Celery,
+    messages: Sequence[Staged],
+    claim: Claim,
+    *,
+    lease: float,
+    origin: str,
+    now: Callable[[], datetime] = _utcnow,
+    clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    """Publish committed ``messages``, delete the ones sent; returns how many were sent.
-    Never raises for a broker failure: what was not sent stays for the relay."""
-    if not messages:
-        return 0
-    sent, failure = await run_in_threadpool(_send, publisher, messages)
-    if sent:
+    """Publish the ``messages`` ``claim`` holds, delete the ones sent; returns how many were
+    sent. A broker failure is logged, not raised; a database failure is raised (the rows
+    stay, the relay takes them when the lease runs out)."""
+    pending = list(messages)
+    done: list[str] = []  # sent, not yet deleted
+    sent_total = lost_total = 0
+    failure: BaseException | None = None
+    fresh = claim.until - now() > timedelta(seconds=lease)  # a live claim, just made
+    while pending and failure is None:
+        batch, pending = pending[:_BATCH], pending[_BATCH:]
+        if fresh and len(batch) == len(messages):  # all of it, under a claim with time to
+            held = {m.message_id for m in batch}  # spare: no round trip to renew it
+        else:
+            renewed = Claim(claim.owner, now() + timedelta(seconds=lease))
+            async with database.session() as session:
+                if done:
+                    await clear_outbox(session, done)
+                ids = [m.message_id for m in batch]
+                held = await renew_claim(session, renewed, ids, now=now())
+                await session.commit()
+        done = []
+        lost_total += len(batch) - len(held)
+        batch = [m for m in batch if m.message_id in held]
+        if not batch:
+            continue
+        deadline = clock() + lease / 2
+        done, failure = await run_in_threadpool(_send, publisher, batch, deadline, clock)
+        sent_total += len(done)
+        pending = batch[len(done) :] + pending if failure is None else pending
+    if done or failure is not None:
         async with database.session() as session:
-            await clear_outbox(session, sent)
+            await clear_outbox(session, done)
+            if failure is not None:  # not sending them: the relay may, as soon as it likes
+                await release_claim(session, claim.owner, now=now())
             await session.commit()
+    if lost_total:
+        _log.warning(
+            "outbox: messages not published by this publisher; its lease ran out and the "
+            "relay publishes them",
+            origin=origin,
+            messages=lost_total,
+        )
     if failure is not None:
         _log.warning(
             "publish failed; the outbox relay will send the rest",
             origin=origin,
-            sent=len(sent),
-            left=len(messages) - len(sent),
-            error=f"{type(failure).__name__}: {failure}",
+            sent=sent_total,
+            left=len(messages) - sent_total - lost_total,
+            error=describe_exception(failure),
         )
-    return len(sent)
+    return sent_total
 
 
 async def relay_once(
@@ -73,18 +151,33 @@ async def relay_once(
     publisher: Celery,
     *,
     min_age: float,
+    lease: float | None = None,
     limit: int = 1000,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    now: Callable[[], datetime] = _utcnow,
 ) -> int:
-    """Publish up to ``limit`` outbox messages older than ``min_age`` seconds."""
+    """Claim and publish up to ``limit`` messages staged at least ``min_age`` seconds ago
+    that no publisher holds; returns how many were sent. ``lease`` defaults to
+    ``min_age`` (at least 1 s)."""
+    lease = lease if lease is not None else max(min_age, _MIN_LEASE)
+    claim = Claim.new(lease, now())
     async with database.session() as session:
-        due = await due_messages(session, before=now() - timedelta(seconds=min_age), limit=limit)
+        due = await claim_due(
+            session,
+            claim,
+            now=now(),
+            staged_before=now() - timedelta(seconds=min_age),
+            limit=limit,
+        )
+        await session.commit()
     if not due:
         return 0
-    sent = await publish_staged(database, publisher, due, origin="relay")
-    if sent:
-        _log.info("outbox relay published messages a failed publish left", sent=sent)
-    return sent
+    _log.info(
+        "outbox relay took over messages no publisher holds (a failed or crashed publish)",
+        messages=len(due),
+    )
+    return await publish_claimed(
+        database, publisher, due, claim, lease=lease, origin="relay", now=now
+    )
 
 
 async def relay_forever(
@@ -95,6 +188,6 @@ async def relay_forever(
         try:
             while await relay_once(database, publisher, min_age=min_age) > 0:
                 pass  # a backlog: keep going while the broker takes it
-        except Exception:
-            _log.exception("outbox relay failed; trying again later")
+        except Exception as exc:
+            _log.warning("outbox relay failed; trying again later", error=describe_exception(exc))
         await asyncio.sleep(interval)

@@ -1,0 +1,201 @@
+"""Load held: locust (headless) against one `aura gateway` process, then against a bare
+FastAPI + asyncpg endpoint doing the same insert (bench/bare_gateway.py), in one run.
+
+    python bench/gateway_load.py --database-url postgresql://postgres@127.0.0.1/x \
+        --broker-url amqp://guest:guest@127.0.0.1:5672/vhost [--users 200 --seconds 60]
+
+Prints, for each: requests, those served (2xx) per second, p50/p99 over all answers (ms),
+errors by status (503: shed), and the peak RSS; then the ratio of served throughput
+(target >= 0.5x the bare endpoint, no errors but 503).
+The database must exist (it is migrated here); the vhost's work queues are purged after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def prepare(database_url: str) -> tuple[str, str]:
+    from aura.db import Database, upgrade
+    from aura.gateway import create_tenant_with_key
+
+    database = Database(database_url)
+    await upgrade(database)
+    async with database.session() as session:
+        tenant, key = await create_tenant_with_key(session, f"load-{uuid.uuid4().hex[:8]}")
+        await session.commit()
+    await database.dispose()
+    return str(tenant.id), key
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def serve(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[2:4]} did not start: {process.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
+            return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("server did not answer within 60 s")
+
+
+def load(
+    name: str, port: int, env: dict[str, str], users: int, seconds: int, pid: int
+) -> dict[str, object]:
+    out = Path(tempfile.mkdtemp(prefix=f"load-{name}-"))
+    command = [sys.executable, "-m", "locust", "-f", str(ROOT / "bench" / "locustfile.py")]
+    command += ["--headless", "-u", str(users), "-r", str(max(users // 5, 1))]
+    command += ["-t", f"{seconds}s", "--host", f"http://127.0.0.1:{port}"]
+    command += ["--csv", str(out / "run"), "--only-summary", "--loglevel", "ERROR"]
+    runner = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    peak = rss_mib(pid)
+    start_rss = peak
+    while runner.poll() is None:
+        peak = max(peak, rss_mib(pid))
+        time.sleep(0.5)
+    with (out / "run_stats.csv").open() as f:
+        total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+    statuses: Counter[str] = Counter()
+    with (out / "run_failures.csv").open() as f:
+        for row in csv.DictReader(f):
+            code = re.search(r"(\d{3})", row["Error"])
+            statuses[code.group(1) if code else row["Error"][:60]] += int(row["Occurrences"])
+    served = int(total["Request Count"]) - sum(statuses.values())
+    return {
+        "name": name,
+        "requests": int(total["Request Count"]),
+        "served": served,
+        "rps": served / seconds,  # answered 2xx, per second of the run
+        "p50": total["50%"],
+        "p99": total["99%"],
+        "errors": dict(statuses),
+        "rss_start": start_rss,
+        "rss_peak": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--broker-url", required=True)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=60)
+    options = parser.parse_args()
+    tenant_id, key = asyncio.run(prepare(options.database_url))
+    base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}}
+    users_env = {**base, "AURA_TENANT_ID": tenant_id, "AURA_API_KEY": key}
+    results = []
+
+    port = free_port()
+    gateway_env = {
+        **base,
+        "DATABASE_URL": options.database_url,
+        "CELERY_BROKER_URL": options.broker_url,
+        "REDIS_URL": options.redis_url,
+        "LOG_LEVEL": "ERROR",
+    }
+    gateway = serve(
+        [sys.executable, "-m", "aura", "gateway", "--port", str(port)], gateway_env, port
+    )
+    try:
+        results.append(
+            load("aura gateway", port, users_env, options.users, options.seconds, gateway.pid)
+        )
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+
+    port = free_port()
+    dsn = re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", options.database_url)
+    bare = serve(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_gateway:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+        ],
+        {**base, "BARE_DSN": dsn, "PYTHONPATH": str(ROOT)},
+        port,
+    )
+    try:
+        results.append(
+            load(
+                "bare FastAPI+asyncpg",
+                port,
+                {**users_env, "AURA_BARE": "1"},
+                options.users,
+                options.seconds,
+                bare.pid,
+            )
+        )
+    finally:
+        bare.terminate()
+        bare.wait(30)
+
+    print(f"{options.users} users, {options.seconds} s each, one server process each")
+    for r in results:
+        print(
+            f"  {r['name']:<22} {r['requests']:>7} requests, {r['served']} served "
+            f"({r['rps']:.1f}/s)  "
+            f"p50 {r['p50']} ms  p99 {r['p99']} ms  errors {r['errors']}  "
+            f"RSS {r['rss_start']:.0f} -> peak {r['rss_peak']:.0f} MiB"
+        )
+    gateway_rps, bare_rps = float(results[0]["rps"]), float(results[1]["rps"])  # type: ignore[arg-type]
+    print(f"  throughput ratio gateway / bare: {gateway_rps / bare_rps:.2f} (target >= 0.5)")
+
+    from kombu.connection import Connection
+
+    from aura.messaging.topology import work_queues
+
+    with Connection(options.broker_url) as connection:
+        channel = connection.channel()
+        for queue in work_queues():
+            bound = queue(channel)
+            bound.declare()
+            bound.purge()
+
+
+if __name__ == "__main__":
+    main()

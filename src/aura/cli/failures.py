@@ -1,0 +1,105 @@
+"""A service the CLI could not use, said in one line: which service, its URL (password
+masked) and the driver's own first line (``database "x" does not exist``, ``(403)
+ACCESS_REFUSED``, ``Connection refused``).
+
+``service_failure(exc, settings)`` recognizes the failure by the driver that raised it
+anywhere in the exception's chain (asyncpg / SQLAlchemy / sqlite3, py-amqp / kombu,
+redis-py, or a refused or timed-out socket under one of them) and returns the line, or
+None for anything else (a bug keeps its traceback).
+
+``check_database`` and ``check_broker`` are the pre-flight checks of the long-running
+commands (``aura gateway``, ``aura outbox relay``): one connect, bounded by the connect
+timeout, so a misconfigured service stops the command at once instead of at the first
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aura.config import Settings, mask_url
+from aura.db import Database, database_url
+from aura.errors import ServiceUnavailableError, cause_chain
+from aura.logs import bounded_text
+
+__all__ = ["check_broker", "check_database", "service_failure"]
+
+_MAX_FRAMES = 200
+
+_DRIVERS = (
+    ("asyncpg", "PostgreSQL"),
+    ("sqlalchemy", "the database"),
+    ("sqlite3", "SQLite"),
+    ("aiosqlite", "SQLite"),
+    ("amqp", "RabbitMQ"),
+    ("kombu", "RabbitMQ"),
+    ("redis", "Redis"),
+)
+
+
+def _driver(module: str) -> str | None:
+    for prefix, service in _DRIVERS:
+        if module == prefix or module.startswith(prefix + "."):
+            return service
+    return None
+
+
+def _service_of(exc: BaseException) -> str | None:
+    """The service whose driver raised ``exc``: by its type, else (a bare OSError from a
+    socket) by the deepest driver frame it passed through."""
+    found = _driver(type(exc).__module__)
+    if found is not None or not isinstance(exc, OSError):
+        return found
+    frames, tb = 0, exc.__traceback__
+    while tb is not None and frames < _MAX_FRAMES:
+        found = _driver(str(tb.tb_frame.f_globals.get("__name__", ""))) or found
+        tb, frames = tb.tb_next, frames + 1
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip().splitlines()
+    line = text[0] if text else type(original).__name__
+    if isinstance(original, TimeoutError) and not text:
+        line = "no answer (timed out)"
+    return bounded_text(line, 300)
+
+
+def service_failure(exc: BaseException, settings: Settings) -> str | None:
+    """The one line for a service failure in ``exc``'s chain, or None if it is not one."""
+    chain = cause_chain(exc)
+    if isinstance(exc, ServiceUnavailableError):
+        return str(exc)
+    found = [s for s in (_service_of(link) for link in reversed(chain)) if s is not None]
+    if not found:
+        return None
+    service = found[0]  # the deepest driver that raised
+    if service in {"PostgreSQL", "SQLite", "the database"}:
+        url = database_url(settings)
+        service = "SQLite" if url.startswith("sqlite") else "PostgreSQL"
+    elif service == "RabbitMQ":
+        url = settings.celery_broker_url or "memory://"
+    else:
+        url = settings.redis_url or "(embedded)"
+    cause = chain[-1]  # the driver's own words are at the bottom of the chain
+    return f"cannot use {service} at {mask_url(url)}: {_first_line(cause)}"
+
+
+async def check_database(settings: Settings) -> None:
+    """Connect once to DATABASE_URL (bounded by DB_CONNECT_TIMEOUT); raise if it fails."""
+    database = Database.from_settings(settings, pool_size=1, max_overflow=0)
+    try:
+        async with asyncio.timeout(settings.db_connect_timeout + 1):
+            async with database.engine.connect():
+                pass
+    finally:
+        await database.dispose()
+
+
+def check_broker(url: str, timeout: float = 5.0) -> None:
+    """Connect once to the broker (no retries, bounded by ``timeout``); raise if it fails."""
+    from kombu.connection import Connection
+
+    with Connection(url, connect_timeout=timeout) as connection:  # type: ignore[no-untyped-call]
+        connection.connect()

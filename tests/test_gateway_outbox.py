@@ -1,0 +1,226 @@
+"""The outbox on real PostgreSQL and RabbitMQ: one publisher per row at a time.
+
+Publishes are counted at the publisher (every ``send_task`` the gateway and the relay
+make), so a row sent twice is seen even though the worker's inbox would hide it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from celery import Celery
+from kombu.connection import Connection
+from sqlalchemy import func, select
+
+from aura.config import Settings
+from aura.db import Database, ImportRecord, OutboxMessage
+from aura.db.outbox import Claim, Staged, stage_messages
+from aura.gateway import Gateway, create_app, create_tenant_with_key
+from aura.gateway.outbox import publish_claimed, relay_forever, relay_once
+from aura.messaging.topology import BULK_QUEUE, work_queues
+from aura.worker.celery_app import make_celery_app
+from tests.helpers import wait_until
+
+
+class CountingPublisher:
+    """The real Celery publisher, counting every message id it is asked to send."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.sent: Counter[str] = Counter()
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+
+    def send_task(self, name: str, **options: Any) -> Any:
+        result = self.app.send_task(name, **options)
+        with self._lock:
+            self.sent[options["task_id"]] += 1
+            self.times.append(time.monotonic())
+        return result
+
+
+@pytest.fixture(scope="module")
+def celery_publisher(amqp_url: str) -> Iterator[Celery]:
+    yield make_celery_app(Settings(celery_broker_url=amqp_url))
+    # Thousands of messages no worker will take: leave the queues as other tests expect.
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        for queue in work_queues():
+            bound = queue(channel)
+            bound.declare()  # as the topology defines it
+            bound.purge()
+        channel.close()
+
+
+async def new_tenant(database: Database) -> tuple[uuid.UUID, dict[str, str]]:
+    async with database.session() as session:
+        created, key = await create_tenant_with_key(session, f"ob-{uuid.uuid4().hex[:10]}")
+        await session.commit()
+    return created.id, {"X-API-Key": key}
+
+
+async def left_in_outbox(database: Database, tenant_id: uuid.UUID) -> int:
+    async with database.session() as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(OutboxMessage)
+            .where(OutboxMessage.tenant_id == tenant_id)
+        )
+    return int(count or 0)
+
+
+def record(i: int) -> str:
+    return f'{{"title": "R{i}", "variants": [{{"sku": "R-{i}", "price": 1}}]}}'
+
+
+@pytest.fixture
+async def relay(
+    pg_database: Database, celery_publisher: Celery
+) -> AsyncIterator[CountingPublisher]:
+    """The gateway's relay with OUTBOX_RELAY_MIN_AGE=1, looking every 50 ms."""
+    counting = CountingPublisher(celery_publisher)
+    task = asyncio.create_task(
+        relay_forever(pg_database, counting, interval=0.05, min_age=1)  # type: ignore[arg-type]
+    )
+    yield counting
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.timeout(180)
+async def test_a_5000_record_import_is_published_once_with_min_age_1(
+    pg_database: Database, relay: CountingPublisher
+) -> None:
+    tenant_id, key = await new_tenant(pg_database)
+    gateway = Gateway(pg_database, relay, {}, outbox_lease=1.0)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=create_app(gateway))
+    body = "\n".join(record(i) for i in range(5000)).encode()
+    with structlog.testing.capture_logs() as logged:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            response = await client.post(
+                f"/v1/tenants/{tenant_id}/imports",
+                content=body,
+                headers={**key, "content-type": "application/x-ndjson"},
+                timeout=120,
+            )
+        assert response.status_code == 202, response.text
+
+        async def drained() -> bool:
+            return await left_in_outbox(pg_database, tenant_id) == 0
+
+        await wait_until(drained, within=60, interval=0.1)
+    async with pg_database.session() as session:
+        ids = set(
+            (
+                await session.scalars(
+                    select(ImportRecord.message_id).where(ImportRecord.tenant_id == tenant_id)
+                )
+            ).all()
+        )
+    assert len(ids) == 5000
+    mine = {m: n for m, n in relay.sent.items() if m in ids}
+    assert set(mine) == ids  # every message published...
+    assert [m for m, n in mine.items() if n > 1] == []  # ...once
+    # The scenario of the bug: publishing took longer than the relay's minimum age, and
+    # the relay looked all along (it would have taken rows no one held).
+    assert relay.times[-1] - relay.times[0] > 1.0, "publishing was too quick to test the lease"
+    took_over = [e for e in logged if "relay took over" in e["event"]]
+    assert took_over == []
+
+
+async def stage(
+    database: Database, tenant_id: uuid.UUID, count: int, claim: Claim | None
+) -> list[Staged]:
+    staged = [
+        Staged(str(uuid.uuid4()), tenant_id, "aura.ingest_product", BULK_QUEUE, [record(i), "t"])
+        for i in range(count)
+    ]
+    async with database.session() as session:
+        await stage_messages(session, staged, claim)
+        await session.commit()
+    return staged
+
+
+async def test_a_crashed_publishers_lease_runs_out_and_the_relay_takes_over(
+    pg_database: Database, celery_publisher: Celery
+) -> None:
+    tenant_id, _ = await new_tenant(pg_database)
+    counting = CountingPublisher(celery_publisher)
+    start = datetime.now(UTC)
+    staged = await stage(pg_database, tenant_id, 20, Claim.new(1.0, start))  # then "crashes"
+    far_past = start - timedelta(hours=1)
+    # Old enough, but its publisher's lease is live: the relay leaves it alone.
+    assert await relay_once(pg_database, counting, min_age=0, now=lambda: start) == 0  # type: ignore[arg-type]
+    assert await left_in_outbox(pg_database, tenant_id) == 20
+    later = start + timedelta(seconds=2)
+    with structlog.testing.capture_logs() as logged:
+        sent = await relay_once(pg_database, counting, min_age=1, now=lambda: later)  # type: ignore[arg-type]
+    assert sent >= 20
+    assert {s.message_id for s in staged} <= set(counting.sent)
+    assert max(counting.sent[s.message_id] for s in staged) == 1
+    assert await left_in_outbox(pg_database, tenant_id) == 0
+    assert any("relay took over" in e["event"] for e in logged)
+    assert far_past < start  # (the clock is injected: nothing here waited for the lease)
+
+
+async def test_a_publisher_whose_lease_passed_to_the_relay_sends_nothing(
+    pg_database: Database, celery_publisher: Celery
+) -> None:
+    tenant_id, _ = await new_tenant(pg_database)
+    counting = CountingPublisher(celery_publisher)
+    start = datetime.now(UTC)
+    slow = Claim.new(1.0, start)
+    staged = await stage(pg_database, tenant_id, 10, slow)
+    later = start + timedelta(seconds=5)
+    assert await relay_once(pg_database, counting, min_age=1, now=lambda: later) >= 10  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logged:
+        sent = await publish_claimed(
+            pg_database,
+            counting,  # type: ignore[arg-type]
+            staged,
+            slow,
+            lease=1.0,
+            origin="import",
+            now=lambda: later,
+        )
+    assert sent == 0
+    assert max(counting.sent[s.message_id] for s in staged) == 1
+    assert any(e.get("messages") == 10 and "lease ran out" in e["event"] for e in logged)
+
+
+async def test_two_relays_at_once_never_take_the_same_row(
+    pg_database: Database, celery_publisher: Celery
+) -> None:
+    tenant_id, _ = await new_tenant(pg_database)
+    counting = CountingPublisher(celery_publisher)
+    staged = await stage(pg_database, tenant_id, 1500, None)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+
+    async def relay_all() -> int:
+        total = 0
+        while sent := await relay_once(
+            pg_database,
+            counting,  # type: ignore[arg-type]
+            min_age=1,
+            limit=100,
+            now=lambda: later,
+        ):
+            total += sent
+        return total
+
+    totals = await asyncio.gather(relay_all(), relay_all(), relay_all())
+    assert all(t > 0 for t in totals), totals  # they really ran side by side
+    assert {s.message_id for s in staged} <= set(counting.sent)
+    assert max(counting.sent[s.message_id] for s in staged) == 1
+    assert await left_in_outbox(pg_database, tenant_id) == 0
