@@ -172,3 +172,16 @@ async def test_tasks_per_child_recycles_without_losing_or_doubling_anything(
     # in flight, which it drains first), so 600 tasks recycle it at least twice.
     wait_for(lambda: node.supervisor.restarts >= restarts + 2, within=60)
     assert node.letters(run) == []
+
+
+async def test_many_dead_letters_at_once_never_stall_the_loop(node: Node) -> None:
+    run = uuid.uuid4().hex
+    restarts = node.supervisor.restarts
+    for i in range(40):  # a poison pill each (a count that is not a number): 40 letters at once
+        node.send("effect", run, f"n{i}", "not a count")
+    wait_for(lambda: len(node.letters(run)) == 40, within=90)
+    assert {letter.reason.value for letter in node.letters(run)} == {"poison_pill"}
+    assert node.supervisor.restarts == restarts  # no blocked loop, no exit 70
+    after = uuid.uuid4().hex
+    node.send("effect", after, "still serving")
+    await wait_until(lambda: _has(node, after, 1), within=60)

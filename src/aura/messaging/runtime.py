@@ -333,10 +333,20 @@ class ProcessRuntime:
 
     @contextlib.contextmanager
     def publishing(self) -> Iterator[Any]:
-        """A broker connection to publish dead letters on: this process's own, one user
-        at a time (kombu connections are not thread-safe)."""
-        with self._publish_lock:
-            yield self.connection
+        """A broker connection to publish a dead letter on. Inline: this process's own,
+        one user at a time (kombu connections are not thread-safe). Under AsyncPool: a
+        connection of its own (it connects lazily, in the thread that publishes, and is
+        closed after): a lock here would be held across the greenlet's switch to the
+        loop, and a second greenlet waiting for it would block the loop's thread."""
+        if not isinstance(greenlet.getcurrent(), _TaskGreenlet) and self._thread is None:
+            with self._publish_lock:
+                yield self.connection
+            return
+        connection = self.app.connection_for_write()
+        try:
+            yield connection
+        finally:
+            connection.release()
 
 
 async def _soft_limited(coroutine: Coroutine[Any, Any, T], soft_at: float | None) -> T:
