@@ -244,6 +244,6 @@ def test_cli_refuses_bad_input_and_purge_removes_only_its_reason(worker: Worker)
         assert len(DeadLetterQueue(connection).list(reason="poison_pill", limit=1000)) == (
             poison_before
         )
-    listed = aura_cli(worker, "dlq", "ls", "--reason", "poison_pill", "--json")
+    listed = aura_cli(worker, "dlq", "ls", "--reason", "poison_pill", "--json", "--limit", "1000")
     assert listed.returncode == 0, listed.stderr
     assert len(listed.stdout.strip().splitlines()) == poison_before
