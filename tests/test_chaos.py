@@ -52,7 +52,7 @@ SCALED = {
 # test_worker.py and test_async_pool.py do not already drive end to end); the rest run
 # with AURA_CHAOS_ALL=1 (``AURA_CHAOS_ALL=1 ./test -k chaos``) or ``aura chaos all``, so
 # the suite stays within its time budget on a 2-core machine.
-IN_SUITE = {"db-kill", "worker-kill", "reused-id"}
+IN_SUITE = {"db-kill", "reused-id"}
 KNOWN_FAILURES: dict[str, str] = {}
 
 

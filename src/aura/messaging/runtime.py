@@ -246,6 +246,9 @@ class ProcessRuntime:
             return self._run_from_greenlet(coroutine, soft_limited)
         if self._thread is None:
             return self._run_inline(coroutine)
+        if threading.current_thread() is self._thread:  # would wait on itself forever
+            coroutine.close()
+            raise RuntimeError("ProcessRuntime.run called from a coroutine: await it instead")
         soft_at = self._limits.soft_at if soft_limited else None
         future = self._submit(_soft_limited(coroutine, soft_at), contextvars.copy_context())
         hard_at = self._limits.hard_at
