@@ -7,16 +7,17 @@ Two ways to run, chosen by the pool:
                                one delivery at a time; Celery's own soft and hard limits
                                apply (the soft one cancels the coroutine, cleanup runs)
     threaded  (AsyncPool)      the loop runs for the process's life in a thread of its
-                               own; each of the pool's N threads hands its task's
-                               coroutine to it and waits, so N tasks are in flight at once
+                               own; each delivery's tracer runs in a greenlet on it
+                               (``run_in_greenlet``) and hands its coroutines to the
+                               loop, so N tasks are in flight at once
 
-Time limits, threaded (Celery enforces none for threads), per task:
+Time limits, threaded (Celery enforces none there), per task:
 
     soft   the task's coroutine is cancelled at its soft limit and awaited, so its cleanup
-           and rollbacks run; ``SoftTimeLimitExceeded`` is raised in its thread, exactly
+           and rollbacks run; ``SoftTimeLimitExceeded`` is raised in its greenlet, exactly
            as prefork's signal raises it (a transient failure: retried)
     hard   a task still running at its hard limit (it swallowed the cancellation) is
-           given up: ``HardTimeLimitExceeded`` in its thread, the message is requeued (its
+           given up: ``HardTimeLimitExceeded`` in its greenlet, the message is requeued (its
            next delivery counts as a crash, as after prefork's kill) and the process is
            recycled once the others drain, so the stray coroutine ends with it
     loop   a loop that does not answer for longer than the hard limit (a coroutine that
@@ -30,7 +31,6 @@ taken for "Redis unreachable".
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import os
@@ -146,13 +146,6 @@ async def run_in_greenlet(
     return result  # type: ignore[no-any-return]
 
 
-class _Limits(threading.local):
-    """This thread's task: when its soft limit falls, and when its hard one does."""
-
-    soft_at: float | None = None
-    hard_at: float | None = None
-
-
 class ProcessRuntime:
     """What one worker process keeps for its life: one event loop and its clients."""
 
@@ -171,9 +164,7 @@ class ProcessRuntime:
         # while the consumer thread runs the others: one loop, one delivery at a time.
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
-        self._limits = _Limits()
         self._publish_lock = threading.Lock()
-        self._running: dict[concurrent.futures.Future[Any], asyncio.Task[Any]] = {}
         self.on_hard_limit: Callable[[], None] | None = None
 
     @property
@@ -207,17 +198,6 @@ class ProcessRuntime:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout)
 
-    @contextlib.contextmanager
-    def task_limits(self, soft: float | None, hard: float | None) -> Iterator[None]:
-        """The time limits of the task this thread runs (threaded mode only)."""
-        now = time.monotonic()
-        self._limits.soft_at = None if soft is None else now + soft
-        self._limits.hard_at = None if hard is None else now + hard
-        try:
-            yield
-        finally:
-            self._limits.soft_at = self._limits.hard_at = None
-
     def watch_loop(self, hard_limit: float, exit_process: Callable[[int], None]) -> None:
         """End the process when the loop stops answering for longer than ``hard_limit``."""
 
@@ -249,16 +229,8 @@ class ProcessRuntime:
         if threading.current_thread() is self._thread:  # would wait on itself forever
             coroutine.close()
             raise RuntimeError("ProcessRuntime.run called from a coroutine: await it instead")
-        soft_at = self._limits.soft_at if soft_limited else None
-        future = self._submit(_soft_limited(coroutine, soft_at), contextvars.copy_context())
-        hard_at = self._limits.hard_at
-        try:
-            return future.result(None if hard_at is None else max(hard_at - time.monotonic(), 0))
-        except concurrent.futures.TimeoutError:
-            self.cancel(future)
-            if self.on_hard_limit is not None:
-                self.on_hard_limit()
-            raise HardTimeLimitExceeded("the task ran past its hard time limit") from None
+        # Another thread of this process (not a task's): no task, so no time limits.
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def _run_from_greenlet(self, coroutine: Coroutine[Any, Any, T], soft_limited: bool) -> T:
         soft_at, hard_at = _LIMITS.get()
@@ -280,46 +252,6 @@ class ProcessRuntime:
                 self.on_hard_limit()
             raise HardTimeLimitExceeded("the task ran past its hard time limit")
         return task.result()
-
-    def _submit(
-        self, coroutine: Coroutine[Any, Any, T], context: contextvars.Context
-    ) -> concurrent.futures.Future[T]:
-        """``run_coroutine_threadsafe``, with the caller's context (its task's request)."""
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def start() -> None:
-            if not future.set_running_or_notify_cancel():
-                coroutine.close()
-                return
-            task = self.loop.create_task(coroutine, context=context)
-
-            def settle(done: asyncio.Task[T]) -> None:
-                if done.cancelled():
-                    future.cancel()  # no-op once running: report it as an error instead
-                    if not future.done():
-                        future.set_exception(concurrent.futures.CancelledError())
-                elif (error := done.exception()) is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(done.result())
-
-            task.add_done_callback(settle)
-            self._running[future] = task
-
-        def forget(done: concurrent.futures.Future[T]) -> None:
-            task = self._running.pop(done, None)
-            if task is not None and not task.done():
-                self.loop.call_soon_threadsafe(task.cancel)
-
-        future.add_done_callback(forget)
-        self.loop.call_soon_threadsafe(start)
-        return future
-
-    def cancel(self, future: concurrent.futures.Future[Any]) -> None:
-        """Cancel the coroutine behind ``future`` (it may ignore it: the hard limit)."""
-        task = self._running.get(future)
-        if task is not None:
-            self.loop.call_soon_threadsafe(task.cancel)
 
     def _run_inline(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """On the soft time limit (Celery's signal), cancel it and let it clean up."""
