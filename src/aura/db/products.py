@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
+from sqlalchemy import Table, insert, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog import ProductIn, VariantIn, parse_product
@@ -21,30 +24,15 @@ from aura.db.models import Product, Tenant, Variant
 from aura.db.transactional import transactional
 from aura.errors import ConflictError, InvalidInputError, NotFoundError
 
+_PRODUCTS = cast(Table, Product.__table__)
+_VARIANTS = cast(Table, Variant.__table__)
+
 __all__ = [
     "create_product",
     "create_product_with_variants",
     "create_tenant",
     "create_variants",
 ]
-
-
-async def _require_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> None:
-    if await session.get(Tenant, tenant_id) is None:
-        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id")
-
-
-async def _require_free_skus(
-    session: AsyncSession, tenant_id: uuid.UUID, skus: Sequence[str]
-) -> None:
-    taken = (
-        await session.scalars(
-            select(Variant.sku).where(Variant.tenant_id == tenant_id, Variant.sku.in_(skus))
-        )
-    ).all()
-    if taken:
-        listed = ", ".join(repr(sku) for sku in sorted(taken))
-        raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants")
 
 
 @transactional
@@ -65,17 +53,33 @@ async def create_tenant(
 async def create_product(
     session: AsyncSession, tenant_id: uuid.UUID, product_data: ProductIn | Mapping[str, Any]
 ) -> Product:
-    """Add the product row (not its variants) to the current transaction."""
+    """Insert the product row (not its variants) in the current transaction; an unknown
+    tenant (its foreign key) is a NotFoundError. The ``Product`` returned is not attached
+    to the session."""
     data = product_data if isinstance(product_data, ProductIn) else parse_product(product_data)
     product = Product(
+        id=uuid.uuid4(),
         tenant_id=tenant_id,
         title=data.title,
         description=data.description,
         brand=data.brand,
         category=data.category,
+        created_at=datetime.now(UTC),
     )
-    session.add(product)
-    await session.flush()
+    try:
+        await session.execute(
+            insert(_PRODUCTS).values(
+                id=product.id,
+                tenant_id=tenant_id,
+                title=product.title,
+                description=product.description,
+                brand=product.brand,
+                category=product.category,
+                created_at=product.created_at,
+            )
+        )
+    except sa_exc.IntegrityError as exc:  # the only constraint a new id can break
+        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
     return product
 
 
@@ -86,9 +90,13 @@ async def create_variants(
     *,
     tenant_id: uuid.UUID,
 ) -> list[Variant]:
-    """Add a product's variants to the current transaction; a taken SKU is a ConflictError."""
+    """Insert a product's variants in the current transaction, in one ``INSERT ... ON
+    CONFLICT DO NOTHING RETURNING sku``: a SKU the tenant already uses (even one a
+    concurrent writer took a moment ago) is missing from the answer, and is named in a
+    ConflictError. The ``Variant`` objects returned are not attached to the session."""
     rows = [
         Variant(
+            id=uuid.uuid4(),
             tenant_id=tenant_id,
             product_id=product_id,
             sku=item.sku,
@@ -101,13 +109,28 @@ async def create_variants(
             for index, v in enumerate(variants)
         )
     ]
-    session.add_all(rows)
-    try:
-        await session.flush()
-    except sa_exc.IntegrityError as exc:  # a concurrent writer took a SKU after our check
-        raise ConflictError(
-            "SKU already used by this tenant (taken concurrently)", field="variants"
-        ) from exc
+    statement = (
+        _insert_for(session)(_VARIANTS)
+        .on_conflict_do_nothing(index_elements=[_VARIANTS.c.tenant_id, _VARIANTS.c.sku])
+        .returning(_VARIANTS.c.sku)
+    )
+    values = [
+        {
+            "id": v.id,
+            "tenant_id": v.tenant_id,
+            "product_id": v.product_id,
+            "sku": v.sku,
+            "price": v.price,
+            "currency": v.currency,
+            "attributes": v.attributes,
+        }
+        for v in rows
+    ]
+    written = set((await session.execute(statement, values)).scalars().all())
+    taken = sorted({v.sku for v in rows if v.sku not in written})
+    if taken:
+        listed = ", ".join(repr(sku) for sku in taken)
+        raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants")
     return rows
 
 
@@ -115,10 +138,18 @@ async def create_variants(
 async def create_product_with_variants(
     session: AsyncSession, tenant_id: uuid.UUID, product_data: ProductIn | Mapping[str, Any]
 ) -> Product:
-    """Validate, then write a product and its variants in one transaction."""
+    """Validate, then write a product and its variants in one transaction: two statements,
+    no reads first (see ``create_product`` and ``create_variants`` for how an unknown
+    tenant and a taken SKU are found). Either failure names its field and rolls
+    everything back."""
     data = product_data if isinstance(product_data, ProductIn) else parse_product(product_data)
-    await _require_tenant(session, tenant_id)
-    await _require_free_skus(session, tenant_id, [variant.sku for variant in data.variants])
     product = await create_product(session, tenant_id, data)
     await create_variants(session, product.id, data.variants, tenant_id=tenant_id)
     return product
+
+
+def _insert_for(session: AsyncSession) -> Any:
+    """The dialect's INSERT (ON CONFLICT is PostgreSQL's and SQLite's own syntax)."""
+    if session.get_bind().dialect.name == "sqlite":
+        return sqlite_insert
+    return pg_insert

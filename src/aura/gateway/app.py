@@ -81,12 +81,13 @@ from aura.gateway.bodies import (
 )
 from aura.gateway.guard import (
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_WAIT,
     RETRY_AFTER_SECONDS,
     ErrorGuard,
     LoadShedder,
 )
 from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
-from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
+from aura.gateway.outbox import DEFAULT_LEASE, OutboxPublisher, relay_forever, staging_lease
 from aura.gateway.schemas import (
     ERROR_RESPONSES,
     Health,
@@ -97,6 +98,7 @@ from aura.gateway.schemas import (
     Readiness,
     error_responses,
 )
+from aura.gateway.senders import AmqpSender, Sender, sender_for
 from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
@@ -129,7 +131,20 @@ class Gateway:
     outbox_lease: float = DEFAULT_LEASE
     # Tenant requests served at once; more are shed with 503 + Retry-After.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # How long one more may wait for a slot before it is shed (GATEWAY_MAX_WAIT).
+    max_wait: float = DEFAULT_MAX_WAIT
     keys: KeyCache = field(default_factory=KeyCache)
+    # How messages reach the broker: Celery's send_task on ``publisher`` unless given
+    # (``aura gateway`` gives an AmqpSender: a batch on the event loop, confirmed at once).
+    sender: Sender | None = None
+    outbox: OutboxPublisher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = OutboxPublisher(
+            self.database,
+            self.sender if self.sender is not None else sender_for(self.publisher),
+            lease=self.outbox_lease,
+        )
 
 
 def _error(
@@ -196,16 +211,19 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         current = settings or get_settings()
         database = Database.from_settings(current)
         publisher = make_celery_app(current)
-        app.state.gateway = Gateway(
+        sender = AmqpSender(publisher)  # the gateway refuses to start without RabbitMQ
+        built = Gateway(
             database,
             publisher,
             default_checks(current),
             outbox_lease=current.outbox_relay_min_age,
+            sender=sender,
         )
+        app.state.gateway = built
         relay = asyncio.create_task(
             relay_forever(
                 database,
-                publisher,
+                sender,
                 interval=current.outbox_relay_interval,
                 min_age=current.outbox_relay_min_age,
             )
@@ -216,13 +234,19 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
+            await built.outbox.aclose()
             await database.dispose()
 
     app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
-    limit = gateway.max_in_flight if gateway is not None else DEFAULT_MAX_IN_FLIGHT
-    app.add_middleware(LoadShedder, limit=limit)  # outermost: shed before anything runs
+    if gateway is not None:
+        limit, wait = gateway.max_in_flight, gateway.max_wait
+    else:
+        configured = settings or get_settings()
+        limit, wait = configured.gateway_max_in_flight, configured.gateway_max_wait
+    # Outermost: wait or shed before anything else runs.
+    app.add_middleware(LoadShedder, limit=limit, max_wait=wait)
     if gateway is not None:
         app.state.gateway = gateway
 
@@ -517,9 +541,7 @@ async def _publish_after_commit(
     its answer is success; what could not be published or cleared is the relay's."""
     try:
         staged, claim = claimed
-        await publish_claimed(
-            gw.database, gw.publisher, staged, claim, lease=gw.outbox_lease, origin=origin
-        )
+        await gw.outbox.publish(staged, claim, origin=origin)
     except Exception as exc:
         _log.warning(
             "publishing after the commit failed; the outbox relay will send what is left",
