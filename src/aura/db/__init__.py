@@ -10,7 +10,13 @@ upgrade                       Alembic migrations (``aura db upgrade``)
 """
 
 from aura.db.engine import Database, database_url
-from aura.db.imports import create_import, import_counts, mark_record
+from aura.db.imports import (
+    add_import,
+    add_import_records,
+    create_import,
+    import_counts,
+    mark_record,
+)
 from aura.db.inbox import DatabaseInbox, already_processed, claim_message
 from aura.db.migrate import current_revision, upgrade
 from aura.db.models import (
@@ -47,6 +53,8 @@ __all__ = [
     "Tenant",
     "TransactionAbortedError",
     "Variant",
+    "add_import",
+    "add_import_records",
     "already_processed",
     "claim_message",
     "create_import",

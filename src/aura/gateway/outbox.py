@@ -37,7 +37,15 @@ import structlog
 from celery import Celery
 
 from aura.db import Database
-from aura.db.outbox import Claim, Staged, claim_due, clear_outbox, release_claim, renew_claim
+from aura.db.outbox import (
+    Claim,
+    Staged,
+    claim_due,
+    clear_outbox,
+    release_claim,
+    renew_claim,
+    take_held,
+)
 from aura.gateway.senders import Sender, sender_for
 from aura.logs import describe_exception
 
@@ -46,6 +54,7 @@ __all__ = [
     "STAGED_HOLD",
     "OutboxPublisher",
     "publish_claimed",
+    "publish_stored",
     "relay_forever",
     "relay_once",
     "staging_lease",
@@ -133,6 +142,66 @@ async def publish_claimed(
     return sent_total
 
 
+async def publish_stored(
+    database: Database,
+    publisher: Celery | Sender,
+    message_ids: Sequence[str],
+    claim: Claim,
+    *,
+    lease: float,
+    origin: str,
+    now: Callable[[], datetime] = _utcnow,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """``publish_claimed`` for messages known only by id (a large import: its rows are not
+    held in memory). Each part is read from the outbox as its claim is renewed, sent, and
+    deleted with the next part's read; returns how many were sent."""
+    sender = sender_for(publisher)
+    done: list[str] = []
+    sent_total = lost_total = 0
+    failure: BaseException | None = None
+    parts = [message_ids[i : i + _BATCH] for i in range(0, len(message_ids), _BATCH)]
+    while parts and failure is None:
+        ids = parts.pop(0)
+        renewed = Claim(claim.owner, now() + timedelta(seconds=lease))
+        async with database.session() as session:
+            if done:
+                await clear_outbox(session, done)
+            batch = await take_held(session, renewed, ids, now=now())
+            await session.commit()
+        done = []
+        lost_total += len(ids) - len(batch)
+        if not batch:
+            continue
+        done, failure = await sender.send(batch, deadline=clock() + lease / 2)
+        sent_total += len(done)
+        if failure is None and len(done) < len(batch):  # the deadline cut it: renew first
+            sent = set(done)
+            parts.insert(0, [m.message_id for m in batch if m.message_id not in sent])
+    if done or failure is not None:
+        async with database.session() as session:
+            await clear_outbox(session, done)
+            if failure is not None:
+                await release_claim(session, claim.owner, now=now())
+            await session.commit()
+    if lost_total:
+        _log.warning(
+            "outbox: messages not published by this publisher; its lease ran out and the "
+            "relay publishes them",
+            origin=origin,
+            messages=lost_total,
+        )
+    if failure is not None:
+        _log.warning(
+            "publish failed; the outbox relay will send the rest",
+            origin=origin,
+            sent=sent_total,
+            left=len(message_ids) - sent_total - lost_total,
+            error=describe_exception(failure),
+        )
+    return sent_total
+
+
 @dataclass
 class _Waiting:
     messages: list[Staged]
@@ -162,6 +231,33 @@ class OutboxPublisher:
         self.now = now
         self._waiting: list[_Waiting] = []
         self._runner: asyncio.Task[None] | None = None
+        self._later: set[asyncio.Task[int]] = set()
+
+    def publish_later(self, message_ids: Sequence[str], claim: Claim, *, origin: str) -> None:
+        """Publish a large import's messages in the background (``publish_stored``): the
+        request is answered once they are committed. If the process stops first, their
+        claim runs out and the relay sends them."""
+        task = asyncio.get_running_loop().create_task(
+            publish_stored(
+                self.database,
+                self.sender,
+                list(message_ids),
+                claim,
+                lease=self.lease,
+                origin=origin,
+                now=self.now,
+            )
+        )
+        self._later.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[int]) -> None:
+        self._later.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning(
+                "publishing a large import failed; the outbox relay will send what is left",
+                error=describe_exception(task.exception()),  # type: ignore[arg-type]
+            )
 
     async def publish(self, messages: Sequence[Staged], claim: Claim, *, origin: str) -> None:
         if not messages:
@@ -250,8 +346,12 @@ class OutboxPublisher:
         """Wait for the batch in flight (the rest is the relay's), then close the sender."""
         runner, self._runner = self._runner, None
         here = asyncio.get_running_loop()
-        if runner is not None and not runner.done() and runner.get_loop() is here:
-            await asyncio.wait({runner}, timeout=self.lease)
+        pending = {t for t in (runner, *self._later) if t is not None and not t.done()}
+        pending = {t for t in pending if t.get_loop() is here}
+        if pending:
+            _, unfinished = await asyncio.wait(pending, timeout=self.lease)
+            for task in unfinished:  # their rows stay claimed until the lease runs out
+                task.cancel()
         await self.sender.close()
 
 
