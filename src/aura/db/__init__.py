@@ -32,6 +32,7 @@ from aura.db.models import (
 )
 from aura.db.products import (
     create_product,
+    create_product_with_message,
     create_product_with_variants,
     create_tenant,
     create_variants,
@@ -59,6 +60,7 @@ __all__ = [
     "claim_message",
     "create_import",
     "create_product",
+    "create_product_with_message",
     "create_product_with_variants",
     "create_tenant",
     "create_variants",

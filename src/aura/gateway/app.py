@@ -54,7 +54,7 @@ from aura.db import (
     Variant,
     add_import,
     add_import_records,
-    create_product_with_variants,
+    create_product_with_message,
     import_counts,
     transactional,
 )
@@ -349,8 +349,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         )
         data = parse_product(product_document(raw))
         try:
-            async with gw.database.session() as session:
-                product, staged = await _accept_product(session, tenant_id, data, gw.outbox_lease)
+            product, staged = await _accept_product(gw.database, tenant_id, data, gw.outbox_lease)
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown:
                 raise
@@ -513,24 +512,24 @@ class _Unauthorized(Exception):
     pass
 
 
-@transactional
 async def _accept_product(
-    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn, lease: float
+    database: Database, tenant_id: uuid.UUID, data: ProductIn, lease: float
 ) -> tuple[Product, _Written]:
-    """The product, its variants and its enrichment message: one transaction."""
-    product = await create_product_with_variants(session, tenant_id, data)
-    staged = [
-        Staged(
-            f"enrich-{product.id}",
+    """The product, its variants and its enrichment message: one transaction (one
+    statement on PostgreSQL). The request publishes the message after the commit."""
+    claim = Claim.new(staging_lease(lease))
+
+    def enrichment(product_id: uuid.UUID) -> Staged:
+        return Staged(
+            f"enrich-{product_id}",
             tenant_id,
             ENRICH_TASK,
             REALTIME_QUEUE,
-            [str(product.id), str(tenant_id)],
+            [str(product_id), str(tenant_id)],
         )
-    ]
-    claim = Claim.new(staging_lease(lease))  # the request publishes these after the commit
-    await stage_messages(session, staged, claim)
-    return product, _Written(claim, [staged[0].message_id], staged)
+
+    product = await create_product_with_message(database, tenant_id, data, enrichment, claim)
+    return product, _Written(claim, [f"enrich-{product.id}"], [enrichment(product.id)])
 
 
 @transactional

@@ -15,7 +15,12 @@ them go when the lease runs out.
 
 ``relay_once`` (every OUTBOX_RELAY_INTERVAL seconds in the gateway, and ``aura outbox
 relay``) claims messages at least OUTBOX_RELAY_MIN_AGE old whose lease ran out, and
-publishes them the same way. A publisher holds its rows OUTBOX_RELAY_MIN_AGE at a time.
+publishes them the same way. A publisher holds its rows OUTBOX_RELAY_MIN_AGE at a time,
+and at least MIN_LEASE (10 s): it renews its claim every half lease, so the lease must
+outlast the longest stall between two renewals (one confirmed send, a slow transaction on a
+loaded host). With a 1 s lease, a 5,000-message import on a host at load 14 was published
+twice in part; OUTBOX_RELAY_MIN_AGE says when the relay may look, not how long a live
+publisher's stall may be.
 A request stages its rows held for at least STAGED_HOLD seconds (its own transaction,
 thousands of rows, may take a while before it can publish); a request that dies between
 its commit and its first renewal delays its messages by that much, never loses them. A
@@ -51,6 +56,7 @@ from aura.logs import describe_exception
 
 __all__ = [
     "DEFAULT_LEASE",
+    "MIN_LEASE",
     "STAGED_HOLD",
     "OutboxPublisher",
     "publish_claimed",
@@ -63,7 +69,7 @@ __all__ = [
 DEFAULT_LEASE = 30.0
 STAGED_HOLD = 60.0
 _BATCH = 500
-_MIN_LEASE = 1.0
+MIN_LEASE = 10.0
 _log = structlog.get_logger("aura.gateway.outbox")
 
 
@@ -226,7 +232,7 @@ class OutboxPublisher:
     ) -> None:
         self.database = database
         self.sender = sender
-        self.lease = lease
+        self.lease = max(lease, MIN_LEASE)
         self.max_batch = max_batch
         self.now = now
         self._waiting: list[_Waiting] = []
@@ -371,8 +377,8 @@ async def relay_once(
 ) -> int:
     """Claim and publish up to ``limit`` messages staged at least ``min_age`` seconds ago
     that no publisher holds; returns how many were sent. ``lease`` defaults to
-    ``min_age`` (at least 1 s)."""
-    lease = lease if lease is not None else max(min_age, _MIN_LEASE)
+    ``min_age`` (at least MIN_LEASE)."""
+    lease = lease if lease is not None else max(min_age, MIN_LEASE)
     claim = Claim.new(lease, now())
     async with database.session() as session:
         due = await claim_due(
