@@ -41,6 +41,20 @@ def queue_depth(broker_url: str, name: str) -> int:
         return int(count)
 
 
+def outbox_left(database_url: str) -> int:
+    import asyncpg
+
+    async def count() -> int:
+        dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
+        connection = await asyncpg.connect(dsn)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM outbox"))
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
 def purge(broker_url: str) -> None:
     from kombu.connection import Connection
 
@@ -121,6 +135,10 @@ def main() -> None:
                 break
             time.sleep(0.5)
         published_after = time.monotonic() - started
+        while outbox_left(options.database_url) and time.monotonic() < deadline:
+            time.sleep(0.5)  # sent; each row is deleted once the broker confirmed it
+        left = outbox_left(options.database_url)
+        depth = queue_depth(options.broker_url, "bulk_queue")  # duplicates would show here
         stop.set()
         sampler.join()
         end_rss = rss_mib(gateway.pid)
@@ -129,7 +147,10 @@ def main() -> None:
         gateway.wait(60)
     print(f"{options.records} records as JSON lines, one `aura gateway` process")
     print(f"  accepted (202) after {accepted_after:.1f} s: {response.json()}")
-    print(f"  in bulk_queue at the broker: {depth} after {published_after:.1f} s")
+    print(
+        f"  in bulk_queue at the broker: {depth} after {published_after:.1f} s "
+        f"(exactly {options.records}: none twice); left in the outbox: {left}"
+    )
     print(
         f"  RSS {start_rss:.0f} MiB -> peak {peak[0]:.0f} MiB -> {end_rss:.0f} MiB after; "
         f"growth {peak[0] - start_rss:.0f} MiB (target < 100)"

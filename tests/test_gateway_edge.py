@@ -16,6 +16,7 @@ import asyncpg
 import h11
 import httpx
 import pytest
+import structlog
 import uvicorn
 from celery import Celery
 from sqlalchemy import func, select
@@ -555,3 +556,44 @@ def test_a_database_that_cannot_take_the_request_now_is_503_not_500(
     error = DriverError("sorry, too many clients already")
     error.sqlstate = sqlstate  # type: ignore[attr-defined]
     assert is_unavailable(_raised_from(error)) is unavailable
+
+
+async def test_a_client_that_goes_away_mid_body_is_not_an_error(pg_database: Database) -> None:
+    tenant_id, key = await tenant(pg_database)
+    app = create_app(Gateway(pg_database, None, {}))  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"/v1/tenants/{tenant_id}/products",
+        "raw_path": f"/v1/tenants/{tenant_id}/products".encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"x-api-key", key["X-API-Key"].encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "server": ("gw", 80),
+        "client": ("127.0.0.1", 1),
+    }
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"title": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with structlog.testing.capture_logs() as logged:
+        await app(scope, receive, send)
+    assert sent == []  # no one to answer
+    assert [e["log_level"] for e in logged] == ["info"]
+    assert await written(pg_database, tenant_id) == (0, 0)

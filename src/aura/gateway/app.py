@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -58,7 +59,7 @@ from aura.db import (
     import_counts,
     transactional,
 )
-from aura.db.outbox import Claim, Staged, stage_messages
+from aura.db.outbox import Claim, Staged, extend_claim, stage_messages
 from aura.errors import (
     AuraError,
     ConflictError,
@@ -566,6 +567,10 @@ async def _accept_import(
         if kept is not None:
             kept += staged
         ids += message_ids
+    if kept is None:  # a long transaction: hold its rows from the commit, not from its start
+        now = datetime.now(UTC)
+        claim = Claim(claim.owner, now + timedelta(seconds=staging_lease(lease)))
+        await extend_claim(session, claim, now=now)
     return _Written(claim, ids, kept)
 
 

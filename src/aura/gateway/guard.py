@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import exc as sa_exc
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aura.db.transactional import is_network_error
@@ -83,6 +84,9 @@ class ErrorGuard:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client went away mid-body: no one to answer
+            _log.info("client disconnected before its request was read", path=scope.get("path"))
+            return
         except Exception as exc:
             if started:  # too late to answer: let the server close it
                 raise

@@ -47,6 +47,7 @@ from aura.db.outbox import (
     Staged,
     claim_due,
     clear_outbox,
+    extend_claim,
     release_claim,
     renew_claim,
     take_held,
@@ -161,18 +162,23 @@ async def publish_stored(
 ) -> int:
     """``publish_claimed`` for messages known only by id (a large import: its rows are not
     held in memory). Each part is read from the outbox as its claim is renewed, sent, and
-    deleted with the next part's read; returns how many were sent."""
+    deleted with the next part's read; the claim on all the rest is extended at the start
+    and every half lease, in one statement. Returns how many were sent."""
     sender = sender_for(publisher)
     done: list[str] = []
     sent_total = lost_total = 0
     failure: BaseException | None = None
     parts = [message_ids[i : i + _BATCH] for i in range(0, len(message_ids), _BATCH)]
+    extended = -lease  # the whole import's claim is extended at once, then every half lease
     while parts and failure is None:
         ids = parts.pop(0)
         renewed = Claim(claim.owner, now() + timedelta(seconds=lease))
         async with database.session() as session:
             if done:
                 await clear_outbox(session, done)
+            if clock() - extended >= lease / 2:
+                await extend_claim(session, renewed, now=now())
+                extended = clock()
             batch = await take_held(session, renewed, ids, now=now())
             await session.commit()
         done = []
