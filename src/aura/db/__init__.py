@@ -14,6 +14,7 @@ from aura.db.imports import (
     add_import,
     add_import_records,
     create_import,
+    create_import_with_messages,
     import_counts,
     mark_record,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "already_processed",
     "claim_message",
     "create_import",
+    "create_import_with_messages",
     "create_product",
     "create_product_with_message",
     "create_product_with_variants",

@@ -6,21 +6,28 @@ transaction as the product) or dead-letters it (``dead_lettered``).
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura.db.engine import Database
 from aura.db.models import Import, ImportRecord
+from aura.db.outbox import Claim, Staged, stage_messages
+from aura.db.statement import execute_atomically
 from aura.db.transactional import transactional
+from aura.errors import NotFoundError
 
 __all__ = [
     "RECORD_STATUSES",
     "add_import",
     "add_import_records",
     "create_import",
+    "create_import_with_messages",
     "import_counts",
     "mark_record",
 ]
@@ -127,3 +134,77 @@ async def import_counts(
     )
     counts = {status: 0 for status in RECORD_STATUSES} | {s: int(n) for s, n in rows.all()}
     return {"accepted": batch.accepted, **counts}
+
+
+# A small import in one statement (``aura.db.statement``): the import, its records and their
+# messages, all or nothing.
+_WITH_MESSAGES = """
+    WITH batch AS (
+        INSERT INTO imports (id, tenant_id, accepted, created_at) VALUES ($1, $2, $3, $4)
+    ), records AS (
+        INSERT INTO import_records (message_id, import_id, tenant_id, position, status,
+                                    updated_at)
+        SELECT r.message_id, $1, $2, r.position - 1, 'pending', $4
+        FROM unnest($5::text[]) WITH ORDINALITY AS r(message_id, position)
+    )
+    INSERT INTO outbox (message_id, tenant_id, task, queue, args, kwargs, created_at,
+                        claimed_by, claimed_until)
+    SELECT o.message_id, $2, $6, $7, o.args, $8::json, $4, $9, $10
+    FROM unnest($5::text[], $11::json[]) AS o(message_id, args)
+"""
+
+
+async def create_import_with_messages(
+    database: Database,
+    tenant_id: uuid.UUID,
+    import_id: uuid.UUID,
+    messages: Sequence[Staged],
+    claim: Claim,
+) -> None:
+    """An import whose records are ``messages`` (one task, queue and kwargs for all), each
+    record pending and its message staged under ``claim``: all or nothing. On PostgreSQL
+    one statement (``execute_atomically``); elsewhere one transaction. An unknown tenant is
+    a NotFoundError."""
+    if {(m.task, m.queue, json.dumps(m.kwargs, sort_keys=True)) for m in messages} != {
+        (messages[0].task, messages[0].queue, json.dumps(messages[0].kwargs, sort_keys=True))
+    }:
+        raise ValueError("an import's messages share one task, queue and kwargs")
+    if database.dialect != "postgresql":
+        async with database.session() as session:
+            await _in_session(session, tenant_id, import_id, messages, claim)
+        return
+    first = messages[0]
+    try:
+        await execute_atomically(
+            database,
+            "create_import_with_messages",
+            _WITH_MESSAGES,
+            import_id,
+            tenant_id,
+            len(messages),
+            _utcnow(),
+            [m.message_id for m in messages],
+            first.task,
+            first.queue,
+            json.dumps(first.kwargs),
+            claim.owner,
+            claim.until,
+            [json.dumps(m.args) for m in messages],
+        )
+    except asyncpg.ForeignKeyViolationError as exc:  # a new import's only reference
+        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
+
+
+@transactional
+async def _in_session(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    import_id: uuid.UUID,
+    messages: Sequence[Staged],
+    claim: Claim,
+) -> None:
+    await add_import(session, tenant_id, len(messages), import_id=import_id)
+    await add_import_records(
+        session, import_id, tenant_id, [m.message_id for m in messages], first=0
+    )
+    await stage_messages(session, messages, claim)

@@ -14,29 +14,25 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg  # type: ignore[import-untyped]
-import structlog
 from sqlalchemy import Table, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura import events
 from aura.catalog import ProductIn, VariantIn, parse_product
 from aura.catalog.schema import parse_variant
 from aura.db.engine import Database
 from aura.db.models import Product, Tenant, Variant
 from aura.db.outbox import Claim, Staged, stage_messages
-from aura.db.transactional import describe_error, is_network_error, transactional
+from aura.db.statement import execute_atomically
+from aura.db.transactional import transactional
 from aura.errors import (
     ConflictError,
-    DatabaseTransactionError,
     InvalidInputError,
     NotFoundError,
 )
-from aura.events import RollbackReason, TransactionRolledBack
 
-_log = structlog.get_logger("aura.db")
 _PRODUCTS = cast(Table, Product.__table__)
 _VARIANTS = cast(Table, Variant.__table__)
 
@@ -241,63 +237,23 @@ async def create_product_with_message(
         [v.currency for v in data.variants],
         [json.dumps(dict(v.attributes)) for v in data.variants],
     )
-    async with database.engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-        try:
-            await driver.execute(_WITH_MESSAGE, *arguments)
-        except BaseException as exc:
-            await _failed(connection, driver, exc, tenant_id, data)
-            raise  # (_failed raises; this line is for the type checker)
-    return product
-
-
-async def _failed(
-    connection: AsyncConnection,
-    driver: Any,
-    exc: BaseException,
-    tenant_id: uuid.UUID,
-    data: ProductIn,
-) -> None:
-    """Count, log and report a failed one-statement write (nothing of it was committed,
-    unless the connection went away: then no one knows)."""
-    if isinstance(exc, asyncpg.ForeignKeyViolationError):  # a new product's only reference
-        _rolled_back(RollbackReason.INVALID_INPUT)
+    try:
+        await execute_atomically(database, _WRITE, _WITH_MESSAGE, *arguments)
+    except asyncpg.ForeignKeyViolationError as exc:  # a new product's only reference
         raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
-    if isinstance(exc, asyncpg.UniqueViolationError):
-        _rolled_back(RollbackReason.INVALID_INPUT)
-        taken = await driver.fetch(
-            "SELECT sku FROM variants WHERE tenant_id = $1 AND sku = ANY($2::text[])",
-            tenant_id,
-            [v.sku for v in data.variants],
-        )
-        listed = ", ".join(sorted(repr(row["sku"]) for row in taken)) or "(since released)"
+    except asyncpg.UniqueViolationError as exc:
+        async with database.session() as session:
+            taken = (
+                await session.scalars(
+                    select(Variant.sku).where(
+                        Variant.tenant_id == tenant_id,
+                        Variant.sku.in_([v.sku for v in data.variants]),
+                    )
+                )
+            ).all()
+        listed = ", ".join(sorted(repr(sku) for sku in taken)) or "(since released)"
         raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants") from exc
-    if isinstance(exc, Exception) and (
-        is_network_error(exc) or isinstance(exc, asyncpg.InterfaceError)
-    ):
-        await connection.invalidate()
-        _rolled_back(RollbackReason.NETWORK_ERROR)
-        _log.critical(
-            "database transaction rollback after a network failure",  # as @transactional logs
-            function=_WRITE,
-            error=describe_error(exc),
-            during_commit=True,
-        )
-        raise DatabaseTransactionError(
-            f"{_WRITE}: database connection failed ({describe_error(exc)}); "
-            "the COMMIT outcome is unknown",
-            commit_outcome_unknown=True,
-        ) from exc
-    if not isinstance(exc, asyncpg.PostgresError):  # cancelled mid-statement: unusable now
-        await connection.invalidate()
-    _rolled_back(RollbackReason.APPLICATION_ERROR)
-    raise exc
-
-
-def _rolled_back(reason: RollbackReason) -> None:
-    events.emit(TransactionRolledBack(_WRITE, reason))
+    return product
 
 
 @transactional

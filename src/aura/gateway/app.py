@@ -55,6 +55,7 @@ from aura.db import (
     Variant,
     add_import,
     add_import_records,
+    create_import_with_messages,
     create_product_with_message,
     import_counts,
     transactional,
@@ -437,10 +438,15 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         import_id = uuid.uuid4()
         accepted = JSONResponse({"import_id": str(import_id), "accepted": count}, status_code=202)
         try:
-            async with gw.database.session() as session:
-                written = await _accept_import(
-                    session, tenant_id, import_id, records, count, gw.outbox_lease
+            if isinstance(records, list) or count <= _PUBLISHED_INLINE:
+                written = await _accept_small_import(
+                    gw.database, tenant_id, import_id, list(records), gw.outbox_lease
                 )
+            else:
+                async with gw.database.session() as session:
+                    written = await _accept_import(
+                        session, tenant_id, import_id, records, count, gw.outbox_lease
+                    )
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
                 raise
@@ -531,6 +537,33 @@ async def _accept_product(
 
     product = await create_product_with_message(database, tenant_id, data, enrichment, claim)
     return product, _Written(claim, [f"enrich-{product.id}"], [enrichment(product.id)])
+
+
+async def _accept_small_import(
+    database: Database,
+    tenant_id: uuid.UUID,
+    import_id: uuid.UUID,
+    records: list[str],
+    lease: float,
+) -> _Written:
+    """An import small enough to hold (a JSON array, or at most _PUBLISHED_INLINE lines):
+    the import, its records and their messages in one statement on PostgreSQL."""
+    claim = Claim.new(staging_lease(lease))
+    staged = [
+        Staged(
+            str(uuid.uuid4()),
+            tenant_id,
+            INGEST_TASK,
+            BULK_QUEUE,
+            [record, str(tenant_id)],
+            {"import_id": str(import_id)},
+        )
+        for record in records
+    ]
+    await create_import_with_messages(database, tenant_id, import_id, staged, claim)
+    if len(staged) > _PUBLISHED_INLINE:  # a large JSON array: published as a large import
+        return _Written(claim, [m.message_id for m in staged], None)
+    return _Written(claim, [m.message_id for m in staged], staged)
 
 
 @transactional

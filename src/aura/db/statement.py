@@ -1,0 +1,80 @@
+"""One statement, atomic on its own: the gateway's hot-path writes.
+
+PostgreSQL runs a single statement (data-modifying CTEs included) as its own transaction:
+all of it or none of it. ``execute_atomically`` sends one such statement on the pool's
+asyncpg connection in autocommit -- one round trip, where a session's transaction takes a
+BEGIN, a statement per table and a COMMIT -- and keeps what ``@transactional`` promises:
+
+    outcome                          counted as (database_transaction_rollbacks_total)
+    a constraint refused it          invalid_input; the asyncpg error is raised for the
+                                     caller to name the field
+    the connection went away         network_error; logged CRITICAL; the connection is
+                                     discarded; DatabaseTransactionError with
+                                     commit_outcome_unknown (the statement commits as it
+                                     ends, so no one knows)
+    anything else (cancelled too)    application_error; raised as it came
+
+Measured before choosing (bench/RESULTS.md, "The gateway"): a session's BEGIN, one
+statement and COMMIT cost 0.70 ms of CPU; the same on the pool's asyncpg connection 0.26.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import structlog
+
+from aura import events
+from aura.db.engine import Database
+from aura.db.transactional import describe_error, is_network_error
+from aura.errors import DatabaseTransactionError
+from aura.events import RollbackReason, TransactionRolledBack
+
+__all__ = ["execute_atomically"]
+
+_log = structlog.get_logger("aura.db")
+
+
+async def execute_atomically(
+    database: Database, function: str, statement: str, *arguments: Any
+) -> None:
+    """Run ``statement`` (PostgreSQL only) as its own transaction; see the module doc."""
+    async with database.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        try:
+            await driver.execute(statement, *arguments)  # type: ignore[union-attr]
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+                _rolled_back(function, RollbackReason.INVALID_INPUT)
+                raise
+            if isinstance(exc, Exception) and (is_network_error(exc) or _connection_broken(exc)):
+                await connection.invalidate()
+                _rolled_back(function, RollbackReason.NETWORK_ERROR)
+                _log.critical(
+                    "database transaction rollback after a network failure",  # as the seed
+                    function=function,
+                    error=describe_error(exc),
+                    during_commit=True,
+                )
+                raise DatabaseTransactionError(
+                    f"{function}: database connection failed ({describe_error(exc)}); "
+                    "the COMMIT outcome is unknown",
+                    commit_outcome_unknown=True,
+                ) from exc
+            if not isinstance(exc, asyncpg.PostgresError):  # cancelled mid-statement
+                await connection.invalidate()
+            _rolled_back(function, RollbackReason.APPLICATION_ERROR)
+            raise
+
+
+def _connection_broken(exc: Exception) -> bool:
+    """asyncpg's own words for a connection that can no longer be used: closed under it
+    (InterfaceError), or left mid-operation by a backend killed in the middle of the last
+    one ("cannot switch to state 11; another operation is in progress")."""
+    return isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError)
+
+
+def _rolled_back(function: str, reason: RollbackReason) -> None:
+    events.emit(TransactionRolledBack(function, reason))
