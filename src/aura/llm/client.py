@@ -246,6 +246,7 @@ class ResilientLLMClient:
             settings.llm_rate_limit_burst,
         )
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._breaker_of_model: dict[str, CircuitBreaker] = {}
         self.circuit_breaker = self.breaker_for(self.model)
         self._rate_limit_max_wait = settings.llm_rate_limit_max_wait
         self._tokens_estimate = settings.llm_completion_tokens_estimate
@@ -261,6 +262,9 @@ class ResilientLLMClient:
 
     def breaker_for(self, model: str) -> CircuitBreaker:
         """The breaker that guards calls to ``model`` (made on first use)."""
+        known = self._breaker_of_model.get(model)  # the per-call path: one dict lookup
+        if known is not None:
+            return known
         name = self.breaker_name_for(model)
         breaker = self._breakers.get(name)
         if breaker is None:
@@ -279,6 +283,8 @@ class ResilientLLMClient:
                 is_failure=self._trips_breaker,
                 trial_lease=self.deadline + 5.0,
             )
+        if len(self._breaker_of_model) < MAX_BREAKERS:  # bounded whatever the key
+            self._breaker_of_model[model] = breaker
         return breaker
 
     def _trips_breaker(self, exc: BaseException) -> bool:

@@ -105,9 +105,8 @@ class LLMRateLimitedError(CircuitOpenError):
     """The fleet's budget for this provider and model is spent for longer than the call
     may wait; ``retry_after`` says when a slot frees. Deferred like an open breaker."""
 
-    def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(name, retry_after)
-        self.args = (f"rate limit {name!r} reached; a slot frees in {retry_after:.1f}s",)
+    def __str__(self) -> str:
+        return f"rate limit {self.name!r} reached; a slot frees in {self.retry_after:.1f}s"
 
 
 @dataclass(frozen=True, slots=True)
