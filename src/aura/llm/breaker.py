@@ -70,7 +70,11 @@ from aura.errors import CircuitOpenError
 from aura.events import CircuitBreakerOpened, CircuitState, CircuitStateChanged
 from aura.redis_errors import REDIS_UNREACHABLE
 
-__all__ = ["BreakerRecord", "CircuitBreaker", "Decision", "transition"]
+__all__ = ["REGISTRY_KEY", "BreakerRecord", "CircuitBreaker", "Decision", "transition"]
+
+# Every shared breaker's name, scored by when a process last started using it: the hash
+# of a breaker that never failed is empty, and ``aura breaker status`` lists it from here
+REGISTRY_KEY = "aura:circuit_breakers"
 
 T = TypeVar("T")
 # Module constants: an Enum member looked up on its class costs ~0.2 us on Python 3.11,
@@ -229,6 +233,7 @@ class CircuitBreaker:
         self._reporting_failures = False
         self._reporting_success = False
         self._acquiring = False
+        self._registered = False  # in REGISTRY_KEY (on the first read)
         events.emit(CircuitStateChanged(name, _CLOSED))
 
     # -- what callers see -----------------------------------------------------------
@@ -442,6 +447,9 @@ class CircuitBreaker:
         assert self._redis is not None
         try:
             raw = await self._redis.hgetall(self.key)
+            if not self._registered:  # once per process: ``aura breaker status`` lists it
+                await self._redis.zadd(REGISTRY_KEY, {self.name: now})
+                self._registered = True
         except REDIS_UNREACHABLE as exc:
             self._fall_back(now, exc)
             return
