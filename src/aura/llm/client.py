@@ -480,12 +480,12 @@ class ResilientLLMClient:
             limiter = self.limiter_for(model)
             if not limiter.limit.enabled:
                 return
+            if throttled:  # first: the decrease stretches reserved slots, not the hold
+                events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
+                await limiter.slow_down(sent_at)
             hold = provider_hold_off(response.headers)
             if hold is not None:
                 await limiter.hold_off(hold[0], full_reset=hold[1])
-            if throttled:
-                events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
-                await limiter.slow_down(sent_at)
 
     async def _heed_latency(self, model: str, latency_s: float, sent_at: float) -> None:
         """An answer slower than LLM_RATE_LIMIT_LATENCY: the provider is queueing."""

@@ -33,13 +33,19 @@ ceiling; the fleet runs at a *share* of it, kept in Redis next to the TATs and r
 same script (still one round trip per call). A 429 from the provider (the limit is lower
 than configured) multiplies the share by ``decrease`` (0.7); so does, more gently
 (``(1 + decrease) / 2``), an answer slower than ``latency_s`` (the provider is queueing).
-One decrease per congestion event: a signal from a call sent before the latest decrease is
-ignored (the calls already in flight when the limit was hit say nothing new). The share
-then grows back linearly with time, from 0 to 1 in ``recovery_s`` (60 s), computed from
-the time of the last decrease, so growing costs no writes. Against a provider whose real
-limit is below the configured one the fleet saws between ``decrease`` x the real limit
-and the real limit, with a few 429s per cycle instead of a storm (the share never drops
-below ``min_share``, 5 %).
+One decrease per congestion event: a signal from a call sent before the latest decrease,
+or within ``cooldown_s`` (2 s) after it, is ignored (the calls in flight when the limit
+was hit say nothing new, and the provider's own bucket takes a moment to drain after an
+overshoot: without the pause one overshoot cascades to the floor). Slots already
+reserved are stretched with the decrease: the TATs in Redis, and the calls of this
+process waiting for theirs (and of every process that learns of it, from its next
+acquire or 429), so a burst of reservations made before the first 429 does not go out at
+the old pace. The share then grows back linearly with time, from 0 to 1 in
+``recovery_s`` (60 s), computed from the time of the last decrease, so growing costs no
+writes. Against a provider whose real limit is below the configured one the fleet saws
+below the real limit, with a few 429s per cycle instead of a storm (the share never
+drops below ``min_share``, 5 %). What it costs, measured (bench/RESULTS.md): the first
+overshoot still meets 429s until each process has heard of the decrease.
 
 Failure accepted: a reserved slot whose call is then cancelled is wasted (the fleet runs a
 little under the limit, never over). If Redis cannot be reached, calls go unlimited (the
@@ -49,6 +55,7 @@ provider's 429s and the breaker still guard), logged once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -113,23 +120,32 @@ end
 return {1, string.format('%.17g', wait), string.format('%.17g', share)}
 """
 
-# KEYS: adaptive share. ARGV: now, the signalling call's send time, factor, min share,
-# recovery seconds. Returns {decreased, share}.
+# KEYS: request TAT, token TAT, adaptive share. ARGV: now, the signalling call's send
+# time, factor, min share, recovery seconds, cooldown seconds. Returns {decreased, share}.
+# The slots already reserved (TAT - now) were spaced at the old share: stretched.
 _DECREASE = """
 local now = tonumber(ARGV[1])
 local recovery = tonumber(ARGV[5])
-local state = redis.call('HMGET', KEYS[1], 'base', 'at')
+local state = redis.call('HMGET', KEYS[3], 'base', 'at')
 local share, at = 1, 0
 if state[1] then
   at = tonumber(state[2])
   share = math.min(1, tonumber(state[1]) + (now - at) / recovery)
 end
-if tonumber(ARGV[2]) <= at then
+if tonumber(ARGV[2]) <= at + tonumber(ARGV[6]) then
   return {0, string.format('%.17g', share)}
 end
 local base = math.max(share * tonumber(ARGV[3]), tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], 'base', string.format('%.17g', base), 'at', string.format('%.17g', now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(((1 - base) * recovery + 60) * 1000))
+redis.call('HSET', KEYS[3], 'base', string.format('%.17g', base), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[3], math.ceil(((1 - base) * recovery + 60) * 1000))
+for i = 1, 2 do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat > now then
+    local stretched = now + (tat - now) * share / base
+    redis.call('SET', KEYS[i], string.format('%.17g', stretched), 'PX',
+               math.ceil((stretched - now) * 1000) + 1000)
+  end
+end
 return {1, string.format('%.17g', base)}
 """
 
@@ -170,12 +186,15 @@ class RateLimit:
     recovery_s: float = 60.0
     latency_s: float = 0.0
     min_share: float = 0.05
+    cooldown_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.rpm < 0 or self.tpm < 0 or self.burst_s <= 0:
             raise ValueError("rpm and tpm must be >= 0 and burst_s > 0")
         if not 0 < self.decrease < 1 or self.recovery_s <= 0 or not 0 < self.min_share <= 1:
             raise ValueError("decrease and min_share must be in (0, 1); recovery_s > 0")
+        if self.cooldown_s < 0:
+            raise ValueError("cooldown_s must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -219,6 +238,10 @@ class RateLimiter:
         self._round_trips = asyncio.Semaphore(_MAX_CONCURRENT_ROUND_TRIPS)
         self.share = 1.0  # the adaptive share of the limit, as this process last saw it
         self._decreased_at = 0.0  # ... and the latest decrease it made or saw
+        # The latest decreases seen, as (number, when, old share / new share): waiting
+        # calls re-pace by those that came while they slept
+        self._stretches: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=32)
+        self._stretch_count = 0
         events.emit(LLMRateLimitChanged(name, limit.rpm, limit.tpm))
 
     async def acquire(self, tokens: int, max_wait: float) -> float:
@@ -254,23 +277,44 @@ class RateLimiter:
             raise LLMRateLimitedError(self.name, wait)
         events.emit(LLMRateLimited(self.name, RateLimitOutcome.ADMITTED, wait))
         if wait > 0:
-            await self._sleep(wait)
+            wait = await self._wait_for_slot(now, now + wait)
         return wait
+
+    async def _wait_for_slot(self, reserved_at: float, slot: float) -> float:
+        """Sleep until ``slot``; if the share shrank meanwhile (a decrease this process
+        made or saw), the slot moves as the fleet's TAT did: stretched from the decrease
+        by old share / new share. Returns the seconds waited."""
+        seen = self._stretch_count
+        left = slot - reserved_at
+        while left > 0:
+            await self._sleep(left)
+            if self._stretch_count == seen:
+                break
+            for number, at, ratio in self._stretches:
+                if number >= seen and reserved_at <= at < slot:
+                    slot = at + (slot - at) * ratio
+            seen = self._stretch_count
+            left = slot - self._clock()
+        return slot - reserved_at
 
     async def slow_down(self, sent_at: float, *, gently: bool = False) -> bool:
         """A call sent at ``sent_at`` met the provider's limit (a 429) or, ``gently``,
-        answered slower than ``latency_s``: the fleet's share shrinks, unless a decrease
-        came after that call was sent. Returns whether it shrank. One round trip, only
-        on those answers (and none when this process already knows of a newer decrease)."""
+        answered slower than ``latency_s``: the fleet's share shrinks, unless the call
+        was sent before the latest decrease or within ``cooldown_s`` after it. Returns
+        whether it shrank. One round trip, only on those answers (and none when this
+        process already knows of a decrease that covers it)."""
         limit = self.limit
-        if self._decrease is None or not limit.adaptive or sent_at <= self._decreased_at:
+        if self._decrease is None or not limit.adaptive:
+            return False
+        if sent_at <= self._decreased_at + limit.cooldown_s:
             return False
         factor = (1 + limit.decrease) / 2 if gently else limit.decrease
         now = self._clock()
         args = [repr(now), repr(sent_at), repr(factor), repr(limit.min_share)]
         try:
             decreased, share_text = await self._decrease(
-                keys=[self._share_key], args=[*args, repr(limit.recovery_s)]
+                keys=[*self._keys, self._share_key],
+                args=[*args, repr(limit.recovery_s), repr(limit.cooldown_s)],
             )
         except REDIS_UNREACHABLE as exc:
             self._unreachable(exc)
@@ -283,8 +327,11 @@ class RateLimiter:
 
     def _saw_share(self, share: float) -> None:
         if abs(share - self.share) >= 0.01 or (share == 1.0 and self.share != 1.0):
-            if share < self.share:  # a decrease made elsewhere: ours would be older
-                self._decreased_at = max(self._decreased_at, self._clock())
+            if share < self.share:  # a decrease (ours, or one made elsewhere)
+                now = self._clock()
+                self._decreased_at = max(self._decreased_at, now)
+                self._stretches.append((self._stretch_count, now, self.share / share))
+                self._stretch_count += 1
             self.share = share
             rpm, tpm = self.limit.rpm * share, self.limit.tpm * share
             events.emit(LLMRateLimitChanged(self.name, rpm, tpm))
