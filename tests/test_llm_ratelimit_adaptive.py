@@ -209,33 +209,3 @@ def test_per_model_limits_are_checked_with_one_line_errors(
     monkeypatch.setenv("LLM_RATE_LIMIT_DECREASE", "1.5")
     with pytest.raises(ConfigurationError, match="LLM_RATE_LIMIT_DECREASE"):
         load_settings()
-
-
-async def test_calls_waiting_for_their_slot_are_re_paced_by_a_decrease(
-    redis: aioredis.Redis,
-) -> None:
-    """Hundreds of calls reserve their slots at once, before the provider's first 429
-    comes back: the decrease stretches the reserved slots too, so they do not go out at
-    the old pace."""
-    clock = FakeClock()
-    waits: list[float] = []
-    gcra = RateLimiter(
-        f"aimd-{uuid.uuid4().hex[:8]}/model",
-        RateLimit(rpm=60, decrease=0.5, recovery_s=60),
-        redis=redis,
-        clock=clock,
-        sleep=lambda seconds: sleep(seconds),
-    )
-    sent_at = clock()
-
-    async def sleep(seconds: float) -> None:
-        waits.append(round(seconds, 6))
-        if len(waits) == 1:  # while the second call sleeps, the first call's 429 comes
-            assert await gcra.slow_down(sent_at) is True
-        clock.advance(seconds)
-
-    assert await gcra.acquire(1, max_wait=10) == 0.0
-    assert await gcra.acquire(1, max_wait=10) == 2.0  # its slot, 1 s away, moved to 2 s
-    assert waits == [1.0, 1.0]
-    # the fleet's TAT was stretched the same way: the next slot is 2 s later again
-    assert await gcra.acquire(1, max_wait=10) == pytest.approx(2.0, abs=0.15)

@@ -480,7 +480,7 @@ class ResilientLLMClient:
             limiter = self.limiter_for(model)
             if not limiter.limit.enabled:
                 return
-            if throttled:  # first: the decrease stretches reserved slots, not the hold
+            if throttled:
                 events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
                 await limiter.slow_down(sent_at)
             hold = provider_hold_off(response.headers)

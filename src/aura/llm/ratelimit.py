@@ -36,16 +36,18 @@ than configured) multiplies the share by ``decrease`` (0.7); so does, more gentl
 One decrease per congestion event: a signal from a call sent before the latest decrease,
 or within ``cooldown_s`` (2 s) after it, is ignored (the calls in flight when the limit
 was hit say nothing new, and the provider's own bucket takes a moment to drain after an
-overshoot: without the pause one overshoot cascades to the floor). Slots already
-reserved are stretched with the decrease: the TATs in Redis, and the calls of this
-process waiting for theirs (and of every process that learns of it, from its next
-acquire or 429), so a burst of reservations made before the first 429 does not go out at
-the old pace. The share then grows back linearly with time, from 0 to 1 in
-``recovery_s`` (60 s), computed from the time of the last decrease, so growing costs no
-writes. Against a provider whose real limit is below the configured one the fleet saws
-below the real limit, with a few 429s per cycle instead of a storm (the share never
-drops below ``min_share``, 5 %). What it costs, measured (bench/RESULTS.md): the first
-overshoot still meets 429s until each process has heard of the decrease.
+overshoot: without the pause one overshoot cascades to the floor). The share then grows
+back linearly with time, from 0 to 1 in ``recovery_s`` (60 s), computed from the time of
+the last decrease, so growing costs no writes (the share never drops below
+``min_share``, 5 %).
+
+Not solved: a decrease paces the slots reserved *after* it. Slots reserved before it (a
+burst of calls that all reserved at once, at the configured pace, before the first 429
+came back) still go out at the old pace. Stretching them in Redis was tried and dropped:
+the stretch compounds over repeated decreases and does not shrink back as the share
+grows (a 600/min run ended with its backlog stretched from 160 s to over 2,000 s). So
+the adaptive limit helps calls that arrive over time, as a worker's do, and not a single
+burst (bench/RESULTS.md). Keep LLM_RATE_LIMIT_MAX_WAIT short: it bounds that backlog.
 
 Failure accepted: a reserved slot whose call is then cancelled is wasted (the fleet runs a
 little under the limit, never over). If Redis cannot be reached, calls go unlimited (the
@@ -55,7 +57,6 @@ provider's 429s and the breaker still guard), logged once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -120,13 +121,12 @@ end
 return {1, string.format('%.17g', wait), string.format('%.17g', share)}
 """
 
-# KEYS: request TAT, token TAT, adaptive share. ARGV: now, the signalling call's send
-# time, factor, min share, recovery seconds, cooldown seconds. Returns {decreased, share}.
-# The slots already reserved (TAT - now) were spaced at the old share: stretched.
+# KEYS: adaptive share. ARGV: now, the signalling call's send time, factor, min share,
+# recovery seconds, cooldown seconds. Returns {decreased, share}.
 _DECREASE = """
 local now = tonumber(ARGV[1])
 local recovery = tonumber(ARGV[5])
-local state = redis.call('HMGET', KEYS[3], 'base', 'at')
+local state = redis.call('HMGET', KEYS[1], 'base', 'at')
 local share, at = 1, 0
 if state[1] then
   at = tonumber(state[2])
@@ -136,16 +136,8 @@ if tonumber(ARGV[2]) <= at + tonumber(ARGV[6]) then
   return {0, string.format('%.17g', share)}
 end
 local base = math.max(share * tonumber(ARGV[3]), tonumber(ARGV[4]))
-redis.call('HSET', KEYS[3], 'base', string.format('%.17g', base), 'at', string.format('%.17g', now))
-redis.call('PEXPIRE', KEYS[3], math.ceil(((1 - base) * recovery + 60) * 1000))
-for i = 1, 2 do
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat > now then
-    local stretched = now + (tat - now) * share / base
-    redis.call('SET', KEYS[i], string.format('%.17g', stretched), 'PX',
-               math.ceil((stretched - now) * 1000) + 1000)
-  end
-end
+redis.call('HSET', KEYS[1], 'base', string.format('%.17g', base), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(((1 - base) * recovery + 60) * 1000))
 return {1, string.format('%.17g', base)}
 """
 
@@ -238,10 +230,6 @@ class RateLimiter:
         self._round_trips = asyncio.Semaphore(_MAX_CONCURRENT_ROUND_TRIPS)
         self.share = 1.0  # the adaptive share of the limit, as this process last saw it
         self._decreased_at = 0.0  # ... and the latest decrease it made or saw
-        # The latest decreases seen, as (number, when, old share / new share): waiting
-        # calls re-pace by those that came while they slept
-        self._stretches: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=32)
-        self._stretch_count = 0
         events.emit(LLMRateLimitChanged(name, limit.rpm, limit.tpm))
 
     async def acquire(self, tokens: int, max_wait: float) -> float:
@@ -277,25 +265,8 @@ class RateLimiter:
             raise LLMRateLimitedError(self.name, wait)
         events.emit(LLMRateLimited(self.name, RateLimitOutcome.ADMITTED, wait))
         if wait > 0:
-            wait = await self._wait_for_slot(now, now + wait)
+            await self._sleep(wait)
         return wait
-
-    async def _wait_for_slot(self, reserved_at: float, slot: float) -> float:
-        """Sleep until ``slot``; if the share shrank meanwhile (a decrease this process
-        made or saw), the slot moves as the fleet's TAT did: stretched from the decrease
-        by old share / new share. Returns the seconds waited."""
-        seen = self._stretch_count
-        left = slot - reserved_at
-        while left > 0:
-            await self._sleep(left)
-            if self._stretch_count == seen:
-                break
-            for number, at, ratio in self._stretches:
-                if number >= seen and reserved_at <= at < slot:
-                    slot = at + (slot - at) * ratio
-            seen = self._stretch_count
-            left = slot - self._clock()
-        return slot - reserved_at
 
     async def slow_down(self, sent_at: float, *, gently: bool = False) -> bool:
         """A call sent at ``sent_at`` met the provider's limit (a 429) or, ``gently``,
@@ -313,7 +284,7 @@ class RateLimiter:
         args = [repr(now), repr(sent_at), repr(factor), repr(limit.min_share)]
         try:
             decreased, share_text = await self._decrease(
-                keys=[*self._keys, self._share_key],
+                keys=[self._share_key],
                 args=[*args, repr(limit.recovery_s), repr(limit.cooldown_s)],
             )
         except REDIS_UNREACHABLE as exc:
@@ -327,11 +298,8 @@ class RateLimiter:
 
     def _saw_share(self, share: float) -> None:
         if abs(share - self.share) >= 0.01 or (share == 1.0 and self.share != 1.0):
-            if share < self.share:  # a decrease (ours, or one made elsewhere)
-                now = self._clock()
-                self._decreased_at = max(self._decreased_at, now)
-                self._stretches.append((self._stretch_count, now, self.share / share))
-                self._stretch_count += 1
+            if share < self.share:  # a decrease made elsewhere: ours would be older
+                self._decreased_at = max(self._decreased_at, self._clock())
             self.share = share
             rpm, tpm = self.limit.rpm * share, self.limit.tpm * share
             events.emit(LLMRateLimitChanged(self.name, rpm, tpm))
