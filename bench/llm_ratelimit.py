@@ -91,7 +91,13 @@ async def start_peer(url: str, redis_url: str, go_key: str, calls: int, env: dic
 
 
 async def fleet(
-    redis_url: str, processes: int, calls: int, rpm: float, ceiling: float, adaptive: bool
+    redis_url: str,
+    processes: int,
+    calls: int,
+    rpm: float,
+    ceiling: float,
+    adaptive: bool,
+    spread: float,
 ) -> None:
     model = f"bench-{uuid.uuid4().hex[:6]}"
     go_key = f"{model}:go"
@@ -101,6 +107,7 @@ async def fleet(
         "LLM_RATE_LIMIT_BURST": "0.25",
         "LLM_RATE_LIMIT_MAX_WAIT": str(processes * calls / rpm * 60 + 30),
         "PEER_MODELS": model,
+        "PEER_SPREAD_S": str(spread),
     }
     redis = aioredis.from_url(redis_url)
     async with LLMSimulator(Faults(rpm=rpm)) as sim:
@@ -118,10 +125,11 @@ async def fleet(
         requests, limited = sim.requests, sim.stats["rate_limited"]
     await redis.aclose()
     total = processes * calls
-    achieved = (total - rpm / 60 / 4) / elapsed * 60
+    achieved = (total - rpm / 60 / 4) / max(elapsed, spread) * 60
     print(
-        f"fleet: {processes} processes x {calls} in flight, provider limit {rpm:g}/min, "
-        f"fleet configured {ceiling:g}/min, adaptive {'on' if adaptive else 'off'}"
+        f"fleet: {processes} processes x {calls} calls (started over {spread:g} s), provider "
+        f"limit {rpm:g}/min, fleet configured {ceiling:g}/min, adaptive "
+        f"{'on' if adaptive else 'off'}"
     )
     print(f"  outcomes: {dict(outcomes)}")
     print(f"  requests {requests}, answered 429: {limited} ({limited / requests:.2%})")
@@ -134,7 +142,9 @@ async def main(args: argparse.Namespace) -> None:
     if args.cost_calls:
         await cost(args.redis_url, args.cost_calls)
     ceiling = args.configured_rpm or args.rpm
-    await fleet(args.redis_url, args.processes, args.calls, args.rpm, ceiling, args.adaptive)
+    await fleet(
+        args.redis_url, args.processes, args.calls, args.rpm, ceiling, args.adaptive, args.spread
+    )
 
 
 if __name__ == "__main__":
@@ -152,4 +162,11 @@ if __name__ == "__main__":
         "limit has to find the provider's real one",
     )
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="each process starts its calls evenly "
+        "over this many seconds (default 0: all at once, a burst)",
+    )
     asyncio.run(main(parser.parse_args()))
