@@ -11,6 +11,9 @@
    requests answered 429 (target <= 1 %), throughput against the limit (target within
    10 %), and calls deferred (target 0 with a long enough LLM_RATE_LIMIT_MAX_WAIT). The
    issue's own figure is ``--rpm 600`` (8 x 200 at 600/min: about 160 s).
+3. With ``--configured-rpm`` above ``--rpm`` the fleet believes in a higher limit than
+   the provider's; ``--adaptive``/``--no-adaptive`` (LLM_RATE_LIMIT_ADAPTIVE) compares
+   the 429 share with and without the AIMD share finding the real limit.
 """
 
 from __future__ import annotations
@@ -87,14 +90,24 @@ async def start_peer(url: str, redis_url: str, go_key: str, calls: int, env: dic
     return process
 
 
-async def fleet(redis_url: str, processes: int, calls: int, rpm: float) -> None:
+async def fleet(
+    redis_url: str,
+    processes: int,
+    calls: int,
+    rpm: float,
+    ceiling: float,
+    adaptive: bool,
+    spread: float,
+) -> None:
     model = f"bench-{uuid.uuid4().hex[:6]}"
     go_key = f"{model}:go"
     env = {
-        "LLM_RATE_LIMIT_RPM": str(rpm),
+        "LLM_RATE_LIMIT_RPM": str(ceiling),
+        "LLM_RATE_LIMIT_ADAPTIVE": str(adaptive).lower(),
         "LLM_RATE_LIMIT_BURST": "0.25",
         "LLM_RATE_LIMIT_MAX_WAIT": str(processes * calls / rpm * 60 + 30),
         "PEER_MODELS": model,
+        "PEER_SPREAD_S": str(spread),
     }
     redis = aioredis.from_url(redis_url)
     async with LLMSimulator(Faults(rpm=rpm)) as sim:
@@ -112,8 +125,12 @@ async def fleet(redis_url: str, processes: int, calls: int, rpm: float) -> None:
         requests, limited = sim.requests, sim.stats["rate_limited"]
     await redis.aclose()
     total = processes * calls
-    achieved = (total - rpm / 60 / 4) / elapsed * 60
-    print(f"fleet: {processes} processes x {calls} in flight, limit {rpm:g}/min")
+    achieved = (total - rpm / 60 / 4) / max(elapsed, spread) * 60
+    print(
+        f"fleet: {processes} processes x {calls} calls (started over {spread:g} s), provider "
+        f"limit {rpm:g}/min, fleet configured {ceiling:g}/min, adaptive "
+        f"{'on' if adaptive else 'off'}"
+    )
     print(f"  outcomes: {dict(outcomes)}")
     print(f"  requests {requests}, answered 429: {limited} ({limited / requests:.2%})")
     print(f"  elapsed {elapsed:.1f} s; throughput {achieved:.0f}/min")
@@ -122,8 +139,12 @@ async def fleet(redis_url: str, processes: int, calls: int, rpm: float) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     configure_logging("ERROR")
-    await cost(args.redis_url, args.cost_calls)
-    await fleet(args.redis_url, args.processes, args.calls, args.rpm)
+    if args.cost_calls:
+        await cost(args.redis_url, args.cost_calls)
+    ceiling = args.configured_rpm or args.rpm
+    await fleet(
+        args.redis_url, args.processes, args.calls, args.rpm, ceiling, args.adaptive, args.spread
+    )
 
 
 if __name__ == "__main__":
@@ -133,4 +154,19 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rpm", type=float, default=6000.0)
+    parser.add_argument(
+        "--configured-rpm",
+        type=float,
+        default=0.0,
+        help="the fleet's LLM_RATE_LIMIT_RPM (default: --rpm); above it, the adaptive "
+        "limit has to find the provider's real one",
+    )
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="each process starts its calls evenly "
+        "over this many seconds (default 0: all at once, a burst)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
@@ -45,6 +46,11 @@ async def one(
     return outcome if model is None else f"{model}:{outcome}"
 
 
+async def later(delay: float, call: Awaitable[str]) -> str:
+    await asyncio.sleep(delay)
+    return await call
+
+
 async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *rest: str) -> None:
     configure_logging("ERROR")  # logs to stderr; stdout carries the result
     redis = aioredis.from_url(redis_url)
@@ -60,7 +66,11 @@ async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *
             if time.monotonic() > deadline:
                 raise SystemExit("no go signal within 20 s")
             await asyncio.sleep(0.005)
-        outcomes = await asyncio.gather(*(one(client, model=m) for m in models for _ in range(n)))
+        # PEER_SPREAD_S: the calls start evenly over that many seconds (0: all at once)
+        spread = float(os.environ.get("PEER_SPREAD_S", "0")) / max(n, 1)
+        outcomes = await asyncio.gather(
+            *(later(i * spread, one(client, model=m)) for m in models for i in range(n))
+        )
     else:
         outcomes = [await one(client, model=m) for m in models for _ in range(n)]
     opens = REGISTRY.get_sample_value("llm_circuit_breaker_opens_total") or 0.0

@@ -47,7 +47,9 @@ async def test_breaker_status_lists_each_model_of_each_provider(redis_url: str) 
     assert sick["consecutive_failures"] == 3
     assert (default["state"], default["consecutive_failures"]) == ("closed", 1)
     assert default["run_started_s_ago"] is not None
-    assert f"{prefix}:{provider}/gpt-4o" not in rows  # never failed: nothing stored
+    # never failed, so no state of its own: listed all the same (the registry), closed
+    healthy = rows[f"{prefix}:{provider}/gpt-4o"]
+    assert (healthy["state"], healthy["consecutive_failures"]) == ("closed", 0)
 
     table = run_aura("breaker", "status", env={"REDIS_URL": redis_url})
     assert "sick-model" in table.stdout

@@ -12,6 +12,7 @@ names each bad variable and what it expects, with secrets never echoed.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aura.errors import ConfigurationError
 
-__all__ = ["Settings", "get_settings", "load_settings", "mask_url"]
+__all__ = ["Settings", "get_settings", "load_settings", "mask_url", "parse_rate_limits"]
 
 _URL_SCHEMES: dict[str, dict[str, str]] = {
     # accepted scheme -> the scheme Aura uses
@@ -125,6 +126,14 @@ class Settings(BaseSettings):
     llm_rate_limit_burst: PositiveFloat = 1.0  # seconds' worth of budget spent at once
     llm_rate_limit_max_wait: float = Field(default=10.0, ge=0)  # longer: deferred
     llm_completion_tokens_estimate: PositiveInt = 512  # charged when max_tokens is unset
+    # Per provider and model, over the three above: "MODEL rpm=N tpm=N burst=S; ..." where
+    # MODEL is a model name or host[:port]/model (aura.llm.ratelimit)
+    llm_rate_limits: str = ""
+    # The adaptive share of those limits (AIMD on 429s and latency; aura.llm.ratelimit)
+    llm_rate_limit_adaptive: bool = True
+    llm_rate_limit_decrease: float = Field(default=0.7, gt=0, lt=1)  # x on a 429
+    llm_rate_limit_recovery: PositiveFloat = 60.0  # seconds from 0 back to the whole limit
+    llm_rate_limit_latency: float = Field(default=0.0, ge=0)  # slower answers: 0 = ignored
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
     # How a worker process runs tasks (not in the seed): "async" holds up to
@@ -158,6 +167,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_format(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("llm_rate_limits")
+    @classmethod
+    def _check_rate_limits(cls, value: str) -> str:
+        parse_rate_limits(value)
+        return value
+
+    @property
+    def rate_limits_by_model(self) -> dict[str, dict[str, float]]:
+        """``LLM_RATE_LIMITS`` parsed: model (or host[:port]/model) -> {rpm, tpm, burst}."""
+        return parse_rate_limits(self.llm_rate_limits)
 
     @field_validator("database_url", "redis_url", "celery_broker_url", "llm_base_url")
     @classmethod
@@ -197,6 +217,35 @@ class Settings(BaseSettings):
             else:
                 shown[variable] = f"{value:g}" if isinstance(value, float) else str(value)
         return shown
+
+
+_RATE_FIELDS = ("rpm", "tpm", "burst")
+
+
+def parse_rate_limits(text: str) -> dict[str, dict[str, float]]:
+    """``"gpt-4o rpm=500 tpm=30000; api.example.com/gpt-4o-mini rpm=5000 burst=0.5"`` as
+    {"gpt-4o": {"rpm": 500.0, "tpm": 30000.0}, ...}; ``ValueError`` naming what is wrong."""
+    limits: dict[str, dict[str, float]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        model, *fields = entry.split()
+        if not fields:
+            raise ValueError(f"{model!r} has no limits: expected MODEL rpm=N tpm=N burst=S")
+        values: dict[str, float] = {}
+        for field in fields:
+            name, _, number = field.partition("=")
+            if name not in _RATE_FIELDS:
+                raise ValueError(f"{model}: unknown limit {name!r} (expected rpm, tpm, burst)")
+            try:
+                values[name] = float(number)
+            except ValueError:
+                raise ValueError(f"{model}: {name} expects a number, got {number!r}") from None
+            number_ok = math.isfinite(values[name]) and values[name] >= 0
+            if not number_ok or (name == "burst" and not values[name] > 0):
+                raise ValueError(f"{model}: {name} must be {'> 0' if name == 'burst' else '>= 0'}")
+        if model in limits:
+            raise ValueError(f"{model!r} appears twice")
+        limits[model] = values
+    return limits
 
 
 def _describe(error: Any) -> str:

@@ -172,6 +172,13 @@ class CircuitOpenError(AuraError):
     transient = True
 
     def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(f"circuit breaker {name!r} is open; trial call in {retry_after:.1f}s")
+        # No super().__init__ and the message made only when asked for: an open breaker
+        # raises this on every call it rejects (DESIGN.md: < 5 us per rejection)
         self.name = name
         self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"circuit breaker {self.name!r} is open; trial call in {self.retry_after:.1f}s"
+
+    def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
+        return type(self), (self.name, self.retry_after)

@@ -29,11 +29,14 @@ __all__ = [
     "Event",
     "Hook",
     "LLMOutcome",
+    "LLMRateLimitChanged",
+    "LLMRateLimited",
     "LLMRequestFinished",
     "MessageDeadLettered",
     "PoolConnectionsChanged",
     "Queue",
     "QueueDepthObserved",
+    "RateLimitOutcome",
     "RetryKind",
     "RollbackReason",
     "TaskRetried",
@@ -94,6 +97,13 @@ class TimeoutKind(StrEnum):
     HARD = "hard"  # the pool killed the process: redelivered (acks_late), or the DLQ
 
 
+class RateLimitOutcome(StrEnum):
+    ADMITTED = "admitted"  # a slot was reserved (the call may have waited for it)
+    DEFERRED = "deferred"  # no slot within the call's wait: deferred, not called
+    THROTTLED = "throttled"  # the provider answered 429: the fleet held off
+    DECREASED = "decreased"  # the fleet's adaptive share of the limit shrank (AIMD)
+
+
 class CircuitState(StrEnum):
     CLOSED = "closed"
     HALF_OPEN = "half_open"
@@ -135,6 +145,25 @@ class LLMRequestFinished:
 
 
 @dataclass(frozen=True, slots=True)
+class LLMRateLimited:
+    """One decision or signal of a fleet-wide rate limiter (``limiter``: provider/model,
+    from configuration); ``wait_s``: how long an admitted call waits for its slot."""
+
+    limiter: str
+    outcome: RateLimitOutcome
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRateLimitChanged:
+    """The limits a rate limiter applies now (configured x its adaptive share)."""
+
+    limiter: str
+    rpm: float
+    tpm: float
+
+
+@dataclass(frozen=True, slots=True)
 class MessageDeadLettered:
     reason: DeadLetterReason
     task: str
@@ -171,6 +200,8 @@ Event = (
     | CircuitBreakerOpened
     | CircuitStateChanged
     | LLMRequestFinished
+    | LLMRateLimited
+    | LLMRateLimitChanged
     | TaskTimedOut
     | MessageDeadLettered
     | TaskRetried

@@ -21,6 +21,13 @@ Not in the seed, named in its style:
                                                    provider and model)
     aura_llm_requests_total{model,outcome}         LLM calls by model (from configuration)
     aura_llm_tokens_total{model,kind}              kind: prompt | completion
+    aura_llm_rate_limit_total{limiter,outcome}     the fleet-wide rate limiter's decisions
+                                                   and signals: admitted | deferred |
+                                                   throttled (429) | decreased (AIMD)
+    aura_llm_rate_limit_wait_seconds{limiter}      how long admitted calls waited for a slot
+    aura_llm_rate_limit_rpm{limiter}               the requests per minute it applies now
+    aura_llm_rate_limit_tpm{limiter}               ... and tokens per minute (configured x
+                                                   the adaptive share)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -45,11 +52,14 @@ from aura.events import (
     DuplicateKind,
     Event,
     LLMOutcome,
+    LLMRateLimitChanged,
+    LLMRateLimited,
     LLMRequestFinished,
     MessageDeadLettered,
     PoolConnectionsChanged,
     Queue,
     QueueDepthObserved,
+    RateLimitOutcome,
     RetryKind,
     RollbackReason,
     TaskRetried,
@@ -139,6 +149,30 @@ AURA_LLM_TOKENS = Counter(
     ["model", "kind"],
 )
 
+AURA_LLM_RATE_LIMIT = Counter(
+    "aura_llm_rate_limit_total",
+    "Fleet-wide LLM rate limiter: calls admitted or deferred, 429s met, AIMD decreases.",
+    ["limiter", "outcome"],
+)
+AURA_LLM_RATE_LIMIT_WAIT = Histogram(
+    "aura_llm_rate_limit_wait_seconds",
+    "Seconds an admitted LLM call waited for its rate-limit slot.",
+    ["limiter"],
+    buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+AURA_LLM_RATE_LIMIT_RPM = Gauge(
+    "aura_llm_rate_limit_rpm",
+    "Requests per minute the fleet-wide LLM rate limiter applies now (adaptive share).",
+    ["limiter"],
+    multiprocess_mode="mostrecent",
+)
+AURA_LLM_RATE_LIMIT_TPM = Gauge(
+    "aura_llm_rate_limit_tpm",
+    "Tokens per minute the fleet-wide LLM rate limiter applies now (adaptive share).",
+    ["limiter"],
+    multiprocess_mode="mostrecent",
+)
+
 AURA_TASK_RETRIES = Counter(
     "aura_task_retries_total",
     "Task executions put off for another try: retry (transient) or deferral (open circuit).",
@@ -194,6 +228,13 @@ def prometheus_hook(event: Event) -> None:
                     AURA_LLM_TOKENS.labels(model=model, kind="completion").inc(
                         event.completion_tokens
                     )
+        case LLMRateLimited(limiter=limiter, outcome=limited, wait_s=wait_s):
+            AURA_LLM_RATE_LIMIT.labels(limiter=limiter, outcome=limited.value).inc()
+            if limited is RateLimitOutcome.ADMITTED:
+                AURA_LLM_RATE_LIMIT_WAIT.labels(limiter=limiter).observe(wait_s)
+        case LLMRateLimitChanged(limiter=limiter, rpm=rpm, tpm=tpm):
+            AURA_LLM_RATE_LIMIT_RPM.labels(limiter=limiter).set(rpm)
+            AURA_LLM_RATE_LIMIT_TPM.labels(limiter=limiter).set(tpm)
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
         case DuplicateDelivered(kind=duplicate):

@@ -1,8 +1,9 @@
 """``aura breaker`` and ``aura retries``: the shared state the fleet keeps in Redis.
 
-    aura breaker status [--json]          every breaker's state (SCAN, bounded): one
-                                          per provider and model, named
-                                          llm:{provider}/{model} (CIRCUIT_BREAKER_KEY)
+    aura breaker status [--json]          every breaker's state: each one a process has
+                                          used (aura:circuit_breakers) or with state
+                                          (SCAN, bounded); one per provider and model,
+                                          named llm:{provider}/{model} (CIRCUIT_BREAKER_KEY)
     aura breaker reset NAME               force it closed, fleet-wide
     aura retries ls [--kind retry|defer] [--limit N] [--json]
                                           messages with a failure (or deferral) count
@@ -31,7 +32,7 @@ from aura.cli import app
 from aura.config import get_settings
 from aura.errors import ConfigurationError, InvalidInputError, NotFoundError
 from aura.events import CircuitState
-from aura.llm.breaker import BreakerRecord
+from aura.llm.breaker import REGISTRY_KEY, BreakerRecord
 from aura.message_id import validate_message_id
 from aura.messaging.retry import KEY_PREFIX
 from aura.messaging.task import DEFER_PREFIX
@@ -80,6 +81,10 @@ def _scan(client: redis.Redis, pattern: str, *, limit: int, scan: int) -> tuple[
             return sorted(found), True
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _check_bounds(limit: int, scan: int) -> None:
     if not 1 <= limit <= _LIMIT_MAX:
         raise InvalidInputError(f"--limit must be between 1 and {_LIMIT_MAX}", field="limit")
@@ -123,10 +128,18 @@ def breaker_status(
     """Every circuit breaker's fleet-wide state, as the workers share it in Redis."""
     _check_bounds(limit, scan)
     with _redis() as client:
+        # Breakers some process has used (REGISTRY_KEY; a breaker that never failed has no
+        # state of its own), and any with state that a process made before the registry.
+        members: list[bytes] = client.zrange(REGISTRY_KEY, 0, limit)  # type: ignore[assignment]
+        registered = [_text(name) for name in members]
         keys, more = _scan(client, f"{BREAKER_PREFIX}*", limit=limit, scan=scan)
+        names = sorted({*registered, *(key.removeprefix(BREAKER_PREFIX) for key in keys)})
+        more = more or len(names) > limit
+        names = names[:limit]
+        raws = [client.hgetall(f"{BREAKER_PREFIX}{name}") for name in names]
         views = [
-            _BreakerView(key.removeprefix(BREAKER_PREFIX), BreakerRecord.from_redis(raw))
-            for key, raw in zip(keys, [client.hgetall(key) for key in keys], strict=True)
+            _BreakerView(name, BreakerRecord.from_redis(raw))
+            for name, raw in zip(names, raws, strict=True)
         ]
     now = time.time()  # the breakers' own clock: wall time shared across hosts
     rows = [view.as_dict(now) for view in views]
@@ -134,7 +147,7 @@ def breaker_status(
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo("no breaker state in Redis: every breaker is closed (none has failed yet)")
+        typer.echo("no breaker in Redis: no process has used one with this REDIS_URL yet")
         return
     table = Table(title="LLM circuit breakers (one per provider and model)")
     for column in ("name", "state", "failures in a row", "run began", "trial in"):
@@ -157,7 +170,8 @@ def breaker_reset(name: str = typer.Argument(..., help="The breaker's name (see 
     from aura.llm.breaker import CircuitBreaker
 
     with _redis() as client:
-        if not client.exists(f"{BREAKER_PREFIX}{name}"):
+        known = client.exists(f"{BREAKER_PREFIX}{name}")
+        if not known and client.zscore(REGISTRY_KEY, name) is None:
             raise NotFoundError(f"no breaker named {name!r} in Redis (see aura breaker status)")
 
     async def reset() -> None:

@@ -35,6 +35,7 @@ httpx's own CPU at hundreds of calls in flight (bench/llm_transport.py), sized b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -57,7 +58,13 @@ from aura.errors import (
     LLMMalformedResponseError,
     LLMTimeoutError,
 )
-from aura.events import CircuitState, LLMOutcome, LLMRequestFinished
+from aura.events import (
+    CircuitState,
+    LLMOutcome,
+    LLMRateLimited,
+    LLMRequestFinished,
+    RateLimitOutcome,
+)
 from aura.llm.breaker import CircuitBreaker
 from aura.llm.protocol import Completion, StreamAssembler, Usage, parse_completion
 from aura.llm.ratelimit import RateLimit, RateLimiter, estimate_tokens
@@ -170,8 +177,10 @@ class ResilientLLMClient:
     ``ResilientLLMClient()`` builds itself from Settings: LLM_BASE_URL (default: the
     bundled simulator on 127.0.0.1:8765), LLM_API_KEY, LLM_MODEL, the four LLM timeouts,
     LLM_CALL_DEADLINE, LLM_FIRST_TOKEN_TIMEOUT, LLM_HTTP_TRANSPORT, LLM_MAX_CONNECTIONS,
-    CIRCUIT_BREAKER_FAIL_MAX/RESET_TIMEOUT/FAILURE_WINDOW/KEY, and REDIS_URL (unset: the
-    breakers are local to this process). Keyword arguments override each of them.
+    CIRCUIT_BREAKER_FAIL_MAX/RESET_TIMEOUT/FAILURE_WINDOW/KEY, LLM_RATE_LIMIT_* and
+    LLM_RATE_LIMITS (per model; aura.llm.ratelimit), and REDIS_URL (unset: the breakers
+    are local to this process, and nothing is rate-limited). Keyword arguments override
+    each of them.
     """
 
     def __init__(
@@ -244,8 +253,14 @@ class ResilientLLMClient:
             settings.llm_rate_limit_rpm,
             settings.llm_rate_limit_tpm,
             settings.llm_rate_limit_burst,
+            adaptive=settings.llm_rate_limit_adaptive,
+            decrease=settings.llm_rate_limit_decrease,
+            recovery_s=settings.llm_rate_limit_recovery,
+            latency_s=settings.llm_rate_limit_latency,
         )
+        self._rate_limits_by_model = settings.rate_limits_by_model
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._breaker_of_model: dict[str, CircuitBreaker] = {}
         self.circuit_breaker = self.breaker_for(self.model)
         self._rate_limit_max_wait = settings.llm_rate_limit_max_wait
         self._tokens_estimate = settings.llm_completion_tokens_estimate
@@ -261,6 +276,9 @@ class ResilientLLMClient:
 
     def breaker_for(self, model: str) -> CircuitBreaker:
         """The breaker that guards calls to ``model`` (made on first use)."""
+        known = self._breaker_of_model.get(model)  # the per-call path: one dict lookup
+        if known is not None:
+            return known
         name = self.breaker_name_for(model)
         breaker = self._breakers.get(name)
         if breaker is None:
@@ -279,6 +297,8 @@ class ResilientLLMClient:
                 is_failure=self._trips_breaker,
                 trial_lease=self.deadline + 5.0,
             )
+        if len(self._breaker_of_model) < MAX_BREAKERS:  # bounded whatever the key
+            self._breaker_of_model[model] = breaker
         return breaker
 
     def _trips_breaker(self, exc: BaseException) -> bool:
@@ -288,7 +308,23 @@ class ResilientLLMClient:
 
     @property
     def _limiting(self) -> bool:
-        return self.rate_limit.enabled and self._redis is not None
+        configured = self.rate_limit.enabled or bool(self._rate_limits_by_model)
+        return configured and self._redis is not None
+
+    def rate_limit_for(self, model: str) -> RateLimit:
+        """``model``'s limits at this provider: its LLM_RATE_LIMITS entry (by
+        host[:port]/model, else by model), each limit it leaves out from the defaults."""
+        by_model = self._rate_limits_by_model
+        name = f"{provider_of(self.base_url)}/{model}"
+        own = by_model.get(name) or by_model.get(model)
+        if own is None:
+            return self.rate_limit
+        return dataclasses.replace(
+            self.rate_limit,
+            rpm=own.get("rpm", self.rate_limit.rpm),
+            tpm=own.get("tpm", self.rate_limit.tpm),
+            burst_s=own.get("burst", self.rate_limit.burst_s),
+        )
 
     def limiter_for(self, model: str) -> RateLimiter:
         """The fleet-wide rate limiter of ``model`` at this provider (made on first use;
@@ -298,7 +334,7 @@ class ResilientLLMClient:
             self.breaker_for(model)  # the same bound on models
             limiter = self._limiters[model] = RateLimiter(
                 f"{provider_of(self.base_url)}/{model}",
-                self.rate_limit,
+                self.rate_limit_for(model),
                 redis=self._redis,
                 clock=self._clock,
                 sleep=self._sleep,
@@ -353,8 +389,10 @@ class ResilientLLMClient:
             breaker = self.breaker_for(candidate)
             try:
                 if self._limiting and breaker.state is CircuitState.CLOSED:
-                    tokens = estimate_tokens(body, self._tokens_estimate)
-                    await self.limiter_for(candidate).acquire(tokens, self._rate_limit_max_wait)
+                    limiter = self.limiter_for(candidate)
+                    if limiter.limit.enabled:
+                        tokens = estimate_tokens(body, self._tokens_estimate)
+                        await limiter.acquire(tokens, self._rate_limit_max_wait)
                 if stream:
                     return await breaker.call(self._stream, body, on_delta)
                 return await breaker.call(self._request, body)
@@ -366,6 +404,7 @@ class ResilientLLMClient:
 
     async def _request(self, body: dict[str, Any]) -> Completion:
         started = time.perf_counter()
+        sent_at = self._clock()
         try:
             try:
                 async with asyncio.timeout(self.deadline):
@@ -376,7 +415,7 @@ class ResilientLLMClient:
                 ) from exc
             except (httpx.RequestError, aiohttp.ClientError) as exc:
                 raise _transport_error(exc) from exc
-            await self._heed_provider(body["model"], response)
+            await self._heed_provider(body["model"], response, sent_at)
             if not response.is_success:
                 raise _status_error(response)
             completion = parse_completion(response.content, time.perf_counter() - started)
@@ -384,10 +423,13 @@ class ResilientLLMClient:
             self._observe(exc, started, body["model"])
             raise
         self._observe_success(completion, started, body["model"])
+        await self._heed_latency(body["model"], completion.latency_s, sent_at)
         return completion
 
     async def _stream(self, body: dict[str, Any], on_delta: DeltaHook | None) -> Completion:
         started = time.perf_counter()
+        sent_at = self._clock()
+        first_token_s = 0.0
         loop = asyncio.get_running_loop()
         deadline_at = loop.time() + self.deadline
         first_at = loop.time() + min(self.first_token_timeout, self.deadline)
@@ -400,7 +442,7 @@ class ResilientLLMClient:
                     asyncio.timeout_at(first_at) as limit,
                     self.http_client.stream("POST", "/chat/completions", json=body) as response,
                 ):
-                    await self._heed_provider(body["model"], response)
+                    await self._heed_provider(body["model"], response, sent_at)
                     if not response.is_success:
                         await response.aread()
                         raise _status_error(response)
@@ -408,6 +450,7 @@ class ResilientLLMClient:
                         deltas = assembler.feed(text)
                         if assembler.chunks and limit.when() != deadline_at:
                             limit.reschedule(deadline_at)  # the first token came in time
+                            first_token_s = time.perf_counter() - started
                         if on_delta is not None:
                             for delta in deltas:
                                 on_delta(delta)
@@ -424,16 +467,33 @@ class ResilientLLMClient:
             self._observe(exc, started, body["model"])
             raise
         self._observe_success(completion, started, body["model"])
+        await self._heed_latency(body["model"], first_token_s, sent_at)  # queueing shows there
         return completion
 
-    async def _heed_provider(self, model: str, response: httpx.Response) -> None:
-        """A 429 (or a spent budget in x-ratelimit-*) holds the whole fleet off."""
+    async def _heed_provider(self, model: str, response: httpx.Response, sent_at: float) -> None:
+        """A 429 (or a spent budget in x-ratelimit-*) holds the whole fleet off; a 429
+        also shrinks the fleet's adaptive share of the limit (aura.llm.ratelimit)."""
         if not self._limiting:
             return
-        if response.status_code == 429 or "x-ratelimit-remaining-requests" in response.headers:
+        throttled = response.status_code == 429
+        if throttled or "x-ratelimit-remaining-requests" in response.headers:
+            limiter = self.limiter_for(model)
+            if not limiter.limit.enabled:
+                return
+            if throttled:
+                events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
+                await limiter.slow_down(sent_at)
             hold = provider_hold_off(response.headers)
             if hold is not None:
-                await self.limiter_for(model).hold_off(hold[0], full_reset=hold[1])
+                await limiter.hold_off(hold[0], full_reset=hold[1])
+
+    async def _heed_latency(self, model: str, latency_s: float, sent_at: float) -> None:
+        """An answer slower than LLM_RATE_LIMIT_LATENCY: the provider is queueing."""
+        if not self._limiting:
+            return
+        limiter = self._limiters.get(model)
+        if limiter is not None and 0 < limiter.limit.latency_s < latency_s:
+            await limiter.slow_down(sent_at, gently=True)
 
     @staticmethod
     def _observe(error: LLMError, started: float, model: str) -> None:

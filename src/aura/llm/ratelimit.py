@@ -28,6 +28,27 @@ jitter (a slot's call may arrive after the next one's), and the difference absor
 A 429 is the limiter's business while it is on: it holds the fleet off and does not count
 toward the breaker (a storm of 5xx, timeouts and resets still does).
 
+The adaptive limit (AIMD, as TCP finds a path's capacity). The configured RPM/TPM is a
+ceiling; the fleet runs at a *share* of it, kept in Redis next to the TATs and read by the
+same script (still one round trip per call). A 429 from the provider (the limit is lower
+than configured) multiplies the share by ``decrease`` (0.7); so does, more gently
+(``(1 + decrease) / 2``), an answer slower than ``latency_s`` (the provider is queueing).
+One decrease per congestion event: a signal from a call sent before the latest decrease,
+or within ``cooldown_s`` (2 s) after it, is ignored (the calls in flight when the limit
+was hit say nothing new, and the provider's own bucket takes a moment to drain after an
+overshoot: without the pause one overshoot cascades to the floor). The share then grows
+back linearly with time, from 0 to 1 in ``recovery_s`` (60 s), computed from the time of
+the last decrease, so growing costs no writes (the share never drops below
+``min_share``, 5 %).
+
+Not solved: a decrease paces the slots reserved *after* it. Slots reserved before it (a
+burst of calls that all reserved at once, at the configured pace, before the first 429
+came back) still go out at the old pace. Stretching them in Redis was tried and dropped:
+the stretch compounds over repeated decreases and does not shrink back as the share
+grows (a 600/min run ended with its backlog stretched from 160 s to over 2,000 s). So
+the adaptive limit helps calls that arrive over time, as a worker's do, and not a single
+burst (bench/RESULTS.md). Keep LLM_RATE_LIMIT_MAX_WAIT short: it bounds that backlog.
+
 Failure accepted: a reserved slot whose call is then cancelled is wasted (the fleet runs a
 little under the limit, never over). If Redis cannot be reached, calls go unlimited (the
 provider's 429s and the breaker still guard), logged once.
@@ -45,7 +66,9 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
+from aura import events
 from aura.errors import CircuitOpenError
+from aura.events import LLMRateLimitChanged, LLMRateLimited, RateLimitOutcome
 from aura.redis_errors import REDIS_UNREACHABLE
 
 __all__ = ["KEY_PREFIX", "LLMRateLimitedError", "RateLimit", "RateLimiter", "estimate_tokens"]
@@ -56,27 +79,38 @@ KEY_PREFIX = "aura:llm_rate:"
 _MAX_CONCURRENT_ROUND_TRIPS = 32
 _log = structlog.get_logger("aura.llm.ratelimit")
 
-# KEYS: request TAT, token TAT. ARGV: now, request interval, token interval, tokens,
-# request burst window, token burst window, max wait (all seconds but tokens).
-# An interval of 0 means no limit of that kind.
+# KEYS: request TAT, token TAT, adaptive share (hash: base, at).
+# ARGV: now, rpm, tpm, tokens, burst seconds, max wait, recovery seconds (0: not adaptive).
+# A limit of 0 means no limit of that kind. Returns {allowed, wait, share}.
 _GCRA = """
 local now = tonumber(ARGV[1])
-local max_wait = tonumber(ARGV[7])
+local tokens = tonumber(ARGV[4])
+local burst = tonumber(ARGV[5])
+local max_wait = tonumber(ARGV[6])
+local recovery = tonumber(ARGV[7])
+local share = 1
+if recovery > 0 then
+  local state = redis.call('HMGET', KEYS[3], 'base', 'at')
+  if state[1] then
+    share = math.min(1, tonumber(state[1]) + (now - tonumber(state[2])) / recovery)
+  end
+end
 local wait, tats = 0, {}
 for i = 1, 2 do
-  local interval = tonumber(ARGV[1 + i])
-  if interval > 0 then
-    local cost = interval * (i == 1 and 1 or tonumber(ARGV[4]))
+  local per_minute = tonumber(ARGV[1 + i]) * share
+  if per_minute > 0 then
+    local interval = 60 / per_minute
+    local cost = interval * (i == 1 and 1 or tokens)
+    local window = interval * math.max(per_minute / 60 * burst, i == 1 and 1 or tokens)
     local tat = math.max(tonumber(redis.call('GET', KEYS[i]) or now), now)
     local new_tat = tat + cost
-    local allow_at = new_tat - tonumber(ARGV[4 + i])
-    wait = math.max(wait, allow_at - now)
+    wait = math.max(wait, new_tat - window - now)
     tats[i] = new_tat
   end
 end
 -- %.17g: Lua's tostring keeps 14 digits, a tenth of a millisecond of an epoch time
 if wait > max_wait then
-  return {0, string.format('%.17g', wait)}
+  return {0, string.format('%.17g', wait), string.format('%.17g', share)}
 end
 for i = 1, 2 do
   if tats[i] then
@@ -84,7 +118,27 @@ for i = 1, 2 do
     redis.call('SET', KEYS[i], string.format('%.17g', tats[i]), 'PX', ttl)
   end
 end
-return {1, string.format('%.17g', wait)}
+return {1, string.format('%.17g', wait), string.format('%.17g', share)}
+"""
+
+# KEYS: adaptive share. ARGV: now, the signalling call's send time, factor, min share,
+# recovery seconds, cooldown seconds. Returns {decreased, share}.
+_DECREASE = """
+local now = tonumber(ARGV[1])
+local recovery = tonumber(ARGV[5])
+local state = redis.call('HMGET', KEYS[1], 'base', 'at')
+local share, at = 1, 0
+if state[1] then
+  at = tonumber(state[2])
+  share = math.min(1, tonumber(state[1]) + (now - at) / recovery)
+end
+if tonumber(ARGV[2]) <= at + tonumber(ARGV[6]) then
+  return {0, string.format('%.17g', share)}
+end
+local base = math.max(share * tonumber(ARGV[3]), tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'base', string.format('%.17g', base), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(((1 - base) * recovery + 60) * 1000))
+return {1, string.format('%.17g', base)}
 """
 
 # KEYS: request TAT, token TAT. ARGV: now, then the new TAT of each (0: leave it).
@@ -105,19 +159,34 @@ class LLMRateLimitedError(CircuitOpenError):
     """The fleet's budget for this provider and model is spent for longer than the call
     may wait; ``retry_after`` says when a slot frees. Deferred like an open breaker."""
 
-    def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(name, retry_after)
-        self.args = (f"rate limit {name!r} reached; a slot frees in {retry_after:.1f}s",)
+    def __str__(self) -> str:
+        return f"rate limit {self.name!r} reached; a slot frees in {self.retry_after:.1f}s"
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """Requests and tokens per minute (0: no limit of that kind); ``burst_s``: how many
-    seconds' worth of budget may go at once."""
+    seconds' worth of budget may go at once. The adaptive share (module doc): ``adaptive``
+    on or off, ``decrease`` on a 429, ``recovery_s`` from 0 back to the whole limit,
+    ``latency_s`` an answer slower than which is a (gentler) signal too (0: ignored)."""
 
     rpm: float = 0.0
     tpm: float = 0.0
     burst_s: float = 1.0
+    adaptive: bool = True
+    decrease: float = 0.7
+    recovery_s: float = 60.0
+    latency_s: float = 0.0
+    min_share: float = 0.05
+    cooldown_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.rpm < 0 or self.tpm < 0 or self.burst_s <= 0:
+            raise ValueError("rpm and tpm must be >= 0 and burst_s > 0")
+        if not 0 < self.decrease < 1 or self.recovery_s <= 0 or not 0 < self.min_share <= 1:
+            raise ValueError("decrease and min_share must be in (0, 1); recovery_s > 0")
+        if self.cooldown_s < 0:
+            raise ValueError("cooldown_s must be >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -150,13 +219,18 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._keys = [f"{KEY_PREFIX}{name}:requests", f"{KEY_PREFIX}{name}:tokens"]
+        self._share_key = f"{KEY_PREFIX}{name}:share"
         self._request_interval = 60.0 / limit.rpm if limit.rpm > 0 else 0.0
         self._token_interval = 60.0 / limit.tpm if limit.tpm > 0 else 0.0
         self._request_window = self._request_interval * max(limit.rpm / 60.0 * limit.burst_s, 1)
         self._gcra = redis.register_script(_GCRA) if redis is not None else None
         self._hold = redis.register_script(_HOLD_OFF) if redis is not None else None
+        self._decrease = redis.register_script(_DECREASE) if redis is not None else None
         self._redis_down = False
         self._round_trips = asyncio.Semaphore(_MAX_CONCURRENT_ROUND_TRIPS)
+        self.share = 1.0  # the adaptive share of the limit, as this process last saw it
+        self._decreased_at = 0.0  # ... and the latest decrease it made or saw
+        events.emit(LLMRateLimitChanged(name, limit.rpm, limit.tpm))
 
     async def acquire(self, tokens: int, max_wait: float) -> float:
         """Reserve a slot for one call of ``tokens``; sleep until it comes and return the
@@ -164,32 +238,71 @@ class RateLimiter:
         is more than ``max_wait`` away. One Redis round trip."""
         if self._gcra is None or not self.limit.enabled:
             return 0.0
+        limit = self.limit
         try:
             async with self._round_trips:
                 now = self._clock()  # read once the round trip may start: never stale
                 args = [
                     repr(now),
-                    repr(self._request_interval),
-                    repr(self._token_interval),
+                    repr(limit.rpm),
+                    repr(limit.tpm),
                     str(max(tokens, 1)),
-                    repr(self._request_window),
-                    repr(
-                        self._token_interval
-                        * max(self.limit.tpm / 60.0 * self.limit.burst_s, tokens)
-                    ),
+                    repr(limit.burst_s),
                     repr(max(max_wait, 0.0)),
+                    repr(limit.recovery_s if limit.adaptive else 0.0),
                 ]
-                allowed, wait_text = await self._gcra(keys=self._keys, args=args)
+                allowed, wait_text, share_text = await self._gcra(
+                    keys=[*self._keys, self._share_key], args=args
+                )
         except REDIS_UNREACHABLE as exc:
             self._unreachable(exc)
             return 0.0
         self._redis_down = False
+        self._saw_share(float(share_text))
         wait = max(float(wait_text), 0.0)
         if not int(allowed):
+            events.emit(LLMRateLimited(self.name, RateLimitOutcome.DEFERRED, wait))
             raise LLMRateLimitedError(self.name, wait)
+        events.emit(LLMRateLimited(self.name, RateLimitOutcome.ADMITTED, wait))
         if wait > 0:
             await self._sleep(wait)
         return wait
+
+    async def slow_down(self, sent_at: float, *, gently: bool = False) -> bool:
+        """A call sent at ``sent_at`` met the provider's limit (a 429) or, ``gently``,
+        answered slower than ``latency_s``: the fleet's share shrinks, unless the call
+        was sent before the latest decrease or within ``cooldown_s`` after it. Returns
+        whether it shrank. One round trip, only on those answers (and none when this
+        process already knows of a decrease that covers it)."""
+        limit = self.limit
+        if self._decrease is None or not limit.adaptive:
+            return False
+        if sent_at <= self._decreased_at + limit.cooldown_s:
+            return False
+        factor = (1 + limit.decrease) / 2 if gently else limit.decrease
+        now = self._clock()
+        args = [repr(now), repr(sent_at), repr(factor), repr(limit.min_share)]
+        try:
+            decreased, share_text = await self._decrease(
+                keys=[self._share_key],
+                args=[*args, repr(limit.recovery_s), repr(limit.cooldown_s)],
+            )
+        except REDIS_UNREACHABLE as exc:
+            self._unreachable(exc)
+            return False
+        if int(decreased):
+            self._decreased_at = now
+            events.emit(LLMRateLimited(self.name, RateLimitOutcome.DECREASED))
+        self._saw_share(float(share_text))
+        return bool(int(decreased))
+
+    def _saw_share(self, share: float) -> None:
+        if abs(share - self.share) >= 0.01 or (share == 1.0 and self.share != 1.0):
+            if share < self.share:  # a decrease made elsewhere: ours would be older
+                self._decreased_at = max(self._decreased_at, self._clock())
+            self.share = share
+            rpm, tpm = self.limit.rpm * share, self.limit.tpm * share
+            events.emit(LLMRateLimitChanged(self.name, rpm, tpm))
 
     async def hold_off(self, seconds: float, *, full_reset: bool = False) -> None:
         """The provider said "no call before ``seconds`` from now" (Retry-After): the
