@@ -14,7 +14,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import aura.db.products
-from aura.db import Database, DatabaseTransactionError, create_product_with_variants
+from aura.db import (
+    Database,
+    DatabaseTransactionError,
+    create_product_with_variants,
+    is_network_error,
+)
 from tests import services
 from tests.helpers import metric, wait_until
 from tests.test_db import count_products, ingest_once, new_tenant, product_data
@@ -165,3 +170,45 @@ async def test_a_cancelled_transaction_rolls_back_and_returns_its_connection(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def _backend_gone(admin: asyncpg.Connection, pid: int) -> bool:
+    return not await admin.fetchval("select count(*) from pg_stat_activity where pid = $1", pid)
+
+
+async def test_a_connection_idle_past_ping_after_idle_is_pinged_and_replaced(
+    pg_url: str, admin: asyncpg.Connection
+) -> None:
+    database = Database(pg_url, pool_size=1, max_overflow=0, ping_after_idle=0.0)
+    try:
+        async with database.engine.connect() as connection:
+            pid = await connection.scalar(text("select pg_backend_pid()"))
+        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
+        await wait_until(lambda: _backend_gone(admin, pid), within=10)
+        async with database.engine.connect() as connection:  # the ping finds it dropped
+            assert await connection.scalar(text("select pg_backend_pid()")) != pid
+    finally:
+        await database.dispose()
+
+
+async def test_a_connection_used_within_ping_after_idle_is_not_pinged(
+    pg_url: str, admin: asyncpg.Connection
+) -> None:
+    """The failure accepted for skipping the ping: a connection the server dropped less
+    than ``ping_after_idle`` after its last use fails its first statement, as a network
+    error; that invalidates the pool, and the next checkout connects afresh."""
+    database = Database(pg_url, pool_size=1, max_overflow=0, ping_after_idle=3600.0)
+    try:
+        async with database.engine.connect() as connection:
+            pid = await connection.scalar(text("select pg_backend_pid()"))
+        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
+        await wait_until(lambda: _backend_gone(admin, pid), within=10)
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's class varies
+            async with database.engine.connect() as connection:
+                await connection.scalar(text("select 1"))
+        assert is_network_error(caught.value)
+        async with database.engine.connect() as connection:
+            assert await connection.scalar(text("select pg_backend_pid()")) != pid
+        assert database.checked_out() == 0
+    finally:
+        await database.dispose()
