@@ -104,6 +104,11 @@ def _rows(run: str) -> int:
         finally:
             await connection.close()
 
+    for _ in range(60):  # the shared server may be at max_connections for a moment
+        try:
+            return asyncio.run(count())
+        except asyncpg.TooManyConnectionsError:
+            time.sleep(1.0)
     return asyncio.run(count())
 
 
@@ -146,15 +151,18 @@ class Workers:
         worker_env = {**env, "WORKER_POOL": "async" if pool == "async" else "prefork"}
         worker_env["WORKER_CONCURRENCY"] = str(concurrency)
         self.logs = [Path(f"/tmp/bench-async-worker-{pool}-{i}.log") for i in range(processes)]
+        # A node name each: two workers named celery@host on one vhost collide on their
+        # exclusive pidbox queue, and the second exits at start (RESOURCE_LOCKED).
+        names = [[] if pool == "bare" else ["-n", f"bench{i}@%h"] for i in range(processes)]
         self.processes = [
             subprocess.Popen(
-                command,
+                command + name,
                 env=worker_env,
                 cwd=ROOT,
                 stdout=log.open("wb"),
                 stderr=subprocess.STDOUT,
             )
-            for log in self.logs
+            for log, name in zip(self.logs, names, strict=True)
         ]
 
     @property
