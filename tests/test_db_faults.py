@@ -14,12 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import aura.db.products
-from aura.db import (
-    Database,
-    DatabaseTransactionError,
-    create_product_with_variants,
-    is_network_error,
-)
+from aura.db import Database, DatabaseTransactionError, create_product_with_variants
 from tests import services
 from tests.helpers import metric, wait_until
 from tests.test_db import count_products, ingest_once, new_tenant, product_data
@@ -172,43 +167,45 @@ async def _async(value: bool) -> bool:
     return value
 
 
-async def _backend_gone(admin: asyncpg.Connection, pid: int) -> bool:
-    return not await admin.fetchval("select count(*) from pg_stat_activity where pid = $1", pid)
+# The gateway's one-statement write (create_product_with_message): its backend ends in the
+# middle of the statement. Every placeholder is used, so the statement is sent as the real
+# one is; the server then terminates its own backend.
+_SUICIDE = (
+    "SELECT pg_terminate_backend(pg_backend_pid()) FROM (SELECT $1::uuid, $2::uuid, $3::text,"
+    " $4::text, $5::text, $6::text, $7::timestamptz, $8::text, $9::text, $10::text,"
+    " $11::text, $12::text, $13::text, $14::timestamptz, $15::uuid[], $16::text[],"
+    " $17::numeric[], $18::text[], $19::text[]) AS a"
+)
 
 
-async def test_a_connection_idle_past_ping_after_idle_is_pinged_and_replaced(
-    pg_url: str, admin: asyncpg.Connection
+async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outcome(
+    pg_database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database = Database(pg_url, pool_size=1, max_overflow=0, ping_after_idle=0.0)
-    try:
-        async with database.engine.connect() as connection:
-            pid = await connection.scalar(text("select pg_backend_pid()"))
-        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
-        await wait_until(lambda: _backend_gone(admin, pid), within=10)
-        async with database.engine.connect() as connection:  # the ping finds it dropped
-            assert await connection.scalar(text("select pg_backend_pid()")) != pid
-    finally:
-        await database.dispose()
+    from aura.catalog import parse_product
+    from aura.db.outbox import Claim, Staged
+    from aura.db.products import create_product_with_message
 
+    tenant_id = await new_tenant(pg_database)
+    data = parse_product(product_data("ONE-1"))
 
-async def test_a_connection_used_within_ping_after_idle_is_not_pinged(
-    pg_url: str, admin: asyncpg.Connection
-) -> None:
-    """The failure accepted for skipping the ping: a connection the server dropped less
-    than ``ping_after_idle`` after its last use fails its first statement, as a network
-    error; that invalidates the pool, and the next checkout connects afresh."""
-    database = Database(pg_url, pool_size=1, max_overflow=0, ping_after_idle=3600.0)
-    try:
-        async with database.engine.connect() as connection:
-            pid = await connection.scalar(text("select pg_backend_pid()"))
-        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
-        await wait_until(lambda: _backend_gone(admin, pid), within=10)
-        with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's class varies
-            async with database.engine.connect() as connection:
-                await connection.scalar(text("select 1"))
-        assert is_network_error(caught.value)
-        async with database.engine.connect() as connection:
-            assert await connection.scalar(text("select pg_backend_pid()")) != pid
-        assert database.checked_out() == 0
-    finally:
-        await database.dispose()
+    def message(product_id: uuid.UUID) -> Staged:
+        return Staged(f"enrich-{product_id}", tenant_id, "aura.enrich_product", "q", [], {})
+
+    monkeypatch.setattr(aura.db.products, "_WITH_MESSAGE", _SUICIDE)
+    before = metric("database_transaction_rollbacks_total", reason="network_error")
+    with (
+        structlog.testing.capture_logs() as logged,
+        pytest.raises(DatabaseTransactionError) as caught,
+    ):
+        await create_product_with_message(pg_database, tenant_id, data, message, Claim.new(60))
+    assert caught.value.commit_outcome_unknown  # one statement: it commits as it ends
+    assert metric("database_transaction_rollbacks_total", reason="network_error") == before + 1
+    critical = [e for e in logged if e["log_level"] == "critical"]
+    assert [e["function"] for e in critical] == ["create_product_with_message"]
+    assert "[SQL" not in critical[0]["error"]
+    assert pg_database.checked_out() == 0
+
+    monkeypatch.undo()  # the pool recovers: the next write gets a live connection
+    made = await create_product_with_message(pg_database, tenant_id, data, message, Claim.new(60))
+    assert made.tenant_id == tenant_id
+    assert await count_products(pg_database, tenant_id) == (1, 1)

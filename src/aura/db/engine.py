@@ -1,17 +1,10 @@
 """Engine and sessions from Settings: PostgreSQL (asyncpg) or the embedded SQLite.
 
 PostgreSQL gets the seed's pool (DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE), a
-connect timeout (DB_CONNECT_TIMEOUT; asyncpg's own default is 60 s) and a ping on checkout
-of a connection that sat idle in the pool for ``ping_after_idle`` seconds (1 s), so a
+connect timeout (DB_CONNECT_TIMEOUT; asyncpg's own default is 60 s) and pre-ping, so a
 connection the server dropped while idle is replaced on checkout, not discovered in the
-middle of a transaction. Not every checkout: SQLAlchemy's ``pool_pre_ping`` costs three
-round trips on asyncpg (BEGIN, ``;``, ROLLBACK: its pgbouncer support) per checkout, a
-third of a worker's PostgreSQL round trips. A connection used within the last second is
-taken as alive; if the server went away in that second, the first statement fails as a
-network error (the task's retry), and SQLAlchemy invalidates the whole pool on it, so the
-next checkouts connect afresh. The pool is LIFO, so the connections in use stay the few
-hot ones and the rest age out (and are pinged) rather than each being idle in turn.
-SQLite (aiosqlite) gets no pool arguments, foreign keys on, WAL and a busy timeout.
+middle of a transaction. SQLite (aiosqlite) gets no pool arguments,
+foreign keys on, WAL and a busy timeout.
 
 Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which keep
 ``sqlalchemy_pool_connections_active`` equal to the connections checked out.
@@ -19,8 +12,6 @@ Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which k
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,36 +55,12 @@ def _track_pool(engine: AsyncEngine) -> None:
     event.listen(pool, "checkin", checked_in)
 
 
-_LAST_CHECKIN = "aura.last_checkin"
-
-
-def _ping_idle_connections(
-    engine: AsyncEngine, idle_after: float, clock: Callable[[], float] = time.monotonic
-) -> None:
-    """Ping a connection on checkout when it was checked in ``idle_after`` seconds ago or
-    more (a new one never: it was just made). A ping that finds it dropped invalidates the
-    pool (as ``pool_pre_ping`` does); SQLAlchemy then connects afresh (up to twice)."""
-    pool = engine.sync_engine.pool
-    dialect = engine.sync_engine.dialect
-    dbapi_error = dialect.loaded_dbapi.Error  # what pool_pre_ping catches too
-
-    def checked_in(_: Any, record: Any) -> None:
-        if record is not None:
-            record.info[_LAST_CHECKIN] = clock()
-
-    def checking_out(dbapi_connection: Any, record: Any, _: Any) -> None:
-        last = record.info.pop(_LAST_CHECKIN, None)
-        if last is None or clock() - last < idle_after:
-            return
-        try:
-            dialect.do_ping(dbapi_connection)
-        except dbapi_error as exc:
-            if dialect.is_disconnect(exc, dbapi_connection, None):
-                raise sa_exc.InvalidatePoolError() from exc
-            raise
-
-    event.listen(pool, "checkin", checked_in)
-    event.listen(pool, "checkout", checking_out)
+def _skip_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled asyncpg connection whose socket the server closed is replaced at checkout
+    (the pool takes DisconnectionError as "discard it and connect anew")."""
+    driver = getattr(dbapi_connection, "_connection", None)
+    if driver is not None and driver.is_closed():
+        raise sa_exc.DisconnectionError("the server closed this pooled connection")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -119,7 +86,6 @@ class Database:
         pool_recycle: int = 1800,
         pool_timeout: float = 30.0,
         connect_timeout: float = 10.0,
-        ping_after_idle: float = 1.0,
         echo: bool = False,
     ) -> None:
         parsed = make_url(url)
@@ -132,7 +98,12 @@ class Database:
                 "max_overflow": max_overflow,
                 "pool_recycle": pool_recycle,
                 "pool_timeout": pool_timeout,
-                "pool_use_lifo": True,
+                # No pre-ping: SQLAlchemy's asyncpg ping is BEGIN, ";" and ROLLBACK, three
+                # round trips per checkout (a third of a small request). A backend that was
+                # killed or restarted closes its socket, asyncpg marks the connection
+                # closed, and _skip_closed replaces it at checkout with no round trip; a
+                # connection that dies silently fails its first statement, which
+                # @transactional reports as a network error (retried through the inbox).
                 # asyncpg waits 60 s for a server that accepts but never answers
                 "connect_args": {"timeout": connect_timeout},
             }
@@ -141,8 +112,8 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
-        elif self.dialect == "postgresql":
-            _ping_idle_connections(self.engine, ping_after_idle)  # first: before the count
+        if self.dialect == "postgresql":  # before _track_pool: a discarded one is not counted
+            event.listen(self.engine.sync_engine.pool, "checkout", _skip_closed)
         _track_pool(self.engine)
         # The same pool in autocommit, for single reads: no BEGIN and ROLLBACK around them.
         self.reader: AsyncEngine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
