@@ -2,7 +2,8 @@
 
     bench.aura_job     @resilient_task(inbox=...) async def: the client with its breaker
                        and deadline, the inbox read before it runs, the claim and the row
-                       in one transaction, the DLQ and retries armed (every guarantee)
+                       in one transaction (``@transactional`` on a Core connection), the
+                       DLQ and retries armed (every guarantee)
     bench.plain_job    a plain Celery task for the threads pool: sync httpx to the same
                        simulator, a psycopg insert; no inbox, no breaker, no retries
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura.config import get_settings
 from aura.db import Database, DatabaseInbox, claim_message, transactional
@@ -34,6 +35,7 @@ RESULTS_TABLE = (
     "(id BIGSERIAL PRIMARY KEY, message_id TEXT NOT NULL, run TEXT NOT NULL)"
 )
 _resources: dict[int, tuple[Database, ResilientLLMClient]] = {}
+_INSERT = text("INSERT INTO bench_results (message_id, run) VALUES (:m, :r)")
 
 
 def _aura() -> tuple[Database, ResilientLLMClient]:
@@ -47,20 +49,17 @@ def _aura() -> tuple[Database, ResilientLLMClient]:
 
 
 @transactional
-async def _store(session: AsyncSession, message_id: str, fingerprint: str, run: str) -> None:
-    if await claim_message(session, message_id, task="bench.aura_job", fingerprint=fingerprint):
-        await session.execute(
-            text("INSERT INTO bench_results (message_id, run) VALUES (:m, :r)"),
-            {"m": message_id, "r": run},
-        )
+async def _store(connection: AsyncConnection, message_id: str, fingerprint: str, run: str) -> None:
+    if await claim_message(connection, message_id, task="bench.aura_job", fingerprint=fingerprint):
+        await connection.execute(_INSERT, {"m": message_id, "r": run})
 
 
 @resilient_task(name="bench.aura_job", inbox=DatabaseInbox(lambda: _aura()[0]))
 async def aura_job(self: Any, run: str, index: int) -> None:
     database, llm = _aura()
     await llm.complete([{"role": "user", "content": f"describe item {index}"}])
-    async with database.session() as session:
-        await _store(session, self.request.id, delivery_fingerprint(self), run)
+    async with database.engine.connect() as connection:
+        await _store(connection, self.request.id, delivery_fingerprint(self), run)
 
 
 _local = threading.local()

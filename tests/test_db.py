@@ -12,12 +12,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from aura.catalog import parse_product
 from aura.db import (
     Base,
     Database,
+    DatabaseInbox,
     Product,
     TransactionAbortedError,
     Variant,
@@ -28,7 +29,12 @@ from aura.db import (
     create_tenant,
     transactional,
 )
-from aura.errors import ConflictError, InvalidInputError, NotFoundError
+from aura.errors import (
+    ConflictError,
+    ConflictingMessageIdError,
+    InvalidInputError,
+    NotFoundError,
+)
 from tests.helpers import metric
 
 
@@ -289,6 +295,37 @@ async def test_migrations_match_the_models(database: Database) -> None:
             lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
         )
     assert differences == []
+
+
+async def test_a_core_connection_claims_commits_and_rolls_back_like_a_session(
+    database: Database,
+) -> None:
+    """``@transactional`` and ``claim_message`` on ``engine.connect()`` (the leaner path a
+    task with Core statements takes); the inbox reads what was committed."""
+    message_id = str(uuid.uuid4())
+    inbox = DatabaseInbox(lambda: database)
+
+    @transactional
+    async def claim(connection: AsyncConnection, fingerprint: str, *, fail: bool) -> bool:
+        claimed = await claim_message(connection, message_id, task="t", fingerprint=fingerprint)
+        if fail:
+            raise RuntimeError("after the claim, before the commit")
+        return claimed
+
+    async with database.engine.connect() as connection:
+        with pytest.raises(RuntimeError):
+            await claim(connection, "a" * 64, fail=True)
+    assert await inbox.lookup(message_id) is None  # rolled back with the effect
+    async with database.engine.connect() as connection:
+        assert await claim(connection, "a" * 64, fail=False)
+    entry = await inbox.lookup(message_id)
+    assert entry is not None
+    assert entry.matches("a" * 64)
+    async with database.engine.connect() as connection:
+        assert not await claim(connection, "a" * 64, fail=False)  # a twin: no effect
+        with pytest.raises(ConflictingMessageIdError):
+            await claim(connection, "b" * 64, fail=False)
+    assert database.checked_out() == 0
 
 
 async def test_a_product_with_its_message_is_written_whole_or_not_at_all(

@@ -115,6 +115,8 @@ class Database:
         if self.dialect == "postgresql":  # before _track_pool: a discarded one is not counted
             event.listen(self.engine.sync_engine.pool, "checkout", _skip_closed)
         _track_pool(self.engine)
+        # The same pool in autocommit, for single reads: no BEGIN and ROLLBACK around them.
+        self.reader: AsyncEngine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )

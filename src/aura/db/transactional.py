@@ -5,10 +5,12 @@ Used as the seed shows::
     @transactional
     async def create_product_with_variants(session: AsyncSession, tenant_id, data): ...
 
-The outermost call commits when the function returns. Nested calls on the same session
-join the outer transaction; if an inner call raises, the transaction is marked
-rollback-only, so the outer call can never commit half of it even if it catches the error
-(it gets ``TransactionAbortedError`` instead).
+The first argument is an ORM ``AsyncSession`` or a Core ``AsyncConnection`` (from
+``engine.connect()``: a task whose effect is a few Core statements skips the ORM's
+per-statement work). The outermost call commits when the function returns. Nested calls
+on the same session join the outer transaction; if an inner call raises, the transaction
+is marked rollback-only, so the outer call can never commit half of it even if it catches
+the error (it gets ``TransactionAbortedError`` instead).
 
 On a network failure it rolls back explicitly, logs CRITICAL, counts
 ``database_transaction_rollbacks_total{reason="network_error"}`` and raises
@@ -31,7 +33,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import structlog
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from aura import events
 from aura.errors import (
@@ -46,6 +48,7 @@ __all__ = ["describe_error", "is_network_error", "transactional"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S", AsyncSession, AsyncConnection)
 
 _DEPTH = "aura.transaction_depth"
 _ROLLBACK_ONLY = "aura.rollback_only"
@@ -75,7 +78,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(original).__name__}: {text[0] if text else ''}"[:300]
 
 
-async def _rollback(session: AsyncSession, function: str) -> None:
+async def _rollback(session: AsyncSession | AsyncConnection, function: str) -> None:
     try:
         await session.rollback()
     except Exception as exc:  # never mask the error that brought us here
@@ -83,13 +86,13 @@ async def _rollback(session: AsyncSession, function: str) -> None:
 
 
 def transactional(
-    fn: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
-) -> Callable[Concatenate[AsyncSession, P], Awaitable[R]]:
+    fn: Callable[Concatenate[S, P], Awaitable[R]],
+) -> Callable[Concatenate[S, P], Awaitable[R]]:
     """Run ``fn(session, ...)`` in one transaction on ``session``; see the module doc."""
     function = fn.__qualname__
 
     @functools.wraps(fn)
-    async def wrapper(session: AsyncSession, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(session: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if session.info.get(_DEPTH, 0) > 0:
             return await _joined(fn, session, *args, **kwargs)
         session.info[_DEPTH] = 1
@@ -114,8 +117,8 @@ def transactional(
 
 
 async def _joined(
-    fn: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
-    session: AsyncSession,
+    fn: Callable[Concatenate[S, P], Awaitable[R]],
+    session: S,
     /,
     *args: P.args,
     **kwargs: P.kwargs,
@@ -132,7 +135,11 @@ async def _joined(
 
 
 async def _handle_failure(
-    session: AsyncSession, function: str, exc: BaseException, *, during_commit: bool
+    session: AsyncSession | AsyncConnection,
+    function: str,
+    exc: BaseException,
+    *,
+    during_commit: bool,
 ) -> None:
     """Roll back, count, log; turn a network failure into ``DatabaseTransactionError``."""
     await _rollback(session, function)

@@ -29,13 +29,18 @@ fixed set fit for metric labels.
 The transport: ``http_client`` is an ``httpx.AsyncClient``; with ``LLM_HTTP_TRANSPORT=aiohttp``
 (the default) it runs over aiohttp (``httpx_aiohttp``), whose pool costs a fraction of
 httpx's own CPU at hundreds of calls in flight (bench/llm_transport.py), sized by
-``LLM_MAX_CONNECTIONS``. aiohttp has no write timeout; connect, read and pool hold.
+``LLM_MAX_CONNECTIONS``. aiohttp has no write timeout; connect, read and pool hold. A
+non-streamed call then goes to that same aiohttp session directly, without httpx's
+request and response objects on top (about 0.5 ms of CPU per call here, half the call's
+cost: bench/async_worker.py); streams, and a client given a ``transport``, go through
+``http_client``. Both ways map errors, timeouts and headers the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -156,6 +161,15 @@ def _transport_error(exc: httpx.RequestError | aiohttp.ClientError) -> LLMError:
     return LLMConnectionError(f"{type(cause).__name__}: {cause}"[:_MAX_ERROR_TEXT])
 
 
+def _aiohttp_error(exc: aiohttp.ClientError) -> LLMError:
+    """aiohttp's error as ours, named as httpx names the phase (the direct path)."""
+    if isinstance(exc, aiohttp.SocketTimeoutError):  # a read (ClientTimeout.sock_read)
+        return LLMTimeoutError("ReadTimeout talking to the LLM provider")
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # connecting, or waiting for the pool
+        return LLMTimeoutError("ConnectTimeout talking to the LLM provider")
+    return LLMConnectionError(f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT])
+
+
 _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
     (LLMTimeoutError, LLMOutcome.TIMEOUT),
     (LLMConnectionError, LLMOutcome.CONNECTION_ERROR),
@@ -213,8 +227,10 @@ class ResilientLLMClient:
             max_connections=settings.llm_max_connections,
             max_keepalive_connections=settings.llm_max_connections,
         )
-        if transport is None and settings.llm_http_transport == "aiohttp":
-            transport = AiohttpTransport(limits=limits)
+        self._session: aiohttp.ClientSession | None = None
+        self._direct = transport is None and settings.llm_http_transport == "aiohttp"
+        if self._direct:  # httpx and the direct path share one aiohttp session and pool
+            transport = AiohttpTransport(limits=limits, client=self._aiohttp_session)
         self.http_client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -228,6 +244,13 @@ class ResilientLLMClient:
             limits=limits,
             transport=transport,
             follow_redirects=False,
+        )
+        self._limits = limits
+        self._url = f"{self.base_url}/chat/completions"
+        self._headers = {**headers, "Content-Type": "application/json"}
+        phases = self.http_client.timeout  # as httpx_aiohttp maps httpx's phases
+        self._aiohttp_timeout = aiohttp.ClientTimeout(
+            sock_connect=phases.connect, sock_read=phases.read, connect=phases.pool
         )
         self._owned_redis: Redis | None = None
         if redis is None and settings.redis_url is not None:
@@ -356,8 +379,20 @@ class ResilientLLMClient:
 
     async def aclose(self) -> None:
         await self.http_client.aclose()
+        if self._session is not None:
+            await self._session.close()
         if self._owned_redis is not None:
             await self._owned_redis.aclose()
+
+    def _aiohttp_session(self) -> aiohttp.ClientSession:
+        """The one aiohttp session (made on first use, inside the loop that uses it)."""
+        if self._session is None:
+            limit = self._limits.max_connections or 0
+            connector = aiohttp.TCPConnector(
+                limit=limit, keepalive_timeout=self._limits.keepalive_expiry
+            )
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -408,23 +443,52 @@ class ResilientLLMClient:
         try:
             try:
                 async with asyncio.timeout(self.deadline):
-                    response = await self.http_client.post("/chat/completions", json=body)
+                    if self._direct:
+                        response = None
+                        status, headers, content, reason = await self._post_direct(body)
+                    else:
+                        response = await self.http_client.post("/chat/completions", json=body)
+                        status, headers, content = (
+                            response.status_code,
+                            response.headers,
+                            response.content,
+                        )
+            except aiohttp.ClientError as exc:  # before TimeoutError: its timeouts are both
+                raise _aiohttp_error(exc) if self._direct else _transport_error(exc) from exc
             except TimeoutError as exc:
                 raise LLMTimeoutError(
                     f"no complete answer within the {self.deadline:g}s deadline"
                 ) from exc
-            except (httpx.RequestError, aiohttp.ClientError) as exc:
+            except httpx.RequestError as exc:
                 raise _transport_error(exc) from exc
-            await self._heed_provider(body["model"], response, sent_at)
-            if not response.is_success:
+            await self._heed_provider(body["model"], status, headers, sent_at)
+            if not 200 <= status < 300:
+                if response is None:  # the direct path: its error text is read as httpx's
+                    extensions = {"reason_phrase": reason.encode()} if reason else None
+                    response = httpx.Response(
+                        status, headers=headers, content=content, extensions=extensions
+                    )
                 raise _status_error(response)
-            completion = parse_completion(response.content, time.perf_counter() - started)
+            completion = parse_completion(content, time.perf_counter() - started)
         except LLMError as exc:
             self._observe(exc, started, body["model"])
             raise
         self._observe_success(completion, started, body["model"])
         await self._heed_latency(body["model"], completion.latency_s, sent_at)
         return completion
+
+    async def _post_direct(self, body: dict[str, Any]) -> tuple[int, Any, bytes, str | None]:
+        """POST the body on the aiohttp session: status, headers (case-insensitive), body,
+        reason. Encoded as httpx encodes ``json=`` (compact, UTF-8, NaN refused)."""
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        async with self._aiohttp_session().post(
+            self._url,
+            data=data.encode(),
+            headers=self._headers,
+            timeout=self._aiohttp_timeout,
+            allow_redirects=False,
+        ) as response:
+            return response.status, response.headers, await response.read(), response.reason
 
     async def _stream(self, body: dict[str, Any], on_delta: DeltaHook | None) -> Completion:
         started = time.perf_counter()
@@ -442,7 +506,9 @@ class ResilientLLMClient:
                     asyncio.timeout_at(first_at) as limit,
                     self.http_client.stream("POST", "/chat/completions", json=body) as response,
                 ):
-                    await self._heed_provider(body["model"], response, sent_at)
+                    await self._heed_provider(
+                        body["model"], response.status_code, response.headers, sent_at
+                    )
                     if not response.is_success:
                         await response.aread()
                         raise _status_error(response)
@@ -470,20 +536,21 @@ class ResilientLLMClient:
         await self._heed_latency(body["model"], first_token_s, sent_at)  # queueing shows there
         return completion
 
-    async def _heed_provider(self, model: str, response: httpx.Response, sent_at: float) -> None:
+    async def _heed_provider(self, model: str, status: int, headers: Any, sent_at: float) -> None:
         """A 429 (or a spent budget in x-ratelimit-*) holds the whole fleet off; a 429
-        also shrinks the fleet's adaptive share of the limit (aura.llm.ratelimit)."""
+        also shrinks the fleet's adaptive share of the limit (aura.llm.ratelimit).
+        ``headers``: httpx's or aiohttp's, both looked up without regard to case."""
         if not self._limiting:
             return
-        throttled = response.status_code == 429
-        if throttled or "x-ratelimit-remaining-requests" in response.headers:
+        throttled = status == 429
+        if throttled or "x-ratelimit-remaining-requests" in headers:
             limiter = self.limiter_for(model)
             if not limiter.limit.enabled:
                 return
             if throttled:
                 events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
                 await limiter.slow_down(sent_at)
-            hold = provider_hold_off(response.headers)
+            hold = provider_hold_off(headers)
             if hold is not None:
                 await limiter.hold_off(hold[0], full_reset=hold[1])
 
