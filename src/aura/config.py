@@ -5,6 +5,9 @@ A service URL left unset means the embedded default: SQLite for ``DATABASE_URL``
 in-process Redis stand-in for ``REDIS_URL``, an in-process broker for
 ``CELERY_BROKER_URL`` and the bundled LLM simulator for ``LLM_BASE_URL``.
 
+A ``.env`` file in the working directory is read too (``AURA_ENV_FILE`` names another;
+``AURA_ENV_FILE=`` empty reads none); variables set in the environment win over it.
+
 ``load_settings()`` turns pydantic's report into one ``ConfigurationError`` line that
 names each bad variable and what it expects, with secrets never echoed.
 """
@@ -12,6 +15,7 @@ names each bad variable and what it expects, with secrets never echoed.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -81,7 +85,13 @@ def _normalise_url(variable: str, value: str | None) -> str | None:
 class Settings(BaseSettings):
     """Aura's configuration, read from the environment (case-insensitive names)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        env_file=os.environ.get("AURA_ENV_FILE", ".env") or None,
+        env_file_encoding="utf-8",
+    )
 
     # Database resilience
     db_pool_size: PositiveInt = 50
@@ -139,7 +149,8 @@ class Settings(BaseSettings):
     outbox_relay_min_age: PositiveFloat = 30.0
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    # auto: human lines when stderr is a terminal, JSON otherwise (pipes, files, services)
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator("log_level", mode="before")
     @classmethod

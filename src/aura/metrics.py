@@ -203,7 +203,7 @@ def prometheus_hook(event: Event) -> None:
         case TaskTimedOut(kind=timeout):
             CELERY_TASK_TIMEOUTS.labels(kind=timeout.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
-            CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
+            CELERY_TASKS_PENDING.labels(queue=str(queue)).set(pending)
 
 
 def exposition_registry() -> CollectorRegistry:

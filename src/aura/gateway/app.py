@@ -45,6 +45,7 @@ from starlette.routing import Route
 from aura import __version__
 from aura.catalog import ProductIn, parse_product
 from aura.config import Settings, get_settings
+from aura.contract import ENRICH_TASK, INGEST_TASK
 from aura.db import (
     Database,
     Enrichment,
@@ -111,8 +112,6 @@ __all__ = [
     "create_app",
 ]
 
-INGEST_TASK = "aura.ingest_product"
-ENRICH_TASK = "aura.enrich_product"
 _CENTS = Decimal("0.01")
 _log = structlog.get_logger("aura.gateway")
 

@@ -236,9 +236,9 @@ class _ResilientTask(Task):  # type: ignore[misc]
 
 
 def _default_app() -> Celery:
-    from aura.worker.celery_app import celery_app
+    from aura.messaging.app import default_app
 
-    return celery_app
+    return default_app()
 
 
 def _call_signature(function: Callable[..., Any], bind: bool) -> inspect.Signature:
