@@ -65,8 +65,10 @@ def test_the_core_wheel_alone_runs_the_example_project(
         shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(wheels), str(source)],
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
+            *("-w", str(wheels), str(source)),
+        ],
         check=True,
         capture_output=True,
         timeout=120,

@@ -87,9 +87,8 @@ def services(llm_url: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tables(services: dict[str, str]) -> None:
-    from shop.models import Base
-
     from aura.db import Database
+    from shop.models import Base
 
     async def create() -> None:
         database = Database(services["DATABASE_URL"])

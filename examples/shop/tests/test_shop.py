@@ -10,11 +10,11 @@ import uuid
 from typing import Any
 
 from kombu import Connection
-from shop.models import Order
-from shop.tasks import DESCRIBE_TASK, describe_order
 
 from aura.db import Database
 from aura.messaging import DeadLetterQueue
+from shop.models import Order
+from shop.tasks import DESCRIBE_TASK, describe_order
 from tests.conftest import wait_for
 
 
