@@ -88,6 +88,7 @@ from aura.gateway.guard import (
 )
 from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
+from aura.gateway.request_context import RequestContext
 from aura.gateway.schemas import (
     ERROR_RESPONSES,
     Health,
@@ -221,7 +222,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
     limit = gateway.max_in_flight if gateway is not None else DEFAULT_MAX_IN_FLIGHT
-    app.add_middleware(LoadShedder, limit=limit)  # outermost: shed before anything runs
+    app.add_middleware(LoadShedder, limit=limit)  # shed before anything else runs
+    app.add_middleware(RequestContext)  # outermost: every line of a request has its id
     if gateway is not None:
         app.state.gateway = gateway
 
@@ -287,6 +289,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             raise _Unauthorized("invalid API key")
         if owner != tenant_id:
             raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id")
+        structlog.contextvars.bind_contextvars(tenant=str(tenant_id))  # this request's lines
         return gw
 
     @app.exception_handler(_Unauthorized)
