@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     llm_rate_limit_max_wait: float = Field(default=10.0, ge=0)  # longer: deferred
     llm_completion_tokens_estimate: PositiveInt = 512  # charged when max_tokens is unset
     # Worker observability (not in the seed)
-    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)  # 0: no endpoint
     # How a worker process runs tasks (not in the seed): "async" holds up to
     # WORKER_CONCURRENCY async tasks at once on one event loop (aura.messaging.pool);
     # "prefork" runs one task per child process (Celery's default; for def tasks).

@@ -22,6 +22,7 @@ __all__ = [
     "CircuitBreakerOpened",
     "CircuitState",
     "CircuitStateChanged",
+    "DeadLetterDepthObserved",
     "DeadLetterReason",
     "DuplicateDelivered",
     "DuplicateKind",
@@ -162,6 +163,13 @@ class QueueDepthObserved:
     pending: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterDepthObserved:
+    """Messages in the DLQ, read from the broker (the truth, whoever wrote them)."""
+
+    messages: int
+
+
 Event = (
     TransactionRolledBack
     | PoolConnectionsChanged
@@ -173,6 +181,7 @@ Event = (
     | TaskRetried
     | DuplicateDelivered
     | QueueDepthObserved
+    | DeadLetterDepthObserved
 )
 Hook = Callable[[Event], None]
 

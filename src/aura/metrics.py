@@ -8,7 +8,8 @@
     llm_api_request_duration_seconds{outcome}      histogram; outcome from ``LLMOutcome``
     messages_sent_to_dlq_total{reason}             reason: poison_pill | max_retries_exceeded
                                                    (and Aura's others: ``DeadLetterReason``)
-    celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue
+    celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue (or
+                                                   the queues given to messaging.configure)
 
 Not in the seed, named in its style:
 
@@ -21,6 +22,11 @@ Not in the seed, named in its style:
                                                    provider and model)
     aura_llm_requests_total{model,outcome}         LLM calls by model (from configuration)
     aura_llm_tokens_total{model,kind}              kind: prompt | completion
+    aura_dlq_messages                              messages in the DLQ now, read from the
+                                                   broker by every worker's queue poller:
+                                                   the truth, where messages_sent_to_dlq_total
+                                                   counts what this process routed (0 in the
+                                                   gateway, which routes none)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -40,6 +46,7 @@ from aura.events import (
     CircuitBreakerOpened,
     CircuitState,
     CircuitStateChanged,
+    DeadLetterDepthObserved,
     DeadLetterReason,
     DuplicateDelivered,
     DuplicateKind,
@@ -59,6 +66,7 @@ from aura.events import (
 )
 
 __all__ = [
+    "AURA_DLQ_MESSAGES",
     "AURA_DUPLICATE_DELIVERIES",
     "CELERY_TASKS_PENDING",
     "CELERY_TASK_TIMEOUTS",
@@ -120,6 +128,11 @@ CELERY_TASKS_PENDING = Gauge(
     "celery_tasks_pending",
     "Messages waiting in a Celery queue.",
     ["queue"],
+    multiprocess_mode="mostrecent",
+)
+AURA_DLQ_MESSAGES = Gauge(
+    "aura_dlq_messages",
+    "Messages in the dead-letter queue now, read from the broker by the workers' poller.",
     multiprocess_mode="mostrecent",
 )
 
@@ -204,6 +217,8 @@ def prometheus_hook(event: Event) -> None:
             CELERY_TASK_TIMEOUTS.labels(kind=timeout.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
             CELERY_TASKS_PENDING.labels(queue=str(queue)).set(pending)
+        case DeadLetterDepthObserved(messages=messages):
+            AURA_DLQ_MESSAGES.set(messages)
 
 
 def exposition_registry() -> CollectorRegistry:

@@ -2,11 +2,12 @@
 
 Under prefork every child process counts into files in ``PROMETHEUS_MULTIPROC_DIR``
 (prometheus_client's multiprocess mode); the main process serves their sum on
-``WORKER_METRICS_PORT`` and forgets a child's live gauges when it exits. A daemon thread
-in the main process keeps ``celery_tasks_pending{queue}`` current for both work queues
-(a passive declare every ``WORKER_QUEUE_POLL_INTERVAL`` seconds) for every queue of the
-app's ``task_queues`` (the user's own queue names, after ``aura.messaging.configure``).
-
+``WORKER_METRICS_PORT`` (9100 by default; 0: none; a port another worker on the host
+holds is logged and skipped) and forgets a child's live gauges when it exits. A daemon
+thread in the main process keeps ``celery_tasks_pending{queue}`` current for every queue
+of the app's ``task_queues`` (the user's own queue names, after
+``aura.messaging.configure``) and ``aura_dlq_messages`` for the DLQ (a passive declare
+of each every ``WORKER_QUEUE_POLL_INTERVAL`` seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from prometheus_client import start_http_server
 
 from aura import events
 from aura.config import Settings
-from aura.events import Queue, QueueDepthObserved, TaskTimedOut, TimeoutKind
+from aura.events import (
+    DeadLetterDepthObserved,
+    Queue,
+    QueueDepthObserved,
+    TaskTimedOut,
+    TimeoutKind,
+)
+from aura.messaging.topology import dead_letter_queue
 from aura.metrics import exposition_registry
 
 __all__ = ["install"]
@@ -47,6 +55,8 @@ def _poll_queues(app: Celery, settings: Settings, stop: threading.Event) -> None
                 for queue in queues:
                     declared = queue(channel).queue_declare(passive=True)
                     events.emit(QueueDepthObserved(_label(queue.name), declared.message_count))
+                declared = dead_letter_queue()(channel).queue_declare(passive=True)
+                events.emit(DeadLetterDepthObserved(declared.message_count))
         except Exception as exc:  # the broker is away: try again next round
             _log.warning("cannot read queue depths", error=f"{type(exc).__name__}: {exc}")
 
@@ -61,7 +71,14 @@ def install(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is not app:
             return
         if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, registry=exposition_registry())
+            try:
+                start_http_server(settings.worker_metrics_port, registry=exposition_registry())
+            except OSError as exc:  # another worker on this host has it: no endpoint here
+                _log.warning(
+                    "worker metrics endpoint not started",
+                    port=settings.worker_metrics_port,
+                    error=str(exc),
+                )
         if settings.celery_broker_url and not settings.celery_broker_url.startswith("memory"):
             threading.Thread(
                 target=_poll_queues, args=(app, settings, stop), name="queue-depth", daemon=True
