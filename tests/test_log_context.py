@@ -46,21 +46,6 @@ def test_a_delivery_binds_its_context_for_sync_and_async_tasks() -> None:
     assert structlog.contextvars.get_contextvars() == {}  # nothing left behind
 
 
-def test_the_retry_count_is_bound_on_each_attempt() -> None:
-    app = _eager_app()
-    retries: list[int] = []
-
-    @resilient_task(app=app, name="tests.ctx_retry", backoff_base=1.0, backoff_max=1.0)
-    def ctx_retry(self: object) -> str:
-        retries.append(structlog.contextvars.get_contextvars()["retries"])
-        if len(retries) < 3:
-            raise ConnectionError("reset")
-        return "done"
-
-    assert ctx_retry.apply().get() == "done"
-    assert retries == [0, 1, 2]
-
-
 def test_rendered_lines_carry_the_context() -> None:
     """Aura's own logging (``configure_logging``) merges the bound fields into each line,
     the standard library's records (Celery's, say) included."""
