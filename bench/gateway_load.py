@@ -60,11 +60,14 @@ def rss_mib(pid: int) -> float:
 
 
 def serve(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its log goes to a file: a pipe no one reads fills up and stops the server.
+    log = tempfile.NamedTemporaryFile(prefix="gateway-load-", suffix=".log", delete=False)  # noqa: SIM115
+    print(f"  {command[2:4]} logs to {log.name}")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{command[2:4]} did not start: {process.stderr.read()[-2000:]!r}")  # type: ignore[union-attr]
+            raise SystemExit(f"{command[2:4]} did not start: {Path(log.name).read_text()[-2000:]}")
         try:
             httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=1)
             return process
@@ -131,6 +134,10 @@ def main() -> None:
         "CELERY_BROKER_URL": options.broker_url,
         "REDIS_URL": options.redis_url,
         "LOG_LEVEL": "ERROR",
+        # At most 50 database connections, as the bare endpoint's pool (PostgreSQL allows
+        # 100 by default, and the machine is shared).
+        "DB_POOL_SIZE": "40",
+        "DB_MAX_OVERFLOW": "10",
     }
     gateway = serve(
         [sys.executable, "-m", "aura", "gateway", "--port", str(port)], gateway_env, port

@@ -14,6 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura.catalog import parse_product
 from aura.db import (
     Base,
     Database,
@@ -288,3 +289,49 @@ async def test_migrations_match_the_models(database: Database) -> None:
             lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
         )
     assert differences == []
+
+
+async def test_a_product_with_its_message_is_written_whole_or_not_at_all(
+    database: Database,
+) -> None:
+    from aura.db import OutboxMessage
+    from aura.db.outbox import Claim, Staged
+    from aura.db.products import create_product_with_message
+
+    tenant_id = await new_tenant(database)
+
+    def message(product_id: uuid.UUID) -> Staged:
+        return Staged(f"enrich-{product_id}", tenant_id, "aura.enrich_product", "q", ["a"], {})
+
+    async def outbox_rows() -> int:
+        async with database.session() as session:
+            found = await session.scalar(
+                select(func.count())
+                .select_from(OutboxMessage)
+                .where(OutboxMessage.tenant_id == tenant_id)
+            )
+        return int(found or 0)
+
+    claim = Claim.new(60)
+    made = await create_product_with_message(
+        database, tenant_id, parse_product(product_data("W-1", "W-2")), message, claim
+    )
+    assert await count_products(database, tenant_id) == (1, 2)
+    assert await outbox_rows() == 1
+    async with database.session() as session:
+        row = await session.get(OutboxMessage, f"enrich-{made.id}")
+        assert row is not None
+        assert (row.args, row.claimed_by) == (["a"], claim.owner)
+    before = metric("database_transaction_rollbacks_total", reason="invalid_input")
+    with pytest.raises(ConflictError, match="'W-2'") as caught:
+        await create_product_with_message(
+            database, tenant_id, parse_product(product_data("W-3", "W-2")), message, claim
+        )
+    assert caught.value.field == "variants"
+    with pytest.raises(NotFoundError, match="unknown tenant"):
+        await create_product_with_message(
+            database, uuid.uuid4(), parse_product(product_data("W-9")), message, claim
+        )
+    assert metric("database_transaction_rollbacks_total", reason="invalid_input") == before + 2
+    assert await count_products(database, tenant_id) == (1, 2)  # nothing of either
+    assert await outbox_rows() == 1

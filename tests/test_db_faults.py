@@ -165,3 +165,47 @@ async def test_a_cancelled_transaction_rolls_back_and_returns_its_connection(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+# The gateway's one-statement write (create_product_with_message): its backend ends in the
+# middle of the statement. Every placeholder is used, so the statement is sent as the real
+# one is; the server then terminates its own backend.
+_SUICIDE = (
+    "SELECT pg_terminate_backend(pg_backend_pid()) FROM (SELECT $1::uuid, $2::uuid, $3::text,"
+    " $4::text, $5::text, $6::text, $7::timestamptz, $8::text, $9::text, $10::text,"
+    " $11::text, $12::text, $13::text, $14::timestamptz, $15::uuid[], $16::text[],"
+    " $17::numeric[], $18::text[], $19::text[]) AS a"
+)
+
+
+async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outcome(
+    pg_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.catalog import parse_product
+    from aura.db.outbox import Claim, Staged
+    from aura.db.products import create_product_with_message
+
+    tenant_id = await new_tenant(pg_database)
+    data = parse_product(product_data("ONE-1"))
+
+    def message(product_id: uuid.UUID) -> Staged:
+        return Staged(f"enrich-{product_id}", tenant_id, "aura.enrich_product", "q", [], {})
+
+    monkeypatch.setattr(aura.db.products, "_WITH_MESSAGE", _SUICIDE)
+    before = metric("database_transaction_rollbacks_total", reason="network_error")
+    with (
+        structlog.testing.capture_logs() as logged,
+        pytest.raises(DatabaseTransactionError) as caught,
+    ):
+        await create_product_with_message(pg_database, tenant_id, data, message, Claim.new(60))
+    assert caught.value.commit_outcome_unknown  # one statement: it commits as it ends
+    assert metric("database_transaction_rollbacks_total", reason="network_error") == before + 1
+    critical = [e for e in logged if e["log_level"] == "critical"]
+    assert [e["function"] for e in critical] == ["create_product_with_message"]
+    assert "[SQL" not in critical[0]["error"]
+    assert pg_database.checked_out() == 0
+
+    monkeypatch.undo()  # the pool recovers: the next write gets a live connection
+    made = await create_product_with_message(pg_database, tenant_id, data, message, Claim.new(60))
+    assert made.tenant_id == tenant_id
+    assert await count_products(pg_database, tenant_id) == (1, 1)

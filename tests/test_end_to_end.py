@@ -26,6 +26,7 @@ from aura.db import (
     create_import,
 )
 from aura.gateway import Gateway, create_app, create_tenant_with_key
+from aura.gateway.senders import AmqpSender
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetterQueue
 from aura.worker.celery_app import make_celery_app
@@ -87,7 +88,10 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
     simulator: LLMSimulator,
 ) -> None:
     publisher = make_celery_app(Settings(celery_broker_url=amqp_url))
-    app = create_app(Gateway(pg_database, publisher, {}))
+    # The sender `aura gateway` uses: aio-pika on the event loop, so what the worker's
+    # envelope guard takes here is what the gateway publishes in production.
+    gateway = Gateway(pg_database, publisher, {}, sender=AmqpSender(publisher))
+    app = create_app(gateway)
     async with pg_database.session() as session:
         tenant, key = await create_tenant_with_key(session, f"e2e-{uuid.uuid4().hex[:8]}")
         await session.commit()
@@ -148,6 +152,7 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
         counts = (
             await client.get(f"/v1/tenants/{tenant.id}/imports/{import_id}", headers=headers)
         ).json()
+    await gateway.outbox.aclose()
 
     # Accounting: accepted = committed once + dead-lettered; nothing lost, nothing doubled.
     assert counts["done"] == 40

@@ -266,33 +266,40 @@ async def test_health_readiness_and_metrics(
     assert response.json()["checks"]["database"] == "ok"
 
 
+@pytest.mark.parametrize("streamed", [True, False])
 async def test_oversized_imports_are_refused_and_write_nothing(
-    client: httpx.AsyncClient, pg_database: Database
+    pg_database: Database, publisher: Celery, streamed: bool
 ) -> None:
     from sqlalchemy import func, select
 
     from aura.db import Import
-    from aura.gateway.app import MAX_IMPORT_BYTES, MAX_IMPORT_RECORDS
+    from aura.gateway.app import MAX_IMPORT_BYTES
 
     tenant_id, key = await tenant(pg_database)
-    ndjson = {**key, "content-type": "application/x-ndjson"}
-    too_many = await client.post(
-        f"/v1/tenants/{tenant_id}/imports",
-        content=b"{}\n" * (MAX_IMPORT_RECORDS + 1),
-        headers=ndjson,
-    )
-    assert too_many.status_code == 422
-    assert too_many.json()["error"]["fields"][0]["field"] == "body"
-    assert f"at most {MAX_IMPORT_RECORDS} records" in too_many.json()["error"]["message"]
-    too_large = await client.post(
-        f"/v1/tenants/{tenant_id}/imports", content=b" " * (MAX_IMPORT_BYTES + 1), headers=ndjson
-    )
-    assert too_large.status_code == 413
+    limited = Gateway(pg_database, publisher, {}, import_max_records=50, import_max_bytes=4000)
+    headers = {**key, "content-type": "application/x-ndjson" if streamed else "application/json"}
+
+    def body(records: int) -> bytes:
+        return b"{}\n" * records if streamed else b"[" + b",".join([b"{}"] * records) + b"]"
+
+    transport = httpx.ASGITransport(app=create_app(limited))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        url = f"/v1/tenants/{tenant_id}/imports"
+        too_many = await client.post(url, content=body(51), headers=headers)
+        assert too_many.status_code == 422
+        assert too_many.json()["error"]["fields"][0]["field"] == "body"
+        assert "at most 50 records (IMPORT_MAX_RECORDS)" in too_many.json()["error"]["message"]
+        limit = 4000 if streamed else MAX_IMPORT_BYTES  # an array is read whole: 16 MiB
+        too_large = await client.post(url, content=b" " * (limit + 1), headers=headers)
+        assert too_large.status_code == 413
+        assert str(limit) in too_large.json()["error"]["message"]
+        just_right = await client.post(url, content=body(50), headers=headers)
+        assert just_right.status_code == 202  # (records of {} are the worker's poison)
     async with pg_database.session() as session:
         imports = await session.scalar(
             select(func.count()).select_from(Import).where(Import.tenant_id == uuid.UUID(tenant_id))
         )
-    assert imports == 0
+    assert imports == 1
 
 
 async def outbox_ids(database: Database, tenant_id: str) -> set[str]:

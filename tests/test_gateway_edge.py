@@ -16,6 +16,7 @@ import asyncpg
 import h11
 import httpx
 import pytest
+import structlog
 import uvicorn
 from celery import Celery
 from sqlalchemy import func, select
@@ -383,8 +384,8 @@ async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
             for _ in range(2)
         ]
 
-        async def both_held() -> bool:
-            return held.entered == 2
+        async def both_held() -> bool:  # both committed; one publishing, one joining it
+            return held.entered == 1 and await written(pg_database, tenant_id) == (2, 0)
 
         try:
             await wait_until(both_held, within=15)
@@ -431,3 +432,168 @@ async def test_valid_keys_are_cached_for_a_while_unknown_ones_never(
     assert await cache.tenant_for_key(session, "aura_unknown") is None
     assert await cache.tenant_for_key(session, "aura_unknown") is None
     assert lookups == 4
+
+
+class _Gate:
+    """An ASGI app whose requests wait until the test opens the gate; counts who entered."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.open = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"].startswith("/v1/"):
+            self.entered += 1
+            await self.open.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _shedder_client(
+    limit: int, max_wait: float, max_waiting: int | None = None
+) -> tuple[_Gate, Any, httpx.AsyncClient]:
+    from aura.gateway.guard import LoadShedder
+
+    gate = _Gate()
+    shedder = LoadShedder(gate, limit, max_wait=max_wait, max_waiting=max_waiting)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=shedder), base_url="http://gw")
+    return gate, shedder, client
+
+
+async def test_past_capacity_a_request_waits_for_a_slot_and_is_served_in_order() -> None:
+    gate, shedder, client = await _shedder_client(limit=2, max_wait=30)
+    async with client:
+        calls = [asyncio.create_task(client.get("/v1/x")) for _ in range(5)]
+
+        async def queued() -> bool:
+            return gate.entered == 2 and len(shedder._waiters) == 3
+
+        await wait_until(queued, within=10)
+        assert shedder.in_flight == 2  # the limit holds while three wait
+        gate.open.set()
+        answers = await asyncio.gather(*calls)
+    assert [a.status_code for a in answers] == [200] * 5
+    assert gate.entered == 5
+    assert shedder.in_flight == 0
+
+
+async def test_past_the_wait_or_the_queue_bound_a_request_is_shed() -> None:
+    gate, shedder, client = await _shedder_client(limit=1, max_wait=0.05, max_waiting=1)
+    async with client:
+        first = asyncio.create_task(client.get("/v1/x"))
+
+        async def busy() -> bool:
+            return gate.entered == 1
+
+        await wait_until(busy, within=10)
+        waited = asyncio.create_task(client.get("/v1/x"))  # waits 50 ms, then is shed
+
+        async def waiting() -> bool:
+            return len(shedder._waiters) == 1
+
+        await wait_until(waiting, within=10)
+        full = await client.get("/v1/x")  # the queue holds one: shed at once
+        shed = await waited
+        health = await client.get("/healthz")  # never waits
+        gate.open.set()
+        served = await first
+    assert full.status_code == 503
+    assert full.headers["retry-after"] == "1"
+    assert shed.status_code == 503
+    assert shed.json()["error"]["code"] == "overloaded"
+    assert health.status_code == 200
+    assert served.status_code == 200
+    assert shedder.in_flight == 0
+    assert gate.entered == 1  # the shed ones never reached the app
+
+
+async def test_a_waiter_that_goes_away_gives_its_slot_to_the_next() -> None:
+    gate, shedder, client = await _shedder_client(limit=1, max_wait=30)
+    async with client:
+        first = asyncio.create_task(client.get("/v1/x"))
+        leaving = asyncio.create_task(client.get("/v1/x"))
+        staying = asyncio.create_task(client.get("/v1/x"))
+
+        async def two_wait() -> bool:
+            return gate.entered == 1 and len(shedder._waiters) == 2
+
+        await wait_until(two_wait, within=10)
+        leaving.cancel()
+        gate.open.set()
+        assert (await first).status_code == 200
+        assert (await staying).status_code == 200
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+    assert gate.entered == 2
+    assert shedder.in_flight == 0
+
+
+def _raised_from(cause: BaseException) -> BaseException:
+    try:
+        raise RuntimeError("wrapped") from cause
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "unavailable"),
+    [
+        ("53300", True),  # too many connections: saturated, retry later
+        ("57P01", True),  # admin shutdown
+        ("08006", True),  # connection failure
+        ("23505", False),  # a unique violation is our bug or the client's, never 503
+        ("22P02", False),
+    ],
+)
+def test_a_database_that_cannot_take_the_request_now_is_503_not_500(
+    sqlstate: str, unavailable: bool
+) -> None:
+    from aura.gateway.guard import is_unavailable
+
+    class DriverError(Exception):
+        pass
+
+    error = DriverError("sorry, too many clients already")
+    error.sqlstate = sqlstate  # type: ignore[attr-defined]
+    assert is_unavailable(_raised_from(error)) is unavailable
+
+
+async def test_a_client_that_goes_away_mid_body_is_not_an_error(pg_database: Database) -> None:
+    tenant_id, key = await tenant(pg_database)
+    app = create_app(Gateway(pg_database, None, {}))  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"/v1/tenants/{tenant_id}/products",
+        "raw_path": f"/v1/tenants/{tenant_id}/products".encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"x-api-key", key["X-API-Key"].encode()),
+            (b"content-type", b"application/json"),
+        ],
+        "server": ("gw", 80),
+        "client": ("127.0.0.1", 1),
+    }
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"title": ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with structlog.testing.capture_logs() as logged:
+        await app(scope, receive, send)
+    assert sent == []  # no one to answer
+    assert [e["log_level"] for e in logged] == ["info"]
+    assert await written(pg_database, tenant_id) == (0, 0)

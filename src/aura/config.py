@@ -147,6 +147,14 @@ class Settings(BaseSettings):
     # failed publish left behind, and how old one must be before the relay takes it.
     outbox_relay_interval: PositiveFloat = 5.0
     outbox_relay_min_age: PositiveFloat = 30.0
+    # The gateway's admission (not in the seed): tenant requests served at once, and how
+    # long one more may wait for a slot before it is answered 503 with Retry-After.
+    gateway_max_in_flight: int = Field(default=64, ge=1, le=10_000)
+    gateway_max_wait: float = Field(default=1.0, ge=0.0, le=60.0)
+    # Imports (not in the seed): records per import and bytes per body. A JSON array is
+    # read whole (at most IMPORT_MAX_JSON_BYTES); JSON lines are streamed.
+    import_max_records: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    import_max_bytes: int = Field(default=1024**3, ge=1024, le=64 * 1024**3)
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: human lines when stderr is a terminal, JSON otherwise (pipes, files, services)

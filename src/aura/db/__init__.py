@@ -10,7 +10,13 @@ upgrade                       Alembic migrations (``aura db upgrade``)
 """
 
 from aura.db.engine import Database, database_url
-from aura.db.imports import create_import, import_counts, mark_record
+from aura.db.imports import (
+    add_import,
+    add_import_records,
+    create_import,
+    import_counts,
+    mark_record,
+)
 from aura.db.inbox import DatabaseInbox, already_processed, claim_message
 from aura.db.migrate import current_revision, upgrade
 from aura.db.models import (
@@ -26,6 +32,7 @@ from aura.db.models import (
 )
 from aura.db.products import (
     create_product,
+    create_product_with_message,
     create_product_with_variants,
     create_tenant,
     create_variants,
@@ -47,10 +54,13 @@ __all__ = [
     "Tenant",
     "TransactionAbortedError",
     "Variant",
+    "add_import",
+    "add_import_records",
     "already_processed",
     "claim_message",
     "create_import",
     "create_product",
+    "create_product_with_message",
     "create_product_with_variants",
     "create_tenant",
     "create_variants",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -54,6 +55,14 @@ def _track_pool(engine: AsyncEngine) -> None:
     event.listen(pool, "checkin", checked_in)
 
 
+def _skip_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled asyncpg connection whose socket the server closed is replaced at checkout
+    (the pool takes DisconnectionError as "discard it and connect anew")."""
+    driver = getattr(dbapi_connection, "_connection", None)
+    if driver is not None and driver.is_closed():
+        raise sa_exc.DisconnectionError("the server closed this pooled connection")
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     def on_connect(dbapi_connection: Any, _: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -89,7 +98,12 @@ class Database:
                 "max_overflow": max_overflow,
                 "pool_recycle": pool_recycle,
                 "pool_timeout": pool_timeout,
-                "pool_pre_ping": True,
+                # No pre-ping: SQLAlchemy's asyncpg ping is BEGIN, ";" and ROLLBACK, three
+                # round trips per checkout (a third of a small request). A backend that was
+                # killed or restarted closes its socket, asyncpg marks the connection
+                # closed, and _skip_closed replaces it at checkout with no round trip; a
+                # connection that dies silently fails its first statement, which
+                # @transactional reports as a network error (retried through the inbox).
                 # asyncpg waits 60 s for a server that accepts but never answers
                 "connect_args": {"timeout": connect_timeout},
             }
@@ -98,6 +112,8 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
+        if self.dialect == "postgresql":  # before _track_pool: a discarded one is not counted
+            event.listen(self.engine.sync_engine.pool, "checkout", _skip_closed)
         _track_pool(self.engine)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False

@@ -7,6 +7,7 @@ transaction as the product) or dead-letters it (``dead_lettered``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import func, insert, select, update
@@ -15,7 +16,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from aura.db.models import Import, ImportRecord
 from aura.db.transactional import transactional
 
-__all__ = ["RECORD_STATUSES", "create_import", "import_counts", "mark_record"]
+__all__ = [
+    "RECORD_STATUSES",
+    "add_import",
+    "add_import_records",
+    "create_import",
+    "import_counts",
+    "mark_record",
+]
 
 RECORD_STATUSES = ("pending", "done", "dead_lettered")
 _CHUNK = 1000
@@ -31,17 +39,52 @@ async def create_import(
 ) -> tuple[Import, list[str]]:
     """An import of ``records`` records, all pending; returns it and the records' message ids.
     ``import_id`` lets a caller whose COMMIT outcome is unknown look for it afterwards."""
-    batch = Import(id=import_id or uuid.uuid4(), tenant_id=tenant_id, accepted=records)
-    session.add(batch)
-    await session.flush()
+    batch = await add_import(session, tenant_id, records, import_id=import_id)
     message_ids = [str(uuid.uuid4()) for _ in range(records)]
-    now = datetime.now(UTC)
+    for start in range(0, records, _CHUNK):
+        await add_import_records(
+            session, batch.id, tenant_id, message_ids[start : start + _CHUNK], first=start
+        )
+    return batch, message_ids
+
+
+async def add_import(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    records: int,
+    *,
+    import_id: uuid.UUID | None = None,
+) -> Import:
+    """The import's row (in the caller's transaction); its records are added in parts
+    with ``add_import_records``, so an import of any size is written in bounded memory."""
+    batch = Import(
+        id=import_id or uuid.uuid4(), tenant_id=tenant_id, accepted=records, created_at=_utcnow()
+    )
+    await session.execute(
+        insert(Import).values(
+            id=batch.id, tenant_id=tenant_id, accepted=records, created_at=batch.created_at
+        )
+    )
+    return batch
+
+
+async def add_import_records(
+    session: AsyncSession,
+    import_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    message_ids: Sequence[str],
+    *,
+    first: int,
+) -> None:
+    """Pending records ``first``, ``first + 1``, ... of an import (in the caller's
+    transaction), one per message id."""
+    now = _utcnow()
     rows = [
         {
             "message_id": m,
-            "import_id": batch.id,
+            "import_id": import_id,
             "tenant_id": tenant_id,
-            "position": i,
+            "position": first + i,
             "status": "pending",
             "updated_at": now,
         }
@@ -49,7 +92,10 @@ async def create_import(
     ]
     for start in range(0, len(rows), _CHUNK):
         await session.execute(insert(ImportRecord), rows[start : start + _CHUNK])
-    return batch, message_ids
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 async def mark_record(

@@ -38,9 +38,11 @@ __all__ = [
     "Staged",
     "claim_due",
     "clear_outbox",
+    "extend_claim",
     "release_claim",
     "renew_claim",
     "stage_messages",
+    "take_held",
 ]
 
 _CHUNK = 1000
@@ -156,6 +158,42 @@ async def renew_claim(
             ).all()
         )
     return held
+
+
+async def take_held(
+    session: AsyncSession, claim: Claim, message_ids: Sequence[str], *, now: datetime
+) -> list[Staged]:
+    """``renew_claim`` that also reads the rows it renewed (in the order of
+    ``message_ids``): a publisher that keeps only the ids of a large import loads each part
+    as it sends it."""
+    rows = (
+        await session.scalars(
+            update(OutboxMessage)
+            .where(
+                OutboxMessage.message_id.in_(message_ids),
+                OutboxMessage.claimed_by == claim.owner,
+                OutboxMessage.claimed_until > now,
+            )
+            .values(claimed_until=claim.until)
+            .returning(OutboxMessage),
+            execution_options={"synchronize_session": False},
+        )
+    ).all()
+    order = {message_id: i for i, message_id in enumerate(message_ids)}
+    return [_staged(row) for row in sorted(rows, key=lambda r: order[r.message_id])]
+
+
+async def extend_claim(session: AsyncSession, claim: Claim, *, now: datetime) -> int:
+    """Extend to ``claim.until`` every row ``claim.owner`` still holds at ``now`` (in the
+    caller's transaction); returns how many. One statement for a whole import, so a
+    publisher of 100,000 messages keeps them all while it sends them a part at a time."""
+    result = await session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.claimed_by == claim.owner, OutboxMessage.claimed_until > now)
+        .values(claimed_until=claim.until),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def release_claim(session: AsyncSession, owner: str, *, now: datetime) -> None:

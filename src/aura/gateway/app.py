@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -52,12 +54,13 @@ from aura.db import (
     Import,
     Product,
     Variant,
-    create_import,
-    create_product_with_variants,
+    add_import,
+    add_import_records,
+    create_product_with_message,
     import_counts,
     transactional,
 )
-from aura.db.outbox import Claim, Staged, stage_messages
+from aura.db.outbox import Claim, Staged, extend_claim, stage_messages
 from aura.errors import (
     AuraError,
     ConflictError,
@@ -72,22 +75,26 @@ from aura.gateway.bodies import (
     MAX_IMPORT_BYTES,
     MAX_IMPORT_RECORDS,
     MAX_PRODUCT_BYTES,
+    MAX_STREAMED_BYTES,
     NDJSON_TYPES,
     BodyTooLarge,
+    SpooledRecords,
     UnsupportedMediaType,
     media_type,
     product_document,
     read_body,
     split_import,
+    spool_lines,
 )
 from aura.gateway.guard import (
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_WAIT,
     RETRY_AFTER_SECONDS,
     ErrorGuard,
     LoadShedder,
 )
 from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
-from aura.gateway.outbox import DEFAULT_LEASE, publish_claimed, relay_forever, staging_lease
+from aura.gateway.outbox import DEFAULT_LEASE, OutboxPublisher, relay_forever, staging_lease
 from aura.gateway.request_context import RequestContext
 from aura.gateway.schemas import (
     ERROR_RESPONSES,
@@ -99,6 +106,7 @@ from aura.gateway.schemas import (
     Readiness,
     error_responses,
 )
+from aura.gateway.senders import AmqpSender, Sender, sender_for
 from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
@@ -114,6 +122,8 @@ __all__ = [
 ]
 
 _CENTS = Decimal("0.01")
+_PART = 1000  # import records written per statement
+_PUBLISHED_INLINE = 500  # an import this small is published from memory, in the request
 _log = structlog.get_logger("aura.gateway")
 
 
@@ -129,7 +139,23 @@ class Gateway:
     outbox_lease: float = DEFAULT_LEASE
     # Tenant requests served at once; more are shed with 503 + Retry-After.
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # How long one more may wait for a slot before it is shed (GATEWAY_MAX_WAIT).
+    max_wait: float = DEFAULT_MAX_WAIT
+    # IMPORT_MAX_RECORDS, IMPORT_MAX_BYTES (JSON lines; an array is at most MAX_IMPORT_BYTES).
+    import_max_records: int = MAX_IMPORT_RECORDS
+    import_max_bytes: int = MAX_STREAMED_BYTES
     keys: KeyCache = field(default_factory=KeyCache)
+    # How messages reach the broker: Celery's send_task on ``publisher`` unless given
+    # (``aura gateway`` gives an AmqpSender: a batch on the event loop, confirmed at once).
+    sender: Sender | None = None
+    outbox: OutboxPublisher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = OutboxPublisher(
+            self.database,
+            self.sender if self.sender is not None else sender_for(self.publisher),
+            lease=self.outbox_lease,
+        )
 
 
 def _error(
@@ -196,16 +222,23 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         current = settings or get_settings()
         database = Database.from_settings(current)
         publisher = make_celery_app(current)
-        app.state.gateway = Gateway(
+        sender = AmqpSender(publisher)  # the gateway refuses to start without RabbitMQ
+        built = Gateway(
             database,
             publisher,
             default_checks(current),
             outbox_lease=current.outbox_relay_min_age,
+            max_in_flight=current.gateway_max_in_flight,
+            max_wait=current.gateway_max_wait,
+            import_max_records=current.import_max_records,
+            import_max_bytes=current.import_max_bytes,
+            sender=sender,
         )
+        app.state.gateway = built
         relay = asyncio.create_task(
             relay_forever(
                 database,
-                publisher,
+                sender,
                 interval=current.outbox_relay_interval,
                 min_age=current.outbox_relay_min_age,
             )
@@ -216,13 +249,19 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
+            await built.outbox.aclose()
             await database.dispose()
 
     app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
-    limit = gateway.max_in_flight if gateway is not None else DEFAULT_MAX_IN_FLIGHT
-    app.add_middleware(LoadShedder, limit=limit)  # shed before anything else runs
+    if gateway is not None:
+        limit, wait = gateway.max_in_flight, gateway.max_wait
+    else:
+        configured = settings or get_settings()
+        limit, wait = configured.gateway_max_in_flight, configured.gateway_max_wait
+    # Wait or shed before anything else runs.
+    app.add_middleware(LoadShedder, limit=limit, max_wait=wait)
     app.add_middleware(RequestContext)  # outermost: every line of a request has its id
     if gateway is not None:
         app.state.gateway = gateway
@@ -313,8 +352,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         )
         data = parse_product(product_document(raw))
         try:
-            async with gw.database.session() as session:
-                product, staged = await _accept_product(session, tenant_id, data, gw.outbox_lease)
+            product, staged = await _accept_product(gw.database, tenant_id, data, gw.outbox_lease)
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown:
                 raise
@@ -384,25 +422,36 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
         kind = media_type(request.headers.get("content-type", ""), JSON_TYPES | NDJSON_TYPES)
-        raw = await read_body(
-            request.stream(), request.headers.get("content-length"), MAX_IMPORT_BYTES
-        )
-        records = split_import(raw, kind)
+        declared = request.headers.get("content-length")
+        records: list[str] | SpooledRecords
+        if kind in JSON_TYPES:  # an array is parsed whole: MAX_IMPORT_BYTES at most
+            raw = await read_body(request.stream(), declared, MAX_IMPORT_BYTES)
+            records = split_import(raw, kind, max_records=gw.import_max_records)
+            count = len(records)
+        else:  # JSON lines are checked as they arrive and spooled: any size, bounded memory
+            records = await spool_lines(
+                request.stream(),
+                declared,
+                max_bytes=gw.import_max_bytes,
+                max_records=gw.import_max_records,
+            )
+            count = records.count
         import_id = uuid.uuid4()
-        accepted = JSONResponse(
-            {"import_id": str(import_id), "accepted": len(records)}, status_code=202
-        )
+        accepted = JSONResponse({"import_id": str(import_id), "accepted": count}, status_code=202)
         try:
             async with gw.database.session() as session:
-                staged = await _accept_import(
-                    session, tenant_id, import_id, records, gw.outbox_lease
+                written = await _accept_import(
+                    session, tenant_id, import_id, records, count, gw.outbox_lease
                 )
         except DatabaseTransactionError as exc:
             if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
                 raise
             _log.warning("commit outcome was unknown; the import is committed", origin="import")
             return accepted  # its messages are the relay's once their lease expires
-        await _publish_after_commit(gw, staged, origin="import")
+        finally:
+            if isinstance(records, SpooledRecords):
+                records.close()
+        await _publish_after_commit(gw, written, origin="import")
         return accepted
 
     @app.get(
@@ -466,24 +515,24 @@ class _Unauthorized(Exception):
     pass
 
 
-@transactional
 async def _accept_product(
-    session: AsyncSession, tenant_id: uuid.UUID, data: ProductIn, lease: float
-) -> tuple[Product, tuple[list[Staged], Claim]]:
-    """The product, its variants and its enrichment message: one transaction."""
-    product = await create_product_with_variants(session, tenant_id, data)
-    staged = [
-        Staged(
-            f"enrich-{product.id}",
+    database: Database, tenant_id: uuid.UUID, data: ProductIn, lease: float
+) -> tuple[Product, _Written]:
+    """The product, its variants and its enrichment message: one transaction (one
+    statement on PostgreSQL). The request publishes the message after the commit."""
+    claim = Claim.new(staging_lease(lease))
+
+    def enrichment(product_id: uuid.UUID) -> Staged:
+        return Staged(
+            f"enrich-{product_id}",
             tenant_id,
             ENRICH_TASK,
             REALTIME_QUEUE,
-            [str(product.id), str(tenant_id)],
+            [str(product_id), str(tenant_id)],
         )
-    ]
-    claim = Claim.new(staging_lease(lease))  # the request publishes these after the commit
-    await stage_messages(session, staged, claim)
-    return product, (staged, claim)
+
+    product = await create_product_with_message(database, tenant_id, data, enrichment, claim)
+    return product, _Written(claim, [f"enrich-{product.id}"], [enrichment(product.id)])
 
 
 @transactional
@@ -491,42 +540,66 @@ async def _accept_import(
     session: AsyncSession,
     tenant_id: uuid.UUID,
     import_id: uuid.UUID,
-    records: list[str],
+    records: Iterable[str],
+    count: int,
     lease: float,
-) -> tuple[list[Staged], Claim]:
-    """The import, a pending row per record and a message per record: one transaction."""
-    batch, message_ids = await create_import(session, tenant_id, len(records), import_id=import_id)
-    staged = [
-        Staged(
-            message_id,
-            tenant_id,
-            INGEST_TASK,
-            BULK_QUEUE,
-            [record, str(tenant_id)],
-            {"import_id": str(batch.id)},
-        )
-        for message_id, record in zip(message_ids, records, strict=True)
-    ]
+) -> _Written:
+    """The import, a pending row per record and a message per record: one transaction,
+    written a part at a time (an import of any size in bounded memory)."""
     claim = Claim.new(staging_lease(lease))
-    await stage_messages(session, staged, claim)
-    return staged, claim
+    await add_import(session, tenant_id, count, import_id=import_id)
+    kept: list[Staged] | None = [] if count <= _PUBLISHED_INLINE else None
+    ids: list[str] = []
+    iterator = iter(records)
+    while part := list(itertools.islice(iterator, _PART)):
+        message_ids = [str(uuid.uuid4()) for _ in part]
+        await add_import_records(session, import_id, tenant_id, message_ids, first=len(ids))
+        staged = [
+            Staged(
+                message_id,
+                tenant_id,
+                INGEST_TASK,
+                BULK_QUEUE,
+                [record, str(tenant_id)],
+                {"import_id": str(import_id)},
+            )
+            for message_id, record in zip(message_ids, part, strict=True)
+        ]
+        await stage_messages(session, staged, claim)
+        if kept is not None:
+            kept += staged
+        ids += message_ids
+    if kept is None:  # a long transaction: hold its rows from the commit, not from its start
+        now = datetime.now(UTC)
+        claim = Claim(claim.owner, now + timedelta(seconds=staging_lease(lease)))
+        await extend_claim(session, claim, now=now)
+    return _Written(claim, ids, kept)
 
 
-async def _publish_after_commit(
-    gw: Gateway, claimed: tuple[list[Staged], Claim], *, origin: str
-) -> None:
+@dataclass(frozen=True)
+class _Written:
+    """What a request committed to the outbox: its claim, the message ids, and the
+    messages themselves when few enough to publish from memory."""
+
+    claim: Claim
+    ids: list[str]
+    staged: list[Staged] | None
+
+
+async def _publish_after_commit(gw: Gateway, written: _Written, *, origin: str) -> None:
     """Publish what was just committed. Never raises: the request's data is committed, so
-    its answer is success; what could not be published or cleared is the relay's."""
+    its answer is success; what could not be published or cleared is the relay's. A large
+    import is published in the background, read back from the outbox a part at a time."""
     try:
-        staged, claim = claimed
-        await publish_claimed(
-            gw.database, gw.publisher, staged, claim, lease=gw.outbox_lease, origin=origin
-        )
+        if written.staged is None:
+            gw.outbox.publish_later(written.ids, written.claim, origin=origin)
+        else:
+            await gw.outbox.publish(written.staged, written.claim, origin=origin)
     except Exception as exc:
         _log.warning(
             "publishing after the commit failed; the outbox relay will send what is left",
             origin=origin,
-            messages=len(claimed[0]),
+            messages=len(written.ids),
             error=describe_exception(exc),
         )
 

@@ -4,9 +4,13 @@ Everything PostgreSQL would refuse later is refused here, by field, with a 422 n
 (``aura.catalog.storable``): NUL characters, NaN/Infinity/1e400, nesting deeper than 32.
 
     product body   application/json; at most MAX_PRODUCT_BYTES; the whole document checked
-    import body    application/json (an array: ``records.{i}.…``) or JSON lines
-                   (``lines.{n}.…``, n counted from 1); each record at most
-                   MAX_RECORD_BYTES and at most MAX_IMPORT_RECORDS records
+    import body    application/json: an array (``records.{i}.…``), read whole, at most
+                   MAX_IMPORT_BYTES; or JSON lines (``lines.{n}.…``, n counted from 1),
+                   streamed: each line is checked as it arrives and the good ones are
+                   spooled (memory up to SPOOL_MEMORY_BYTES, then a temporary file), so
+                   an import of IMPORT_MAX_RECORDS records (a million by default, at most
+                   IMPORT_MAX_BYTES) is read in bounded memory. Each record at most
+                   MAX_RECORD_BYTES.
 
 An import line that is not JSON at all travels to the worker as it came: it is the
 worker's poison pill (dead-lettered with its reason), as the design says. A line that is
@@ -17,7 +21,8 @@ JSON is held to the same rules as a product body, except that a lone surrogate e
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from aura.catalog.storable import (
@@ -35,19 +40,25 @@ __all__ = [
     "MAX_IMPORT_RECORDS",
     "MAX_PRODUCT_BYTES",
     "MAX_RECORD_BYTES",
+    "MAX_STREAMED_BYTES",
     "NDJSON_TYPES",
+    "SPOOL_MEMORY_BYTES",
     "BodyTooLarge",
+    "SpooledRecords",
     "UnsupportedMediaType",
     "media_type",
     "product_document",
     "read_body",
     "split_import",
+    "spool_lines",
 ]
 
 MAX_PRODUCT_BYTES = 256 * 1024
 MAX_RECORD_BYTES = MAX_PRODUCT_BYTES  # one import record is one product
 MAX_IMPORT_BYTES = 16 * 1024 * 1024
-MAX_IMPORT_RECORDS = 20_000
+MAX_IMPORT_RECORDS = 1_000_000  # the default of IMPORT_MAX_RECORDS
+MAX_STREAMED_BYTES = 1024**3  # the default of IMPORT_MAX_BYTES (JSON lines)
+SPOOL_MEMORY_BYTES = 1024 * 1024
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset(
@@ -127,7 +138,7 @@ def product_document(raw: bytes) -> Any:
     return value
 
 
-def split_import(raw: bytes, kind: str) -> list[str]:
+def split_import(raw: bytes, kind: str, *, max_records: int = MAX_IMPORT_RECORDS) -> list[str]:
     """An import body as its records (each a JSON text), every one checked; one 422
     counts and names every refused record (their first MAX_REPORTED_PROBLEMS problems)."""
     records, problems, refused = _array_records(raw) if kind in JSON_TYPES else _line_records(raw)
@@ -135,12 +146,114 @@ def split_import(raw: bytes, kind: str) -> list[str]:
         _refuse("import", problems, records=refused)
     if not records:
         raise InvalidInputError("the import holds no records", field="body")
-    if len(records) > MAX_IMPORT_RECORDS:
-        raise InvalidInputError(
-            f"an import holds at most {MAX_IMPORT_RECORDS} records, got {len(records)}",
-            field="body",
-        )
+    if len(records) > max_records:
+        _too_many(max_records, len(records))
     return records
+
+
+def _too_many(limit: int, got: int | None = None) -> None:
+    counted = f", got {got}" if got is not None else ", got more"
+    raise InvalidInputError(
+        f"an import holds at most {limit} records (IMPORT_MAX_RECORDS){counted}", field="body"
+    )
+
+
+class SpooledRecords:
+    """An import's checked records, one per line in a spool (memory, then a temporary
+    file); iterate it once to write them, then close it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
+
+    def add(self, record: str) -> None:
+        self._file.write(record.encode("utf-8", "surrogatepass") + b"\n")
+        self.count += 1
+
+    def __iter__(self) -> Iterator[str]:
+        self._file.seek(0)
+        for line in self._file:
+            yield line[:-1].decode("utf-8", "surrogatepass")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def spool_lines(
+    stream: AsyncIterator[bytes],
+    declared: str | None,
+    *,
+    max_bytes: int = MAX_STREAMED_BYTES,
+    max_records: int = MAX_IMPORT_RECORDS,
+) -> SpooledRecords:
+    """A JSON-lines body read as it arrives, each line checked as ``split_import`` checks
+    it; the good records are spooled. Holds at most one line (MAX_RECORD_BYTES) and the
+    spool's memory part at a time. One 422 counts and names every refused line; more than
+    ``max_records`` records is a 422 at once, more than ``max_bytes`` a 413 at once."""
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge(max_bytes)
+    spool = SpooledRecords()
+    problems: list[tuple[str, str]] = []
+    refused = 0
+    number = 0
+    line = bytearray()
+    line_length = 0  # bytes of the current line, kept or not
+
+    def take() -> None:
+        nonlocal refused, number
+        number += 1
+        if line_length > MAX_RECORD_BYTES:
+            found: str | list[tuple[str, str]] | None = [
+                (
+                    f"lines.{number}",
+                    f"record is {line_length} bytes, over the {MAX_RECORD_BYTES} limit",
+                )
+            ]
+        else:
+            found = _line_problems(bytes(line), f"lines.{number}")
+        if found is None:
+            return  # blank
+        if isinstance(found, list):
+            refused += 1
+            problems.extend(found[: MAX_REPORTED_PROBLEMS - len(problems)])
+        elif not refused:
+            spool.add(found)
+            if spool.count > max_records:
+                _too_many(max_records)
+
+    received = 0
+    try:
+        async for chunk in stream:
+            received += len(chunk)
+            if received > max_bytes:
+                raise BodyTooLarge(max_bytes)
+            start = 0
+            while start <= len(chunk):
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start:end]
+                line_length += len(piece)
+                if line_length <= MAX_RECORD_BYTES + 1:
+                    line += piece
+                else:
+                    line.clear()  # too long: only its length is kept, to report it
+                if end < 0:
+                    break
+                take()
+                line.clear()
+                line_length = 0
+                start = end + 1
+        if line_length:
+            take()
+    except BaseException:
+        spool.close()
+        raise
+    if problems:
+        spool.close()
+        _refuse("import", problems, records=refused)
+    if not spool.count:
+        spool.close()
+        raise InvalidInputError("the import holds no records", field="body")
+    return spool
 
 
 def _array_records(raw: bytes) -> tuple[list[str], list[tuple[str, str]], int]:

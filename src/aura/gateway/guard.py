@@ -11,11 +11,14 @@ connection stays open for the client's next request.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 from typing import Any
 
 import structlog
 from sqlalchemy import exc as sa_exc
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aura.db.transactional import is_network_error
@@ -23,6 +26,7 @@ from aura.errors import cause_chain
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_WAIT",
     "RETRY_AFTER_SECONDS",
     "ErrorGuard",
     "LoadShedder",
@@ -32,6 +36,7 @@ __all__ = [
 
 RETRY_AFTER_SECONDS = 1
 DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_MAX_WAIT = 1.0
 _log = structlog.get_logger("aura.gateway")
 
 
@@ -42,13 +47,23 @@ def error_body(code: str, message: str, fields: list[dict[str, str]] | None = No
     return json.dumps({"error": body}).encode()
 
 
+# SQLSTATE classes that mean "the server cannot take this now": connection exceptions,
+# insufficient resources (53300 too many connections, disk full, out of memory) and
+# operator intervention (shutting down, starting up, backend terminated).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """A dependency is down or saturated (retry later), not a bug."""
     if is_network_error(exc):
         return True
-    return any(
-        isinstance(link, sa_exc.TimeoutError | OSError | TimeoutError) for link in cause_chain(exc)
-    )
+    for link in cause_chain(exc):
+        if isinstance(link, sa_exc.TimeoutError | OSError | TimeoutError):
+            return True
+        code = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+    return False
 
 
 class ErrorGuard:
@@ -69,6 +84,9 @@ class ErrorGuard:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client went away mid-body: no one to answer
+            _log.info("client disconnected before its request was read", path=scope.get("path"))
+            return
         except Exception as exc:
             if started:  # too late to answer: let the server close it
                 raise
@@ -99,40 +117,91 @@ class ErrorGuard:
 
 
 class LoadShedder:
-    """At most ``limit`` tenant requests at once; the next is ``503 overloaded`` with
-    ``Retry-After`` at once, before it holds a database connection or a byte of its body.
+    """At most ``limit`` tenant requests at once. The next ones wait, in order, for at most
+    ``max_wait`` seconds and at most ``max_waiting`` of them; past either bound a request
+    is ``503 overloaded`` with ``Retry-After``, before it holds a database connection or
+    reads a byte of its body.
 
     Past its capacity a gateway otherwise queues requests on the database pool until
-    latency runs away and they time out; shedding keeps the ones it serves fast and tells
-    the others, cheaply, when to come back. Health, readiness and metrics are never shed.
+    latency runs away and they time out. Answering 503 at once is no better under clients
+    that retry at once (load generators, naive retry loops): the gateway then spends its
+    time refusing, and what it serves collapses. A short, bounded wait absorbs a burst,
+    paces such clients to the rate the gateway serves, and bounds every answer's latency
+    by ``max_wait`` plus the time to serve it. Health, readiness and metrics never wait.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        *,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        max_waiting: int | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.max_wait = max_wait
+        self.max_waiting = 4 * limit if max_waiting is None else max_waiting
         self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            body = error_body("overloaded", "the gateway is at capacity; retry later")
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+        if not await self._admitted():
+            await _overloaded(send)
             return
-        self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self._release()
+
+    async def _admitted(self) -> bool:
+        if self.in_flight < self.limit:  # then no one waits (only cancelled waiters remain)
+            self._waiters.clear()
+            self.in_flight += 1
+            return True
+        if len(self._waiters) >= self.max_waiting or self.max_wait <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.max_wait)
+        except TimeoutError:
+            if waiter.done():  # a slot was handed over as the wait ran out: take it
+                return True
+            waiter.cancel()
+            return False
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, then cancelled: pass it on
+            else:
+                waiter.cancel()
+            raise
+        return True
+
+    def _release(self) -> None:
+        """Hand the slot to the longest waiter still waiting, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # in_flight is unchanged: the slot moves over
+                return
+        self.in_flight -= 1
+
+
+async def _overloaded(send: Send) -> None:
+    body = error_body("overloaded", "the gateway is at capacity; retry later")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

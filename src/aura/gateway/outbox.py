@@ -1,15 +1,26 @@
 """Publishing the outbox: after each commit, and by a relay for what was left behind.
 
+``OutboxPublisher`` sends what requests have just committed. Requests that finish their
+transactions at about the same time share one publish: the first starts a batch, the others
+join it, and one batch costs one broker round trip (its confirms awaited together) and one
+DELETE, however many requests it carries. A request waits for its batch and is answered as
+committed whatever happens to it: a broker failure lets the batch's rows go to the relay at
+once, a database failure leaves them held until their lease runs out.
+
 ``publish_claimed`` sends messages its publisher holds a claim on (``aura.db.outbox``) and
 deletes each one the broker confirmed. Before each batch it renews its claim and sends only
 what it still holds; it renews again whenever half the lease has passed, so a slow publish
 of thousands of messages keeps them, and a publisher that stops (crash, broker down) lets
-them go when the lease runs out. The request's own publish never raises for a broker
-failure: its data and messages are committed, what was not sent stays for the relay.
+them go when the lease runs out.
 
 ``relay_once`` (every OUTBOX_RELAY_INTERVAL seconds in the gateway, and ``aura outbox
 relay``) claims messages at least OUTBOX_RELAY_MIN_AGE old whose lease ran out, and
-publishes them the same way. A publisher holds its rows OUTBOX_RELAY_MIN_AGE at a time.
+publishes them the same way. A publisher holds its rows OUTBOX_RELAY_MIN_AGE at a time,
+and at least MIN_LEASE (10 s): it renews its claim every half lease, so the lease must
+outlast the longest stall between two renewals (one confirmed send, a slow transaction on a
+loaded host). With a 1 s lease, a 5,000-message import on a host at load 14 was published
+twice in part; OUTBOX_RELAY_MIN_AGE says when the relay may look, not how long a live
+publisher's stall may be.
 A request stages its rows held for at least STAGED_HOLD seconds (its own transaction,
 thousands of rows, may take a while before it can publish); a request that dies between
 its commit and its first renewal delays its messages by that much, never loses them. A
@@ -24,20 +35,33 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
 from celery import Celery
-from starlette.concurrency import run_in_threadpool
 
 from aura.db import Database
-from aura.db.outbox import Claim, Staged, claim_due, clear_outbox, release_claim, renew_claim
+from aura.db.outbox import (
+    Claim,
+    Staged,
+    claim_due,
+    clear_outbox,
+    extend_claim,
+    release_claim,
+    renew_claim,
+    take_held,
+)
+from aura.gateway.senders import Sender, sender_for
 from aura.logs import describe_exception
 
 __all__ = [
     "DEFAULT_LEASE",
+    "MIN_LEASE",
     "STAGED_HOLD",
+    "OutboxPublisher",
     "publish_claimed",
+    "publish_stored",
     "relay_forever",
     "relay_once",
     "staging_lease",
@@ -46,7 +70,7 @@ __all__ = [
 DEFAULT_LEASE = 30.0
 STAGED_HOLD = 60.0
 _BATCH = 500
-_MIN_LEASE = 1.0
+MIN_LEASE = 10.0
 _log = structlog.get_logger("aura.gateway.outbox")
 
 
@@ -59,32 +83,9 @@ def staging_lease(lease: float) -> float:
     return max(lease, STAGED_HOLD)
 
 
-def _send(
-    publisher: Celery, messages: Sequence[Staged], deadline: float, clock: Callable[[], float]
-) -> tuple[list[str], BaseException | None]:
-    """Publish in order until done, a failure, or ``deadline`` (at least one is tried).
-    Returns the ids sent and the failure."""
-    sent: list[str] = []
-    try:
-        for message in messages:
-            if sent and clock() >= deadline:
-                break  # renew the claim before going on
-            publisher.send_task(
-                message.task,
-                args=message.args,
-                kwargs=message.kwargs,
-                task_id=message.message_id,
-                queue=message.queue,
-            )
-            sent.append(message.message_id)
-    except Exception as exc:  # the broker's many failure types: all mean "not now"
-        return sent, exc
-    return sent, None
-
-
 async def publish_claimed(
     database: Database,
-    publisher: Celery,
+    publisher: Celery | Sender,
     messages: Sequence[Staged],
     claim: Claim,
     *,
@@ -96,6 +97,7 @@ async def publish_claimed(
     """Publish the ``messages`` ``claim`` holds, delete the ones sent; returns how many were
     sent. A broker failure is logged, not raised; a database failure is raised (the rows
     stay, the relay takes them when the lease runs out)."""
+    sender = sender_for(publisher)
     pending = list(messages)
     done: list[str] = []  # sent, not yet deleted
     sent_total = lost_total = 0
@@ -118,10 +120,11 @@ async def publish_claimed(
         batch = [m for m in batch if m.message_id in held]
         if not batch:
             continue
-        deadline = clock() + lease / 2
-        done, failure = await run_in_threadpool(_send, publisher, batch, deadline, clock)
+        done, failure = await sender.send(batch, deadline=clock() + lease / 2)
         sent_total += len(done)
-        pending = batch[len(done) :] + pending if failure is None else pending
+        if failure is None and len(done) < len(batch):  # the deadline cut it: renew first
+            sent = set(done)
+            pending = [m for m in batch if m.message_id not in sent] + pending
     if done or failure is not None:
         async with database.session() as session:
             await clear_outbox(session, done)
@@ -146,9 +149,232 @@ async def publish_claimed(
     return sent_total
 
 
+async def publish_stored(
+    database: Database,
+    publisher: Celery | Sender,
+    message_ids: Sequence[str],
+    claim: Claim,
+    *,
+    lease: float,
+    origin: str,
+    now: Callable[[], datetime] = _utcnow,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """``publish_claimed`` for messages known only by id (a large import: its rows are not
+    held in memory). Each part is read from the outbox as its claim is renewed, sent, and
+    deleted with the next part's read; the claim on all the rest is extended at the start
+    and every half lease, in one statement. Returns how many were sent."""
+    sender = sender_for(publisher)
+    done: list[str] = []
+    sent_total = lost_total = 0
+    failure: BaseException | None = None
+    parts = [message_ids[i : i + _BATCH] for i in range(0, len(message_ids), _BATCH)]
+    extended = -lease  # the whole import's claim is extended at once, then every half lease
+    while parts and failure is None:
+        ids = parts.pop(0)
+        renewed = Claim(claim.owner, now() + timedelta(seconds=lease))
+        async with database.session() as session:
+            if done:
+                await clear_outbox(session, done)
+            if clock() - extended >= lease / 2:
+                await extend_claim(session, renewed, now=now())
+                extended = clock()
+            batch = await take_held(session, renewed, ids, now=now())
+            await session.commit()
+        done = []
+        lost_total += len(ids) - len(batch)
+        if not batch:
+            continue
+        done, failure = await sender.send(batch, deadline=clock() + lease / 2)
+        sent_total += len(done)
+        if failure is None and len(done) < len(batch):  # the deadline cut it: renew first
+            sent = set(done)
+            parts.insert(0, [m.message_id for m in batch if m.message_id not in sent])
+    if done or failure is not None:
+        async with database.session() as session:
+            await clear_outbox(session, done)
+            if failure is not None:
+                await release_claim(session, claim.owner, now=now())
+            await session.commit()
+    if lost_total:
+        _log.warning(
+            "outbox: messages not published by this publisher; its lease ran out and the "
+            "relay publishes them",
+            origin=origin,
+            messages=lost_total,
+        )
+    if failure is not None:
+        _log.warning(
+            "publish failed; the outbox relay will send the rest",
+            origin=origin,
+            sent=sent_total,
+            left=len(message_ids) - sent_total - lost_total,
+            error=describe_exception(failure),
+        )
+    return sent_total
+
+
+@dataclass
+class _Waiting:
+    messages: list[Staged]
+    claim: Claim
+    origin: str
+    done: asyncio.Future[None]
+
+
+class OutboxPublisher:
+    """Publishes what requests just committed, many requests per batch (see the module's
+    docstring). ``publish`` never raises; it returns once its messages were sent and
+    deleted, or were left to the relay."""
+
+    def __init__(
+        self,
+        database: Database,
+        sender: Sender,
+        *,
+        lease: float,
+        max_batch: int = _BATCH,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.database = database
+        self.sender = sender
+        self.lease = max(lease, MIN_LEASE)
+        self.max_batch = max_batch
+        self.now = now
+        self._waiting: list[_Waiting] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._later: set[asyncio.Task[int]] = set()
+
+    def publish_later(self, message_ids: Sequence[str], claim: Claim, *, origin: str) -> None:
+        """Publish a large import's messages in the background (``publish_stored``): the
+        request is answered once they are committed. If the process stops first, their
+        claim runs out and the relay sends them."""
+        task = asyncio.get_running_loop().create_task(
+            publish_stored(
+                self.database,
+                self.sender,
+                list(message_ids),
+                claim,
+                lease=self.lease,
+                origin=origin,
+                now=self.now,
+            )
+        )
+        self._later.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[int]) -> None:
+        self._later.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning(
+                "publishing a large import failed; the outbox relay will send what is left",
+                error=describe_exception(task.exception()),  # type: ignore[arg-type]
+            )
+
+    async def publish(self, messages: Sequence[Staged], claim: Claim, *, origin: str) -> None:
+        if not messages:
+            return
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(list(messages), claim, origin, loop.create_future())
+        self._waiting.append(waiting)
+        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
+            self._runner = loop.create_task(self._run())
+        # A cancelled request leaves its messages to the batch (or to the relay).
+        await asyncio.shield(waiting.done)
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch: list[_Waiting] = []
+            size = 0
+            while self._waiting and (
+                not batch or size + len(self._waiting[0].messages) <= self.max_batch
+            ):
+                item = self._waiting.pop(0)
+                batch.append(item)
+                size += len(item.messages)
+            try:
+                await self._publish(batch)
+            except BaseException as exc:  # never lose a waiting request, whatever happened
+                _log.warning(
+                    "publishing after the commit failed; the outbox relay will send what is left",
+                    origin=",".join(sorted({w.origin for w in batch})),
+                    messages=size,
+                    error=describe_exception(exc),
+                )
+                if not isinstance(exc, Exception):
+                    for item in (*batch, *self._waiting):
+                        _settle(item)
+                    raise
+            finally:
+                for item in batch:
+                    _settle(item)
+
+    async def _publish(self, batch: list[_Waiting]) -> None:
+        if len(batch) == 1 and len(batch[0].messages) > self.max_batch:
+            item = batch[0]  # a large import: in parts, renewing its claim as it goes
+            await publish_claimed(
+                self.database,
+                self.sender,
+                item.messages,
+                item.claim,
+                lease=self.lease,
+                origin=item.origin,
+                now=self.now,
+            )
+            return
+        now = self.now()
+        stale = [w for w in batch if w.claim.until - now <= timedelta(seconds=self.lease)]
+        for item in stale:  # waited long (a stuck broker): renew as a lone publisher does
+            await publish_claimed(
+                self.database,
+                self.sender,
+                item.messages,
+                item.claim,
+                lease=self.lease,
+                origin=item.origin,
+                now=self.now,
+            )
+        live = [w for w in batch if w not in stale]
+        messages = [m for w in live for m in w.messages]
+        if not messages:
+            return
+        sent, failure = await self.sender.send(messages)
+        async with self.database.session() as session:
+            await clear_outbox(session, sent)
+            if failure is not None:
+                for item in live:  # the relay may send the rest as soon as it likes
+                    await release_claim(session, item.claim.owner, now=self.now())
+            await session.commit()
+        if failure is not None:
+            _log.warning(
+                "publish failed; the outbox relay will send the rest",
+                origin=",".join(sorted({w.origin for w in live})),
+                sent=len(sent),
+                left=len(messages) - len(sent),
+                error=describe_exception(failure),
+            )
+
+    async def aclose(self) -> None:
+        """Wait for the batch in flight (the rest is the relay's), then close the sender."""
+        runner, self._runner = self._runner, None
+        here = asyncio.get_running_loop()
+        pending = {t for t in (runner, *self._later) if t is not None and not t.done()}
+        pending = {t for t in pending if t.get_loop() is here}
+        if pending:
+            _, unfinished = await asyncio.wait(pending, timeout=self.lease)
+            for task in unfinished:  # their rows stay claimed until the lease runs out
+                task.cancel()
+        await self.sender.close()
+
+
+def _settle(item: _Waiting) -> None:
+    if not item.done.done():
+        item.done.set_result(None)
+
+
 async def relay_once(
     database: Database,
-    publisher: Celery,
+    publisher: Celery | Sender,
     *,
     min_age: float,
     lease: float | None = None,
@@ -157,8 +383,8 @@ async def relay_once(
 ) -> int:
     """Claim and publish up to ``limit`` messages staged at least ``min_age`` seconds ago
     that no publisher holds; returns how many were sent. ``lease`` defaults to
-    ``min_age`` (at least 1 s)."""
-    lease = lease if lease is not None else max(min_age, _MIN_LEASE)
+    ``min_age`` (at least MIN_LEASE)."""
+    lease = lease if lease is not None else max(min_age, MIN_LEASE)
     claim = Claim.new(lease, now())
     async with database.session() as session:
         due = await claim_due(
@@ -181,12 +407,13 @@ async def relay_once(
 
 
 async def relay_forever(
-    database: Database, publisher: Celery, *, interval: float, min_age: float
+    database: Database, publisher: Celery | Sender, *, interval: float, min_age: float
 ) -> None:
     """``relay_once`` every ``interval`` seconds until cancelled; failures are logged."""
+    sender = sender_for(publisher)
     while True:
         try:
-            while await relay_once(database, publisher, min_age=min_age) > 0:
+            while await relay_once(database, sender, min_age=min_age) > 0:
                 pass  # a backlog: keep going while the broker takes it
         except Exception as exc:
             _log.warning("outbox relay failed; trying again later", error=describe_exception(exc))

@@ -1,0 +1,207 @@
+"""How the outbox's messages reach the broker: Celery's protocol 2, confirmed by the broker.
+
+    AmqpSender     aio-pika on the gateway's event loop, a whole batch in flight at once
+                   (publisher confirms, mandatory): the gateway's sender for amqp:// URLs
+    CelerySender   ``Celery.send_task`` in a worker thread, one confirmed message at a
+                   time: any kombu transport (the demo's embedded broker) and test doubles
+
+Why a second sender: under load the gateway's event loop holds the GIL, and a kombu publish
+in a thread needs it for every frame, so a request's one confirmed publish took seconds
+(200 locust users: 10 products/s served, most of the time waiting on threads). aio-pika
+sends a batch of 500 on the loop and awaits their confirms together.
+
+Both build the same message: Celery's own ``amqp.as_task_v2`` makes the headers, the
+properties and the body, serialized as JSON the way kombu does; the work queues are
+declared as Celery declares them (``aura.messaging.topology``), so a message is routed even
+before a worker has started. A message the broker refuses (nack: a full queue with
+``x-overflow: reject-publish``) or cannot route is not sent: it stays in the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from celery import Celery
+from kombu.serialization import dumps
+from starlette.concurrency import run_in_threadpool
+
+from aura.db.outbox import Staged
+from aura.messaging.topology import WORK_EXCHANGE, work_queues
+
+if TYPE_CHECKING:
+    import aio_pika
+
+__all__ = ["AmqpSender", "CelerySender", "Sender", "sender_for"]
+
+_CONFIRM_TIMEOUT = 30.0
+
+
+class Sender(Protocol):
+    """Publishes messages; returns the ids the broker confirmed and the first failure."""
+
+    async def send(
+        self, messages: Sequence[Staged], *, deadline: float | None = None
+    ) -> tuple[list[str], BaseException | None]: ...
+
+    async def close(self) -> None: ...
+
+
+def sender_for(publisher: Any) -> Sender:
+    """``publisher`` if it is a sender, else Celery's ``send_task`` on it (a Celery app or
+    anything with its ``send_task``). ``AmqpSender`` is chosen explicitly by whoever
+    owns its connection (``aura gateway``), since it must be closed."""
+    if hasattr(publisher, "send") and not isinstance(publisher, Celery):
+        return publisher  # type: ignore[no-any-return]
+    return CelerySender(publisher)
+
+
+class CelerySender:
+    """``send_task`` in a worker thread, in order, until done, a failure or ``deadline``
+    (by ``clock``; at least one message is tried)."""
+
+    def __init__(self, publisher: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.publisher = publisher
+        self.clock = clock
+
+    async def send(
+        self, messages: Sequence[Staged], *, deadline: float | None = None
+    ) -> tuple[list[str], BaseException | None]:
+        return await run_in_threadpool(self._send, messages, deadline)
+
+    def _send(
+        self, messages: Sequence[Staged], deadline: float | None
+    ) -> tuple[list[str], BaseException | None]:
+        sent: list[str] = []
+        try:
+            for message in messages:
+                if sent and deadline is not None and self.clock() >= deadline:
+                    break  # the caller renews its claim before going on
+                self.publisher.send_task(
+                    message.task,
+                    args=message.args,
+                    kwargs=message.kwargs,
+                    task_id=message.message_id,
+                    queue=message.queue,
+                )
+                sent.append(message.message_id)
+        except Exception as exc:  # the broker's many failure types: all mean "not now"
+            return sent, exc
+        return sent, None
+
+    async def close(self) -> None:
+        return None
+
+
+class AmqpSender:
+    """Celery messages over aio-pika, each batch published at once and its confirms
+    awaited together. Connects on first use and again after a failure."""
+
+    def __init__(self, app: Celery, *, confirm_timeout: float = _CONFIRM_TIMEOUT) -> None:
+        self.app = app
+        self.url = _amqp_url(str(app.conf.broker_url))
+        self.confirm_timeout = confirm_timeout
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def _ready(self) -> aio_pika.abc.AbstractExchange:
+        import aio_pika
+
+        async with self._lock:  # one connect at a time; no publish is awaited under it
+            if self._exchange is not None and self._channel and not self._channel.is_closed:
+                return self._exchange
+            await self._drop()
+            connection = await aio_pika.connect(self.url, timeout=self.confirm_timeout)
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                exchange = await channel.declare_exchange(
+                    WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                for queue in work_queues():
+                    declared = await channel.declare_queue(
+                        queue.name, durable=True, arguments=getattr(queue, "queue_arguments", None)
+                    )
+                    await declared.bind(exchange, routing_key=queue.routing_key)
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection, self._channel, self._exchange = connection, channel, exchange
+            return exchange
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._exchange = self._connection, None, None
+        self._channel = None
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except Exception:  # already broken: nothing to give back
+                return
+
+    def _message(self, staged: Staged) -> aio_pika.Message:
+        import aio_pika
+
+        headers, properties, body, _ = self.app.amqp.as_task_v2(
+            staged.message_id,
+            staged.task,
+            args=staged.args,
+            kwargs=staged.kwargs,
+            ignore_result=None,  # as send_task leaves it: the task's own setting decides
+        )
+        content_type, encoding, data = dumps(body, serializer="json")
+        return aio_pika.Message(
+            body=data if isinstance(data, bytes) else data.encode(),
+            headers=headers,
+            content_type=content_type,
+            content_encoding=encoding,
+            correlation_id=properties["correlation_id"],
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=0,
+        )
+
+    async def send(
+        self, messages: Sequence[Staged], *, deadline: float | None = None
+    ) -> tuple[list[str], BaseException | None]:
+        if not messages:
+            return [], None
+        try:
+            exchange = await self._ready()
+        except Exception as exc:
+            return [], exc
+        results = await asyncio.gather(
+            *(
+                exchange.publish(
+                    self._message(m), routing_key=m.queue, timeout=self.confirm_timeout
+                )
+                for m in messages
+            ),
+            return_exceptions=True,
+        )
+        sent = [m.message_id for m, r in zip(messages, results, strict=True) if _confirmed(r)]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is None and len(sent) < len(messages):
+            failure = RuntimeError("the broker returned a message it could not route")
+        if failure is not None:
+            await self._drop()  # a broken channel is not reused
+        return sent, failure
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+
+def _confirmed(result: object) -> bool:
+    import aiormq.abc
+
+    return not isinstance(result, BaseException | aiormq.abc.DeliveredMessage)
+
+
+def _amqp_url(url: str) -> str:
+    """A kombu broker URL as aio-pika takes it (``pyamqp://`` is plain AMQP; kombu's
+    default vhost ``/`` is the path ``//``)."""
+    if url.startswith("pyamqp://"):
+        url = "amqp://" + url.removeprefix("pyamqp://")
+    return url
