@@ -10,13 +10,36 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from tests import services
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOP = ROOT / "examples" / "shop"
 EXTRAS_ONLY = ["fastapi", "uvicorn", "fakeredis", "aiosqlite"]
+
+
+@pytest.fixture(scope="module")
+async def shop_pg_url(pg_url: str) -> AsyncIterator[str]:
+    """A database of the shop's own beside this run's (its create_all must not pre-empt
+    the platform's migrations there), dropped at the end."""
+    name = f"{services.PG_TEST_DATABASE}_shop"
+    connection = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
+    connection = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
 
 
 def _shop_env(pg_url: str, redis_url: str, amqp_url: str) -> dict[str, str]:
@@ -46,14 +69,16 @@ def _run_shop_tests(python: str, env: dict[str, str]) -> None:
 
 
 @pytest.mark.services
-def test_the_example_project_passes_its_tests(pg_url: str, redis_url: str, amqp_url: str) -> None:
-    _run_shop_tests(sys.executable, _shop_env(pg_url, redis_url, amqp_url))
+def test_the_example_project_passes_its_tests(
+    shop_pg_url: str, redis_url: str, amqp_url: str
+) -> None:
+    _run_shop_tests(sys.executable, _shop_env(shop_pg_url, redis_url, amqp_url))
 
 
 @pytest.mark.services
 @pytest.mark.timeout(420)
 def test_the_core_wheel_alone_runs_the_example_project(
-    pg_url: str, redis_url: str, amqp_url: str, tmp_path: Path
+    shop_pg_url: str, redis_url: str, amqp_url: str, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     # Built from a clean copy: setuptools' build/ directory in the tree could carry stale
@@ -89,7 +114,7 @@ def test_the_core_wheel_alone_runs_the_example_project(
     probe = f"import importlib.util as u; print([m for m in {EXTRAS_ONLY!r} if u.find_spec(m)])"
     extras = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
     assert extras.stdout.strip() == "[]", f"the core install pulled extras: {extras.stdout}"
-    _run_shop_tests(python, _shop_env(pg_url, redis_url, amqp_url))
+    _run_shop_tests(python, _shop_env(shop_pg_url, redis_url, amqp_url))
     print(
         f"core wheel: built and installed in {installed:.0f} s, "
         f"all in {time.monotonic() - started:.0f} s"
