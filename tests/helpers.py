@@ -62,6 +62,7 @@ def start_celery_worker(
     """A real worker on both work queues (prefork, 2 children, unless told otherwise),
     logging to ``log``."""
     with log.open("wb") as output:
+        env = {"WORKER_METRICS_PORT": "0", **env}  # no endpoint unless the test asks for one
         return start_worker_process(app_module, env, output, pool=pool, concurrency=concurrency)
 
 

@@ -99,7 +99,13 @@ def test_each_layers_metrics_sit_in_its_row(dashboard: dict[str, Any]) -> None:
     prefixes = {
         "Database": ("database_", "sqlalchemy_"),
         "LLM": ("llm_", "aura_llm_"),
-        "Message processing": ("messages_", "celery_", "aura_task_", "aura_duplicate_"),
+        "Message processing": (
+            "messages_",
+            "celery_",
+            "aura_task_",
+            "aura_duplicate_",
+            "aura_dlq_",
+        ),
     }
     for title, panels in panels_by_row(dashboard).items():
         for panel in panels:

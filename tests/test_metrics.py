@@ -90,3 +90,14 @@ def test_label_values_come_from_fixed_sets() -> None:
     assert {r.value for r in DeadLetterReason} >= {"poison_pill", "max_retries_exceeded"}
     assert {q.value for q in Queue} == {"realtime_queue", "bulk_queue"}
     assert "network_error" in {r.value for r in RollbackReason}
+
+
+def test_the_dlq_depth_and_a_users_queue_depth_are_gauges() -> None:
+    from aura.events import DeadLetterDepthObserved
+
+    events.emit(DeadLetterDepthObserved(5))
+    events.emit(QueueDepthObserved("shop_orders", 3))
+    assert sample("aura_dlq_messages") == 5
+    assert sample("celery_tasks_pending", queue="shop_orders") == 3
+    events.emit(DeadLetterDepthObserved(0))
+    assert sample("aura_dlq_messages") == 0

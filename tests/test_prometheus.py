@@ -118,6 +118,7 @@ def endpoints(
         **env,
         "WORKER_METRICS_PORT": str(worker_port),
         "PROMETHEUS_MULTIPROC_DIR": str(logs),
+        "WORKER_QUEUE_POLL_INTERVAL": "0.5",
     }
     worker = start_celery_worker("aura.worker.tasks", worker_env, logs / "worker.log")
     with (logs / "gateway.log").open("wb") as output:
@@ -208,3 +209,34 @@ def test_a_real_prometheus_scrapes_every_seed_metric_from_gateway_and_worker(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_exports_the_dlqs_true_depth(endpoints: dict[str, str], amqp_url: str) -> None:
+    """aura_dlq_messages is read from the broker: letters written by anyone count."""
+    import asyncio
+    import uuid
+
+    from kombu.connection import Connection
+
+    from aura.messaging import route_to_dlq
+    from aura.messaging.topology import dead_letter_queue
+
+    with Connection(amqp_url) as connection:
+        for _ in range(2):
+            message_id = f"depth-{uuid.uuid4()}"
+            asyncio.run(route_to_dlq(message_id, "poison_pill", connection=connection, task="t"))
+
+    def in_broker() -> int:
+        with Connection(amqp_url) as connection:
+            declared = dead_letter_queue()(connection.default_channel).queue_declare(passive=True)
+        return int(declared.message_count)
+
+    def exported() -> float | None:
+        text = httpx.get(f"http://{endpoints['worker']}/metrics", timeout=2).text
+        found = re.search(r"^aura_dlq_messages(?:\{[^}]*\})? (\S+)$", text, re.M)
+        return float(found.group(1)) if found else None
+
+    # The broker's own count lags a publish a little (quorum queue statistics).
+    wait_for(lambda: in_broker() >= 2, within=30, interval=0.2)
+    wait_for(lambda: exported() == in_broker(), within=30, interval=0.2)

@@ -2,10 +2,10 @@
 
 Public surfaces live in the subpackages (``aura.config``, ``aura.errors``, ``aura.metrics``,
 ``aura.events``, ``aura.logs``; ``aura.db``, ``aura.llm``, ``aura.messaging`` as they land).
-Importing ``aura`` installs the Prometheus instrumentation hook.
+The Prometheus instrumentation hook (``aura.metrics``) is installed by the first event
+emitted (``aura.events.emit``) or when ``aura.metrics`` is imported, not by importing
+``aura``: the ``aura`` command's help loads neither prometheus_client nor structlog.
 """
-
-from aura import metrics as _metrics  # noqa: F401  (installs the Prometheus hook)
 
 __all__ = ["__version__"]
 __version__ = "0.1.0"

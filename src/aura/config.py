@@ -5,6 +5,9 @@ A service URL left unset means the embedded default: SQLite for ``DATABASE_URL``
 in-process Redis stand-in for ``REDIS_URL``, an in-process broker for
 ``CELERY_BROKER_URL`` and the bundled LLM simulator for ``LLM_BASE_URL``.
 
+A ``.env`` file in the working directory is read too (``AURA_ENV_FILE`` names another;
+``AURA_ENV_FILE=`` empty reads none); variables set in the environment win over it.
+
 ``load_settings()`` turns pydantic's report into one ``ConfigurationError`` line that
 names each bad variable and what it expects, with secrets never echoed.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -82,7 +86,13 @@ def _normalise_url(variable: str, value: str | None) -> str | None:
 class Settings(BaseSettings):
     """Aura's configuration, read from the environment (case-insensitive names)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        env_file=os.environ.get("AURA_ENV_FILE", ".env") or None,
+        env_file_encoding="utf-8",
+    )
 
     # Database resilience
     db_pool_size: PositiveInt = 50
@@ -135,7 +145,7 @@ class Settings(BaseSettings):
     llm_rate_limit_recovery: PositiveFloat = 60.0  # seconds from 0 back to the whole limit
     llm_rate_limit_latency: float = Field(default=0.0, ge=0)  # slower answers: 0 = ignored
     # Worker observability (not in the seed)
-    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)  # 0: no endpoint
     # How a worker process runs tasks (not in the seed): "async" holds up to
     # WORKER_CONCURRENCY async tasks at once on one event loop (aura.messaging.pool);
     # "prefork" runs one task per child process (Celery's default; for def tasks).
@@ -156,7 +166,8 @@ class Settings(BaseSettings):
     import_max_bytes: int = Field(default=1024**3, ge=1024, le=64 * 1024**3)
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    # auto: human lines when stderr is a terminal, JSON otherwise (pipes, files, services)
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -2,8 +2,9 @@
 
 Code that observes something (a rollback, a dead letter, a breaker opening) calls
 ``emit(event)``; hooks turn events into metrics, logs or test records. Prometheus is one
-hook (``aura.metrics.prometheus_hook``), installed by default. A failing hook is logged
-and never breaks the call it observes.
+hook (``aura.metrics.prometheus_hook``), installed by default: ``aura.metrics`` is
+imported by the first ``emit`` (or by whoever imports it first), so importing ``aura``
+stays cheap. A failing hook is logged and never breaks the call it observes.
 
 Label-like fields take values from the fixed sets below (``StrEnum``), so nothing
 unbounded -- message ids, tenant ids, exception text -- can become a metric label.
@@ -17,12 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
-import structlog
-
 __all__ = [
     "CircuitBreakerOpened",
     "CircuitState",
     "CircuitStateChanged",
+    "DeadLetterDepthObserved",
     "DeadLetterReason",
     "DuplicateDelivered",
     "DuplicateKind",
@@ -49,8 +49,6 @@ __all__ = [
     "remove_hook",
     "temporary_hook",
 ]
-
-_log = structlog.get_logger("aura.events")
 
 
 class RollbackReason(StrEnum):
@@ -190,8 +188,15 @@ class TaskTimedOut:
 
 @dataclass(frozen=True, slots=True)
 class QueueDepthObserved:
-    queue: Queue
+    queue: Queue | str  # a user's own queue name after aura.messaging.configure
     pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterDepthObserved:
+    """Messages in the DLQ, read from the broker (the truth, whoever wrote them)."""
+
+    messages: int
 
 
 Event = (
@@ -207,6 +212,7 @@ Event = (
     | TaskRetried
     | DuplicateDelivered
     | QueueDepthObserved
+    | DeadLetterDepthObserved
 )
 Hook = Callable[[Event], None]
 
@@ -243,8 +249,24 @@ def temporary_hook(hook: Hook) -> Iterator[Hook]:
 
 def emit(event: Event) -> None:
     """Hand ``event`` to every hook; a hook that raises is logged and skipped."""
+    if not _defaults_loaded:
+        _load_default_hooks()
     for hook in _hooks:
         try:
             hook(event)
         except Exception:  # a broken hook must never break the observed call
-            _log.exception("instrumentation hook failed", hook=repr(hook), observed=repr(event))
+            import structlog
+
+            structlog.get_logger("aura.events").exception(
+                "instrumentation hook failed", hook=repr(hook), observed=repr(event)
+            )
+
+
+_defaults_loaded = False
+
+
+def _load_default_hooks() -> None:
+    global _defaults_loaded
+    import aura.metrics  # noqa: F401  (adds prometheus_hook)
+
+    _defaults_loaded = True

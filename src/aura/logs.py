@@ -235,11 +235,14 @@ def _stringify_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> Ev
 
 def configure_logging(
     level: str = "INFO",
-    fmt: Literal["json", "console"] = "json",
+    fmt: Literal["auto", "json", "console"] = "json",
     *,
     stream: Any = None,
 ) -> None:
-    """Configure structlog and the standard library once; later calls only set the level."""
+    """Configure structlog and the standard library once; later calls only set the level.
+
+    ``fmt="auto"`` (LOG_FORMAT's default) writes human lines when ``stream`` (stderr) is a
+    terminal and one JSON object per line otherwise."""
     global _configured
     with _configure_lock:
         numeric = logging.getLevelNamesMapping()[level]
@@ -255,6 +258,10 @@ def configure_logging(
             _bound_processor,
             _redact_processor,
         ]
+        out = stream or sys.stderr
+        if fmt == "auto":
+            isatty = getattr(out, "isatty", None)
+            fmt = "console" if callable(isatty) and isatty() else "json"
         renderer: Processor = (
             structlog.processors.JSONRenderer()
             if fmt == "json"
@@ -270,7 +277,7 @@ def configure_logging(
             wrapper_class=structlog.stdlib.BoundLogger,
             cache_logger_on_first_use=True,
         )
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(out)
         handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=shared,
@@ -283,4 +290,7 @@ def configure_logging(
         root = logging.getLogger()
         root.handlers = [handler]
         root.setLevel(numeric)
+        # Alembic announces each of its plugins at INFO when first imported, which the
+        # CLI now does after logging is set up (commands import what they need lazily).
+        logging.getLogger("alembic.runtime.plugins").setLevel(max(numeric, logging.WARNING))
         _configured = True

@@ -8,7 +8,8 @@
     llm_api_request_duration_seconds{outcome}      histogram; outcome from ``LLMOutcome``
     messages_sent_to_dlq_total{reason}             reason: poison_pill | max_retries_exceeded
                                                    (and Aura's others: ``DeadLetterReason``)
-    celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue
+    celery_tasks_pending{queue}                    queue: realtime_queue | bulk_queue (or
+                                                   the queues given to messaging.configure)
 
 Not in the seed, named in its style:
 
@@ -28,6 +29,11 @@ Not in the seed, named in its style:
     aura_llm_rate_limit_rpm{limiter}               the requests per minute it applies now
     aura_llm_rate_limit_tpm{limiter}               ... and tokens per minute (configured x
                                                    the adaptive share)
+    aura_dlq_messages                              messages in the DLQ now, read from the
+                                                   broker by every worker's queue poller:
+                                                   the truth, where messages_sent_to_dlq_total
+                                                   counts what this process routed (0 in the
+                                                   gateway, which routes none)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -47,6 +53,7 @@ from aura.events import (
     CircuitBreakerOpened,
     CircuitState,
     CircuitStateChanged,
+    DeadLetterDepthObserved,
     DeadLetterReason,
     DuplicateDelivered,
     DuplicateKind,
@@ -69,6 +76,7 @@ from aura.events import (
 )
 
 __all__ = [
+    "AURA_DLQ_MESSAGES",
     "AURA_DUPLICATE_DELIVERIES",
     "CELERY_TASKS_PENDING",
     "CELERY_TASK_TIMEOUTS",
@@ -130,6 +138,11 @@ CELERY_TASKS_PENDING = Gauge(
     "celery_tasks_pending",
     "Messages waiting in a Celery queue.",
     ["queue"],
+    multiprocess_mode="mostrecent",
+)
+AURA_DLQ_MESSAGES = Gauge(
+    "aura_dlq_messages",
+    "Messages in the dead-letter queue now, read from the broker by the workers' poller.",
     multiprocess_mode="mostrecent",
 )
 
@@ -244,7 +257,9 @@ def prometheus_hook(event: Event) -> None:
         case TaskTimedOut(kind=timeout):
             CELERY_TASK_TIMEOUTS.labels(kind=timeout.value).inc()
         case QueueDepthObserved(queue=queue, pending=pending):
-            CELERY_TASKS_PENDING.labels(queue=queue.value).set(pending)
+            CELERY_TASKS_PENDING.labels(queue=str(queue)).set(pending)
+        case DeadLetterDepthObserved(messages=messages):
+            AURA_DLQ_MESSAGES.set(messages)
 
 
 def exposition_registry() -> CollectorRegistry:

@@ -8,8 +8,6 @@ import sys
 from types import FrameType
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from aura.cli import app
 from aura.errors import InvalidInputError
@@ -35,6 +33,9 @@ def chaos_command(
     """Each scenario: a bounded load with one real fault on the run's own database, vhost
     and Redis, then heal, drain and an accounting of every message. Exit code 1 when any
     scenario fails (a message lost, stranded, doubled, or its fate unexpected)."""
+    from rich.console import Console
+    from rich.table import Table
+
     from aura.chaos import SCENARIOS, run_scenario
 
     if list_them:

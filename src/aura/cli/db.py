@@ -7,14 +7,15 @@ import asyncio
 import typer
 
 from aura.cli import app
-from aura.config import get_settings, mask_url
-from aura.db import Database, current_revision, database_url, upgrade
 
 db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 
 async def _upgrade() -> str | None:
+    from aura.config import get_settings
+    from aura.db import Database, current_revision, upgrade
+
     database = Database.from_settings(get_settings())
     try:
         await upgrade(database)
@@ -26,5 +27,8 @@ async def _upgrade() -> str | None:
 @db_app.command("upgrade")
 def upgrade_command() -> None:
     """Apply every migration to DATABASE_URL (or the embedded SQLite file)."""
+    from aura.config import get_settings, mask_url
+    from aura.db import database_url
+
     revision = asyncio.run(_upgrade())
     typer.echo(f"database {mask_url(database_url(get_settings()))} is at revision {revision}")

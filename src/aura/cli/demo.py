@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from aura.cli import app
-from aura.demo import DemoOptions, DemoReport, run_demo
-from aura.demo.report import Tally
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from aura.demo import DemoReport
+    from aura.demo.report import Tally
 
 
 @app.command("demo")
@@ -29,6 +31,17 @@ def demo_command(
     ),
 ) -> None:
     """Import a sample catalog through the gateway, worker and LLM simulator; report."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from aura.demo import DemoOptions, run_demo
+
     console = Console(stderr=as_json)
     progress = Progress(
         TextColumn("{task.description:<10}"),
@@ -64,6 +77,8 @@ def demo_command(
 
 
 def _print(console: Console, report: DemoReport) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Aura demo ({report.mode}, faults: {report.faults})", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")

@@ -13,21 +13,20 @@ import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
-from kombu.connection import Connection
-from rich.console import Console
-from rich.table import Table
 
 from aura.cli import app
-from aura.config import get_settings
+from aura.cli.names import DEFER_PREFIX, DLQ_MAX_SCAN, RETRY_PREFIX
+from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 from aura.errors import ConfigurationError, InvalidInputError
 from aura.events import DeadLetterReason
-from aura.logs import bounded_text, redact
-from aura.messaging.dlq import MAX_SCAN, DeadLetter, DeadLetterQueue, purge, replay
-from aura.messaging.retry import RetryTracker
-from aura.messaging.task import DEFER_PREFIX
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+
+if TYPE_CHECKING:
+    from aura.messaging.dlq import DeadLetter, DeadLetterQueue
+
+MAX_SCAN = DLQ_MAX_SCAN
 
 dlq_app = typer.Typer(
     help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True
@@ -54,6 +53,11 @@ def _check_scan(scan: int) -> int:
 
 @contextmanager
 def _reader() -> Iterator[DeadLetterQueue]:
+    from kombu.connection import Connection
+
+    from aura.config import get_settings
+    from aura.messaging.dlq import DeadLetterQueue
+
     settings = get_settings()
     if settings.celery_broker_url is None or settings.celery_broker_url.startswith("memory"):
         raise ConfigurationError(
@@ -72,6 +76,8 @@ _MAX_SHOWN_BODY = 64 * 1024
 def _row(letter: DeadLetter) -> dict[str, object]:
     """A letter as JSON; a malformed original's body redacted and cut to 64 KiB (the DLQ
     keeps it whole)."""
+    from aura.logs import bounded_text, redact
+
     row = letter.model_dump(mode="json")
     original = row.get("original")
     if isinstance(original, dict) and isinstance(original.get("body"), str):
@@ -90,6 +96,9 @@ def ls_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """List dead letters, newest last (filters combine)."""
+    from rich.console import Console
+    from rich.table import Table
+
     with _reader() as reader:
         letters = reader.list(
             reason=_check_reason(reason),
@@ -129,6 +138,9 @@ def show_command(letter_id: str = typer.Argument(..., help="The dead letter's id
 
 
 def _reset_budgets(message_ids: list[str]) -> None:
+    from aura.config import get_settings
+    from aura.messaging.retry import RetryTracker
+
     redis_url = get_settings().redis_url
     if redis_url is None:
         return  # embedded: the stand-in lives in the worker's process
@@ -138,7 +150,7 @@ def _reset_budgets(message_ids: list[str]) -> None:
 
         redis = Redis.from_url(redis_url)
         try:
-            for prefix in ("retry_count:", DEFER_PREFIX):
+            for prefix in (RETRY_PREFIX, DEFER_PREFIX):
                 tracker = RetryTracker(redis, prefix=prefix)
                 for message_id in message_ids:
                     await tracker.reset(message_id)
@@ -157,6 +169,7 @@ def replay_command(
     """Send dead letters back to their original queue with a fresh retry budget."""
     if (letter_id is None) == (reason is None):
         raise InvalidInputError("give either a dead letter id or --reason, not both", field="id")
+    from aura.messaging.dlq import replay
     from aura.worker.celery_app import celery_app
 
     def send(letter: DeadLetter) -> None:
@@ -186,6 +199,8 @@ def purge_command(
     scan: int = typer.Option(10_000, help=f"Inspect at most this many entries (<= {MAX_SCAN})."),
 ) -> None:
     """Remove dead letters with one reason (asks first); all others stay."""
+    from aura.messaging.dlq import purge
+
     _check_reason(reason)
     if not yes:
         typer.confirm(f"Remove every dead letter with reason {reason!r}?", abort=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 import typer
 
 from aura.cli import app
 from aura.errors import InvalidInputError
-from aura.llm import Faults, LLMSimulator
+
+if TYPE_CHECKING:
+    from aura.llm import LLMSimulator
 
 
 def _rate(name: str, value: float) -> float:
@@ -26,9 +29,9 @@ def llm_sim_command(
     jitter: float = typer.Option(0.0, min=0, help="Plus a random 0..JITTER seconds."),
     error_rate: float = typer.Option(0.0, help="Share answered 500/503/429."),
     hang_rate: float = typer.Option(0.0, help="Share held for --hang-seconds first."),
-    hang_seconds: float = typer.Option(30.0, min=0),
+    hang_seconds: float = typer.Option(30.0, min=0, help="How long a hung answer waits."),
     trickle_rate: float = typer.Option(0.0, help="Share sent one byte at a time."),
-    trickle_interval: float = typer.Option(0.5, min=0),
+    trickle_interval: float = typer.Option(0.5, min=0, help="Seconds between trickled bytes."),
     reset_rate: float = typer.Option(0.0, help="Share answered with a TCP reset."),
     malformed_rate: float = typer.Option(0.0, help="Share answered with a broken body."),
     outage: float = typer.Option(0.0, min=0, help="Start with an outage of this many seconds."),
@@ -36,6 +39,8 @@ def llm_sim_command(
     seed: int = typer.Option(0, help="Seed of the fault dice."),
 ) -> None:
     """Serve /v1/chat/completions with injected faults; /admin/* changes them live."""
+    from aura.llm import Faults, LLMSimulator
+
     faults = Faults(
         latency=latency,
         jitter=jitter,

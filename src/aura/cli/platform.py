@@ -8,11 +8,8 @@ from typing import Any
 import typer
 
 from aura.cli import app
-from aura.cli.failures import check_broker, check_database
-from aura.config import get_settings
-from aura.db import Database, upgrade
+from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 from aura.errors import ConfigurationError, InvalidInputError
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 
 tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
@@ -21,6 +18,8 @@ app.add_typer(tenant_app, name="tenant")
 @tenant_app.command("create")
 def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name.")) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    from aura.config import get_settings
+    from aura.db import Database, upgrade
     from aura.gateway.auth import create_tenant_with_key
 
     async def create() -> tuple[str, str]:
@@ -42,13 +41,15 @@ def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name
 @app.command("gateway")
 def gateway_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, min=1, max=65535),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
 ) -> None:
-    """Serve the API gateway (uvicorn). Needs RabbitMQ (CELERY_BROKER_URL) and its workers:
-    without one, imports would wait on an in-process broker no worker can reach (``aura
-    demo`` runs the embedded gateway with its own worker)."""
+    """Serve the API gateway (uvicorn). Needs RabbitMQ (CELERY_BROKER_URL) and workers on
+    it: without them, imports would wait on an in-process broker no worker can reach.
+    `aura demo` runs an embedded gateway with its own worker."""
     import uvicorn
 
+    from aura.cli.failures import check_broker, check_database
+    from aura.config import get_settings
     from aura.gateway import create_app
 
     settings = get_settings()
@@ -91,6 +92,8 @@ def worker_command(
         raise InvalidInputError(
             f"--queues takes {REALTIME_QUEUE} and/or {BULK_QUEUE}, got {queues!r}", field="queues"
         )
+    from aura.config import get_settings
+
     settings = get_settings()
     if settings.celery_broker_url is None:
         raise ConfigurationError("CELERY_BROKER_URL must be set to run a worker")
@@ -158,7 +161,9 @@ def outbox_relay(
     OUTBOX_RELAY_INTERVAL seconds) and print how many messages were sent and are left."""
     from sqlalchemy import func, select
 
-    from aura.db import OutboxMessage
+    from aura.cli.failures import check_broker
+    from aura.config import get_settings
+    from aura.db import Database, OutboxMessage
     from aura.gateway.outbox import relay_once
     from aura.worker.celery_app import make_celery_app
 

@@ -22,20 +22,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import redis
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from aura.cli import app
-from aura.config import get_settings
+from aura.cli.names import DEFER_PREFIX, RETRY_PREFIX
 from aura.errors import ConfigurationError, InvalidInputError, NotFoundError
 from aura.events import CircuitState
-from aura.llm.breaker import REGISTRY_KEY, BreakerRecord
-from aura.message_id import validate_message_id
-from aura.messaging.retry import KEY_PREFIX
-from aura.messaging.task import DEFER_PREFIX
+
+if TYPE_CHECKING:
+    import redis
+
+    from aura.llm.breaker import BreakerRecord
 
 breaker_app = typer.Typer(help="The LLM circuit breakers' shared state.", no_args_is_help=True)
 retries_app = typer.Typer(help="Retry and deferral counts per message.", no_args_is_help=True)
@@ -43,13 +42,17 @@ app.add_typer(breaker_app, name="breaker")
 app.add_typer(retries_app, name="retries")
 
 BREAKER_PREFIX = "aura:circuit_breaker:"
-_KINDS = {"retry": KEY_PREFIX, "defer": DEFER_PREFIX}
+_KINDS = {"retry": RETRY_PREFIX, "defer": DEFER_PREFIX}
 _LIMIT_MAX = 10_000
 _SCAN_MAX = 1_000_000
 
 
 @contextmanager
 def _redis() -> Iterator[redis.Redis]:
+    import redis
+
+    from aura.config import get_settings
+
     url = get_settings().redis_url
     if url is None:
         raise ConfigurationError("REDIS_URL must be set: the shared state lives in Redis")
@@ -126,6 +129,11 @@ def breaker_status(
     scan: int = typer.Option(100_000, help="Examine at most this many Redis keys."),
 ) -> None:
     """Every circuit breaker's fleet-wide state, as the workers share it in Redis."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from aura.llm.breaker import REGISTRY_KEY, BreakerRecord
+
     _check_bounds(limit, scan)
     with _redis() as client:
         # Breakers some process has used (REGISTRY_KEY; a breaker that never failed has no
@@ -167,7 +175,8 @@ def breaker_reset(name: str = typer.Argument(..., help="The breaker's name (see 
     """Force a breaker closed, fleet-wide; the next calls go to the provider."""
     from redis.asyncio import Redis
 
-    from aura.llm.breaker import CircuitBreaker
+    from aura.config import get_settings
+    from aura.llm.breaker import REGISTRY_KEY, CircuitBreaker
 
     with _redis() as client:
         known = client.exists(f"{BREAKER_PREFIX}{name}")
@@ -193,6 +202,9 @@ def retries_ls(
     as_json: bool = typer.Option(False, "--json", help="A JSON list."),
 ) -> None:
     """Messages with a count in Redis: failures being retried (or deferrals)."""
+    from rich.console import Console
+    from rich.table import Table
+
     if kind not in _KINDS:
         raise InvalidInputError(f"--kind must be retry or defer, got {kind!r}", field="kind")
     _check_bounds(limit, scan)
@@ -225,6 +237,8 @@ def retries_ls(
 @retries_app.command("show")
 def retries_show(message_id: str = typer.Argument(..., help="The task (message) id.")) -> None:
     """A message's failure and deferral counts, and when each expires."""
+    from aura.message_id import validate_message_id
+
     checked = validate_message_id(message_id)
     with _redis() as client:
         shown = {
@@ -240,6 +254,8 @@ def retries_show(message_id: str = typer.Argument(..., help="The task (message) 
 @retries_app.command("reset")
 def retries_reset(message_id: str = typer.Argument(..., help="The task (message) id.")) -> None:
     """Forget a message's failure and deferral counts: its next failure starts afresh."""
+    from aura.message_id import validate_message_id
+
     checked = validate_message_id(message_id)
     with _redis() as client:
         removed = int(client.delete(*(prefix + checked for prefix in _KINDS.values())))

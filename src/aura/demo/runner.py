@@ -325,6 +325,7 @@ class ImportRun:
             return
         self.metrics_dir.mkdir()
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        env.setdefault("WORKER_METRICS_PORT", "0")  # the demo reads the files, not a port
         log = self.log_path.open("ab")  # closed below
         process = start_worker_process(  # the async pool: many LLM calls in flight
             self.worker_module, env, log, concurrency=self.worker_concurrency, pool="async"

@@ -47,6 +47,7 @@ from starlette.routing import Route
 from aura import __version__
 from aura.catalog import ProductIn, parse_product
 from aura.config import Settings, get_settings
+from aura.contract import ENRICH_TASK, INGEST_TASK
 from aura.db import (
     Database,
     Enrichment,
@@ -95,6 +96,7 @@ from aura.gateway.guard import (
 )
 from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, OutboxPublisher, relay_forever, staging_lease
+from aura.gateway.request_context import RequestContext
 from aura.gateway.schemas import (
     ERROR_RESPONSES,
     Health,
@@ -120,8 +122,6 @@ __all__ = [
     "create_app",
 ]
 
-INGEST_TASK = "aura.ingest_product"
-ENRICH_TASK = "aura.enrich_product"
 _CENTS = Decimal("0.01")
 _PART = 1000  # import records written per statement
 _PUBLISHED_INLINE = 500  # an import this small is published from memory, in the request
@@ -261,8 +261,9 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     else:
         configured = settings or get_settings()
         limit, wait = configured.gateway_max_in_flight, configured.gateway_max_wait
-    # Outermost: wait or shed before anything else runs.
+    # Wait or shed before anything else runs.
     app.add_middleware(LoadShedder, limit=limit, max_wait=wait)
+    app.add_middleware(RequestContext)  # outermost: every line of a request has its id
     if gateway is not None:
         app.state.gateway = gateway
 
@@ -328,6 +329,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             raise _Unauthorized("invalid API key")
         if owner != tenant_id:
             raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id")
+        structlog.contextvars.bind_contextvars(tenant=str(tenant_id))  # this request's lines
         return gw
 
     @app.exception_handler(_Unauthorized)

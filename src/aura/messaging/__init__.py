@@ -8,14 +8,50 @@
     resilient_task       the Celery task decorator, for ``def`` and ``async def``
     GuardedConsumer      the envelope guard: malformed messages to the DLQ, never a crash
     Inbox                idempotency by message id and payload fingerprint
+    configure            put Aura's settings, queues and DLQ on your own Celery app
+
+Names are imported on first use (PEP 562), so importing one submodule (the topology,
+say) does not load them all: the ``aura`` command stays quick to start.
 """
 
-from aura.messaging.dlq import DeadLetter, DeadLetterQueue, route_to_dlq
-from aura.messaging.envelope import GuardedConsumer, check_envelope
-from aura.messaging.idempotency import Inbox, InboxEntry, delivery_fingerprint, message_fingerprint
-from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
-from aura.messaging.retry import RetryTracker
-from aura.messaging.task import backoff_delay, resilient_task
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aura.messaging.app import configure, configured_app, default_app
+    from aura.messaging.dlq import DeadLetter, DeadLetterQueue, route_to_dlq
+    from aura.messaging.envelope import GuardedConsumer, check_envelope
+    from aura.messaging.idempotency import (
+        Inbox,
+        InboxEntry,
+        delivery_fingerprint,
+        message_fingerprint,
+    )
+    from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
+    from aura.messaging.retry import RetryTracker
+    from aura.messaging.task import backoff_delay, resilient_task
+
+_WHERE = {
+    "configure": "app",
+    "configured_app": "app",
+    "default_app": "app",
+    "DeadLetter": "dlq",
+    "DeadLetterQueue": "dlq",
+    "route_to_dlq": "dlq",
+    "GuardedConsumer": "envelope",
+    "check_envelope": "envelope",
+    "Inbox": "idempotency",
+    "InboxEntry": "idempotency",
+    "delivery_fingerprint": "idempotency",
+    "message_fingerprint": "idempotency",
+    "DEFAULT_POISON_TYPES": "poison",
+    "PoisonPillDetector": "poison",
+    "RetryTracker": "retry",
+    "backoff_delay": "task",
+    "resilient_task": "task",
+}
 
 __all__ = [
     "DEFAULT_POISON_TYPES",
@@ -28,8 +64,24 @@ __all__ = [
     "RetryTracker",
     "backoff_delay",
     "check_envelope",
+    "configure",
+    "configured_app",
+    "default_app",
     "delivery_fingerprint",
     "message_fingerprint",
     "resilient_task",
     "route_to_dlq",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aura.messaging' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"aura.messaging.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -461,7 +462,7 @@ class DeadLetterQueue:
         tenant: str | None = None,
         limit: int = 50,
         scan: int = 10_000,
-    ) -> list[DeadLetter]:
+    ) -> builtins.list[DeadLetter]:  # builtins: "list" is this method inside the class
         """Matching dead letters, oldest first, one per message id and reason."""
         with self._session(scan) as held:
             found = [

@@ -204,7 +204,8 @@ def resilient_task(
         @functools.wraps(function)
         def run(self: Task, *args: Any, **kwargs: Any) -> Any:
             try:
-                return _deliver(self, function, is_async, bind, policy, args, kwargs)
+                with _log_context(self, policy, args, kwargs):
+                    return _deliver(self, function, is_async, bind, policy, args, kwargs)
             except HardTimeLimitExceeded:  # AsyncPool: as after prefork's kill at the hard
                 events.emit(TaskTimedOut(self.name, TimeoutKind.HARD))  # limit, the message
                 raise Reject("past the hard time limit", requeue=True) from None  # comes back
@@ -236,9 +237,32 @@ class _ResilientTask(Task):  # type: ignore[misc]
 
 
 def _default_app() -> Celery:
-    from aura.worker.celery_app import celery_app
+    from aura.messaging.app import default_app
 
-    return celery_app
+    return default_app()
+
+
+def _log_context(
+    task: Task, policy: _Policy, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> contextlib.AbstractContextManager[Any]:
+    """Every log line of this delivery carries its task, message id, tenant (when the
+    task has a ``tenant_id``), retry count and whether it is a redelivery (structlog
+    context variables: the async pool copies them into the task's coroutine)."""
+    request = task.request
+    fields: dict[str, Any] = {
+        "task": task.name,
+        "message_id": request.id,
+        "retries": request.retries or 0,
+    }
+    if (request.delivery_info or {}).get("redelivered"):
+        fields["redelivered"] = True
+    try:
+        tenant = policy.tenant_of(args, kwargs)
+    except Exception:  # a poison pill's arguments: no tenant to show
+        tenant = None
+    if tenant is not None:
+        fields["tenant"] = tenant
+    return structlog.contextvars.bound_contextvars(**fields)
 
 
 def _call_signature(function: Callable[..., Any], bind: bool) -> inspect.Signature:

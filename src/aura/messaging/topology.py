@@ -16,7 +16,11 @@ down, or a process that dies before it can count).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kombu.entity import Exchange, Queue
+
+from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 
 __all__ = [
     "BROKER_DELIVERY_LIMIT",
@@ -29,8 +33,6 @@ __all__ = [
     "work_queues",
 ]
 
-REALTIME_QUEUE = "realtime_queue"
-BULK_QUEUE = "bulk_queue"
 DEAD_LETTER_QUEUE = "aura.dlq"
 BROKER_DELIVERY_LIMIT = 10
 DEAD_LETTER_EXCHANGE = Exchange("aura.dlx", type="direct", durable=True)
@@ -49,9 +51,12 @@ def dead_letter_queue() -> Queue:
     )
 
 
-def work_queues(delivery_limit: int = BROKER_DELIVERY_LIMIT) -> list[Queue]:
-    """The two work queues; a message is dead-lettered after ``delivery_limit`` + 1
-    deliveries that were never acknowledged."""
+def work_queues(
+    delivery_limit: int = BROKER_DELIVERY_LIMIT,
+    names: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
+) -> list[Queue]:
+    """The work queues (the platform's two, or ``names``); a message is dead-lettered
+    after ``delivery_limit`` + 1 deliveries that were never acknowledged."""
     arguments = {
         "x-queue-type": "quorum",
         "x-delivery-limit": delivery_limit,
@@ -62,5 +67,5 @@ def work_queues(delivery_limit: int = BROKER_DELIVERY_LIMIT) -> list[Queue]:
     }
     return [
         Queue(name, WORK_EXCHANGE, routing_key=name, durable=True, queue_arguments=arguments)
-        for name in (REALTIME_QUEUE, BULK_QUEUE)
+        for name in names
     ]

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog import ProductIn, parse_record
 from aura.config import get_settings
+from aura.contract import ENRICH_TASK, INGEST_TASK
 from aura.db import (
     Database,
     DatabaseInbox,
@@ -48,10 +49,10 @@ from aura.db import (
 )
 from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.events import DeadLetterReason
-from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import ResilientLLMClient
 from aura.messaging import DeadLetter, delivery_fingerprint, resilient_task
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+from aura.worker.celery_app import celery_app
 
 __all__ = ["app", "enrich_product", "ingest_product"]
 
@@ -236,4 +237,4 @@ async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
         )
 
 
-app = ingest_product.app  # ``celery -A aura.worker.tasks worker`` finds the app here
+app = celery_app  # ``celery -A aura.worker.tasks worker`` finds the app here

@@ -1,0 +1,9 @@
+"""Key prefixes and bounds the commands show in their help, copied here so that building
+the help loads neither Redis nor kombu (``tests/test_cli_fast.py`` checks each copy
+against its source)."""
+
+from __future__ import annotations
+
+RETRY_PREFIX = "retry_count:"  # aura.messaging.retry.KEY_PREFIX
+DEFER_PREFIX = "defer_count:"  # aura.messaging.task.DEFER_PREFIX
+DLQ_MAX_SCAN = 100_000  # aura.messaging.dlq.MAX_SCAN

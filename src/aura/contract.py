@@ -1,0 +1,21 @@
+"""The platform's task contract: the names the gateway publishes to and the worker
+registers under. Owned by neither side (both import it), so the worker does not import
+the gateway and the gateway does not import the worker.
+
+    INGEST_TASK   aura.ingest_product   (tenant_id, record) on bulk_queue
+    ENRICH_TASK   aura.enrich_product   (tenant_id, product_id) on realtime_queue
+
+A name is part of every message already queued: renaming one strands those messages
+(the envelope guard dead-letters them as ``malformed_message``: unknown task).
+"""
+
+from __future__ import annotations
+
+__all__ = ["BULK_QUEUE", "ENRICH_TASK", "INGEST_TASK", "REALTIME_QUEUE"]
+
+INGEST_TASK = "aura.ingest_product"
+ENRICH_TASK = "aura.enrich_product"
+REALTIME_QUEUE = "realtime_queue"
+"""Interactive work (enrichment); also ``aura.messaging.configure``'s default queue."""
+BULK_QUEUE = "bulk_queue"
+"""Batch work (catalog imports)."""

@@ -1,0 +1,158 @@
+"""``configure(app)``: Aura's settings, queues and dead-letter topology on a Celery app.
+
+Your own app, with your own queue names::
+
+    from celery import Celery
+    from aura.messaging import configure, resilient_task
+
+    app = Celery("shop", broker="amqp://guest:guest@localhost//")
+    configure(app, queues=["orders", "emails"])
+
+    @resilient_task(queue="orders")
+    async def place_order(self, order_id: str) -> None: ...
+
+and ``celery -A shop worker -Q orders,emails``. What it sets (the seed's pattern 6 and
+what makes "nothing lost" true):
+
+    task_soft_time_limit       CELERY_TASK_SOFT_TIME_LIMIT (45 s): the task is asked to stop
+    task_time_limit            CELERY_TASK_HARD_TIME_LIMIT (60 s): its process is killed
+    worker_max_tasks_per_child CELERY_WORKER_MAX_TASKS_PER_CHILD (1000)
+    task_acks_late             ack after the task returns, so a crash redelivers
+    task_reject_on_worker_lost a killed child's message goes back to the queue ...
+    task_acks_on_failure_or_timeout=False  ... and so does one past the hard limit (Celery
+                               acks those by default: the message would be lost)
+    task_queues                your queues, as quorum queues with x-delivery-limit 10 (a
+                               constant: see aura.messaging.topology) dead-lettering into
+                               ``aura.dlq``, declared with the DLQ when a worker starts
+    worker_prefetch_multiplier 1: a worker holds one message per task slot, no more
+    worker_pool                WORKER_POOL: async (default; aura.messaging.pool.AsyncPool,
+                               WORKER_CONCURRENCY tasks in flight on one event loop, with
+                               per-task time limits) or prefork (one task per child)
+    JSON only                  no pickle crosses the broker
+    confirm_publish            every publish (tasks, retries, dead letters) is confirmed
+    worker_consumer            aura.messaging.envelope:GuardedConsumer: whatever arrives on
+                               a work queue ends in a task or the DLQ, never a crash
+    worker_cancel_long_running_tasks_on_connection_loss=False  a lost broker connection
+                               does not kill running tasks: they finish, their acks are
+                               lost, and the redelivered twin meets the inbox
+
+The broker URL is yours: ``configure`` sets it from CELERY_BROKER_URL only when the app
+has none. It also connects the worker's metrics endpoint (WORKER_METRICS_PORT) and the
+queue-depth poller (``aura.messaging.observability``), and makes the app the default
+of ``@resilient_task`` (the last app configured wins; ``resilient_task(app=...)`` picks
+another).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery, signals
+
+from aura.config import Settings, get_settings
+from aura.errors import ConfigurationError
+from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE, work_queues
+
+__all__ = ["ASYNC_POOL", "configure", "configured_app", "declare_topology", "default_app"]
+
+ASYNC_POOL = "aura.messaging.pool:AsyncPool"
+
+_default: Celery | None = None
+
+
+def configure(
+    app: Celery,
+    *,
+    queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
+    default_queue: str | None = None,
+    settings: Settings | None = None,
+    make_default: bool = True,
+) -> Celery:
+    """Put Aura's settings, ``queues`` and the DLQ topology on ``app``; return ``app``.
+
+    ``default_queue`` (the first of ``queues`` unless given) is where a task without a
+    ``queue`` goes. With ``make_default`` the app becomes ``@resilient_task``'s default.
+    Anything you set on ``app.conf`` afterwards wins over what this sets."""
+    global _default
+    settings = settings or get_settings()
+    names = list(dict.fromkeys(queues))
+    if not names:
+        raise ConfigurationError("configure(app, queues=...) needs at least one queue name")
+    default_queue = default_queue or names[0]
+    if default_queue not in names:
+        raise ConfigurationError(f"default_queue {default_queue!r} is not one of {names}")
+    if not app.conf.broker_url and settings.celery_broker_url:
+        app.conf.broker_url = settings.celery_broker_url
+    async_pool = settings.worker_pool == "async"
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_soft_time_limit=settings.celery_task_soft_time_limit,
+        task_time_limit=settings.celery_task_hard_time_limit,
+        worker_max_tasks_per_child=settings.celery_worker_max_tasks_per_child,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A failure or a hard timeout is rejected, not acked: the broker dead-letters it
+        # (or redelivers a killed one) instead of dropping it.
+        task_acks_on_failure_or_timeout=False,
+        worker_prefetch_multiplier=1,
+        worker_pool=ASYNC_POOL if async_pool else "prefork",
+        worker_concurrency=settings.worker_concurrency if async_pool else None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="aura.messaging.envelope:GuardedConsumer",
+        broker_transport_options={"confirm_publish": True},
+        broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_queues=work_queues(names=names),
+        task_default_queue=default_queue,
+        task_default_exchange=WORK_EXCHANGE.name,
+        task_default_exchange_type=WORK_EXCHANGE.type,
+        task_default_routing_key=default_queue,
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+    def declare_dead_letter_queue(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            declare_topology(app)
+
+    signals.worker_init.connect(declare_dead_letter_queue, weak=False)
+    # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
+    # Aura chose not to, on purpose (see the module doc).
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced", category=Warning)
+    from aura.messaging import observability
+
+    observability.install(app, settings)
+    if make_default:
+        _default = app
+    return app
+
+
+def declare_topology(app: Celery) -> None:
+    """Declare the DLQ and its exchange (workers declare only the queues they consume)."""
+    from aura.messaging.topology import dead_letter_queue
+
+    with app.connection_for_write() as connection:
+        dead_letter_queue()(connection.default_channel).declare()
+
+
+def configured_app() -> Celery | None:
+    """The app ``configure`` last made the default, if any."""
+    return _default
+
+
+def default_app() -> Celery:
+    """``@resilient_task``'s app when none is given: the last one ``configure``d."""
+    if _default is None:
+        raise ConfigurationError(
+            "no Celery app for @resilient_task: call aura.messaging.configure(app) before "
+            "the tasks are defined, or pass resilient_task(app=...)"
+        )
+    return _default

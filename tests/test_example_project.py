@@ -1,0 +1,121 @@
+"""The example project (``examples/shop``: a Celery app of its own using Aura as a
+library) passes its own tests on this run's real services: once in this environment, and
+once in a fresh virtualenv holding only the built wheel of Aura's core (no extras), which
+is how a new user meets it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests import services
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOP = ROOT / "examples" / "shop"
+EXTRAS_ONLY = ["fastapi", "uvicorn", "fakeredis", "aiosqlite"]
+
+
+@pytest.fixture(scope="module")
+async def shop_pg_url(pg_url: str) -> AsyncIterator[str]:
+    """A database of the shop's own beside this run's (its create_all must not pre-empt
+    the platform's migrations there), dropped at the end."""
+    name = f"{services.PG_TEST_DATABASE}_shop"
+    connection = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
+    connection = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+def _shop_env(pg_url: str, redis_url: str, amqp_url: str) -> dict[str, str]:
+    keep = {"PATH", "HOME", "LANG", "TMPDIR", "PIP_FIND_LINKS", "PIP_CERT"}
+    return {
+        **{k: v for k, v in os.environ.items() if k in keep},
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": amqp_url,
+        "PYTHONPATH": str(SHOP),
+        "WORKER_POOL": "async",
+    }
+
+
+def _run_shop_tests(python: str, env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [python, "-m", "pytest", "-q", "-x"],
+        cwd=SHOP,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "3 passed" in done.stdout
+
+
+@pytest.mark.services
+def test_the_example_project_passes_its_tests(
+    shop_pg_url: str, redis_url: str, amqp_url: str
+) -> None:
+    _run_shop_tests(sys.executable, _shop_env(shop_pg_url, redis_url, amqp_url))
+
+
+@pytest.mark.services
+@pytest.mark.timeout(420)
+def test_the_core_wheel_alone_runs_the_example_project(
+    shop_pg_url: str, redis_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    # Built from a clean copy: setuptools' build/ directory in the tree could carry stale
+    # modules into the wheel, and two runs would share it.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "src", source / "src", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"),
+            *("-w", str(wheels), str(source)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = wheels.glob("aura_platform-*.whl")
+    venv = tmp_path / "venv"
+    uv = Path(sys.executable).with_name("uv")  # a dev dependency: seconds where pip took 60+
+    if uv.exists():
+        subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        install = [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
+    else:  # this environment's pip installs into the new one: no pip bootstrap there
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        install = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
+        install += ["install", "-q"]
+    python = str(venv / "bin" / "python")
+    subprocess.run([*install, str(wheel), "pytest"], check=True, capture_output=True, timeout=240)
+    installed = time.monotonic() - started
+    probe = f"import importlib.util as u; print([m for m in {EXTRAS_ONLY!r} if u.find_spec(m)])"
+    extras = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    assert extras.stdout.strip() == "[]", f"the core install pulled extras: {extras.stdout}"
+    _run_shop_tests(python, _shop_env(shop_pg_url, redis_url, amqp_url))
+    print(
+        f"core wheel: built and installed in {installed:.0f} s, "
+        f"all in {time.monotonic() - started:.0f} s"
+    )
