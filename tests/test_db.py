@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from aura.catalog import parse_product
@@ -338,7 +338,9 @@ async def test_a_product_with_its_message_is_written_whole_or_not_at_all(
     tenant_id = await new_tenant(database)
 
     def message(product_id: uuid.UUID) -> Staged:
-        return Staged(f"enrich-{product_id}", tenant_id, "aura.enrich_product", "q", ["a"], {})
+        return Staged(
+            f"enrich-{product_id}", tenant_id, "aura.enrich_product", "realtime_queue", ["a"], {}
+        )
 
     async def outbox_rows() -> int:
         async with database.session() as session:
@@ -372,3 +374,6 @@ async def test_a_product_with_its_message_is_written_whole_or_not_at_all(
     assert metric("database_transaction_rollbacks_total", reason="invalid_input") == before + 2
     assert await count_products(database, tenant_id) == (1, 2)  # nothing of either
     assert await outbox_rows() == 1
+    async with database.session() as session:  # no other test's relay may send it
+        await session.execute(delete(OutboxMessage).where(OutboxMessage.tenant_id == tenant_id))
+        await session.commit()

@@ -20,6 +20,7 @@ before a worker has started. A message the broker refuses (nack: a full queue wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -115,8 +116,13 @@ class AmqpSender:
             if self._exchange is not None and self._channel and not self._channel.is_closed:
                 return self._exchange
             await self._drop()
-            connection = await aio_pika.connect(self.url, timeout=self.confirm_timeout)
+            from aio_pika.connection import make_url
+
+            # Not aio_pika.connect: a connection that fails to open is left for the garbage
+            # collector, whose __del__ schedules a close() no one awaits.
+            connection = aio_pika.Connection(make_url(self.url))
             try:
+                await connection.connect(timeout=self.confirm_timeout)
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await channel.declare_exchange(
                     WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
@@ -127,7 +133,8 @@ class AmqpSender:
                     )
                     await declared.bind(exchange, routing_key=queue.routing_key)
             except BaseException:
-                await connection.close()
+                with contextlib.suppress(Exception):
+                    await connection.close()
                 raise
             self._connection, self._channel, self._exchange = connection, channel, exchange
             return exchange
