@@ -47,18 +47,23 @@ SCALED = {
     "reused-id": 10,
     "large-record": 4,
     "load": 60,
+    "partition-db": 20,
+    "partition-broker": 20,
+    "net-cut": 20,
+    "net-slow": 20,
+    "commit-cut": 20,
 }
 # ./test runs these (one per fault class the worker-level tests in test_delivery.py,
 # test_worker.py and test_async_pool.py do not already drive end to end); the rest run
 # with AURA_CHAOS_ALL=1 (``AURA_CHAOS_ALL=1 ./test -k chaos``) or ``aura chaos all``, so
 # the suite stays within its time budget on a 2-core machine.
-IN_SUITE = {"db-kill", "reused-id"}
+IN_SUITE = {"db-kill", "reused-id", "commit-cut"}
 KNOWN_FAILURES: dict[str, str] = {}
 
 
 def test_every_scenario_is_scaled_here() -> None:
     assert set(SCALED) == set(SCENARIOS)
-    assert len(SCENARIOS) == 14
+    assert len(SCENARIOS) == 19
 
 
 @pytest.mark.timeout(150)
@@ -155,6 +160,17 @@ def test_scenario_passes_on_the_real_stack(
         assert details["connections_closed"] == 4
     if name in ("redis-restart", "redis-down"):
         assert details["redis_down_s"] > 0
+    if name == "commit-cut":  # committed, the reply cut: the retry found its inbox row
+        assert details["commit_replies_cut"] == 5
+        assert metrics["network_rollbacks"] >= 5
+        assert metrics["duplicate_deliveries"] >= 5
+        assert counted["llm_extra"] <= 5
+    if name in ("partition-db", "partition-broker"):
+        assert details["held_chunks"] > 0
+    if name == "net-cut":
+        assert details["connections_reset"] > 0
+    if name == "net-slow":
+        assert details["delayed_chunks"] > 0
     if name in ("flaky-llm", "redis-down"):
         assert 0 < metrics["retries"] <= 8 * sent
 

@@ -28,10 +28,11 @@ from kombu.connection import Connection
 from prometheus_client import CollectorRegistry
 
 from aura.chaos.accounting import Accounting, Sent, account, read_broker
+from aura.chaos.proxy import FaultProxy, NetworkProxies, proxied_url
 from aura.chaos.resources import OwnedStack
 from aura.chaos.supervisor import WorkerSupervisor
 from aura.db import Database, upgrade
-from aura.demo.report import Tally, tally
+from aura.demo.report import Tally, _percentile, tally
 from aura.demo.runner import ImportRun, _metric_total
 from aura.gateway.app import ENRICH_TASK
 from aura.llm import Faults, LLMSimulator
@@ -58,6 +59,10 @@ class ChaosRun(ImportRun):
     worker_pool: ClassVar[str] = "async"
     worker_slots: ClassVar[int] = 20
     stall_s: ClassVar[float] = 90.0
+    # Services the worker reaches through a proxy the run owns (``aura.chaos.proxy``):
+    # any of postgres, rabbitmq, redis, llm. The gateway and the run's own bookkeeping
+    # stay direct: the faults are between the worker and the services.
+    proxied: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -67,6 +72,8 @@ class ChaosRun(ImportRun):
         log_path: Path,
         stack: OwnedStack,
         seed: int,
+        *,
+        concurrency: int | None = None,
     ) -> None:
         super().__init__(
             records,
@@ -85,6 +92,11 @@ class ChaosRun(ImportRun):
         self.supervisor: WorkerSupervisor | None = None
         self.metric_dirs: list[Path] = []
         self.letters_seen: list[DeadLetter] = []
+        default_slots = self.worker_slots if self.worker_pool == "async" else 2
+        self.concurrency = concurrency or default_slots
+        self.network: NetworkProxies | None = None
+        self.proxies: dict[str, FaultProxy] = {}
+        self._worker_urls: dict[str, str] = {}
 
     @classmethod
     def make_records(cls, products: int, rng: random.Random) -> list[str]:
@@ -127,12 +139,38 @@ class ChaosRun(ImportRun):
         directory = self.metrics_dir / f"launch-{len(self.metric_dirs)}"
         directory.mkdir(parents=True)
         self.metric_dirs.append(directory)
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        env = {**os.environ, **self._worker_urls, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
         with self.log_path.open("ab") as log:
-            slots = self.worker_slots if self.worker_pool == "async" else 2
             return start_worker_process(
-                self.worker_module, env, log, concurrency=slots, pool=self.worker_pool
+                self.worker_module, env, log, concurrency=self.concurrency, pool=self.worker_pool
             )
+
+    def _start_proxies(self) -> None:
+        """The worker's proxies (``proxied``): its URLs for those services point at them."""
+        if not self.proxied:
+            return
+        self.network = NetworkProxies().__enter__()
+        services = {
+            "postgres": ("DATABASE_URL", self.stack.database_url),
+            "rabbitmq": ("CELERY_BROKER_URL", self.stack.broker_url),
+            "redis": ("REDIS_URL", self.stack.redis_url),
+            "llm": ("LLM_BASE_URL", self.simulator.base_url),
+        }
+        for service in self.proxied:
+            variable, url = services[service]
+            proxy = self.network.add(service, url, postgres=service == "postgres")
+            self.proxies[service] = proxy
+            self._worker_urls[variable] = proxied_url(url, proxy.port)
+
+    def _stop_proxies(self) -> None:
+        if self.network is None:
+            return
+        self.details["network"] = {
+            name: {key: value for key, value in vars(proxy.stats).items() if value}
+            for name, proxy in self.proxies.items()
+        }
+        self.network.__exit__(None, None, None)
+        self.network = None
 
     async def run_and_count(self) -> tuple[Accounting, dict[str, int]]:
         import httpx
@@ -152,6 +190,7 @@ class ChaosRun(ImportRun):
             self.tenant_id = tenant.id
             self.publisher = make_celery_app(self.settings)
             await self.before_load()
+            self._start_proxies()
             self.supervisor = WorkerSupervisor(self._launch)
             self.supervisor.start()
             started = time.monotonic()
@@ -176,7 +215,10 @@ class ChaosRun(ImportRun):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
                 await asyncio.to_thread(self.supervisor.stop)
-            self.details["elapsed_s"] = round(time.monotonic() - started, 2)
+                self._stop_proxies()
+            elapsed = time.monotonic() - started
+            self.details["elapsed_s"] = round(elapsed, 2)
+            await self._performance(database, elapsed)
             self.details["worker_restarts"] = self.supervisor.restarts
             self.details["worker_exit_codes"] = self.supervisor.exit_codes[:10]
             await self.before_count(database)
@@ -194,6 +236,26 @@ class ChaosRun(ImportRun):
             return accounting, self._metrics()
         finally:
             await database.dispose()
+
+    async def _performance(self, database: Database, elapsed: float) -> None:
+        """Throughput, latency (a record's import to its enrichment's commit) and the
+        worker's CPU per record, into ``details``."""
+        assert self.tenant_id is not None
+        assert self.supervisor is not None
+        async with database.session() as session:
+            counts = await tally(session, self.tenant_id, self.import_ids, latencies=True)
+        latencies = sorted(counts.latencies_s)
+        self.details["records_per_s"] = round(counts.enriched / elapsed, 1) if elapsed else 0.0
+        self.details["latency_p50_s"] = round(_percentile(latencies, 50), 3)
+        self.details["latency_p99_s"] = round(_percentile(latencies, 99), 3)
+        cpu = self.supervisor.cpu_s
+        self.details["worker_cpu_s"] = round(cpu, 2)
+        self.details["worker_cpu_ms_per_record"] = (
+            round(1000 * cpu / counts.enriched, 2) if counts.enriched else None
+        )
+        self.details["llm_latency_s"] = self.simulator.faults.latency
+        self.details["concurrency"] = self.concurrency
+        self.details["worker_pool"] = self.worker_pool
 
     async def _tally(self, database: Database) -> Tally:
         assert self.tenant_id is not None

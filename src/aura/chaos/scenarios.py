@@ -41,7 +41,7 @@ from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE
 
-__all__ = ["SCENARIOS", "ChaosResult", "run_scenario"]
+__all__ = ["SCENARIOS", "ChaosResult", "chaos_report", "run_scenario"]
 
 # Scaled for runs of tens of seconds; the seed's values stay the defaults elsewhere.
 BASE_ENVIRONMENT = {
@@ -70,6 +70,38 @@ class ChaosResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def performance(self) -> dict[str, Any]:
+        """Throughput, latency, the worker's CPU per record, and the knobs they ran with."""
+        keys = (
+            "elapsed_s", "records_per_s", "latency_p50_s", "latency_p99_s", "worker_cpu_s",
+            "worker_cpu_ms_per_record", "llm_latency_s", "concurrency", "worker_pool",
+        )  # fmt: skip
+        return {key: self.details.get(key) for key in keys}
+
+
+def chaos_report(results: list[ChaosResult], elapsed_s: float) -> dict[str, Any]:
+    """``aura chaos all --json``: every scenario's accounting and performance, and a verdict."""
+    return {
+        "passed": all(result.passed for result in results),
+        "elapsed_s": round(elapsed_s, 1),
+        "scenarios": len(results),
+        "failed": [result.scenario for result in results if not result.passed],
+        "results": [
+            {
+                "scenario": result.scenario,
+                "passed": result.passed,
+                "seed": result.seed,
+                "sent": result.sent,
+                "failures": result.failures,
+                "accounting": result.accounting,
+                "performance": result.performance(),
+                "metrics": result.metrics,
+                "details": result.details,
+            }
+            for result in results
+        ],
+    }
 
 
 def valid_records(count: int) -> list[str]:
@@ -563,6 +595,138 @@ class Load(ChaosRun):
         return _all_committed(accounting, self.records) + _extra_calls(accounting)
 
 
+# 15-19: the network, through the run's own TCP proxies (``aura.chaos.proxy``) -----------
+class _NetworkFault(ChaosRun):
+    """The worker reaches ``proxied`` through the run's proxies; ``heal`` restores them."""
+
+    proxied: ClassVar[tuple[str, ...]] = ("postgres", "rabbitmq", "redis", "llm")
+    faults = Faults(latency=0.05)  # tasks in flight when the network breaks
+    environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
+
+    async def heal(self) -> None:
+        if self.network is not None:
+            await asyncio.to_thread(self.network.heal)
+
+    def stat(self, key: str) -> int:
+        """A proxy counter (``ProxyStats``), summed over the run's proxies."""
+        return sum(int(getattr(proxy.stats, key)) for proxy in self.proxies.values())
+
+
+class _Partition(_NetworkFault):
+    partitioned: ClassVar[str]
+    partition_s: ClassVar[float] = 10.0
+    expected_fates = (
+        "all committed once; the partition held the worker's traffic; extra LLM calls at "
+        "most one per timed-out or rolled-back task"
+    )
+
+    async def fault(self) -> None:
+        await asyncio.to_thread(self.proxies[self.partitioned].partition)
+        await asyncio.sleep(self.partition_s)
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        self.details["held_chunks"] = held = self.stat("held_chunks")
+        if not held:
+            failures.append("the partition held none of the worker's traffic")
+        # A task whose enrichment hung on the database past its soft limit calls again.
+        redone = metrics["soft_timeouts"] + metrics["network_rollbacks"]
+        return failures + _extra_calls(accounting, redone)
+
+
+class PartitionDatabase(_Partition):
+    name = "partition-db"
+    summary = "the worker partitioned from PostgreSQL for 10 s (packets held), then restored"
+    proxied = ("postgres",)
+    partitioned = "postgres"
+
+
+class PartitionBroker(_Partition):
+    name = "partition-broker"
+    summary = "the worker partitioned from RabbitMQ for 10 s (packets held), then restored"
+    proxied = ("rabbitmq",)
+    partitioned = "rabbitmq"
+
+
+class ConnectionsCut(_NetworkFault):
+    name = "net-cut"
+    summary = "every worker connection (PostgreSQL, RabbitMQ, Redis, LLM) reset, 3 times"
+    expected_fates = (
+        "all committed once; connections reset > 0; extra LLM calls at most one per reset "
+        "LLM connection or rolled-back task"
+    )
+    cuts = 3
+    refused_s = 2.0
+
+    async def fault(self) -> None:
+        for _ in range(self.cuts):
+            await asyncio.sleep(0.5 + self.rng.random())
+            for proxy in self.proxies.values():
+                await asyncio.to_thread(proxy.cut)
+            await asyncio.sleep(self.refused_s)
+            await self.heal()
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        self.details["connections_reset"] = reset = self.stat("reset")
+        if not reset:
+            failures.append("no open connection was reset")
+        # A reset LLM connection loses an answer the provider gave (and counted).
+        llm_reset = self.proxies["llm"].stats.reset
+        return failures + _extra_calls(accounting, llm_reset + metrics["network_rollbacks"])
+
+
+class SlowNetwork(_NetworkFault):
+    name = "net-slow"
+    summary = "200 ms added to every packet each way, 256 KB/s per direction, for 15 s"
+    expected_fates = (
+        "all committed once; delayed packets > 0; extra LLM calls at most one per soft timeout"
+    )
+    latency_s = 0.2
+    bandwidth = 256 * 1024
+    window_s = 15.0
+
+    async def fault(self) -> None:
+        for proxy in self.proxies.values():
+            await asyncio.to_thread(proxy.slow, self.latency_s, self.bandwidth)
+        await asyncio.sleep(self.window_s)
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        self.details["delayed_chunks"] = delayed = self.stat("delayed_chunks")
+        if not delayed:
+            failures.append("no packet was delayed")
+        return failures + _extra_calls(accounting, metrics["soft_timeouts"])
+
+
+class CommitReplyCut(_NetworkFault):
+    name = "commit-cut"
+    summary = "the connection cut between a COMMIT and its reply, 5 times (committed, unknown)"
+    expected_fates = (
+        "all committed once; each cut's retry finds its inbox row (duplicate delivery); "
+        "at most one extra LLM call per cut"
+    )
+    proxied = ("postgres",)
+    cuts = 5
+    window_s = 30.0
+
+    async def fault(self) -> None:
+        proxy = self.proxies["postgres"]
+        await asyncio.to_thread(proxy.cut_commit_replies, self.cuts)
+        until = time.monotonic() + self.window_s
+        while proxy.stats.commit_replies_cut < self.cuts and time.monotonic() < until:  # noqa: ASYNC110 - a counter on another thread's loop
+            await asyncio.sleep(0.1)
+
+    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
+        failures = _all_committed(accounting, self.records)
+        self.details["commit_replies_cut"] = cut = self.stat("commit_replies_cut")
+        if not cut:
+            failures.append("no COMMIT reply was cut")
+        if metrics["duplicate_deliveries"] == 0:
+            failures.append("no retry found its message committed: the cut went unseen")
+        return failures + _extra_calls(accounting, cut)
+
+
 SCENARIOS: dict[str, type[ChaosRun]] = {
     scenario.name: scenario
     for scenario in (
@@ -580,15 +744,27 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         ReusedMessageId,
         LargeRecord,
         Load,
+        PartitionDatabase,
+        PartitionBroker,
+        ConnectionsCut,
+        SlowNetwork,
+        CommitReplyCut,
     )
 }
 
 
 def run_scenario(
-    name: str | type[ChaosRun], *, products: int | None = None, seed: int | None = None
+    name: str | type[ChaosRun],
+    *,
+    products: int | None = None,
+    seed: int | None = None,
+    llm_latency: float | None = None,
+    concurrency: int | None = None,
 ) -> ChaosResult:
     """Run one scenario on its own stack, made on the servers DATABASE_URL and
-    CELERY_BROKER_URL name (a private redis-server stands for Redis)."""
+    CELERY_BROKER_URL name (a private redis-server stands for Redis). ``llm_latency``
+    replaces the scenario's simulated LLM latency; ``concurrency`` its worker's tasks in
+    flight (async pool) or processes (prefork)."""
     if isinstance(name, str) and name not in SCENARIOS:
         raise InvalidInputError(
             f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}", field="name"
@@ -608,7 +784,12 @@ def run_scenario(
             f"--products must be between 1 and {MAX_PRODUCTS}, got {count}", field="products"
         )
     seed = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
+    import dataclasses
     import random
+
+    faults = scenario.faults
+    if llm_latency is not None:
+        faults = dataclasses.replace(faults, latency=llm_latency)
 
     records = scenario.make_records(count, random.Random(seed))
     log_path = Path(".aura", f"chaos-{scenario.name}.log").resolve()
@@ -616,10 +797,10 @@ def run_scenario(
     with (
         tempfile.TemporaryDirectory(prefix=f"aura-chaos-{scenario.name}-") as scratch,
         _logs_to(log_path),
-        LLMSimulator(scenario.faults, seed=seed).running_in_thread() as simulator,
+        LLMSimulator(faults, seed=seed).running_in_thread() as simulator,
     ):
         return asyncio.run(
-            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings)
+            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings, concurrency)
         )
 
 
@@ -631,6 +812,7 @@ async def _run(
     log_path: Path,
     seed: int,
     settings: Any,
+    concurrency: int | None,
 ) -> ChaosResult:
     (scratch / "redis").mkdir()
     async with owned_stack(
@@ -645,7 +827,9 @@ async def _run(
             "REDIS_URL": stack.redis_url,
         }
         with _environment(environment):
-            run = scenario(records, simulator, scratch, log_path, stack, seed)
+            run = scenario(
+                records, simulator, scratch, log_path, stack, seed, concurrency=concurrency
+            )
             accounting, metrics = await run.run_and_count()
             failures = [f"drain: {run.details['drain']}"] if "drain" in run.details else []
             failures += accounting.failures() + run.expect(accounting, metrics)
