@@ -35,6 +35,7 @@ by a marker its body carries.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ from aura.messaging.topology import DEAD_LETTER_QUEUE
 __all__ = ["Accounting", "BrokerView", "Sent", "account", "read_broker"]
 
 _SCAN = 100_000
+_SETTLE_S = 90.0  # the longest a delayed retry waits (Celery's levels), and slack
 _SAMPLE = 5
 _CONFLICT = DeadLetterReason.CONFLICTING_MESSAGE_ID.value
 
@@ -87,7 +89,41 @@ class BrokerView:
 
 def read_broker(broker_url: str, vhost: str) -> BrokerView:
     """Browse every queue of ``vhost`` (messages are read, never taken: closing the
-    channel puts them back) and read the DLQ."""
+    channel puts them back) and read the DLQ.
+
+    With the worker stopped nothing consumes, but a delayed message still moves: RabbitMQ
+    dead-letters it from one ``celery_delayed_N`` level to the next as each TTL runs out
+    (and at last to its work queue), and a message in transit is in no queue's count
+    (quorum queues' at-least-once dead-lettering: seen here to take seconds under load).
+    A queue-by-queue browse can miss it, and call it lost when it was not. So the vhost
+    is browsed, a second apart, until the delayed queues are empty and two passes in a
+    row find the same messages (bounded by ``_SETTLE_S``): the last pass is the view
+    (copies of one message in it all count), plus any message an earlier pass saw that
+    the last one did not."""
+    earlier: dict[tuple[str, bytes], Queued] = {}
+    previous: set[tuple[str, bytes]] | None = None
+    depths: dict[str, int] = {}
+    found: list[Queued] = []
+    deadline = time.monotonic() + _SETTLE_S
+    with Connection(broker_url, connect_timeout=10) as connection:
+        while True:
+            if found:
+                earlier.update(((q.message_id, q.body), q) for q in found)
+            depths, found = _browse(connection, vhost)
+            keys = {(q.message_id, q.body) for q in found}
+            delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
+            if (keys == previous and not delayed) or time.monotonic() > deadline:
+                break
+            previous = keys
+            time.sleep(1.0)
+        letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
+    last = {(q.message_id, q.body) for q in found}
+    in_transit = [q for key, q in earlier.items() if key not in last]
+    return BrokerView(found + in_transit, letters, depths)
+
+
+def _browse(connection: Connection, vhost: str) -> tuple[dict[str, int], list[Queued]]:
+    """One pass: every queue's depth, and the messages of those that hold any."""
     listing = run_tool(
         "rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "--quiet",
         "--no-table-headers",
@@ -98,24 +134,22 @@ def read_broker(broker_url: str, vhost: str) -> BrokerView:
         if len(parts) == 2 and parts[1].isdigit()
     }
     queued: list[Queued] = []
-    with Connection(broker_url, connect_timeout=10) as connection:
-        for name, depth in sorted(depths.items()):
-            if name == DEAD_LETTER_QUEUE or depth == 0:
-                continue
-            channel = connection.channel()
-            try:
-                queue = Queue(name, no_declare=True)(channel)
-                for _ in range(min(depth, _SCAN)):
-                    message = queue.get(no_ack=False)
-                    if message is None:
-                        break
-                    headers = message.headers if isinstance(message.headers, dict) else {}
-                    body = message.body if isinstance(message.body, bytes) else b""
-                    queued.append(Queued(name, str(headers.get("id", "")), body))
-            finally:
-                channel.close()  # what was read goes back to its queue
-        letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
-    return BrokerView(queued, letters, depths)
+    for name, depth in sorted(depths.items()):
+        if name == DEAD_LETTER_QUEUE or depth == 0:
+            continue
+        channel = connection.channel()
+        try:
+            queue = Queue(name, no_declare=True)(channel)
+            for _ in range(min(depth, _SCAN)):
+                message = queue.get(no_ack=False)
+                if message is None:
+                    break
+                headers = message.headers if isinstance(message.headers, dict) else {}
+                body = message.body if isinstance(message.body, bytes) else b""
+                queued.append(Queued(name, str(headers.get("id", "")), body))
+        finally:
+            channel.close()  # what was read goes back to its queue
+    return depths, queued
 
 
 @dataclass
