@@ -244,3 +244,44 @@ def test_the_accounting_reports_a_lost_message_and_a_doubled_effect(
     assert counted["committed_once"] == 12  # the rest is untouched and counted
     assert any(failure.startswith("lost 1") for failure in result.failures)
     assert any(failure.startswith("duplicated 1") for failure in result.failures)
+
+
+class _DatabaseUnreachable(ChaosRun):
+    """The worker's PostgreSQL connections reset for the whole run: every message is
+    retried (through Celery's delayed-delivery queues) until the drain stalls."""
+
+    name = "database-unreachable"
+    summary = "test only"
+    faults = ChaosRun.faults
+    proxied: ClassVar[tuple[str, ...]] = ("postgres",)
+    environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
+    stall_s = 20.0
+
+    def _start_proxies(self) -> None:
+        super()._start_proxies()
+        self.proxies["postgres"].cut()
+
+
+@pytest.mark.skipif(
+    os.environ.get("AURA_CHAOS_ALL") != "1", reason="AURA_CHAOS_ALL=1 runs it (time budget)"
+)
+@pytest.mark.timeout(300)
+def test_a_message_in_transit_between_delayed_queues_is_stranded_not_lost(
+    pg_url: str, amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries in flight between ``celery_delayed_N`` levels are in no queue's count for a
+    while; the accounting waits for them to land (it once reported them lost), and its
+    reading never pushes a message into the DLQ (a browse raises a quorum queue's
+    delivery count)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", amqp_url)
+    result = run_scenario(_DatabaseUnreachable, products=20, seed=14)
+    counted = result.accounting
+    assert not result.passed
+    assert result.metrics["network_rollbacks"] > 0
+    assert counted["committed_once"] == 0
+    assert counted["lost"] == 0, counted
+    assert counted["stranded"] == 20, counted
+    assert counted["dead_lettered"] == {}, counted
+    assert "drain" in result.details

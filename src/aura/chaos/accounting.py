@@ -92,47 +92,43 @@ def read_broker(broker_url: str, vhost: str) -> BrokerView:
     channel puts them back) and read the DLQ.
 
     With the worker stopped nothing consumes, but a delayed message still moves: RabbitMQ
-    dead-letters it from one ``celery_delayed_N`` level to the next as each TTL runs out
-    (and at last to its work queue), and a message in transit is in no queue's count
-    (quorum queues' at-least-once dead-lettering: seen here to take seconds under load).
-    A queue-by-queue browse can miss it, and call it lost when it was not. So the vhost
-    is browsed, a second apart, until the delayed queues are empty and two passes in a
-    row find the same messages (bounded by ``_SETTLE_S``): the last pass is the view
-    (copies of one message in it all count), plus any message an earlier pass saw that
-    the last one did not."""
-    earlier: dict[tuple[str, bytes], Queued] = {}
-    previous: set[tuple[str, bytes]] | None = None
-    depths: dict[str, int] = {}
-    found: list[Queued] = []
+    dead-letters it from one ``celery_delayed_N`` level to the next as each TTL runs out,
+    and at last to its work queue; in transit it is in no queue's count (quorum queues'
+    at-least-once dead-lettering). A browse then could miss it and call it lost. So the
+    queues' depths (``rabbitmqctl list_queues``: it reads, it changes nothing) are polled
+    a second apart until the delayed queues are empty and two polls agree (bounded by
+    ``_SETTLE_S``), and only then is the vhost browsed, once: a browsed message of a
+    quorum queue comes back with its delivery count raised, and enough browses would
+    push it past the work queue's delivery limit into the DLQ."""
     deadline = time.monotonic() + _SETTLE_S
+    previous: dict[str, int] | None = None
+    while True:
+        depths = _depths(vhost)
+        delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
+        if (depths == previous and not delayed) or time.monotonic() > deadline:
+            break
+        previous = depths
+        time.sleep(1.0)
     with Connection(broker_url, connect_timeout=10) as connection:
-        while True:
-            if found:
-                earlier.update(((q.message_id, q.body), q) for q in found)
-            depths, found = _browse(connection, vhost)
-            keys = {(q.message_id, q.body) for q in found}
-            delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
-            if (keys == previous and not delayed) or time.monotonic() > deadline:
-                break
-            previous = keys
-            time.sleep(1.0)
+        queued = _browse(connection, depths)
         letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
-    last = {(q.message_id, q.body) for q in found}
-    in_transit = [q for key, q in earlier.items() if key not in last]
-    return BrokerView(found + in_transit, letters, depths)
+    return BrokerView(queued, letters, depths)
 
 
-def _browse(connection: Connection, vhost: str) -> tuple[dict[str, int], list[Queued]]:
-    """One pass: every queue's depth, and the messages of those that hold any."""
+def _depths(vhost: str) -> dict[str, int]:
     listing = run_tool(
         "rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "--quiet",
         "--no-table-headers",
     )  # fmt: skip
-    depths = {
+    return {
         parts[0]: int(parts[1])
         for parts in (line.split() for line in listing.splitlines())
         if len(parts) == 2 and parts[1].isdigit()
     }
+
+
+def _browse(connection: Connection, depths: dict[str, int]) -> list[Queued]:
+    """The messages of every queue that holds any (the DLQ aside)."""
     queued: list[Queued] = []
     for name, depth in sorted(depths.items()):
         if name == DEAD_LETTER_QUEUE or depth == 0:
@@ -149,7 +145,7 @@ def _browse(connection: Connection, vhost: str) -> tuple[dict[str, int], list[Qu
                 queued.append(Queued(name, str(headers.get("id", "")), body))
         finally:
             channel.close()  # what was read goes back to its queue
-    return depths, queued
+    return queued
 
 
 @dataclass
