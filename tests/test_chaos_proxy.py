@@ -8,6 +8,8 @@ import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aura.chaos.proxy import NetworkProxies, _CommitSpotter, proxied_url
 
@@ -24,20 +26,26 @@ def _startup() -> bytes:
     return ssl_request + struct.pack("!I", len(body) + 4) + body
 
 
-def test_the_spotter_finds_commit_in_any_split_of_the_stream() -> None:
-    stream = (
-        _startup()
-        + _message(b"P", b"\x00COMMIT looks like this but is a Parse\x00\x00\x00")
-        + _message(b"Q", b"SELECT 'COMMIT'\x00")
-        + _message(b"Q", b"BEGIN ISOLATION LEVEL READ COMMITTED;\x00")
-        + _message(b"Q", b"  commit;\x00")
-        + _message(b"Q", b"x" * 70_000 + b"\x00")  # longer than one chunk
-        + _message(b"Q", b"COMMIT;\x00")
+_QUERIES = st.sampled_from(
+    [b"COMMIT;", b"  commit", b"SELECT 'COMMIT'", b"BEGIN", b"ROLLBACK;", b"x" * 70_000]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    queries=st.lists(st.tuples(st.sampled_from([b"Q", b"P", b"B"]), _QUERIES), max_size=8),
+    size=st.integers(min_value=1, max_value=80_000),
+)
+def test_the_spotter_counts_commit_queries_in_any_split_of_the_stream(
+    queries: list[tuple[bytes, bytes]], size: int
+) -> None:
+    stream = _startup() + b"".join(_message(kind, text + b"\x00") for kind, text in queries)
+    expected = sum(
+        1 for kind, text in queries if kind == b"Q" and text.lstrip().upper().startswith(b"COMMIT")
     )
-    for size in (1, 3, 7, 64, 65_536, len(stream)):
-        spotter = _CommitSpotter()
-        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
-        assert sum(spotter.feed(chunk) for chunk in chunks) == 2, size
+    spotter = _CommitSpotter()
+    chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert sum(spotter.feed(chunk) for chunk in chunks) == expected
 
 
 def test_proxied_url_keeps_credentials_and_path() -> None:

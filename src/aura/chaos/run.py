@@ -366,3 +366,18 @@ def _all_committed(accounting: Accounting, records: list[str]) -> list[str]:
     if accounting.dead_lettered:
         failures.append(f"unexpected dead letters: {accounting.dead_lettered}")
     return failures
+
+
+def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
+    failures = []
+    if accounting.dead_lettered != letters:
+        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
+    if accounting.committed_once != 2 * good:
+        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
+    return failures
+
+
+def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
+    if accounting.llm_extra > allowed:
+        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
+    return []

@@ -32,8 +32,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aura.catalog import parse_product
 from aura.chaos.accounting import Accounting, Sent
+from aura.chaos.network import (
+    CommitReplyCut,
+    ConnectionsCut,
+    PartitionBroker,
+    PartitionDatabase,
+    SlowNetwork,
+)
 from aura.chaos.resources import owned_stack, run_tool
-from aura.chaos.run import ChaosRun, _all_committed
+from aura.chaos.run import ChaosRun, _all_committed, _expect_letters, _extra_calls
 from aura.config import get_settings
 from aura.demo.runner import _environment, _logs_to, catalog_records
 from aura.errors import ConfigurationError, InvalidInputError
@@ -116,21 +123,6 @@ def valid_records(count: int) -> list[str]:
         if len(good) == count:
             return good
     raise AssertionError("the bundled catalog ran out of valid records")  # pragma: no cover
-
-
-def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
-    failures = []
-    if accounting.dead_lettered != letters:
-        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
-    if accounting.committed_once != 2 * good:
-        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
-    return failures
-
-
-def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
-    if accounting.llm_extra > allowed:
-        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
-    return []
 
 
 # 1 ----------------------------------------------------------------------------------
@@ -593,138 +585,6 @@ class Load(ChaosRun):
         elapsed = float(self.details.get("elapsed_s") or 1.0)
         self.details["messages_per_s"] = round(accounting.committed_once / elapsed, 1)
         return _all_committed(accounting, self.records) + _extra_calls(accounting)
-
-
-# 15-19: the network, through the run's own TCP proxies (``aura.chaos.proxy``) -----------
-class _NetworkFault(ChaosRun):
-    """The worker reaches ``proxied`` through the run's proxies; ``heal`` restores them."""
-
-    proxied: ClassVar[tuple[str, ...]] = ("postgres", "rabbitmq", "redis", "llm")
-    faults = Faults(latency=0.05)  # tasks in flight when the network breaks
-    environment: ClassVar[dict[str, str]] = {"RETRY_TRACKER_MAX_RETRIES": "8"}
-
-    async def heal(self) -> None:
-        if self.network is not None:
-            await asyncio.to_thread(self.network.heal)
-
-    def stat(self, key: str) -> int:
-        """A proxy counter (``ProxyStats``), summed over the run's proxies."""
-        return sum(int(getattr(proxy.stats, key)) for proxy in self.proxies.values())
-
-
-class _Partition(_NetworkFault):
-    partitioned: ClassVar[str]
-    partition_s: ClassVar[float] = 10.0
-    expected_fates = (
-        "all committed once; the partition held the worker's traffic; extra LLM calls at "
-        "most one per timed-out or rolled-back task"
-    )
-
-    async def fault(self) -> None:
-        await asyncio.to_thread(self.proxies[self.partitioned].partition)
-        await asyncio.sleep(self.partition_s)
-
-    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
-        self.details["held_chunks"] = held = self.stat("held_chunks")
-        if not held:
-            failures.append("the partition held none of the worker's traffic")
-        # A task whose enrichment hung on the database past its soft limit calls again.
-        redone = metrics["soft_timeouts"] + metrics["network_rollbacks"]
-        return failures + _extra_calls(accounting, redone)
-
-
-class PartitionDatabase(_Partition):
-    name = "partition-db"
-    summary = "the worker partitioned from PostgreSQL for 10 s (packets held), then restored"
-    proxied = ("postgres",)
-    partitioned = "postgres"
-
-
-class PartitionBroker(_Partition):
-    name = "partition-broker"
-    summary = "the worker partitioned from RabbitMQ for 10 s (packets held), then restored"
-    proxied = ("rabbitmq",)
-    partitioned = "rabbitmq"
-
-
-class ConnectionsCut(_NetworkFault):
-    name = "net-cut"
-    summary = "every worker connection (PostgreSQL, RabbitMQ, Redis, LLM) reset, 3 times"
-    expected_fates = (
-        "all committed once; connections reset > 0; extra LLM calls at most one per reset "
-        "LLM connection or rolled-back task"
-    )
-    cuts = 3
-    refused_s = 2.0
-
-    async def fault(self) -> None:
-        for _ in range(self.cuts):
-            await asyncio.sleep(0.5 + self.rng.random())
-            for proxy in self.proxies.values():
-                await asyncio.to_thread(proxy.cut)
-            await asyncio.sleep(self.refused_s)
-            await self.heal()
-
-    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
-        self.details["connections_reset"] = reset = self.stat("reset")
-        if not reset:
-            failures.append("no open connection was reset")
-        # A reset LLM connection loses an answer the provider gave (and counted).
-        llm_reset = self.proxies["llm"].stats.reset
-        return failures + _extra_calls(accounting, llm_reset + metrics["network_rollbacks"])
-
-
-class SlowNetwork(_NetworkFault):
-    name = "net-slow"
-    summary = "200 ms added to every packet each way, 256 KB/s per direction, for 15 s"
-    expected_fates = (
-        "all committed once; delayed packets > 0; extra LLM calls at most one per soft timeout"
-    )
-    latency_s = 0.2
-    bandwidth = 256 * 1024
-    window_s = 15.0
-
-    async def fault(self) -> None:
-        for proxy in self.proxies.values():
-            await asyncio.to_thread(proxy.slow, self.latency_s, self.bandwidth)
-        await asyncio.sleep(self.window_s)
-
-    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
-        self.details["delayed_chunks"] = delayed = self.stat("delayed_chunks")
-        if not delayed:
-            failures.append("no packet was delayed")
-        return failures + _extra_calls(accounting, metrics["soft_timeouts"])
-
-
-class CommitReplyCut(_NetworkFault):
-    name = "commit-cut"
-    summary = "the connection cut between a COMMIT and its reply, 5 times (committed, unknown)"
-    expected_fates = (
-        "all committed once; each cut's retry finds its inbox row (duplicate delivery); "
-        "at most one extra LLM call per cut"
-    )
-    proxied = ("postgres",)
-    cuts = 5
-    window_s = 30.0
-
-    async def fault(self) -> None:
-        proxy = self.proxies["postgres"]
-        await asyncio.to_thread(proxy.cut_commit_replies, self.cuts)
-        until = time.monotonic() + self.window_s
-        while proxy.stats.commit_replies_cut < self.cuts and time.monotonic() < until:  # noqa: ASYNC110 - a counter on another thread's loop
-            await asyncio.sleep(0.1)
-
-    def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
-        self.details["commit_replies_cut"] = cut = self.stat("commit_replies_cut")
-        if not cut:
-            failures.append("no COMMIT reply was cut")
-        if metrics["duplicate_deliveries"] == 0:
-            failures.append("no retry found its message committed: the cut went unseen")
-        return failures + _extra_calls(accounting, cut)
 
 
 SCENARIOS: dict[str, type[ChaosRun]] = {
