@@ -1,9 +1,11 @@
 """The network scenarios: the worker reaches its services through TCP proxies the run
 owns (``aura.chaos.proxy``), and the proxies break the network.
 
-    scenario          fault (worker side only; the gateway and the run stay direct)
+    scenario          fault (the worker's and the outbox relay's connections; the
+                      gateway's HTTP side and the run's bookkeeping stay direct)
     partition-db      PostgreSQL traffic held for 10 s, then flowing again
-    partition-broker  RabbitMQ traffic held for 10 s, then flowing again
+    partition-broker  RabbitMQ traffic (the worker's and the relay's) held for 10 s, half
+                      the records posted in it, then flowing again
     net-cut           every connection to all four services reset, new ones refused 2 s,
                       three times
     net-slow          200 ms per chunk each way and 256 KB/s, all four services, 15 s
@@ -81,10 +83,23 @@ class PartitionDatabase(_Partition):
 
 
 class PartitionBroker(_Partition):
+    """Half the records go in before the partition, half during it: the gateway accepts
+    them (its HTTP side and outbox rows are direct) and the relay's publishes hang in
+    the partition with the worker's acks, until it heals."""
+
     name = "partition-broker"
-    summary = "the worker partitioned from RabbitMQ for 10 s (packets held), then restored"
+    summary = "the worker and the relay partitioned from RabbitMQ for 10 s, then restored"
     proxied = ("rabbitmq",)
     partitioned = "rabbitmq"
+
+    def first_records(self) -> list[str]:
+        return self.records[: len(self.records) // 2]
+
+    async def fault(self) -> None:
+        await asyncio.to_thread(self.proxies[self.partitioned].partition)
+        started = time.monotonic()
+        await self.post_import(self.records[len(self.records) // 2 :])
+        await asyncio.sleep(max(0.0, self.partition_s - (time.monotonic() - started)))
 
 
 class ConnectionsCut(_NetworkFault):

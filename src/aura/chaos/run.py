@@ -60,8 +60,9 @@ class ChaosRun(ImportRun):
     worker_slots: ClassVar[int] = 20
     stall_s: ClassVar[float] = 90.0
     # Services the worker reaches through a proxy the run owns (``aura.chaos.proxy``):
-    # any of postgres, rabbitmq, redis, llm. The gateway and the run's own bookkeeping
-    # stay direct: the faults are between the worker and the services.
+    # any of postgres, rabbitmq, redis, llm. The outbox relay (the gateway's publisher)
+    # reaches PostgreSQL and RabbitMQ through them too; the gateway's HTTP side and the
+    # run's own bookkeeping stay direct (they must see the truth through any fault).
     proxied: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -191,13 +192,27 @@ class ChaosRun(ImportRun):
             self.publisher = make_celery_app(self.settings)
             await self.before_load()
             self._start_proxies()
+            relay_database, relay_publisher = database, self.publisher
+            if self._worker_urls:  # the relay goes through the proxies too
+                relayed = self.settings.model_copy(
+                    update={
+                        "database_url": self._worker_urls.get(
+                            "DATABASE_URL", self.settings.database_url
+                        ),
+                        "celery_broker_url": self._worker_urls.get(
+                            "CELERY_BROKER_URL", self.settings.celery_broker_url
+                        ),
+                    }
+                )
+                relay_database = Database.from_settings(relayed)
+                relay_publisher = make_celery_app(relayed)
             self.supervisor = WorkerSupervisor(self._launch)
             self.supervisor.start()
             started = time.monotonic()
             relay = asyncio.create_task(
                 relay_forever(
-                    database,
-                    self.publisher,
+                    relay_database,
+                    relay_publisher,
                     interval=self.settings.outbox_relay_interval,
                     min_age=self.settings.outbox_relay_min_age,
                 )
@@ -215,6 +230,8 @@ class ChaosRun(ImportRun):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
                 await asyncio.to_thread(self.supervisor.stop)
+                if relay_database is not database:
+                    await relay_database.dispose()
                 self._stop_proxies()
             elapsed = time.monotonic() - started
             self.details["elapsed_s"] = round(elapsed, 2)

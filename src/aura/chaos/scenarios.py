@@ -206,7 +206,12 @@ class Outage(ChaosRun):
             failures.append("the breaker never opened")
         if metrics["deferrals"] == 0:
             failures.append("no task was deferred")
-        if during > fail_max * 2 + trials * 2:  # two worker processes may each race a few
+        # The calls in flight when the outage began fail on their own (up to one per
+        # task slot), then fail_max more open the breaker, then a trial or two per
+        # reset timeout: anything beyond that means the breaker let calls through.
+        bound = self.concurrency + fail_max + trials * 2
+        self.details["llm_calls_allowed_during_outage"] = bound
+        if during > bound:
             failures.append(f"{during} calls reached the provider during the outage")
         return failures
 
