@@ -80,6 +80,9 @@ def test_list_and_bad_input() -> None:
     bad_seed = run_aura("chaos", "poison", "--seed=-5")
     assert bad_seed.returncode == 2
     assert "--seed must be between" in bad_seed.stderr
+    bad_latency = run_aura("chaos", "all", "--llm-latency", "-2")
+    assert bad_latency.returncode == 2
+    assert "--llm-latency must be between 0 and 60" in bad_latency.stderr
 
 
 def _scenario_params() -> list[Any]:
