@@ -7,7 +7,10 @@ Faults, each until ``heal()``:
     partition()        packets held both ways and new connections never reach the server:
                        reads hang until the client's own timeouts fire (a blackhole, as an
                        iptables DROP is; what a client did not give up on flows at heal,
-                       as TCP's retransmissions would deliver it)
+                       as TCP's retransmissions would deliver it). One difference: the
+                       proxy completes a new connection's TCP handshake, so it is the
+                       client's protocol handshake (inside its connect timeout in asyncpg,
+                       py-amqp and redis-py) that hangs, not connect()
     cut()              every open connection reset (RST), new ones reset at once
     slow(s, bytes/s)   ``s`` added to every chunk each way (pipelined, order kept), and a
                        bandwidth cap per direction
@@ -18,7 +21,7 @@ Faults, each until ``heal()``:
 
 Why our own and not toxiproxy: toxiproxy is a Go server binary, in neither PyPI nor
 Debian (only its HTTP clients are on PyPI: toxiproxy-python needs the server), and it
-cannot see a PostgreSQL COMMIT to drop its reply. This is ~250 lines of asyncio streams
+cannot see a PostgreSQL COMMIT to drop its reply. This is ~300 lines of asyncio streams
 on a loop thread of its own, so the faults do not depend on the run's own loop being free.
 """
 
