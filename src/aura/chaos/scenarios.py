@@ -78,6 +78,19 @@ class ChaosResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def crashed(cls, scenario: str, seed: int, exc: BaseException) -> ChaosResult:
+        """A scenario that raised instead of ending in an accounting: failed."""
+        return cls(
+            scenario=scenario,
+            passed=False,
+            seed=seed,
+            sent=0,
+            accounting={},
+            metrics={},
+            failures=[f"crashed: {type(exc).__name__}: {str(exc)[:300]}"],
+        )
+
     def performance(self) -> dict[str, Any]:
         """Throughput, latency, the worker's CPU per record, and the knobs they ran with."""
         keys = (
@@ -560,23 +573,48 @@ class ReusedMessageId(ChaosRun):
 
 # 13 ---------------------------------------------------------------------------------
 class LargeRecord(ChaosRun):
+    """A 10 MB record, twice: in an import through the gateway (refused at the edge,
+    whole: nothing of that import is written), and as an ingest message published
+    straight to the work queue, past the gateway (the worker's fate: poison_pill)."""
+
     name = "large-record"
-    summary = "a 10 MB record among the others → poison_pill, the rest unharmed"
-    expected_fates = "records committed once; the 10 MB one poison_pill"
+    summary = "a 10 MB record: refused by the gateway; published raw, poison_pill"
+    expected_fates = (
+        "records committed once; the gateway refuses the 10 MB import (4xx, nothing "
+        "written); the raw 10 MB message poison_pill"
+    )
     record_bytes = 10 * 1024 * 1024
 
-    @classmethod
-    def make_records(cls, products: int, rng: Any) -> list[str]:
-        good = valid_records(products)
-        padding = "x" * cls.record_bytes
-        huge = json.dumps(
+    def _huge(self) -> str:
+        padding = "x" * self.record_bytes
+        return json.dumps(
             {"title": "Huge", "brand": padding, "variants": [{"sku": "HUGE-1", "price": "1"}]}
         )
-        good.insert(rng.randrange(len(good) + 1), huge)
-        return good
+
+    async def fault(self) -> None:
+        huge = self._huge()
+        response = await self._client.post(
+            f"/v1/tenants/{self.tenant_id}/imports",
+            content="\n".join([valid_records(1)[0], huge]).encode(),
+            headers={"X-API-Key": self._key, "content-type": "application/x-ndjson"},
+        )
+        self.details["gateway_status"] = response.status_code
+        message_id = f"large-record-{uuid.uuid4()}"
+        await asyncio.to_thread(
+            self.publisher.send_task,
+            INGEST_TASK,
+            args=[huge, str(self.tenant_id)],
+            task_id=message_id,
+            queue=BULK_QUEUE,
+        )
+        self.sent.append(Sent(message_id))
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        return _expect_letters(accounting, len(self.records) - 1, {"poison_pill": 1})
+        failures = _expect_letters(accounting, len(self.records), {"poison_pill": 1})
+        status = self.details.get("gateway_status")
+        if not (isinstance(status, int) and 400 <= status < 500):
+            failures.append(f"the gateway answered the 10 MB import with {status}, not a 4xx")
+        return failures
 
 
 # 14 ---------------------------------------------------------------------------------

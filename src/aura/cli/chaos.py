@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aura.cli import app
-from aura.errors import InvalidInputError
+from aura.errors import AuraError, InvalidInputError
 
 
 def _interrupt_on_sigterm() -> None:
@@ -45,7 +45,7 @@ def chaos_command(
     """Each scenario: a bounded load with one real fault on the run's own database, vhost
     and Redis, then heal, drain and an accounting of every message. Exit code 1 when any
     scenario fails (a message lost, stranded, doubled, or its fate unexpected)."""
-    from aura.chaos import SCENARIOS, chaos_report, run_scenario
+    from aura.chaos import SCENARIOS, ChaosResult, chaos_report, run_scenario
 
     if list_them:
         for scenario in SCENARIOS.values():
@@ -80,13 +80,18 @@ def chaos_command(
     started = time.monotonic()
     for scenario_name in names:
         console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
-        result = run_scenario(
-            scenario_name,
-            products=products or None,
-            seed=seed,
-            llm_latency=None if llm_latency == -1.0 else llm_latency,
-            concurrency=concurrency or None,
-        )
+        try:
+            result = run_scenario(
+                scenario_name,
+                products=products or None,
+                seed=seed,
+                llm_latency=None if llm_latency == -1.0 else llm_latency,
+                concurrency=concurrency or None,
+            )
+        except AuraError:
+            raise  # the configuration or the input: every scenario would fail alike
+        except Exception as exc:  # one scenario's crash must not hide the others' results
+            result = ChaosResult.crashed(scenario_name, seed, exc)
         results.append(result)
         if as_json:
             if name != "all":
@@ -121,8 +126,8 @@ def chaos_command(
             counted, speed = result.accounting, result.performance()
             summary.add_row(
                 result.scenario, "yes" if result.passed else "[red]NO[/red]",
-                str(counted["committed_once"]), str(counted["lost"]),
-                str(counted["stranded"]), str(counted["duplicated"]),
+                str(counted.get("committed_once")), str(counted.get("lost")),
+                str(counted.get("stranded")), str(counted.get("duplicated")),
                 str(speed["records_per_s"]), str(speed["latency_p50_s"]),
                 str(speed["latency_p99_s"]), str(speed["worker_cpu_ms_per_record"]),
             )  # fmt: skip
