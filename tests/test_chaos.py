@@ -1,8 +1,9 @@
 """The chaos scenarios, scaled down, on this run's real services: CI proves each one.
 
 Each runs as a user runs it (``aura chaos NAME --json``): the run makes its own database
-and vhost on this suite's servers and runs its own redis-server, with a real prefork
-worker under a supervisor and the LLM simulator. A scenario passes only with nothing
+and vhost on this suite's servers and runs its own redis-server, with a real worker (the
+async pool, or prefork where a scenario kills its processes) under a supervisor and the
+LLM simulator. A scenario passes only with nothing
 lost, stranded, doubled or both committed and dead-lettered, and every message where it
 was expected to end. One more test proves the accounting can fail.
 """

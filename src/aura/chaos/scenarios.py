@@ -1,9 +1,10 @@
 """The chaos scenarios: a bounded load on the real stack with one fault injected for real.
 
 Each scenario imports catalog records through the gateway (outbox, RabbitMQ), lets a real
-prefork worker (2 processes, under a supervisor) ingest and enrich them against the LLM
-simulator, injects its fault once the worker consumes, heals, drains, and counts every
-message (``aura.chaos.accounting``). It passes only when nothing is lost, stranded,
+worker (the async pool; prefork for the three that kill its processes; under a
+supervisor) ingest and enrich them against the LLM simulator, injects its fault once the
+worker consumes, heals, drains, and counts every message (``aura.chaos.accounting``).
+The network scenarios are in ``aura.chaos.network``. It passes only when nothing is lost, stranded,
 doubled or both committed and dead-lettered, and every message met the fate the
 scenario expects (``expected_fates``, the README's table).
 
