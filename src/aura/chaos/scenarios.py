@@ -4,9 +4,9 @@ Each scenario imports catalog records through the gateway (outbox, RabbitMQ), le
 worker (the async pool; prefork for the three that kill its processes; under a
 supervisor) ingest and enrich them against the LLM simulator, injects its fault once the
 worker consumes, heals, drains, and counts every message (``aura.chaos.accounting``).
-The network scenarios are in ``aura.chaos.network``. It passes only when nothing is lost, stranded,
-doubled or both committed and dead-lettered, and every message met the fate the
-scenario expects (``expected_fates``, the README's table).
+It passes only when nothing is lost, stranded, doubled or both committed and
+dead-lettered, and every message met the fate the scenario expects (``expected_fates``,
+the README's table). The network scenarios are in ``aura.chaos.network``.
 
 Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
 its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
