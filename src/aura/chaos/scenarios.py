@@ -621,7 +621,7 @@ class LargeRecord(ChaosRun):
 # 14 ---------------------------------------------------------------------------------
 class Load(ChaosRun):
     name = "load"
-    summary = "10,000 records through the gateway with 2 worker processes: rate and latency"
+    summary = "10,000 records through the gateway: rate, latency, worker CPU per record"
     expected_fates = "all committed once; no extra LLM call"
     default_products = 10_000
 
