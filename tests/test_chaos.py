@@ -166,8 +166,10 @@ def test_scenario_passes_on_the_real_stack(
         assert details["redis_down_s"] > 0
     if name == "commit-cut":  # committed, the reply cut: the retry found its inbox row
         assert details["commit_replies_cut"] == 5
-        assert metrics["network_rollbacks"] >= 5
-        assert metrics["duplicate_deliveries"] >= 5
+        # A cut may end a read-only transaction (an inbox lookup), which no retry follows:
+        # at least one of the five ended an effect's transaction.
+        assert metrics["network_rollbacks"] >= 1
+        assert metrics["duplicate_deliveries"] >= 1
         assert counted["llm_extra"] <= 5
     if name in ("partition-db", "partition-broker"):
         assert details["held_chunks"] > 0
