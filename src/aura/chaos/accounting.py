@@ -103,7 +103,7 @@ def read_broker(broker_url: str, vhost: str) -> BrokerView:
     deadline = time.monotonic() + _SETTLE_S
     previous: dict[str, int] | None = None
     while True:
-        depths = _depths(vhost)
+        depths = queue_depths(vhost)
         delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
         if (depths == previous and not delayed) or time.monotonic() > deadline:
             break
@@ -115,7 +115,8 @@ def read_broker(broker_url: str, vhost: str) -> BrokerView:
     return BrokerView(queued, letters, depths)
 
 
-def _depths(vhost: str) -> dict[str, int]:
+def queue_depths(vhost: str) -> dict[str, int]:
+    """Every queue of ``vhost`` and its message count (read-only: rabbitmqctl)."""
     listing = run_tool(
         "rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "--quiet",
         "--no-table-headers",

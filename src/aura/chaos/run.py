@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from kombu.connection import Connection
 from prometheus_client import CollectorRegistry
 
-from aura.chaos.accounting import Accounting, Sent, account, read_broker
+from aura.chaos.accounting import Accounting, Sent, account, queue_depths, read_broker
 from aura.chaos.proxy import FaultProxy, NetworkProxies, proxied_url
 from aura.chaos.resources import OwnedStack
 from aura.chaos.supervisor import WorkerSupervisor
@@ -37,6 +37,7 @@ from aura.demo.runner import ImportRun, _metric_total
 from aura.gateway.app import ENRICH_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter, DeadLetterQueue
+from aura.messaging.topology import DEAD_LETTER_QUEUE
 
 __all__ = ["ChaosRun"]
 
@@ -289,6 +290,7 @@ class ChaosRun(ImportRun):
         healed = False
         letters: list[DeadLetter] = []
         letters_read = float("-inf")
+        empty_reads, last_queued = 0, -1
         try:
             while True:
                 await asyncio.sleep(_LOOK_S)
@@ -326,8 +328,16 @@ class ChaosRun(ImportRun):
                         and not self.awaiting_more(letters)
                     )
                     if settled:
-                        self.letters_seen = letters
-                        return
+                        # Every fate is written; a retry of a committed message (its
+                        # COMMIT's reply lost, say) may still wait in a queue: the
+                        # drain ends when the broker holds nothing either, twice.
+                        queued = await asyncio.to_thread(self._queued_at_broker)
+                        empty_reads = empty_reads + 1 if queued == 0 else 0
+                        if empty_reads >= 2:
+                            self.letters_seen = letters
+                            return
+                        if queued != last_queued:
+                            last_queued, last_move = queued, now
                 if self.supervisor.gave_up:
                     self.details["drain"] = "the worker kept exiting: the supervisor gave up"
                     return
@@ -341,6 +351,11 @@ class ChaosRun(ImportRun):
                     await fault
             if fault is not None and not healed:
                 await self.heal()
+
+    def _queued_at_broker(self) -> int:
+        """Messages in the run's vhost beyond the DLQ: work and delayed-retry queues."""
+        depths = queue_depths(self.stack.vhost)
+        return sum(count for name, count in depths.items() if name != DEAD_LETTER_QUEUE)
 
     def _read_letters(self) -> list[DeadLetter]:
         with Connection(self.stack.broker_url, connect_timeout=5) as connection:
