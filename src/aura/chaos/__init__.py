@@ -4,6 +4,6 @@
 reason, duplicates, lost, and whether every message met the fate the scenario expects.
 """
 
-from aura.chaos.scenarios import SCENARIOS, ChaosResult, run_scenario
+from aura.chaos.scenarios import SCENARIOS, ChaosResult, chaos_report, run_scenario
 
-__all__ = ["SCENARIOS", "ChaosResult", "run_scenario"]
+__all__ = ["SCENARIOS", "ChaosResult", "chaos_report", "run_scenario"]

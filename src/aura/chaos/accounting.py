@@ -35,6 +35,7 @@ by a marker its body carries.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ from aura.messaging.topology import DEAD_LETTER_QUEUE
 __all__ = ["Accounting", "BrokerView", "Sent", "account", "read_broker"]
 
 _SCAN = 100_000
+_SETTLE_S = 90.0  # the longest a delayed retry waits (Celery's levels), and slack
 _SAMPLE = 5
 _CONFLICT = DeadLetterReason.CONFLICTING_MESSAGE_ID.value
 
@@ -87,35 +89,64 @@ class BrokerView:
 
 def read_broker(broker_url: str, vhost: str) -> BrokerView:
     """Browse every queue of ``vhost`` (messages are read, never taken: closing the
-    channel puts them back) and read the DLQ."""
+    channel puts them back) and read the DLQ.
+
+    With the worker stopped nothing consumes, but a delayed message still moves: RabbitMQ
+    dead-letters it from one ``celery_delayed_N`` level to the next as each TTL runs out,
+    and at last to its work queue; in transit it is in no queue's count (quorum queues'
+    at-least-once dead-lettering). A browse then could miss it and call it lost. So the
+    queues' depths (``rabbitmqctl list_queues``: it reads, it changes nothing) are polled
+    a second apart until the delayed queues are empty and two polls agree (bounded by
+    ``_SETTLE_S``), and only then is the vhost browsed, once: a browsed message of a
+    quorum queue comes back with its delivery count raised, and enough browses would
+    push it past the work queue's delivery limit into the DLQ."""
+    deadline = time.monotonic() + _SETTLE_S
+    previous: dict[str, int] | None = None
+    while True:
+        depths = queue_depths(vhost)
+        delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
+        if (depths == previous and not delayed) or time.monotonic() > deadline:
+            break
+        previous = depths
+        time.sleep(1.0)
+    with Connection(broker_url, connect_timeout=10) as connection:
+        queued = _browse(connection, depths)
+        letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
+    return BrokerView(queued, letters, depths)
+
+
+def queue_depths(vhost: str) -> dict[str, int]:
+    """Every queue of ``vhost`` and its message count (read-only: rabbitmqctl)."""
     listing = run_tool(
         "rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "--quiet",
         "--no-table-headers",
     )  # fmt: skip
-    depths = {
+    return {
         parts[0]: int(parts[1])
         for parts in (line.split() for line in listing.splitlines())
         if len(parts) == 2 and parts[1].isdigit()
     }
+
+
+def _browse(connection: Connection, depths: dict[str, int]) -> list[Queued]:
+    """The messages of every queue that holds any (the DLQ aside)."""
     queued: list[Queued] = []
-    with Connection(broker_url, connect_timeout=10) as connection:
-        for name, depth in sorted(depths.items()):
-            if name == DEAD_LETTER_QUEUE or depth == 0:
-                continue
-            channel = connection.channel()
-            try:
-                queue = Queue(name, no_declare=True)(channel)
-                for _ in range(min(depth, _SCAN)):
-                    message = queue.get(no_ack=False)
-                    if message is None:
-                        break
-                    headers = message.headers if isinstance(message.headers, dict) else {}
-                    body = message.body if isinstance(message.body, bytes) else b""
-                    queued.append(Queued(name, str(headers.get("id", "")), body))
-            finally:
-                channel.close()  # what was read goes back to its queue
-        letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
-    return BrokerView(queued, letters, depths)
+    for name, depth in sorted(depths.items()):
+        if name == DEAD_LETTER_QUEUE or depth == 0:
+            continue
+        channel = connection.channel()
+        try:
+            queue = Queue(name, no_declare=True)(channel)
+            for _ in range(min(depth, _SCAN)):
+                message = queue.get(no_ack=False)
+                if message is None:
+                    break
+                headers = message.headers if isinstance(message.headers, dict) else {}
+                body = message.body if isinstance(message.body, bytes) else b""
+                queued.append(Queued(name, str(headers.get("id", "")), body))
+        finally:
+            channel.close()  # what was read goes back to its queue
+    return queued
 
 
 @dataclass

@@ -27,15 +27,17 @@ from typing import Any, ClassVar
 from kombu.connection import Connection
 from prometheus_client import CollectorRegistry
 
-from aura.chaos.accounting import Accounting, Sent, account, read_broker
+from aura.chaos.accounting import Accounting, Sent, account, queue_depths, read_broker
+from aura.chaos.proxy import FaultProxy, NetworkProxies, proxied_url
 from aura.chaos.resources import OwnedStack
 from aura.chaos.supervisor import WorkerSupervisor
 from aura.db import Database, upgrade
-from aura.demo.report import Tally, tally
+from aura.demo.report import Tally, _percentile, tally
 from aura.demo.runner import ImportRun, _metric_total
 from aura.gateway.app import ENRICH_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter, DeadLetterQueue
+from aura.messaging.topology import DEAD_LETTER_QUEUE
 
 __all__ = ["ChaosRun"]
 
@@ -58,6 +60,11 @@ class ChaosRun(ImportRun):
     worker_pool: ClassVar[str] = "async"
     worker_slots: ClassVar[int] = 20
     stall_s: ClassVar[float] = 90.0
+    # Services the worker reaches through a proxy the run owns (``aura.chaos.proxy``):
+    # any of postgres, rabbitmq, redis, llm. The outbox relay (the gateway's publisher)
+    # reaches PostgreSQL and RabbitMQ through them too; the gateway's HTTP side and the
+    # run's own bookkeeping stay direct (they must see the truth through any fault).
+    proxied: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -67,6 +74,8 @@ class ChaosRun(ImportRun):
         log_path: Path,
         stack: OwnedStack,
         seed: int,
+        *,
+        concurrency: int | None = None,
     ) -> None:
         super().__init__(
             records,
@@ -85,6 +94,11 @@ class ChaosRun(ImportRun):
         self.supervisor: WorkerSupervisor | None = None
         self.metric_dirs: list[Path] = []
         self.letters_seen: list[DeadLetter] = []
+        default_slots = self.worker_slots if self.worker_pool == "async" else 2
+        self.concurrency = concurrency or default_slots
+        self.network: NetworkProxies | None = None
+        self.proxies: dict[str, FaultProxy] = {}
+        self._worker_urls: dict[str, str] = {}
 
     @classmethod
     def make_records(cls, products: int, rng: random.Random) -> list[str]:
@@ -127,12 +141,38 @@ class ChaosRun(ImportRun):
         directory = self.metrics_dir / f"launch-{len(self.metric_dirs)}"
         directory.mkdir(parents=True)
         self.metric_dirs.append(directory)
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        env = {**os.environ, **self._worker_urls, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
         with self.log_path.open("ab") as log:
-            slots = self.worker_slots if self.worker_pool == "async" else 2
             return start_worker_process(
-                self.worker_module, env, log, concurrency=slots, pool=self.worker_pool
+                self.worker_module, env, log, concurrency=self.concurrency, pool=self.worker_pool
             )
+
+    def _start_proxies(self) -> None:
+        """The worker's proxies (``proxied``): its URLs for those services point at them."""
+        if not self.proxied:
+            return
+        self.network = NetworkProxies().__enter__()
+        services = {
+            "postgres": ("DATABASE_URL", self.stack.database_url),
+            "rabbitmq": ("CELERY_BROKER_URL", self.stack.broker_url),
+            "redis": ("REDIS_URL", self.stack.redis_url),
+            "llm": ("LLM_BASE_URL", self.simulator.base_url),
+        }
+        for service in self.proxied:
+            variable, url = services[service]
+            proxy = self.network.add(service, url, postgres=service == "postgres")
+            self.proxies[service] = proxy
+            self._worker_urls[variable] = proxied_url(url, proxy.port)
+
+    def _stop_proxies(self) -> None:
+        if self.network is None:
+            return
+        self.details["network"] = {
+            name: {key: value for key, value in vars(proxy.stats).items() if value}
+            for name, proxy in self.proxies.items()
+        }
+        self.network.__exit__(None, None, None)
+        self.network = None
 
     async def run_and_count(self) -> tuple[Accounting, dict[str, int]]:
         import httpx
@@ -152,13 +192,28 @@ class ChaosRun(ImportRun):
             self.tenant_id = tenant.id
             self.publisher = make_celery_app(self.settings)
             await self.before_load()
+            self._start_proxies()
+            relay_database, relay_publisher = database, self.publisher
+            if self._worker_urls:  # the relay goes through the proxies too
+                relayed = self.settings.model_copy(
+                    update={
+                        "database_url": self._worker_urls.get(
+                            "DATABASE_URL", self.settings.database_url
+                        ),
+                        "celery_broker_url": self._worker_urls.get(
+                            "CELERY_BROKER_URL", self.settings.celery_broker_url
+                        ),
+                    }
+                )
+                relay_database = Database.from_settings(relayed)
+                relay_publisher = make_celery_app(relayed)
             self.supervisor = WorkerSupervisor(self._launch)
             self.supervisor.start()
             started = time.monotonic()
             relay = asyncio.create_task(
                 relay_forever(
-                    database,
-                    self.publisher,
+                    relay_database,
+                    relay_publisher,
                     interval=self.settings.outbox_relay_interval,
                     min_age=self.settings.outbox_relay_min_age,
                 )
@@ -176,7 +231,12 @@ class ChaosRun(ImportRun):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
                 await asyncio.to_thread(self.supervisor.stop)
-            self.details["elapsed_s"] = round(time.monotonic() - started, 2)
+                if relay_database is not database:
+                    await relay_database.dispose()
+                self._stop_proxies()
+            elapsed = time.monotonic() - started
+            self.details["elapsed_s"] = round(elapsed, 2)
+            await self._performance(database, elapsed)
             self.details["worker_restarts"] = self.supervisor.restarts
             self.details["worker_exit_codes"] = self.supervisor.exit_codes[:10]
             await self.before_count(database)
@@ -195,6 +255,26 @@ class ChaosRun(ImportRun):
         finally:
             await database.dispose()
 
+    async def _performance(self, database: Database, elapsed: float) -> None:
+        """Throughput, latency (a record's import to its enrichment's commit) and the
+        worker's CPU per record, into ``details``."""
+        assert self.tenant_id is not None
+        assert self.supervisor is not None
+        async with database.session() as session:
+            counts = await tally(session, self.tenant_id, self.import_ids, latencies=True)
+        latencies = sorted(counts.latencies_s)
+        self.details["records_per_s"] = round(counts.enriched / elapsed, 1) if elapsed else 0.0
+        self.details["latency_p50_s"] = round(_percentile(latencies, 50), 3)
+        self.details["latency_p99_s"] = round(_percentile(latencies, 99), 3)
+        cpu = self.supervisor.cpu_s
+        self.details["worker_cpu_s"] = round(cpu, 2)
+        self.details["worker_cpu_ms_per_record"] = (
+            round(1000 * cpu / counts.enriched, 2) if counts.enriched else None
+        )
+        self.details["llm_latency_s"] = self.simulator.faults.latency
+        self.details["concurrency"] = self.concurrency
+        self.details["worker_pool"] = self.worker_pool
+
     async def _tally(self, database: Database) -> Tally:
         assert self.tenant_id is not None
         async with database.session() as session:
@@ -210,6 +290,7 @@ class ChaosRun(ImportRun):
         healed = False
         letters: list[DeadLetter] = []
         letters_read = float("-inf")
+        empty_reads, last_queued = 0, -1
         try:
             while True:
                 await asyncio.sleep(_LOOK_S)
@@ -247,8 +328,16 @@ class ChaosRun(ImportRun):
                         and not self.awaiting_more(letters)
                     )
                     if settled:
-                        self.letters_seen = letters
-                        return
+                        # Every fate is written; a retry of a committed message (its
+                        # COMMIT's reply lost, say) may still wait in a queue: the
+                        # drain ends when the broker holds nothing either, twice.
+                        queued = await asyncio.to_thread(self._queued_at_broker)
+                        empty_reads = empty_reads + 1 if queued == 0 else 0
+                        if empty_reads >= 2:
+                            self.letters_seen = letters
+                            return
+                        if queued != last_queued:
+                            last_queued, last_move = queued, now
                 if self.supervisor.gave_up:
                     self.details["drain"] = "the worker kept exiting: the supervisor gave up"
                     return
@@ -262,6 +351,11 @@ class ChaosRun(ImportRun):
                     await fault
             if fault is not None and not healed:
                 await self.heal()
+
+    def _queued_at_broker(self) -> int:
+        """Messages in the run's vhost beyond the DLQ: work and delayed-retry queues."""
+        depths = queue_depths(self.stack.vhost)
+        return sum(count for name, count in depths.items() if name != DEAD_LETTER_QUEUE)
 
     def _read_letters(self) -> list[DeadLetter]:
         with Connection(self.stack.broker_url, connect_timeout=5) as connection:
@@ -304,3 +398,18 @@ def _all_committed(accounting: Accounting, records: list[str]) -> list[str]:
     if accounting.dead_lettered:
         failures.append(f"unexpected dead letters: {accounting.dead_lettered}")
     return failures
+
+
+def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
+    failures = []
+    if accounting.dead_lettered != letters:
+        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
+    if accounting.committed_once != 2 * good:
+        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
+    return failures
+
+
+def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
+    if accounting.llm_extra > allowed:
+        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
+    return []

@@ -1,11 +1,12 @@
 """The chaos scenarios: a bounded load on the real stack with one fault injected for real.
 
 Each scenario imports catalog records through the gateway (outbox, RabbitMQ), lets a real
-prefork worker (2 processes, under a supervisor) ingest and enrich them against the LLM
-simulator, injects its fault once the worker consumes, heals, drains, and counts every
-message (``aura.chaos.accounting``). It passes only when nothing is lost, stranded,
-doubled or both committed and dead-lettered, and every message met the fate the
-scenario expects (``expected_fates``, the README's table).
+worker (the async pool; prefork for the three that kill its processes; under a
+supervisor) ingest and enrich them against the LLM simulator, injects its fault once the
+worker consumes, heals, drains, and counts every message (``aura.chaos.accounting``).
+It passes only when nothing is lost, stranded, doubled or both committed and
+dead-lettered, and every message met the fate the scenario expects (``expected_fates``,
+the README's table). The network scenarios are in ``aura.chaos.network``.
 
 Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
 its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
@@ -32,8 +33,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aura.catalog import parse_product
 from aura.chaos.accounting import Accounting, Sent
+from aura.chaos.network import (
+    CommitReplyCut,
+    ConnectionsCut,
+    PartitionBroker,
+    PartitionDatabase,
+    SlowNetwork,
+)
 from aura.chaos.resources import owned_stack, run_tool
-from aura.chaos.run import ChaosRun, _all_committed
+from aura.chaos.run import ChaosRun, _all_committed, _expect_letters, _extra_calls
 from aura.config import get_settings
 from aura.demo.runner import _environment, _logs_to, catalog_records
 from aura.errors import ConfigurationError, InvalidInputError
@@ -41,7 +49,7 @@ from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE
 
-__all__ = ["SCENARIOS", "ChaosResult", "run_scenario"]
+__all__ = ["SCENARIOS", "ChaosResult", "chaos_report", "run_scenario"]
 
 # Scaled for runs of tens of seconds; the seed's values stay the defaults elsewhere.
 BASE_ENVIRONMENT = {
@@ -71,6 +79,51 @@ class ChaosResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def crashed(cls, scenario: str, seed: int, exc: BaseException) -> ChaosResult:
+        """A scenario that raised instead of ending in an accounting: failed."""
+        return cls(
+            scenario=scenario,
+            passed=False,
+            seed=seed,
+            sent=0,
+            accounting={},
+            metrics={},
+            failures=[f"crashed: {type(exc).__name__}: {str(exc)[:300]}"],
+        )
+
+    def performance(self) -> dict[str, Any]:
+        """Throughput, latency, the worker's CPU per record, and the knobs they ran with."""
+        keys = (
+            "elapsed_s", "records_per_s", "latency_p50_s", "latency_p99_s", "worker_cpu_s",
+            "worker_cpu_ms_per_record", "llm_latency_s", "concurrency", "worker_pool",
+        )  # fmt: skip
+        return {key: self.details.get(key) for key in keys}
+
+
+def chaos_report(results: list[ChaosResult], elapsed_s: float) -> dict[str, Any]:
+    """``aura chaos all --json``: every scenario's accounting and performance, and a verdict."""
+    return {
+        "passed": all(result.passed for result in results),
+        "elapsed_s": round(elapsed_s, 1),
+        "scenarios": len(results),
+        "failed": [result.scenario for result in results if not result.passed],
+        "results": [
+            {
+                "scenario": result.scenario,
+                "passed": result.passed,
+                "seed": result.seed,
+                "sent": result.sent,
+                "failures": result.failures,
+                "accounting": result.accounting,
+                "performance": result.performance(),
+                "metrics": result.metrics,
+                "details": result.details,
+            }
+            for result in results
+        ],
+    }
+
 
 def valid_records(count: int) -> list[str]:
     """``count`` well-formed records from the bundled catalog."""
@@ -84,21 +137,6 @@ def valid_records(count: int) -> list[str]:
         if len(good) == count:
             return good
     raise AssertionError("the bundled catalog ran out of valid records")  # pragma: no cover
-
-
-def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
-    failures = []
-    if accounting.dead_lettered != letters:
-        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
-    if accounting.committed_once != 2 * good:
-        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
-    return failures
-
-
-def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
-    if accounting.llm_extra > allowed:
-        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
-    return []
 
 
 # 1 ----------------------------------------------------------------------------------
@@ -182,7 +220,12 @@ class Outage(ChaosRun):
             failures.append("the breaker never opened")
         if metrics["deferrals"] == 0:
             failures.append("no task was deferred")
-        if during > fail_max * 2 + trials * 2:  # two worker processes may each race a few
+        # The calls in flight when the outage began fail on their own (up to one per
+        # task slot), then fail_max more open the breaker, then a trial or two per
+        # reset timeout: anything beyond that means the breaker let calls through.
+        bound = self.concurrency + fail_max + trials * 2
+        self.details["llm_calls_allowed_during_outage"] = bound
+        if during > bound:
             failures.append(f"{during} calls reached the provider during the outage")
         return failures
 
@@ -531,29 +574,54 @@ class ReusedMessageId(ChaosRun):
 
 # 13 ---------------------------------------------------------------------------------
 class LargeRecord(ChaosRun):
+    """A 10 MB record, twice: in an import through the gateway (refused at the edge,
+    whole: nothing of that import is written), and as an ingest message published
+    straight to the work queue, past the gateway (the worker's fate: poison_pill)."""
+
     name = "large-record"
-    summary = "a 10 MB record among the others → poison_pill, the rest unharmed"
-    expected_fates = "records committed once; the 10 MB one poison_pill"
+    summary = "a 10 MB record: refused by the gateway; published raw, poison_pill"
+    expected_fates = (
+        "records committed once; the gateway refuses the 10 MB import (4xx, nothing "
+        "written); the raw 10 MB message poison_pill"
+    )
     record_bytes = 10 * 1024 * 1024
 
-    @classmethod
-    def make_records(cls, products: int, rng: Any) -> list[str]:
-        good = valid_records(products)
-        padding = "x" * cls.record_bytes
-        huge = json.dumps(
+    def _huge(self) -> str:
+        padding = "x" * self.record_bytes
+        return json.dumps(
             {"title": "Huge", "brand": padding, "variants": [{"sku": "HUGE-1", "price": "1"}]}
         )
-        good.insert(rng.randrange(len(good) + 1), huge)
-        return good
+
+    async def fault(self) -> None:
+        huge = self._huge()
+        response = await self._client.post(
+            f"/v1/tenants/{self.tenant_id}/imports",
+            content="\n".join([valid_records(1)[0], huge]).encode(),
+            headers={"X-API-Key": self._key, "content-type": "application/x-ndjson"},
+        )
+        self.details["gateway_status"] = response.status_code
+        message_id = f"large-record-{uuid.uuid4()}"
+        await asyncio.to_thread(
+            self.publisher.send_task,
+            INGEST_TASK,
+            args=[huge, str(self.tenant_id)],
+            task_id=message_id,
+            queue=BULK_QUEUE,
+        )
+        self.sent.append(Sent(message_id))
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        return _expect_letters(accounting, len(self.records) - 1, {"poison_pill": 1})
+        failures = _expect_letters(accounting, len(self.records), {"poison_pill": 1})
+        status = self.details.get("gateway_status")
+        if not (isinstance(status, int) and 400 <= status < 500):
+            failures.append(f"the gateway answered the 10 MB import with {status}, not a 4xx")
+        return failures
 
 
 # 14 ---------------------------------------------------------------------------------
 class Load(ChaosRun):
     name = "load"
-    summary = "10,000 records through the gateway with 2 worker processes: rate and latency"
+    summary = "10,000 records through the gateway: rate, latency, worker CPU per record"
     expected_fates = "all committed once; no extra LLM call"
     default_products = 10_000
 
@@ -580,15 +648,27 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         ReusedMessageId,
         LargeRecord,
         Load,
+        PartitionDatabase,
+        PartitionBroker,
+        ConnectionsCut,
+        SlowNetwork,
+        CommitReplyCut,
     )
 }
 
 
 def run_scenario(
-    name: str | type[ChaosRun], *, products: int | None = None, seed: int | None = None
+    name: str | type[ChaosRun],
+    *,
+    products: int | None = None,
+    seed: int | None = None,
+    llm_latency: float | None = None,
+    concurrency: int | None = None,
 ) -> ChaosResult:
     """Run one scenario on its own stack, made on the servers DATABASE_URL and
-    CELERY_BROKER_URL name (a private redis-server stands for Redis)."""
+    CELERY_BROKER_URL name (a private redis-server stands for Redis). ``llm_latency``
+    replaces the scenario's simulated LLM latency; ``concurrency`` its worker's tasks in
+    flight (async pool) or processes (prefork)."""
     if isinstance(name, str) and name not in SCENARIOS:
         raise InvalidInputError(
             f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}", field="name"
@@ -608,7 +688,12 @@ def run_scenario(
             f"--products must be between 1 and {MAX_PRODUCTS}, got {count}", field="products"
         )
     seed = seed if seed is not None else int.from_bytes(os.urandom(3), "big")
+    import dataclasses
     import random
+
+    faults = scenario.faults
+    if llm_latency is not None:
+        faults = dataclasses.replace(faults, latency=llm_latency)
 
     records = scenario.make_records(count, random.Random(seed))
     log_path = Path(".aura", f"chaos-{scenario.name}.log").resolve()
@@ -616,10 +701,10 @@ def run_scenario(
     with (
         tempfile.TemporaryDirectory(prefix=f"aura-chaos-{scenario.name}-") as scratch,
         _logs_to(log_path),
-        LLMSimulator(scenario.faults, seed=seed).running_in_thread() as simulator,
+        LLMSimulator(faults, seed=seed).running_in_thread() as simulator,
     ):
         return asyncio.run(
-            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings)
+            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings, concurrency)
         )
 
 
@@ -631,6 +716,7 @@ async def _run(
     log_path: Path,
     seed: int,
     settings: Any,
+    concurrency: int | None,
 ) -> ChaosResult:
     (scratch / "redis").mkdir()
     async with owned_stack(
@@ -645,7 +731,9 @@ async def _run(
             "REDIS_URL": stack.redis_url,
         }
         with _environment(environment):
-            run = scenario(records, simulator, scratch, log_path, stack, seed)
+            run = scenario(
+                records, simulator, scratch, log_path, stack, seed, concurrency=concurrency
+            )
             accounting, metrics = await run.run_and_count()
             failures = [f"drain: {run.details['drain']}"] if "drain" in run.details else []
             failures += accounting.failures() + run.expect(accounting, metrics)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import time
 from types import FrameType
 
 import typer
 
 from aura.cli import app
-from aura.errors import InvalidInputError
+from aura.errors import AuraError, InvalidInputError
 
 
 def _interrupt_on_sigterm() -> None:
@@ -28,7 +30,15 @@ def chaos_command(
     list_them: bool = typer.Option(False, "--list", help="List the scenarios and stop."),
     products: int = typer.Option(0, help="Records per scenario (0: the scenario's default)."),
     seed: int = typer.Option(-1, help="Seed for the run's faults (default: a random one)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per scenario."),
+    as_json: bool = typer.Option(
+        False, "--json", help="A scenario's result as JSON; with all, one report of them all."
+    ),
+    llm_latency: float = typer.Option(
+        -1.0, "--llm-latency", help="Seconds per simulated LLM answer (default: the scenario's)."
+    ),
+    concurrency: int = typer.Option(
+        0, help="Worker tasks in flight (async pool) or processes (prefork); 0: default."
+    ),
 ) -> None:
     """Each scenario: a bounded load with one real fault on the run's own database, vhost
     and Redis, then heal, drain and an accounting of every message. Exit code 1 when any
@@ -36,7 +46,7 @@ def chaos_command(
     from rich.console import Console
     from rich.table import Table
 
-    from aura.chaos import SCENARIOS, run_scenario
+    from aura.chaos import SCENARIOS, ChaosResult, chaos_report, run_scenario
 
     if list_them:
         for scenario in SCENARIOS.values():
@@ -53,19 +63,42 @@ def chaos_command(
         raise InvalidInputError(f"--products must be >= 0, got {products}", field="products")
     if seed < -1 or seed > 2**32:
         raise InvalidInputError(f"--seed must be between 0 and 2**32, got {seed}", field="seed")
+    if llm_latency != -1.0 and not 0 <= llm_latency <= 60:
+        raise InvalidInputError(
+            f"--llm-latency must be between 0 and 60 seconds, got {llm_latency}",
+            field="llm_latency",
+        )
+    if not 0 <= concurrency <= 500:
+        raise InvalidInputError(
+            f"--concurrency must be between 1 and 500, got {concurrency}", field="concurrency"
+        )
     _interrupt_on_sigterm()
     names = list(SCENARIOS) if name == "all" else [name]
+    # One seed for the whole run, printed with every scenario.
+    seed = seed if seed >= 0 else int.from_bytes(os.urandom(3), "big")
     console = Console(stderr=as_json)
-    failed = 0
+    results = []
+    started = time.monotonic()
     for scenario_name in names:
-        if not as_json:
-            console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
-        result = run_scenario(
-            scenario_name, products=products or None, seed=None if seed < 0 else seed
-        )
-        failed += not result.passed
+        console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
+        try:
+            result = run_scenario(
+                scenario_name,
+                products=products or None,
+                seed=seed,
+                llm_latency=None if llm_latency == -1.0 else llm_latency,
+                concurrency=concurrency or None,
+            )
+        except AuraError:
+            raise  # the configuration or the input: every scenario would fail alike
+        except Exception as exc:  # one scenario's crash must not hide the others' results
+            result = ChaosResult.crashed(scenario_name, seed, exc)
+        results.append(result)
         if as_json:
-            typer.echo(json.dumps(result.as_dict()))
+            if name != "all":
+                typer.echo(json.dumps(result.as_dict()))
+            else:
+                console.print(f"  {'passed' if result.passed else 'FAILED'}: {result.failures}")
             continue
         table = Table(show_header=False)
         table.add_column(style="bold")
@@ -83,5 +116,22 @@ def chaos_command(
         console.print(table)
         for failure in result.failures:
             console.print(f"[red]  failed: {failure}[/red]")
-    if failed:
+    if as_json and name == "all":
+        typer.echo(json.dumps(chaos_report(results, time.monotonic() - started)))
+    elif name == "all":
+        summary = Table(title=f"aura chaos all (seed {seed})")
+        columns = ("scenario", "passed", "committed", "lost", "stranded", "doubled", "rec/s")
+        for column in (*columns, "p50 s", "p99 s", "CPU ms/rec"):
+            summary.add_column(column)
+        for result in results:
+            counted, speed = result.accounting, result.performance()
+            summary.add_row(
+                result.scenario, "yes" if result.passed else "[red]NO[/red]",
+                str(counted.get("committed_once")), str(counted.get("lost")),
+                str(counted.get("stranded")), str(counted.get("duplicated")),
+                str(speed["records_per_s"]), str(speed["latency_p50_s"]),
+                str(speed["latency_p99_s"]), str(speed["worker_cpu_ms_per_record"]),
+            )  # fmt: skip
+        console.print(summary)
+    if not all(result.passed for result in results):
         sys.exit(1)

@@ -48,7 +48,7 @@ import inspect
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
@@ -564,7 +564,7 @@ def _committed(
             error=text,
         )
         countdown = max(backoff_delay(1, base=1.0, cap=10.0, rng=runtime.rng), _MIN_COUNTDOWN)
-        raise task.retry(exc=exc, countdown=countdown) from None
+        _retry(task, exc, countdown)
     return entry is not None and entry.matches(fingerprint)
 
 
@@ -665,7 +665,7 @@ def _fail(
         countdown=round(countdown, 3),
         error=describe_exception(exc),
     )
-    raise task.retry(exc=exc, countdown=countdown)
+    _retry(task, exc, countdown)
 
 
 def _defer(
@@ -696,4 +696,21 @@ def _defer(
     # Spread the fleet's trials over a second past the moment the breaker may allow one.
     countdown = max(exc.retry_after + runtime.rng.uniform(0, 1.0), _MIN_COUNTDOWN)
     events.emit(TaskRetried(task.name, RetryKind.DEFERRAL))
-    raise task.retry(exc=exc, countdown=countdown)
+    _retry(task, exc, countdown)
+
+
+def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
+    """``task.retry``, except that a retry which cannot be published puts the message back.
+
+    Celery answers a failed retry publish (the broker unreachable) with
+    ``Reject(requeue=False)`` (``Task.retry`` in celery/app/task.py): on our work queues
+    that dead-letters the message as ``task_failed`` though its effect may be committed
+    (an ingest whose enrichment publish failed: its enrichment was then lost; seen in
+    ``aura chaos partition-broker``). Requeued, it is delivered again and the inbox
+    dedupes; the queue's delivery limit bounds how often."""
+    try:
+        raise task.retry(exc=exc, countdown=countdown)
+    except Reject as reject:
+        if reject.requeue:
+            raise
+        raise Reject(reject.reason, requeue=True) from exc
