@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Mutation testing of the pattern modules, on demand (slow: not part of ./test or CI).
+
+    .venv/bin/python scripts/mutation.py                       # all eight modules
+    .venv/bin/python scripts/mutation.py messaging/retry.py    # some of them
+    .venv/bin/python scripts/mutation.py --list db/inbox.py    # the mutants, not run
+    .venv/bin/python scripts/mutation.py --jobs 2 --line 60    # mutants on line 60 only
+
+One mutant at a time: a comparison flipped (< >=, == !=, is / is not, in / not in), a
+number changed (n -> n + 1; 0 <-> 1; True <-> False), ``and`` <-> ``or``, ``not`` dropped,
+``+`` <-> ``-``, a call statement deleted, a returned value replaced by None. Each mutant
+runs the module's own test files (``TESTS`` below) with ``-x -p no:cacheprovider`` and a
+timeout (a mutant that hangs counts as killed). The mutants run in a temporary copy of
+the tree (src and tests, no bytecode), so the working tree is never touched, even on
+Ctrl-C. Equivalent mutants are listed, with the reason, in scripts/mutation_equivalent.txt
+(``module: line's text  =>  mutated line's text  # reason``) and excluded from the score.
+
+Why our own mutator and not mutmut or cosmic-ray: the suite runs real services and
+starts Celery workers and CLI processes as subprocesses (``sys.executable -m ...``);
+mutmut 3 swaps code in through trampolines in a ``mutants/`` copy that those processes do
+not import, and cosmic-ray needs a session database and config per module. A mutant here
+is the real module source with one node replaced, so every process the tests start
+imports it through ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import dataclasses
+import importlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "aura"
+EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
+
+# The module's own test files: what a developer runs after touching it.
+TESTS: dict[str, list[str]] = {
+    "db/transactional.py": ["tests/test_db.py", "tests/test_pins_transactional.py"],
+    "db/inbox.py": ["tests/test_db.py", "tests/test_pins_inbox.py"],
+    "llm/breaker.py": ["tests/test_llm_breaker.py", "tests/test_pins_breaker.py"],
+    "llm/client.py": ["tests/test_llm_client.py", "tests/test_pins_client.py"],
+    "messaging/poison.py": ["tests/test_poison.py", "tests/test_pins_poison.py"],
+    "messaging/retry.py": ["tests/test_messaging_units.py", "tests/test_pins_retry.py"],
+    "messaging/dlq.py": [
+        "tests/test_dlq_reader.py",
+        "tests/test_messaging_units.py",
+        "tests/test_pins_dlq.py",
+    ],
+    "messaging/task.py": [
+        "tests/test_messaging_units.py",
+        "tests/test_worker.py",
+        "tests/test_pins_task.py",
+    ],
+}
+
+_FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Lt: ast.GtE,
+    ast.GtE: ast.Lt,
+    ast.Gt: ast.LtE,
+    ast.LtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    module: str
+    line: int
+    kind: str
+    start: tuple[int, int]  # (line, col) of the replaced segment, 1-based line
+    end: tuple[int, int]
+    replacement: str
+
+    def apply(self, source: str) -> str:
+        lines = source.splitlines(keepends=True)
+        offsets = [0]
+        for text in lines:
+            offsets.append(offsets[-1] + len(text.encode()))
+        data = source.encode()
+        a = offsets[self.start[0] - 1] + self.start[1]
+        b = offsets[self.end[0] - 1] + self.end[1]
+        return (data[:a] + self.replacement.encode() + data[b:]).decode()
+
+    def diff(self, source: str) -> tuple[str, str]:
+        before = source.splitlines()[self.line - 1].strip()
+        after = self.apply(source).splitlines()[self.line - 1].strip()
+        return before, after
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """Docstrings, annotations, ``__all__`` and ``assert``s are not mutated."""
+    skip: set[int] = set()
+
+    def mark(node: ast.AST | None) -> None:
+        if node is not None:
+            skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                mark(body[0])
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            mark(node.returns)
+            for arg in [*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs]:
+                mark(arg.annotation)
+            mark(node.args.vararg and node.args.vararg.annotation)
+            mark(node.args.kwarg and node.args.kwarg.annotation)
+        if isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        if isinstance(node, ast.Assert):
+            mark(node)
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            mark(node)
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            mark(node)
+    return skip
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _is_text(node: ast.expr) -> bool:
+    return isinstance(node, ast.JoinedStr) or (
+        isinstance(node, ast.Constant) and isinstance(node.value, str | bytes)
+    )
+
+
+def _is_none(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
+def _replacements(node: ast.AST) -> Iterator[tuple[str, str]]:
+    """(kind, new source of ``node``) for each mutant of this one node."""
+    if isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            flipped = _FLIP.get(type(op))
+            if flipped is not None:
+                new = copy.deepcopy(node)
+                new.ops[i] = flipped()
+                yield "comparison", ast.unparse(new)
+    elif isinstance(node, ast.BoolOp):
+        new = copy.deepcopy(node)
+        new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        yield "and/or", ast.unparse(new)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield "not dropped", f"({ast.unparse(node.operand)})"
+    elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub):
+        if not (_is_text(node.left) or _is_text(node.right)):
+            new = copy.deepcopy(node)
+            new.op = ast.Sub() if isinstance(node.op, ast.Add) else ast.Add()
+            yield "arithmetic", ast.unparse(new)
+    elif isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            yield "constant", repr(not value)
+        elif isinstance(value, int):
+            yield "constant", repr({0: 1, 1: 0}.get(value, value + 1))
+        elif isinstance(value, float):
+            yield "constant", repr(value + 1.0)
+    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call | ast.Await):
+        yield "call deleted", "pass"
+    elif isinstance(node, ast.Return) and node.value is not None and not _is_none(node.value):
+        yield "return None", "return None"
+
+
+def mutants(module: str) -> list[Mutant]:
+    source = (PACKAGE / module).read_text()
+    tree = ast.parse(source)
+    skip = _skipped_nodes(tree)
+    lines = source.splitlines()
+    found: list[Mutant] = []
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "lineno"):
+            continue
+        if "pragma: no mutate" in lines[node.lineno - 1]:
+            continue
+        for kind, replacement in _replacements(node):
+            found.append(
+                Mutant(
+                    module,
+                    node.lineno,
+                    kind,
+                    (node.lineno, node.col_offset),
+                    (node.end_lineno or node.lineno, node.end_col_offset or 0),
+                    replacement,
+                )
+            )
+    found.sort(key=lambda m: (m.start, m.end, m.replacement))
+    return found
+
+
+def equivalents() -> dict[tuple[str, str, str], str]:
+    """(module, line's text, mutated line's text) -> reason, from mutation_equivalent.txt."""
+    listed: dict[tuple[str, str, str], str] = {}
+    if not EQUIVALENT.exists():
+        return listed
+    for raw in EQUIVALENT.read_text().splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        match = re.match(r"(\S+): (.*?)  =>  (.*?)  # (.*)$", raw)
+        if match is None:
+            sys.exit(f"{EQUIVALENT}: cannot read {raw!r}")
+        module, before, after, reason = match.groups()
+        listed[(module, before.strip(), after.strip())] = reason
+    return listed
+
+
+def _copy_tree(into: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache")
+    for part in ("src", "tests", "pyproject.toml", "scripts", "deploy", "bench"):
+        origin = ROOT / part
+        if origin.is_dir():
+            shutil.copytree(origin, into / part, ignore=ignore)
+        elif origin.exists():
+            shutil.copy2(origin, into / part)
+
+
+def _environment(tree: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(tree)])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("AURA_MUTATION_DEBUG", None)
+    return env
+
+
+_BASELINE = False  # --baseline: the suite's own test files, without tests/test_pins_*
+
+
+# Imported once in this process, before any fork, so that a mutant's pytest starts in a
+# fraction of a second; never anything of aura or tests (those are the mutant's own).
+_PRELOAD = (
+    "pytest",
+    "hypothesis",
+    "sqlalchemy.ext.asyncio",
+    "sqlalchemy.dialects.postgresql",
+    "sqlalchemy.dialects.sqlite",
+    "asyncpg",
+    "aiosqlite",
+    "alembic.command",
+    "redis.asyncio",
+    "celery",
+    "kombu",
+    "amqp",
+    "pydantic",
+    "structlog",
+    "httpx",
+    "aiohttp",
+    "prometheus_client",
+    "fastapi",
+    "greenlet",
+)
+
+
+def _preload() -> None:
+    for name in _PRELOAD:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+
+
+def _pytest(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+    """'passed', 'failed' or 'timeout', and the seconds it took: pytest in a forked
+    child (the heavy imports already done), in its own session so that a timeout kills
+    it and everything it started."""
+    arguments = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "60", *tests]
+    arguments += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]  # preloaded modules
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 99
+        try:
+            quiet = not os.environ.get("AURA_MUTATION_DEBUG")
+            os.setsid()
+            os.chdir(tree)
+            os.environ.clear()
+            os.environ.update(_environment(tree))
+            sys.path[:0] = [str(tree / "src"), str(tree)]
+            sys.dont_write_bytecode = True
+            if quiet:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            import pytest
+
+            code = int(pytest.main(arguments))
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                return ("passed" if code == 0 else "failed"), time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                _kill(pid)
+                return "timeout", time.monotonic() - started
+            time.sleep(0.05)
+    except BaseException:
+        _kill(pid)
+        raise
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+@dataclasses.dataclass
+class Score:
+    module: str
+    mutants: int = 0
+    killed: int = 0
+    survived: list[tuple[Mutant, str, str]] = dataclasses.field(default_factory=list)
+    equivalent: list[tuple[Mutant, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        counted = self.mutants - len(self.equivalent)
+        return 100.0 * self.killed / counted if counted else 100.0
+
+
+def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
+    target = tree / "src" / "aura" / module
+    original = target.read_text()
+    tests = [
+        t
+        for t in TESTS[module]
+        if (tree / t).exists() and not (_BASELINE and Path(t).name.startswith("test_pins_"))
+    ]
+    listed = equivalents()
+    score = Score(module)
+    chosen = [m for m in mutants(module) if args.line is None or m.line in args.line]
+    outcome, baseline = _pytest(tree, tests, timeout=1200)
+    if outcome != "passed":
+        sys.exit(f"{module}: the tests fail without a mutant ({' '.join(tests)})")
+    timeout = max(3 * baseline, baseline + 20)
+    print(f"== {module}: {len(chosen)} mutants; tests {baseline:.1f} s, timeout {timeout:.0f} s")
+    try:
+        for number, mutant in enumerate(chosen, 1):
+            before, after = mutant.diff(original)
+            score.mutants += 1
+            reason = listed.get((module, before, after))
+            target.write_text(mutant.apply(original))
+            result, took = _pytest(tree, tests, timeout)
+            target.write_text(original)
+            if result == "passed":
+                if reason is not None:
+                    score.equivalent.append((mutant, reason))
+                else:
+                    score.survived.append((mutant, before, after))
+            else:
+                score.killed += 1
+            if args.verbose:
+                print(f"  [{number}/{len(chosen)}] {module}:{mutant.line} {result} ({took:.1f} s)")
+                print(f"      - {before}\n      + {after}")
+    finally:
+        target.write_text(original)
+    _print(score, original)
+    return score
+
+
+def _print(score: Score, source: str) -> None:
+    print(
+        f"{score.module}: mutants {score.mutants}, killed {score.killed}, "
+        f"survived {len(score.survived)}, equivalent {len(score.equivalent)}, "
+        f"score {score.score:.0f} %"
+    )
+    for mutant, before, after in score.survived:
+        print(f"  SURVIVED {score.module}:{mutant.line} ({mutant.kind})")
+        print(f"      - {before}\n      + {after}")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", default=list(TESTS), help="e.g. messaging/retry.py")
+    parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    parser.add_argument("--line", type=int, action="append", help="only mutants on this line")
+    parser.add_argument(
+        "--baseline", action="store_true", help="without tests/test_pins_* (the 'before')"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per mutant")
+    args = parser.parse_args()
+    global _BASELINE
+    _BASELINE = args.baseline
+    for module in args.modules:
+        if module not in TESTS:
+            sys.exit(f"unknown module {module!r}; one of {', '.join(TESTS)}")
+    if args.list:
+        for module in args.modules:
+            source = (PACKAGE / module).read_text()
+            for mutant in mutants(module):
+                before, after = mutant.diff(source)
+                print(f"{module}:{mutant.line} ({mutant.kind})\n    - {before}\n    + {after}")
+        return
+    scores = []
+    with tempfile.TemporaryDirectory(prefix="aura-mutation-") as scratch:
+        tree = Path(scratch)
+        _copy_tree(tree)
+        _preload()
+        try:
+            for module in args.modules:
+                scores.append(run_module(module, tree, args))
+        except KeyboardInterrupt:
+            print("interrupted; the working tree was never changed")
+            raise SystemExit(130) from None
+    print("\n| module | mutants | killed | survived | equivalent | score |")
+    print("|---|---|---|---|---|---|")
+    for s in scores:
+        print(
+            f"| `{s.module}` | {s.mutants} | {s.killed} | {len(s.survived)} | "
+            f"{len(s.equivalent)} | {s.score:.0f} % |"
+        )
+    for s in scores:
+        for mutant, reason in s.equivalent:
+            print(f"equivalent {s.module}:{mutant.line}: {reason}")
+
+
+if __name__ == "__main__":
+    main()
