@@ -11,7 +11,8 @@ number changed (n -> n + 1; 0 <-> 1; True <-> False), ``and`` <-> ``or``, ``not`
 ``+`` <-> ``-``, a call statement deleted, a returned value replaced by None. Each mutant
 runs the module's own test files (``TESTS`` below) with ``-x -p no:cacheprovider`` and a
 timeout (a mutant that hangs counts as killed). The mutants run in a temporary copy of
-the tree (src and tests, no bytecode), so the working tree is never touched, even on
+the tree (src and tests; each write of the mutated file gets an mtime of its own, so
+no cached bytecode outlives it), so the working tree is never touched, even on
 Ctrl-C. Equivalent mutants are listed, with the reason, in scripts/mutation_equivalent.txt
 (``module: line's text  =>  mutated line's text  # reason``) and excluded from the score.
 
@@ -45,23 +46,24 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "aura"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 
-# The module's own test files: what a developer runs after touching it.
+# The module's own test files: what a developer runs after touching it (the pinning
+# tests first: with -x a mutant they kill costs only them).
 TESTS: dict[str, list[str]] = {
-    "db/transactional.py": ["tests/test_db.py", "tests/test_pins_transactional.py"],
-    "db/inbox.py": ["tests/test_db.py", "tests/test_pins_inbox.py"],
-    "llm/breaker.py": ["tests/test_llm_breaker.py", "tests/test_pins_breaker.py"],
-    "llm/client.py": ["tests/test_llm_client.py", "tests/test_pins_client.py"],
-    "messaging/poison.py": ["tests/test_poison.py", "tests/test_pins_poison.py"],
-    "messaging/retry.py": ["tests/test_messaging_units.py", "tests/test_pins_retry.py"],
+    "db/transactional.py": ["tests/test_pins_transactional.py", "tests/test_db.py"],
+    "db/inbox.py": ["tests/test_pins_inbox.py", "tests/test_db.py"],
+    "llm/breaker.py": ["tests/test_pins_breaker.py", "tests/test_llm_breaker.py"],
+    "llm/client.py": ["tests/test_pins_client.py", "tests/test_llm_client.py"],
+    "messaging/poison.py": ["tests/test_pins_poison.py", "tests/test_poison.py"],
+    "messaging/retry.py": ["tests/test_pins_retry.py", "tests/test_messaging_units.py"],
     "messaging/dlq.py": [
+        "tests/test_pins_dlq.py",
         "tests/test_dlq_reader.py",
         "tests/test_messaging_units.py",
-        "tests/test_pins_dlq.py",
     ],
     "messaging/task.py": [
+        "tests/test_pins_task.py",
         "tests/test_messaging_units.py",
         "tests/test_worker.py",
-        "tests/test_pins_task.py",
     ],
 }
 
@@ -241,7 +243,6 @@ def _copy_tree(into: Path) -> None:
 def _environment(tree: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(tree)])
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("AURA_MUTATION_DEBUG", None)
     return env
 
@@ -274,13 +275,58 @@ _PRELOAD = (
 )
 
 
-def _preload() -> None:
+def _preload(tree: Path) -> None:
+    """The third-party libraries, then every aura module of ``tree`` (a mutant's child
+    drops the mutated module and what imports it, see ``_dependents``)."""
     for name in _PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    sys.path.insert(0, str(tree / "src"))
+    for name in sorted(_module_files(tree)):
+        if not name.endswith("__main__"):
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
 
 
-def _pytest(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+def _module_files(tree: Path) -> dict[str, Path]:
+    found = {}
+    for path in (tree / "src" / "aura").rglob("*.py"):
+        parts = path.relative_to(tree / "src").with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _dependents(tree: Path, module: str) -> set[str]:
+    """``module`` and every aura module that imports it, directly or not (any import
+    statement, at any depth; a module also needs its parent packages)."""
+    files = _module_files(tree)
+    edges: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        parent = name.rpartition(".")[0]
+        if parent in files:
+            edges[name].add(parent)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges[name].update(a.name for a in node.names if a.name in files)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module in files:
+                    edges[name].add(node.module)
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in files:
+                        edges[name].add(f"{node.module}.{alias.name}")
+    found = {module}
+    changed = True
+    while changed:
+        changed = False
+        for name, targets in edges.items():
+            if name not in found and targets & found:
+                found.add(name)
+                changed = True
+    return found
+
+
+def _pytest(tree: Path, tests: list[str], timeout: float, stale: set[str]) -> tuple[str, float]:
     """'passed', 'failed' or 'timeout', and the seconds it took: pytest in a forked
     child (the heavy imports already done), in its own session so that a timeout kills
     it and everything it started."""
@@ -294,10 +340,11 @@ def _pytest(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]:
             quiet = not os.environ.get("AURA_MUTATION_DEBUG")
             os.setsid()
             os.chdir(tree)
+            for name in stale:  # imported afresh, from the mutant's source
+                sys.modules.pop(name, None)
             os.environ.clear()
             os.environ.update(_environment(tree))
             sys.path[:0] = [str(tree / "src"), str(tree)]
-            sys.dont_write_bytecode = True
             if quiet:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
@@ -333,6 +380,17 @@ def _kill(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
+_STAMPS = iter(range(1_000_000_000, 2_000_000_000))
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` with an mtime no write had before: a cached .pyc (keyed by mtime
+    in seconds and size) can never stand in for another mutant's source."""
+    path.write_text(text)
+    stamp = next(_STAMPS)
+    os.utime(path, (stamp, stamp))
+
+
 @dataclasses.dataclass
 class Score:
     module: str
@@ -358,7 +416,8 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
     listed = equivalents()
     score = Score(module)
     chosen = [m for m in mutants(module) if args.line is None or m.line in args.line]
-    outcome, baseline = _pytest(tree, tests, timeout=1200)
+    stale = _dependents(tree, "aura." + module.removesuffix(".py").replace("/", "."))
+    outcome, baseline = _pytest(tree, tests, 1200, stale)
     if outcome != "passed":
         sys.exit(f"{module}: the tests fail without a mutant ({' '.join(tests)})")
     timeout = max(3 * baseline, baseline + 20)
@@ -368,9 +427,9 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
             before, after = mutant.diff(original)
             score.mutants += 1
             reason = listed.get((module, before, after))
-            target.write_text(mutant.apply(original))
-            result, took = _pytest(tree, tests, timeout)
-            target.write_text(original)
+            _write(target, mutant.apply(original))
+            result, took = _pytest(tree, tests, timeout, stale)
+            _write(target, original)
             if result == "passed":
                 if reason is not None:
                     score.equivalent.append((mutant, reason))
@@ -379,10 +438,13 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
             else:
                 score.killed += 1
             if args.verbose:
-                print(f"  [{number}/{len(chosen)}] {module}:{mutant.line} {result} ({took:.1f} s)")
+                print(
+                    f"  [{number}/{len(chosen)}] {module}:{mutant.line} {result} ({took:.1f} s)",
+                    flush=True,
+                )
                 print(f"      - {before}\n      + {after}")
     finally:
-        target.write_text(original)
+        _write(target, original)
     _print(score, original)
     return score
 
@@ -425,7 +487,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aura-mutation-") as scratch:
         tree = Path(scratch)
         _copy_tree(tree)
-        _preload()
+        _preload(tree)
         try:
             for module in args.modules:
                 scores.append(run_module(module, tree, args))
