@@ -1,0 +1,306 @@
+"""``@resilient_task`` pinned where a user would notice a change (found by
+scripts/mutation.py): each fate of a delivery, the seed's defaults, the backoff and its
+floor, Retry-After, the DLQ marker and the hooks. Eager, in process: Celery's in-memory
+broker and the embedded Redis stand-in (the worker tests run the same over RabbitMQ)."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from structlog.testing import capture_logs
+
+from aura.config import load_settings
+from aura.errors import CircuitOpenError, ConflictingMessageIdError, LLMHTTPStatusError
+from aura.message_id import InboxEntry
+from aura.messaging import DeadLetter, DeadLetterQueue, resilient_task
+from aura.messaging.task import DEFER_PREFIX, DLQ_MARKER_PREFIX, backoff_delay
+from aura.worker.celery_app import make_celery_app
+from tests.helpers import metric
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = make_celery_app(load_settings())  # in-memory broker; eager: retries run inline
+    app.conf.task_always_eager = True
+    yield app
+    with app.connection_for_write() as connection:  # the in-memory DLQ is the process's
+        for entry in DeadLetterQueue(connection).take():
+            if entry.letter.task.startswith("tests.pins."):
+                entry.message.ack()
+
+
+def unique(label: str) -> str:
+    return f"tests.pins.{label}.{uuid.uuid4().hex[:8]}"
+
+
+def letters(app: Celery, task: str) -> list[DeadLetter]:
+    with app.connection_for_write() as connection:
+        return DeadLetterQueue(connection).list(task=task, limit=1000)
+
+
+def retried(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "task failed; retrying"]
+
+
+def test_backoff_delay() -> None:
+    rng = random.Random(7)
+    for attempt, ceiling in ((1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (50, 10.0), (0, 2.0)):
+        delays = [backoff_delay(attempt, base=2.0, cap=10.0, rng=rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 4  # jittered over the upper half
+    assert backoff_delay(10_000, base=1.0, cap=60.0, rng=rng) <= 60.0  # no overflow
+
+
+def test_a_success_after_failures_clears_the_counters(app: Celery) -> None:
+    name = unique("recovers")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name)
+    def flaky(self: object) -> str:
+        runs.append(1)
+        if len(runs) < 3:
+            raise ConnectionError("reset")
+        return "done"
+
+    with capture_logs() as logs:
+        result = flaky.apply(task_id="m-recovers")
+    assert result.get() == "done"
+    assert len(runs) == 3
+    assert [e["attempt"] for e in retried(logs)] == [1, 2]
+    assert all(e["countdown"] >= 1.0 for e in retried(logs))  # RabbitMQ's floor
+    assert retried(logs)[0]["message_id"] == "m-recovers"
+    assert letters(app, name) == []
+
+
+def test_the_default_budget_is_three_retries_then_the_dlq(app: Celery) -> None:
+    name = unique("exhausted")
+    runs: list[int] = []
+    before = metric("messages_sent_to_dlq_total", reason="max_retries_exceeded")
+
+    @resilient_task(app=app, name=name)
+    def always_fails(self: object, tenant_id: str, n: int) -> None:
+        runs.append(1)
+        raise ConnectionError("down")
+
+    with capture_logs() as logs:
+        always_fails.apply(args=("t-7",), kwargs={"n": 1}, task_id="m-exhausted").get()
+    assert len(runs) == 4  # max_retries + 1 executions
+    assert [e["attempt"] for e in retried(logs)] == [1, 2, 3]
+    (letter,) = letters(app, name)
+    assert (letter.reason.value, letter.retries, letter.message_id) == (
+        "max_retries_exceeded",
+        3,
+        "m-exhausted",
+    )
+    assert (letter.error_type, letter.error, letter.tenant_id) == ("ConnectionError", "down", "t-7")
+    assert (letter.task_args, letter.task_kwargs) == (["t-7"], {"n": 1})
+    assert metric("messages_sent_to_dlq_total", reason="max_retries_exceeded") == before + 1
+    sent = [e for e in logs if e["event"] == "message sent to the dead-letter queue"]
+    assert [(e["reason"], e["dead_letter"]) for e in sent] == [("max_retries_exceeded", letter.id)]
+
+
+def test_max_retries_zero_dead_letters_the_first_failure(app: Celery) -> None:
+    name = unique("no-retries")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name, max_retries=0, bind=False)
+    def once(tenant_id: str = "t") -> None:
+        runs.append(1)
+        raise ConnectionError("down")
+
+    once.apply(kwargs={"tenant_id": "t-kw"}).get()
+    assert len(runs) == 1
+    (letter,) = letters(app, name)
+    assert (letter.retries, letter.tenant_id) == (0, "t-kw")
+
+
+def test_a_poison_pill_goes_to_the_dlq_at_once_with_its_reason(app: Celery) -> None:
+    name = unique("poison")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name)
+    def parse(self: object, body: str) -> None:
+        runs.append(1)
+        json.loads(body)
+
+    parse.apply(args=("{not json",)).get()
+    assert len(runs) == 1
+    (letter,) = letters(app, name)
+    assert letter.reason.value == "poison_pill"
+    assert letter.retries == 0
+    assert letter.error_type == "JSONDecodeError"
+    assert letter.error.startswith("malformed JSON: Expecting property name")
+
+
+def test_without_poison_detection_a_value_error_is_retried(app: Celery) -> None:
+    name = unique("no-detection")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name, poison_pill_detection=False, max_retries=1)
+    def parse(self: object) -> None:
+        runs.append(1)
+        raise ValueError("bad")
+
+    parse.apply().get()
+    assert len(runs) == 2
+    (letter,) = letters(app, name)
+    assert letter.reason.value == "max_retries_exceeded"
+
+
+def test_without_dlq_routing_the_error_is_raised(app: Celery) -> None:
+    poison_name, transient_name = unique("raise-poison"), unique("raise-transient")
+
+    @resilient_task(app=app, name=poison_name, dlq_routing=False)
+    def poison(self: object) -> None:
+        raise KeyError("missing")
+
+    @resilient_task(app=app, name=transient_name, dlq_routing=False, max_retries=0)
+    def transient(self: object) -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(KeyError):
+        poison.apply().get()
+    with pytest.raises(ConnectionError):
+        transient.apply().get()
+    assert letters(app, poison_name) == []
+    assert letters(app, transient_name) == []
+
+
+def test_retry_after_is_honoured_and_the_floor_is_one_second(app: Celery) -> None:
+    name = unique("retry-after")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name, backoff_base=0.001, backoff_max=0.002)
+    def limited(self: object) -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            raise LLMHTTPStatusError(429, "slow down", retry_after=30.0)
+        if len(runs) == 2:
+            raise ConnectionError("reset")
+        return "ok"
+
+    with capture_logs() as logs:
+        assert limited.apply().get() == "ok"
+    assert [e["countdown"] for e in retried(logs)] == [30.0, 1.0]
+
+
+def test_an_open_circuit_defers_within_its_own_budget(app: Celery) -> None:
+    name = unique("deferred")
+    runs: list[int] = []
+    before = metric("messages_sent_to_dlq_total", reason="max_deferrals_exceeded")
+
+    @resilient_task(app=app, name=name, max_deferrals=2, max_retries=0)
+    def needs_llm(self: object) -> None:
+        runs.append(1)
+        raise CircuitOpenError("llm", retry_after=5.0)
+
+    with capture_logs() as logs:
+        needs_llm.apply(task_id="m-deferred").get()
+    assert len(runs) == 3  # put off twice, no retry budget spent, then the DLQ
+    assert retried(logs) == []
+    (letter,) = letters(app, name)
+    assert letter.reason.value == "max_deferrals_exceeded"
+    assert letter.retries == 2
+    assert metric("messages_sent_to_dlq_total", reason="max_deferrals_exceeded") == before + 1
+
+
+def test_a_conflicting_message_id_is_dead_lettered_without_retries(app: Celery) -> None:
+    name = unique("conflict")
+
+    @resilient_task(app=app, name=name)
+    def claims(self: object) -> None:
+        try:
+            raise ConflictingMessageIdError("committed for another payload")
+        except ConflictingMessageIdError as exc:
+            raise RuntimeError("the effect failed") from exc
+
+    claims.apply().get()
+    (letter,) = letters(app, name)
+    assert (letter.reason.value, letter.retries) == ("conflicting_message_id", 0)
+
+
+def test_one_letter_per_fate_and_the_hook_sees_each(app: Celery) -> None:
+    name = unique("marker")
+    hooked: list[DeadLetter] = []
+
+    async def hook(letter: DeadLetter) -> None:
+        hooked.append(letter)
+
+    @resilient_task(app=app, name=name, on_dead_letter=hook)
+    def poison(self: object, data: dict[str, Any]) -> None:
+        data["missing"]
+
+    with capture_logs() as logs:
+        poison.apply(args=({"a": 1},), task_id="m-marker").get()
+        poison.apply(args=({"a": 1},), task_id="m-marker").get()  # a redelivery
+    assert len(letters(app, name)) == 1
+    assert [x.message_id for x in hooked] == ["m-marker", "m-marker"]
+    assert hooked[0].error == "missing required key 'missing'"
+    assert hooked[1].reason.value == "poison_pill"  # the placeholder for the second
+    assert [e["event"] for e in logs if "dead" in e["event"]] == [
+        "message sent to the dead-letter queue",
+        "dead letter already written; acked",
+    ]
+    assert DLQ_MARKER_PREFIX == "dlq_written:"
+    assert DEFER_PREFIX == "defer_count:"
+
+
+def test_a_failing_hook_is_logged_and_changes_nothing(app: Celery) -> None:
+    name = unique("bad-hook")
+
+    async def hook(letter: DeadLetter) -> None:
+        raise RuntimeError("hook broke")
+
+    @resilient_task(app=app, name=name, on_dead_letter=hook)
+    def poison(self: object) -> None:
+        raise TypeError("wrong")
+
+    with capture_logs() as logs:
+        poison.apply().get()
+    assert len(letters(app, name)) == 1
+    assert [e["log_level"] for e in logs if e["event"] == "on_dead_letter hook failed"] == ["error"]
+
+
+class FakeInbox:
+    def __init__(self, entries: dict[str, InboxEntry]) -> None:
+        self.entries = entries
+
+    async def lookup(self, message_id: str) -> InboxEntry | None:
+        return self.entries.get(message_id)
+
+
+def test_the_inbox_settles_committed_twins_and_conflicts_before_they_run(app: Celery) -> None:
+    name = unique("inbox")
+    runs: list[int] = []
+    duplicates: list[tuple[Any, ...]] = []
+
+    async def on_duplicate(*args: Any) -> None:
+        duplicates.append(args)
+
+    inbox = FakeInbox({})
+
+    @resilient_task(app=app, name=name, inbox=inbox, on_duplicate=on_duplicate)
+    def effect(self: object, n: int) -> str:
+        runs.append(n)
+        return "ran"
+
+    assert effect.apply(args=(1,), task_id="m-new").get() == "ran"
+    inbox.entries["m-twin"] = InboxEntry(fingerprint=None)  # committed, any payload
+    with capture_logs() as logs:
+        assert effect.apply(args=(2,), task_id="m-twin").get() is None
+    assert runs == [1]
+    assert duplicates == [(2,)]
+    assert [e["event"] for e in logs] == [
+        "effect already committed; delivery acked without running"
+    ]
+    inbox.entries["m-other"] = InboxEntry(fingerprint="another payload's")
+    assert effect.apply(args=(3,), task_id="m-other").get() is None
+    assert runs == [1]
+    (letter,) = letters(app, name)
+    assert (letter.message_id, letter.reason.value) == ("m-other", "conflicting_message_id")
