@@ -11,7 +11,8 @@ number changed (n -> n + 1; 0 <-> 1; True <-> False), ``and`` <-> ``or``, ``not`
 ``+`` <-> ``-``, a call statement deleted, a returned value replaced by None. Each mutant
 runs the module's own test files (``TESTS`` below) with ``-x -p no:cacheprovider`` and a
 timeout (a mutant that hangs counts as killed). The mutants run in a temporary copy of
-the tree (src and tests; each write of the mutated file gets an mtime of its own, so
+the tree (src and tests; a mutant on a line the tests never run (traced in the tests'
+own process) survives without a run; each write of the mutated file gets an mtime of its own, so
 no cached bytecode outlives it), so the working tree is never touched, even on
 Ctrl-C. Equivalent mutants are listed, with the reason, in scripts/mutation_equivalent.txt
 (``module: line's text  =>  mutated line's text  # reason``) and excluded from the score.
@@ -32,15 +33,18 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "aura"
@@ -324,10 +328,17 @@ def _dependents(tree: Path, module: str) -> set[str]:
     return found
 
 
-def _pytest(tree: Path, tests: list[str], timeout: float, stale: set[str]) -> tuple[str, float]:
+def _pytest(
+    tree: Path,
+    tests: list[str],
+    timeout: float,
+    stale: set[str],
+    trace: tuple[Path, Path] | None = None,
+) -> tuple[str, float]:
     """'passed', 'failed' or 'timeout', and the seconds it took: pytest in a forked
     child (the heavy imports already done), in its own session so that a timeout kills
-    it and everything it started."""
+    it and everything it started. ``trace`` (source, output): write the lines of
+    ``source`` the run executed (in this process's threads) to ``output`` as JSON."""
     arguments = ["-x", "-q", "-p", "no:cacheprovider", "--timeout", "60", *tests]
     arguments += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]  # preloaded modules
     started = time.monotonic()
@@ -349,7 +360,13 @@ def _pytest(tree: Path, tests: list[str], timeout: float, stale: set[str]) -> tu
                 os.dup2(devnull, 2)
             import pytest
 
+            executed: set[int] = set()
+            if trace is not None:
+                _trace_lines(str(trace[0]), executed)
             code = int(pytest.main(arguments))
+            if trace is not None:
+                sys.settrace(None)
+                trace[1].write_text(json.dumps(sorted(executed)))
         except BaseException:
             import traceback
 
@@ -369,6 +386,24 @@ def _pytest(tree: Path, tests: list[str], timeout: float, stale: set[str]) -> tu
     except BaseException:
         _kill(pid)
         raise
+
+
+def _trace_lines(filename: str, executed: set[int]) -> None:
+    """Record the lines of ``filename`` run from now on, in this thread and new ones."""
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            executed.add(frame.f_lineno)
+        return local
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename == filename:
+            executed.add(frame.f_lineno)
+            return local
+        return None
+
+    threading.settrace(calls)
+    sys.settrace(calls)
 
 
 def _kill(pid: int) -> None:
@@ -415,9 +450,13 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
     score = Score(module)
     chosen = [m for m in mutants(module) if args.line is None or m.line in args.line]
     stale = _dependents(tree, "aura." + module.removesuffix(".py").replace("/", "."))
-    outcome, baseline = _pytest(tree, tests, 1200, stale)
-    if outcome != "passed":
+    lines_file = tree / "executed-lines.json"
+    lines_file.unlink(missing_ok=True)
+    outcome, baseline = _pytest(tree, tests, 1200, stale, (target, lines_file))
+    if outcome != "passed" or not lines_file.exists():
         sys.exit(f"{module}: the tests fail without a mutant ({' '.join(tests)})")
+    executed = set(json.loads(lines_file.read_text()))
+    outcome, baseline = _pytest(tree, tests, 1200, stale)  # timed without the tracer
     timeout = max(3 * baseline, baseline + 20)
     print(f"== {module}: {len(chosen)} mutants; tests {baseline:.1f} s, timeout {timeout:.0f} s")
     try:
@@ -425,9 +464,12 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
             before, after = mutant.diff(original)
             score.mutants += 1
             reason = listed.get((module, before, after))
-            _write(target, mutant.apply(original))
-            result, took = _pytest(tree, tests, timeout, stale)
-            _write(target, original)
+            if executed.isdisjoint(range(mutant.start[0], mutant.end[0] + 1)):
+                result, took = "passed", 0.0  # no test runs the line: nothing can fail
+            else:
+                _write(target, mutant.apply(original))
+                result, took = _pytest(tree, tests, timeout, stale)
+                _write(target, original)
             if result == "passed":
                 if reason is not None:
                     score.equivalent.append((mutant, reason))
@@ -459,6 +501,10 @@ def _print(score: Score, source: str) -> None:
     sys.stdout.flush()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", default=list(TESTS), help="e.g. messaging/retry.py")
@@ -481,6 +527,10 @@ def main() -> None:
                 before, after = mutant.diff(source)
                 print(f"{module}:{mutant.line} ({mutant.kind})\n    - {before}\n    + {after}")
         return
+    # Ctrl-C, or a kill: stop the running mutant and remove the copy. (A background job of
+    # a non-interactive shell starts with SIGINT ignored: restore it.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     scores = []
     with tempfile.TemporaryDirectory(prefix="aura-mutation-") as scratch:
         tree = Path(scratch)
