@@ -5,6 +5,7 @@ injected clock, Redis down and back, and what the log says when it opens."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 from aura.errors import CircuitOpenError
 from aura.events import CircuitState
 from aura.llm import BreakerRecord, CircuitBreaker, transition
+from aura.llm.breaker import Decision
 from tests.helpers import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
@@ -420,3 +422,118 @@ async def test_a_failed_trial_reopens_for_a_full_reset_timeout(
     assert rejected.value.retry_after == pytest.approx(0.1)
     clock.advance(0.1)
     assert await breaker.call(ok) == "ok"
+
+
+def test_records_and_decisions_are_immutable_values() -> None:
+    record = BreakerRecord()
+    assert record == BreakerRecord(CLOSED, 0, 0.0, 0.0, 0.0, 0.0)
+    assert record.to_redis()["open_until"] == "0.0"
+    assert record.to_redis()["trial_until"] == "0.0"
+    assert hash(record) == hash(BreakerRecord())  # a value: usable as a key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.failures = 1  # type: ignore[misc]
+    _, decision = transition(record, "acquire", 0.0, **POLICY)
+    assert decision == Decision(allowed=True, trial=False, opened=False)
+    assert hash(decision) == hash(Decision())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.allowed = False  # type: ignore[misc]
+    assert not hasattr(record, "__dict__")  # slots: thousands of cached records stay small
+    assert not hasattr(decision, "__dict__")
+
+
+def test_acquire_on_a_closed_record_allows_without_a_trial() -> None:
+    record = BreakerRecord(CLOSED, 2, first_failure=1.0, last_failure=2.0)
+    after, decision = transition(record, "acquire", 5.0, **POLICY)
+    assert after is record
+    assert (decision.allowed, decision.trial, decision.opened) == (True, False, False)
+
+
+async def test_a_cached_open_past_its_timeout_that_redis_closed_runs_as_a_normal_call(
+    switch: Switch,
+) -> None:
+    """The cache (fresh for a long refresh interval) says open and the reset timeout has
+    passed; Redis says closed (reset elsewhere): the call runs, not as a trial."""
+    clock = FakeClock()
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    a = CircuitBreaker(
+        name, redis=switch.client, clock=clock, is_failure=counts_boom, refresh_interval=1000
+    )
+    await fail(a, 3)
+    await shared_breaker(switch, clock, name).reset()
+    clock.advance(60)
+    assert a.state is OPEN  # still the cached view
+    assert await a.call(ok) == "ok"
+    assert a.state is CLOSED
+    await fail(a, 2)
+    assert a.state is CLOSED  # a fresh run of failures, not a failed trial
+
+
+async def test_a_success_on_the_slow_path_resets_the_failures(switch: Switch) -> None:
+    clock = FakeClock()
+    breaker = shared_breaker(switch, clock)
+    await fail(breaker, 2)
+    clock.advance(1.0)  # the cache is stale: this call refreshes first
+    assert await breaker.call(ok) == "ok"
+    await fail(breaker, 2)
+    assert breaker.state is CLOSED  # two in a row since the success, not four
+    await fail(breaker, 1)
+    assert breaker.state is OPEN
+
+
+async def test_a_new_process_records_no_success_it_never_had(switch: Switch) -> None:
+    clock = FakeClock(start=0.0)  # a clock near zero: no success is ever "at 1.0"
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    b = shared_breaker(switch, clock, name)
+    await fail(b, 2)
+    a = shared_breaker(switch, clock, name)
+    await fail(a, 1)  # the third failure in a row, fleet-wide
+    assert a.state is OPEN
+
+
+async def test_concurrent_first_calls_all_read_the_shared_state(switch: Switch) -> None:
+    clock = FakeClock()
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    await fail(shared_breaker(switch, clock, name), 3)  # open, fleet-wide
+    fresh = shared_breaker(switch, clock, name)
+    ran: list[str] = []
+
+    async def counted() -> str:
+        ran.append("ran")
+        return "ok"
+
+    outcomes = await asyncio.gather(
+        *(fresh.call(counted) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(o, CircuitOpenError) for o in outcomes)
+    assert ran == []  # no caller ran on the empty cache of a breaker not yet read
+
+
+def test_a_new_breaker_shows_closed_at_once() -> None:
+    from prometheus_client import REGISTRY
+
+    name = f"pins-new-{uuid.uuid4().hex[:8]}"
+    CircuitBreaker(name)
+    assert REGISTRY.get_sample_value("llm_circuit_breaker_state", {"breaker": name}) == 0.0
+
+
+async def test_retry_after_near_the_end_of_a_trial_lease(
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    clock, breaker = breaker_and_clock
+    await fail(breaker, 3)
+    clock.advance(60)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await release.wait()
+        return "slow"
+
+    trial = asyncio.create_task(breaker.call(slow))
+    await asyncio.wait_for(started.wait(), 10)
+    clock.advance(59.5)
+    with pytest.raises(CircuitOpenError) as rejected:
+        await breaker.call(ok)
+    assert rejected.value.retry_after == pytest.approx(0.5)
+    release.set()
+    assert await trial == "slow"

@@ -249,3 +249,44 @@ def test_pydantic_reasons_name_ten_fields_at_most_and_the_message_as_a_whole() -
     except pydantic.ValidationError as exc:
         whole = detector.get_poison_reason(exc)
     assert whole == "invalid message: message: Value error, the whole message is wrong"
+
+
+def test_a_loop_in_a_chain_costs_its_links_once() -> None:
+    """Within a group's budget of 256 links, thirty two-link loops fit; counted ten links
+    each (the chain bound instead of the loop check) they would not."""
+    members = []
+    for n in range(30):
+        first, second = ValueError(f"a{n}"), ValueError(f"b{n}")
+        first.__cause__, second.__cause__ = second, first
+        members.append(first)
+    assert detector.is_poison_pill(ExceptionGroup("loops", members))
+
+
+class HostileArgs(KeyError):
+    @property
+    def args(self) -> tuple[object, ...]:  # type: ignore[override]
+        raise RuntimeError("no")
+
+
+def test_a_reason_that_cannot_be_made_is_still_one() -> None:
+    assert detector.get_poison_reason(HostileArgs()) == "HostileArgs: <unprintable>"
+
+
+def test_code_run_without_a_module_name_is_not_a_transport() -> None:
+    try:
+        exec("raise ValueError('from exec')", {})
+    except ValueError as exc:
+        assert detector.is_poison_pill(exc)
+
+
+def test_an_attribute_error_with_an_empty_name_uses_its_text() -> None:
+    error = AttributeError("no attribute here", name="")
+    assert detector.get_poison_reason(error) == "missing required attribute 'no attribute here'"
+
+
+def test_invalid_input_is_named_as_such() -> None:
+    from aura.errors import InvalidInputError
+
+    assert detector.get_poison_reason(InvalidInputError("price must be > 0")) == (
+        "invalid message: price must be > 0"
+    )
