@@ -403,3 +403,25 @@ def test_fate_keys() -> None:
     assert letter("m", DeadLetterReason.POISON_PILL).dead_lettered_at - datetime.now(
         UTC
     ) < timedelta(seconds=60)
+
+
+def test_the_error_window_is_2000_characters_before_whitespace_is_folded() -> None:
+    assert _error_text(" " * 1500 + "x" * 2000, None) == "x" * 500
+
+
+def test_letters_not_written_by_route_to_dlq_count_no_retries(connection: Connection) -> None:
+    message = Message(body=b"x", content_type="text/plain", content_encoding="utf-8", headers={})
+    written = dead_letter_original(connection, message, kind="not_json", error="e", queue="q")
+    assert written.retries == 0
+    (shown,) = DeadLetterQueue(connection).list()
+    assert shown.retries == 0
+    now = datetime.now(UTC)
+    bare = DeadLetter(
+        message_id="m",
+        reason="poison_pill",
+        task="t",
+        queue="q",
+        first_failure_at=now,
+        last_failure_at=now,
+    )
+    assert (bare.retries, bare.error, bare.error_type, bare.task_args) == (0, "", "", [])
