@@ -537,3 +537,73 @@ async def test_retry_after_near_the_end_of_a_trial_lease(
     assert rejected.value.retry_after == pytest.approx(0.5)
     release.set()
     assert await trial == "slow"
+
+
+async def test_a_success_recorded_at_refresh_counts_even_if_the_next_call_fails(
+    switch: Switch,
+) -> None:
+    clock = FakeClock()
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    a, b = shared_breaker(switch, clock, name), shared_breaker(switch, clock, name)
+    assert await a.call(ok) == "ok"
+    await fail(b, 1)
+    clock.advance(0.2)
+    assert await a.call(ok) == "ok"  # not yet told to Redis
+    clock.advance(1.0)
+    await fail(a, 1)  # the refresh records A's success first, then this failure
+    await fail(b, 1)
+    assert b.state is CLOSED  # two in a row since A's success
+    await fail(b, 1)
+    assert b.state is OPEN
+
+
+async def test_round_trips_of_refreshes_and_unrecorded_successes(switch: Switch) -> None:
+    clock = FakeClock()
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    a, b = shared_breaker(switch, clock, name), shared_breaker(switch, clock, name)
+    assert await a.call(ok) == "ok"  # A's success is unrecorded: nobody failed
+    clock.advance(1.0)
+    before = switch.round_trips
+    assert await a.call(ok) == "ok"
+    assert switch.round_trips == before + 1  # the refresh; no success to record
+    clock.advance(0.5)
+    await fail(b, 1)  # after A's last success
+    clock.advance(0.5)
+    before = switch.round_trips
+    assert await a.call(ok) == "ok"  # refresh: A's success is older than B's failure
+    assert switch.round_trips == before + 2  # the refresh, and this call's own success
+    await fail(b, 3)
+    assert b.state is OPEN
+    clock.advance(1.0)
+    before = switch.round_trips
+    with pytest.raises(CircuitOpenError):
+        await a.call(ok)
+    assert switch.round_trips == before + 1  # the refresh only: open, nothing to record
+
+
+async def test_concurrent_calls_share_one_refresh(switch: Switch) -> None:
+    clock = FakeClock()
+    breaker = shared_breaker(switch, clock)
+    await breaker.reset()  # the first contact is a transition, not a read
+    for _ in range(2):
+        clock.advance(1.0)
+        before = switch.round_trips
+        results = await asyncio.gather(*(breaker.call(ok) for _ in range(5)))
+        assert results == ["ok"] * 5
+        assert switch.round_trips == before + 1  # one read; the others used the cache
+
+
+async def test_redis_lost_at_a_refresh_falls_back_and_says_so(switch: Switch) -> None:
+    clock = FakeClock()
+    breaker = shared_breaker(switch, clock)
+    assert await breaker.call(ok) == "ok"
+    switch.down = True
+    clock.advance(1.0)
+    with capture_logs() as logs:
+        assert await breaker.call(ok) == "ok"  # the refresh fails; the call runs
+        attempts = switch.round_trips
+        clock.advance(4.0)
+        assert await breaker.call(ok) == "ok"
+        assert switch.round_trips == attempts  # retried after 5 s, not after 1
+    assert not breaker.shared
+    assert [e["event"] for e in logs] == ["circuit breaker cannot reach Redis; using local state"]
