@@ -425,3 +425,28 @@ def test_letters_not_written_by_route_to_dlq_count_no_retries(connection: Connec
         last_failure_at=now,
     )
     assert (bare.retries, bare.error, bare.error_type, bare.task_args) == (0, "", "", [])
+
+
+def test_dead_letters_are_published_with_retries_and_keep_their_encoding(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.messaging import Producer
+
+    calls: list[dict[str, Any]] = []
+    real = Producer.publish
+
+    def recording(self: Producer, body: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(self, body, **kwargs)
+
+    monkeypatch.setattr(Producer, "publish", recording)
+    publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
+    message = Message(
+        body=b"{", content_type="application/json", content_encoding="utf-8", headers={}
+    )
+    dead_letter_original(connection, message, kind="not_json", error="e", queue="q")
+    policy = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5}
+    assert [(c["retry"], c["retry_policy"]) for c in calls] == [(True, policy)] * 2
+    assert [c["delivery_mode"] for c in calls] == ["persistent"] * 2
+    _, original = raw_entries(connection)
+    assert (original.content_type, original.content_encoding) == ("application/json", "utf-8")
