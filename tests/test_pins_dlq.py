@@ -450,3 +450,14 @@ def test_dead_letters_are_published_with_retries_and_keep_their_encoding(
     assert [c["delivery_mode"] for c in calls] == ["persistent"] * 2
     _, original = raw_entries(connection)
     assert (original.content_type, original.content_encoding) == ("application/json", "utf-8")
+
+
+def test_nested_header_tables_are_cut_at_eight_levels() -> None:
+    deep: Any = "leaf"
+    for _ in range(8):
+        deep = {"k": deep}
+    assert _json_safe(deep) == deep
+    cut = _json_safe({"k": deep})
+    for _ in range(9):
+        cut = cut["k"] if isinstance(cut, dict) else cut
+    assert cut == "<nested too deep>"
