@@ -109,7 +109,8 @@ class Mutant:
 
 
 def _skipped_nodes(tree: ast.AST) -> set[int]:
-    """Docstrings, annotations, ``__all__`` and ``assert``s are not mutated."""
+    """Docstrings, annotations, ``__all__``, ``assert``s and ``@overload`` stubs are not
+    mutated."""
     skip: set[int] = set()
 
     def mark(node: ast.AST | None) -> None:
@@ -121,6 +122,12 @@ def _skipped_nodes(tree: ast.AST) -> set[int]:
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
                 mark(body[0])
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+            (isinstance(d, ast.Name) and d.id == "overload")
+            or (isinstance(d, ast.Attribute) and d.attr == "overload")
+            for d in node.decorator_list
+        ):
+            mark(node)  # a typing stub: replaced by the real definition at import
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             mark(node.returns)
             for arg in [*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs]:

@@ -304,3 +304,91 @@ def test_the_inbox_settles_committed_twins_and_conflicts_before_they_run(app: Ce
     assert runs == [1]
     (letter,) = letters(app, name)
     assert (letter.message_id, letter.reason.value) == ("m-other", "conflicting_message_id")
+
+
+class UpperRng:
+    """``uniform(a, b)`` is ``b``: each backoff is its ceiling, exactly."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_the_default_backoff_doubles_from_one_second_to_sixty(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.messaging.runtime import process_runtime
+
+    monkeypatch.setattr(process_runtime(app), "rng", UpperRng())
+    name = unique("backoff")
+
+    @resilient_task(app=app, name=name, max_retries=8)
+    def always_fails(self: object) -> None:
+        raise ConnectionError("down")
+
+    with capture_logs() as logs:
+        always_fails.apply().get()
+    countdowns = [e["countdown"] for e in retried(logs)]
+    assert countdowns == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert backoff_delay(3, base=1.0, cap=60.0, rng=UpperRng()) == 4.0  # type: ignore[arg-type]
+
+
+def test_thirty_deferrals_by_default(app: Celery) -> None:
+    name = unique("thirty")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name)
+    def needs_llm(self: object) -> None:
+        runs.append(1)
+        raise CircuitOpenError("llm", retry_after=0.0)
+
+    needs_llm.apply().get()
+    assert len(runs) == 31
+    (letter,) = letters(app, name)
+    assert letter.reason.value == "max_deferrals_exceeded"
+
+
+def test_registration_binding_and_signature(app: Celery) -> None:
+    @resilient_task(app=app)
+    def bound(self: Any, n: int, *, tenant_id: str = "t") -> str:
+        return str(self.request.id)
+
+    name = f"{__name__}.test_registration_binding_and_signature.<locals>.bound"
+    assert bound.name == name
+    assert name in app.tasks
+    assert list(bound.aura_signature.parameters) == ["n", "tenant_id"]
+    assert bound.apply(args=(1,), task_id="m-bound").get() == "m-bound"
+
+    @resilient_task(app=app, bind=False, name=unique("unbound"))
+    def unbound(n: int) -> int:
+        return n + 1
+
+    assert list(unbound.aura_signature.parameters) == ["n"]
+    assert unbound.apply(args=(1,)).get() == 2
+
+
+def test_past_the_hard_time_limit_the_message_is_requeued(app: Celery) -> None:
+    from celery.exceptions import Reject
+
+    from aura.messaging.runtime import HardTimeLimitExceeded
+
+    @resilient_task(app=app, name=unique("hard"))
+    def stuck(self: object) -> None:
+        raise HardTimeLimitExceeded
+
+    before = metric("celery_task_timeouts_total", kind="hard")
+    with pytest.raises(Reject) as rejected:
+        stuck.run()
+    assert rejected.value.requeue is True
+    assert metric("celery_task_timeouts_total", kind="hard") == before + 1
+
+
+def test_the_process_loop_is_the_runtimes(app: Celery) -> None:
+    import asyncio
+
+    from aura.messaging.runtime import process_runtime
+    from aura.messaging.task import process_loop
+
+    loop = process_loop(app)
+    assert isinstance(loop, asyncio.AbstractEventLoop)
+    assert loop is process_runtime(app).loop
+    assert process_loop() is loop  # one runtime per process, whichever app asks
