@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 from kombu.message import Message
+from structlog.testing import capture_logs
 
 from aura.events import DeadLetterReason
 from aura.messaging.dlq import (
@@ -461,3 +462,42 @@ def test_nested_header_tables_are_cut_at_eight_levels() -> None:
     for _ in range(9):
         cut = cut["k"] if isinstance(cut, dict) else cut
     assert cut == "<nested too deep>"
+
+
+def test_the_reader_declares_the_dlq_and_tells_broker_letters_apart() -> None:
+    with Connection(f"memory://pins-dlq-{uuid.uuid4().hex}") as connection:
+        reader = DeadLetterQueue(connection)
+        assert reader.list() == []
+        channel = connection.default_channel
+        channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)  # the reader declared it
+        publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
+        publish_raw(connection, b"[[], {}, {}]", {"id": "m2", "x-death": [{"count": 1}]})
+        flags = [(e.letter.message_id, e.from_broker) for e in reader.take()]
+        assert flags == [("m1", False), ("m2", True)]
+        assert len(reader.list()) == 2  # taken but not acked: still there
+        dead_letter_queue()(channel).purge()
+
+
+def test_an_entry_kombu_cannot_build_is_skipped_with_a_warning(connection: Connection) -> None:
+    publish_raw(connection, b"not gzip", {"compression": "application/x-gzip"})
+    publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
+    with capture_logs() as logs:
+        shown = DeadLetterQueue(connection).list()
+    assert [x.message_id for x in shown] == ["m1"]
+    warnings = [e for e in logs if e["event"] == "a DLQ entry could not be read"]
+    assert len(warnings) >= 1
+    assert warnings[0]["log_level"] == "warning"
+
+
+def test_the_readers_defaults(connection: Connection) -> None:
+    import inspect
+
+    for method in ("list", "count_by_reason", "show", "take"):
+        signature = inspect.signature(getattr(DeadLetterQueue, method))
+        assert signature.parameters["scan"].default == 10_000
+    for function in (replay, purge):
+        assert inspect.signature(function).parameters["scan"].default == 10_000
+    for n in range(51):
+        publish_dead_letter(connection, letter(f"m{n}", DeadLetterReason.POISON_PILL))
+    assert len(DeadLetterQueue(connection).list()) == 50
+    assert DeadLetterQueue(connection).count_by_reason() == {"poison_pill": 51}
