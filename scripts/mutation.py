@@ -456,6 +456,7 @@ def run_module(module: str, tree: Path, args: argparse.Namespace) -> Score:
     listed = equivalents()
     score = Score(module)
     chosen = [m for m in mutants(module) if args.line is None or m.line in args.line]
+    chosen = chosen[:: args.sample]
     stale = _dependents(tree, "aura." + module.removesuffix(".py").replace("/", "."))
     lines_file = tree / "executed-lines.json"
     lines_file.unlink(missing_ok=True)
@@ -519,6 +520,9 @@ def main() -> None:
     parser.add_argument("--line", type=int, action="append", help="only mutants on this line")
     parser.add_argument(
         "--baseline", action="store_true", help="without tests/test_pins_* (the 'before')"
+    )
+    parser.add_argument(
+        "--sample", type=int, default=1, help="every Nth mutant only (an estimate, faster)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per mutant")
     args = parser.parse_args()
