@@ -392,3 +392,81 @@ def test_the_process_loop_is_the_runtimes(app: Celery) -> None:
     assert isinstance(loop, asyncio.AbstractEventLoop)
     assert loop is process_runtime(app).loop
     assert process_loop() is loop  # one runtime per process, whichever app asks
+
+
+def test_the_task_class_keeps_requests_per_context(app: Celery) -> None:
+    from aura.messaging.runtime import ContextStack
+
+    @resilient_task(app=app, name=unique("stack"))
+    def noop(self: object) -> None:
+        return None
+
+    assert isinstance(noop.request_stack, ContextStack)
+
+
+def test_an_async_task_runs_on_the_process_loop(app: Celery) -> None:
+    import asyncio
+
+    from aura.messaging.task import process_loop
+
+    @resilient_task(app=app, name=unique("async"))
+    async def coroutine(self: object, n: int) -> int:
+        assert asyncio.get_running_loop() is process_loop(app)
+        return n * 2
+
+    assert coroutine.apply(args=(21,)).get() == 42
+
+
+def test_a_soft_time_limit_is_counted_and_retried(app: Celery) -> None:
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=unique("soft"))
+    def slow(self: object) -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            raise SoftTimeLimitExceeded
+        return "done"
+
+    before = metric("celery_task_timeouts_total", kind="soft")
+    assert slow.apply().get() == "done"
+    assert metric("celery_task_timeouts_total", kind="soft") == before + 1
+
+
+def run_redelivered(task: Any, message_id: str) -> Any:
+    """Run ``task`` as a redelivery of ``message_id`` (eager apply cannot say so)."""
+    task.push_request(id=message_id, delivery_info={"redelivered": True}, retries=0, args=())
+    try:
+        return task.run()
+    finally:
+        task.pop_request()
+
+
+def test_a_redelivery_counts_against_the_budget(app: Celery) -> None:
+    from aura.messaging.retry import KEY_PREFIX
+    from aura.messaging.runtime import process_runtime
+
+    name = unique("redelivered")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name, max_retries=1)
+    def effect(self: object) -> str:
+        runs.append(1)
+        return "ran"
+
+    runtime = process_runtime(app)
+    message_id = f"m-{uuid.uuid4().hex}"
+    assert run_redelivered(effect, message_id) == "ran"  # its first crash: within budget
+    assert runs == [1]
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + message_id)) == 0  # cleared
+
+    runtime.run(runtime.redis.set(KEY_PREFIX + message_id, 1))  # one failure counted
+    assert run_redelivered(effect, message_id) is None  # the crash spends the budget
+    assert runs == [1]
+    (letter,) = letters(app, name)
+    assert (letter.reason.value, letter.retries, letter.error_type) == (
+        "worker_lost",
+        1,
+        "WorkerLostError",
+    )
