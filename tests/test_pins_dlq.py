@@ -501,3 +501,14 @@ def test_the_readers_defaults(connection: Connection) -> None:
         publish_dead_letter(connection, letter(f"m{n}", DeadLetterReason.POISON_PILL))
     assert len(DeadLetterQueue(connection).list()) == 50
     assert DeadLetterQueue(connection).count_by_reason() == {"poison_pill": 51}
+
+
+def test_each_read_closes_its_channel(connection: Connection) -> None:
+    publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
+    reader = DeadLetterQueue(connection)
+    reader.list()
+    open_channels = len(connection.transport.channels)
+    for _ in range(3):
+        reader.list()
+        reader.count_by_reason()
+    assert len(connection.transport.channels) == open_channels  # none left open
