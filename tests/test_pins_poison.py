@@ -273,10 +273,9 @@ def test_a_reason_that_cannot_be_made_is_still_one() -> None:
 
 
 def test_code_run_without_a_module_name_is_not_a_transport() -> None:
-    try:
-        exec("raise ValueError('from exec')", {})
-    except ValueError as exc:
-        assert detector.is_poison_pill(exc)
+    with pytest.raises(ValueError, match="from exec") as raised:
+        exec("raise ValueError('from exec')", {})  # a frame whose globals have no __name__
+    assert detector.is_poison_pill(raised.value)
 
 
 def test_an_attribute_error_with_an_empty_name_uses_its_text() -> None:
