@@ -470,3 +470,134 @@ def test_a_redelivery_counts_against_the_budget(app: Celery) -> None:
         1,
         "WorkerLostError",
     )
+
+
+class CountingInbox(FakeInbox):
+    def __init__(self, entries: dict[str, InboxEntry], fails: int = 0) -> None:
+        super().__init__(entries)
+        self.lookups = 0
+        self.fails = fails
+
+    async def lookup(self, message_id: str) -> InboxEntry | None:
+        self.lookups += 1
+        if self.fails:
+            self.fails -= 1
+            raise ConnectionError("inbox down " + "x" * 1000)
+        return await super().lookup(message_id)
+
+
+def test_an_unreadable_inbox_lets_the_delivery_run(app: Celery) -> None:
+    runs: list[int] = []
+    inbox = CountingInbox({}, fails=1)
+
+    @resilient_task(app=app, name=unique("inbox-down"), inbox=inbox)
+    def effect(self: object) -> str:
+        runs.append(1)
+        return "ran"
+
+    with capture_logs() as logs:
+        assert effect.apply().get() == "ran"
+    assert runs == [1]
+    (warning,) = [e for e in logs if e["event"].startswith("inbox lookup failed")]
+    assert warning["event"] == "inbox lookup failed; the delivery runs and its claim decides"
+    assert len(warning["error"]) == 300
+
+
+def test_a_conflict_found_by_the_inbox_costs_one_lookup(app: Celery) -> None:
+    name = unique("conflict-lookups")
+    inbox = CountingInbox({"m-c": InboxEntry(fingerprint="another")})
+
+    @resilient_task(app=app, name=name, inbox=inbox)
+    def effect(self: object) -> None:
+        raise AssertionError("never runs")
+
+    assert effect.apply(task_id="m-c").get() is None
+    assert inbox.lookups == 1
+    (letter,) = letters(app, name)
+    assert (letter.reason.value, letter.retries) == ("conflicting_message_id", 0)
+
+
+def test_a_committed_twin_clears_counters_and_a_failed_recovery_is_retried(app: Celery) -> None:
+    from aura.messaging.retry import KEY_PREFIX
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    recoveries: list[int] = []
+
+    async def on_duplicate() -> None:
+        recoveries.append(1)
+        if len(recoveries) == 1:
+            raise ConnectionError("queue down")
+
+    inbox = CountingInbox({"m-twin2": InboxEntry(fingerprint=None)})
+
+    @resilient_task(app=app, name=unique("twin"), inbox=inbox, on_duplicate=on_duplicate)
+    def effect(self: object) -> None:
+        raise AssertionError("never runs")
+
+    runtime.run(runtime.redis.set(DEFER_PREFIX + "m-twin2", 3))
+    before = metric("aura_duplicate_deliveries_total", kind="committed")
+    with capture_logs() as logs:
+        assert effect.apply(task_id="m-twin2").get() is None
+    assert recoveries == [1, 1]  # the failed recovery step was retried, then done
+    assert [e["attempt"] for e in retried(logs)] == [1]
+    assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
+    assert runtime.run(runtime.redis.exists(DEFER_PREFIX + "m-twin2")) == 0
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-twin2")) == 0
+
+
+def test_counters_are_cleared_after_a_success_and_redis_failing_there_is_only_logged(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.messaging.retry import KEY_PREFIX
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=unique("clears"))
+    def flaky(self: object) -> str:
+        runs.append(1)
+        if len(runs) % 2:
+            raise ConnectionError("reset")
+        return "done"
+
+    assert flaky.apply(task_id="m-clears").get() == "done"
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-clears")) == 0
+
+    async def refuse(*keys: str) -> int:
+        raise ConnectionError("redis down " + "y" * 1000)
+
+    monkeypatch.setattr(runtime.redis, "delete", refuse)
+    with capture_logs() as logs:
+        assert flaky.apply(task_id="m-clears-2").get() == "done"
+    (warning,) = [e for e in logs if e["event"].startswith("could not clear")]
+    assert warning["event"] == "could not clear the retry counters; their TTL ends them"
+    assert len(warning["error"]) == 300
+
+
+def test_a_redelivery_that_cannot_be_counted_runs(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.exceptions
+
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=unique("uncounted"), max_retries=0)
+    def effect(self: object) -> str:
+        runs.append(1)
+        return "ran"
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ResponseError("OOM " + "z" * 1000)
+
+    monkeypatch.setattr(runtime.redis, "pipeline", refuse)
+    with capture_logs() as logs:
+        assert run_redelivered(effect, f"m-{uuid.uuid4().hex}") == "ran"
+    assert runs == [1]
+    (warning,) = [e for e in logs if e["event"].startswith("could not count")]
+    assert warning["event"] == "could not count a redelivery; running it"
+    assert len(warning["error"]) == 300
