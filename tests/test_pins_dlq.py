@@ -512,3 +512,21 @@ def test_each_read_closes_its_channel(connection: Connection) -> None:
         reader.list()
         reader.count_by_reason()
     assert len(connection.transport.channels) == open_channels  # none left open
+
+
+def test_each_read_declares_the_dlq_first(
+    connection: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fresh RabbitMQ the queue may not exist yet: reading it would be a 404."""
+    from kombu import Queue
+
+    declared: list[str] = []
+    real = Queue.declare
+
+    def recording(self: Queue, *args: Any, **kwargs: Any) -> Any:
+        declared.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Queue, "declare", recording)
+    DeadLetterQueue(connection).list()
+    assert declared == [DEAD_LETTER_QUEUE]
