@@ -470,6 +470,7 @@ def test_a_redelivery_counts_against_the_budget(app: Celery) -> None:
         1,
         "WorkerLostError",
     )
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + message_id)) == 0  # cleared
 
 
 class CountingInbox(FakeInbox):
@@ -601,3 +602,97 @@ def test_a_redelivery_that_cannot_be_counted_runs(
     (warning,) = [e for e in logs if e["event"].startswith("could not count")]
     assert warning["event"] == "could not count a redelivery; running it"
     assert len(warning["error"]) == 300
+
+
+class LateInbox(CountingInbox):
+    """Empty when the delivery is settled before it runs; holds ``entry`` afterwards (a
+    twin committed meanwhile), or fails from the second lookup on."""
+
+    def __init__(self, entry: InboxEntry | None, *, fail_late: bool = False) -> None:
+        super().__init__({})
+        self.entry = entry
+        self.fail_late = fail_late
+
+    async def lookup(self, message_id: str) -> InboxEntry | None:
+        self.lookups += 1
+        if self.lookups == 1:
+            return None
+        if self.fail_late:
+            raise ConnectionError("inbox down")
+        return self.entry
+
+
+def test_no_dead_letter_for_an_effect_the_inbox_shows_committed(app: Celery) -> None:
+    from aura.messaging.retry import KEY_PREFIX
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    name = unique("late-twin")
+
+    @resilient_task(app=app, name=name, inbox=LateInbox(InboxEntry(fingerprint=None)))
+    def effect(self: object) -> None:
+        raise KeyError("poison, but a twin committed the effect")
+
+    runtime.run(runtime.redis.set(KEY_PREFIX + "m-late", 2))
+    before = metric("aura_duplicate_deliveries_total", kind="committed")
+    with capture_logs() as logs:
+        assert effect.apply(task_id="m-late").get() is None
+    assert letters(app, name) == []
+    assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
+    assert [e["event"] for e in logs] == ["effect already committed; acked, not dead-lettered"]
+    assert logs[0]["reason"] == "poison_pill"
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-late")) == 0
+
+    other = unique("late-none")
+
+    @resilient_task(app=app, name=other, inbox=LateInbox(None))
+    def uncommitted(self: object) -> None:
+        raise KeyError("poison")
+
+    uncommitted.apply(task_id="m-late-none").get()
+    assert [x.reason.value for x in letters(app, other)] == ["poison_pill"]
+
+
+def test_an_unreadable_inbox_puts_a_dead_letter_off_within_the_deferral_budget(
+    app: Celery,
+) -> None:
+    name = unique("late-unreadable")
+    runs: list[int] = []
+
+    @resilient_task(app=app, name=name, inbox=LateInbox(None, fail_late=True), max_deferrals=1)
+    def effect(self: object) -> None:
+        runs.append(1)
+        raise KeyError("poison")
+
+    with capture_logs() as logs:
+        effect.apply(task_id=f"m-{uuid.uuid4().hex}").get()
+    assert len(runs) == 2  # put off once, then dead-lettered
+    events_said = [e["event"] for e in logs if "inbox" in e["event"]]
+    assert events_said == [
+        "inbox unreadable: cannot tell whether the effect is committed; put off",
+        "inbox lookup failed; the delivery runs and its claim decides",
+        "inbox unreadable and deferrals spent; dead-lettering",
+    ]
+    (letter,) = letters(app, name)
+    assert letter.reason.value == "poison_pill"
+
+
+def test_the_dead_letter_marker(app: Celery) -> None:
+    from aura.messaging.idempotency import message_fingerprint
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    name = unique("marker-key")
+
+    @resilient_task(app=app, name=name)
+    def poison(self: object, n: int) -> None:
+        raise KeyError("k")
+
+    before = metric("aura_duplicate_deliveries_total", kind="dead_lettered")
+    poison.apply(args=(1,), task_id="m-mark").get()
+    fingerprint = message_fingerprint(name, (1,), {})
+    marker = f"dlq_written:m-mark:poison_pill:{fingerprint[:16]}"
+    assert runtime.run(runtime.redis.exists(marker)) == 1
+    poison.apply(args=(1,), task_id="m-mark").get()
+    assert metric("aura_duplicate_deliveries_total", kind="dead_lettered") == before + 1
+    assert len(letters(app, name)) == 1
