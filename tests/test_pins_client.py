@@ -341,3 +341,60 @@ async def test_a_streamed_error_status_is_ours() -> None:
     async with client_with(lambda _: httpx.Response(503, json={"error": {"message": "busy"}})) as c:
         with pytest.raises(LLMHTTPStatusError, match="HTTP 503: busy"):
             await c.complete(MESSAGES, stream=True)
+
+
+def test_the_reset_header_is_read_in_its_first_32_characters() -> None:
+    value = "1s" + "." * 29 + "2s"  # the second part starts at character 32
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": value}
+    assert provider_hold_off(httpx.Headers(headers)) == (1.0, True)
+
+
+def test_the_transport_is_aiohttp_unless_configured_otherwise() -> None:
+    default = ResilientLLMClient(settings=Settings())
+    assert type(default.http_client._transport).__name__ == "AiohttpTransport"
+    plain = ResilientLLMClient(settings=Settings(llm_http_transport="httpx"))
+    assert isinstance(plain.http_client._transport, httpx.AsyncHTTPTransport)
+
+
+@pytest.mark.parametrize(("concurrency", "connections"), [(50, 100), (200, 220)])
+async def test_a_redis_of_its_own_fails_fast(concurrency: int, connections: int) -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", worker_concurrency=concurrency)
+    client = ResilientLLMClient(settings=settings)
+    assert client.circuit_breaker.shared
+    pool = client._redis.connection_pool  # type: ignore[union-attr]
+    assert pool.max_connections == connections
+    assert pool.timeout == 5.0  # waits for a free connection (back-pressure), bounded
+    kwargs = pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.5)
+    await client.aclose()
+    given = ResilientLLMClient(settings=settings, redis=client._redis)
+    assert given._owned_redis is None  # the caller's client is the caller's to close
+
+
+async def test_the_trial_lease_is_the_deadline_and_five_seconds() -> None:
+    import asyncio
+
+    clock = FakeClock()
+    release, trial_started = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= 3:
+            return httpx.Response(500, json={})
+        trial_started.set()
+        await release.wait()
+        return httpx.Response(200, json=answer())
+
+    async with client_with(handler, clock=clock, deadline=4.0) as client:
+        for _ in range(3):
+            with pytest.raises(LLMHTTPStatusError):
+                await client.complete(MESSAGES)
+        clock.advance(60)
+        trial = asyncio.create_task(client.complete(MESSAGES))
+        await asyncio.wait_for(trial_started.wait(), 10)
+        with pytest.raises(CircuitOpenError) as rejected:
+            await client.complete(MESSAGES)
+        assert rejected.value.retry_after == pytest.approx(9.0)
+        release.set()
+        assert (await trial).text == "hi"
