@@ -23,6 +23,10 @@ from aura.messaging.task import DEFER_PREFIX, DLQ_MARKER_PREFIX, backoff_delay
 from aura.worker.celery_app import make_celery_app
 from tests.helpers import metric
 
+# Any new app binds every shared task made so far; when aura.worker.tasks was imported
+# first (the mutation runner preloads it), Celery warns about their ``queue`` option.
+pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
+
 
 @pytest.fixture
 def app() -> Iterator[Celery]:
