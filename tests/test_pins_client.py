@@ -5,6 +5,7 @@ httpx.MockTransport: no network, no simulator."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -398,3 +399,67 @@ async def test_the_trial_lease_is_the_deadline_and_five_seconds() -> None:
         assert rejected.value.retry_after == pytest.approx(9.0)
         release.set()
         assert (await trial).text == "hi"
+
+
+def slow_stream(*chunks: bytes, hold: asyncio.Event | None = None) -> Any:
+    async def body() -> Any:
+        for chunk in chunks:
+            await asyncio.sleep(0)
+            yield chunk
+        if hold is not None:
+            await hold.wait()
+
+    return body()
+
+
+def sse(text: str, *, done: bool) -> bytes:
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "delta": {"content": text}, "finish_reason": "stop" if done else None}
+        ],
+    }
+    return f"data: {json.dumps(chunk)}\n\n".encode() + (b"data: [DONE]\n\n" if done else b"")
+
+
+async def test_a_stream_read_chunk_by_chunk_within_its_deadlines() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        content = slow_stream(sse("he", done=False), sse("llo", done=True))
+        return httpx.Response(200, content=content, headers={"content-type": "text/event-stream"})
+
+    async with client_with(handler, deadline=30.0, first_token_timeout=10.0) as client:
+        result = await client.complete(MESSAGES, stream=True)
+    assert result.text == "hello"
+    assert 0 < result.latency_s < 30
+
+
+@pytest.mark.timeout(10)
+async def test_no_first_token_in_time_is_a_first_token_timeout() -> None:
+    forever = asyncio.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, content=slow_stream(hold=forever), headers={"content-type": "text/event-stream"}
+        )
+
+    async with client_with(handler, deadline=30.0, first_token_timeout=0.05) as client:
+        with pytest.raises(LLMTimeoutError, match=r"no first token within 0.05s"):
+            await client.complete(MESSAGES, stream=True)
+
+
+async def test_a_streamed_error_body_is_read_for_its_message() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.dumps({"error": {"message": "busy"}}).encode()
+        return httpx.Response(503, content=slow_stream(body))
+
+    async with client_with(handler) as client:
+        with pytest.raises(LLMHTTPStatusError, match="HTTP 503: busy"):
+            await client.complete(MESSAGES, stream=True)
+
+
+async def test_a_completions_latency_is_its_own() -> None:
+    async with client_with(lambda _: httpx.Response(200, json=answer())) as client:
+        result = await client.complete(MESSAGES)
+    assert 0 < result.latency_s < 30
