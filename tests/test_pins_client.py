@@ -463,3 +463,58 @@ async def test_a_completions_latency_is_its_own() -> None:
     async with client_with(lambda _: httpx.Response(200, json=answer())) as client:
         result = await client.complete(MESSAGES)
     assert 0 < result.latency_s < 30
+
+
+@pytest.mark.timeout(10)
+async def test_after_the_first_token_the_whole_deadline_applies() -> None:
+    async def body() -> Any:
+        yield sse("he", done=False)
+        await asyncio.sleep(0.3)  # the provider pauses longer than the first-token limit
+        yield sse("llo", done=True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    async with client_with(handler, deadline=10.0, first_token_timeout=0.05) as client:
+        assert (await client.complete(MESSAGES, stream=True)).text == "hello"
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_that_stops_midway_is_a_deadline_timeout() -> None:
+    forever = asyncio.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        content = slow_stream(sse("he", done=False), hold=forever)
+        return httpx.Response(200, content=content, headers={"content-type": "text/event-stream"})
+
+    async with client_with(handler, deadline=0.2, first_token_timeout=0.1) as client:
+        with pytest.raises(LLMTimeoutError, match=r"^no complete answer within 0.2s$"):
+            await client.complete(MESSAGES, stream=True)
+
+
+async def test_streamed_calls_are_counted_and_timed() -> None:
+    from prometheus_client import REGISTRY
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        content = slow_stream(sse("hi", done=True))
+        return httpx.Response(200, content=content, headers={"content-type": "text/event-stream"})
+
+    def duration_sum(outcome: str = "success") -> float:
+        value = REGISTRY.get_sample_value(
+            "llm_api_request_duration_seconds_sum", {"outcome": outcome}
+        )
+        return value or 0.0
+
+    labels = {"model": "gpt-4o-mini"}
+    success = metric("aura_llm_requests_total", outcome="success", **labels)
+    failed = metric("aura_llm_requests_total", outcome="http_error", **labels)
+    summed, summed_errors = duration_sum(), duration_sum("http_error")
+    async with client_with(handler) as client:
+        await client.complete(MESSAGES, stream=True)
+    assert metric("aura_llm_requests_total", outcome="success", **labels) == success + 1
+    assert 0 < duration_sum() - summed < 60
+    async with client_with(lambda _: httpx.Response(502, content=slow_stream(b"{}"))) as client:
+        with pytest.raises(LLMHTTPStatusError):
+            await client.complete(MESSAGES, stream=True)
+    assert metric("aura_llm_requests_total", outcome="http_error", **labels) == failed + 1
+    assert 0 < duration_sum("http_error") - summed_errors < 60  # seconds, not clock readings
