@@ -235,7 +235,7 @@ def equivalents() -> dict[tuple[str, str, str], str]:
     for raw in EQUIVALENT.read_text().splitlines():
         if not raw.strip() or raw.startswith("#"):
             continue
-        match = re.match(r"(\S+): (.*?)  =>  (.*?)  # (.*)$", raw)
+        match = re.match(r"(\S+): (.*?)  =>  (.*)  # (.*)$", raw)  # the last "  # " ends it
         if match is None:
             sys.exit(f"{EQUIVALENT}: cannot read {raw!r}")
         module, before, after, reason = match.groups()

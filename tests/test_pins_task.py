@@ -700,3 +700,18 @@ def test_the_dead_letter_marker(app: Celery) -> None:
     poison.apply(args=(1,), task_id="m-mark").get()
     assert metric("aura_duplicate_deliveries_total", kind="dead_lettered") == before + 1
     assert len(letters(app, name)) == 1
+
+
+def test_a_task_belongs_to_the_app_it_names_else_to_auras(app: Celery) -> None:
+    from aura.worker.celery_app import celery_app
+
+    @resilient_task(app=app, name=unique("mine"))
+    def mine(self: object) -> None:
+        return None
+
+    @resilient_task(name=unique("default"))
+    def default(self: object) -> None:
+        return None
+
+    assert mine.app is app
+    assert default.app is celery_app
