@@ -715,3 +715,102 @@ def test_a_task_belongs_to_the_app_it_names_else_to_auras(app: Celery) -> None:
 
     assert mine.app is app
     assert default.app is celery_app
+
+
+def test_retries_and_deferrals_are_counted_and_counters_cleared_at_the_dlq(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.messaging.retry import KEY_PREFIX
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    monkeypatch.setattr(runtime, "rng", random.Random(1))
+    retries = metric("aura_task_retries_total", kind="retry")
+    deferrals = metric("aura_task_retries_total", kind="deferral")
+
+    @resilient_task(app=app, name=unique("counted"), max_retries=2)
+    def fails(self: object) -> None:
+        raise ConnectionError("down")
+
+    @resilient_task(app=app, name=unique("deferred2"), max_deferrals=3)
+    def deferred(self: object) -> None:
+        raise CircuitOpenError("llm", retry_after=0.0)
+
+    with capture_logs() as logs:
+        fails.apply(task_id="m-counted").get()
+    deferred.apply().get()
+    assert metric("aura_task_retries_total", kind="retry") == retries + 2
+    assert metric("aura_task_retries_total", kind="deferral") == deferrals + 3
+    assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-counted")) == 0
+    countdowns = [e["countdown"] for e in retried(logs)]
+    assert all(c == round(c, 3) for c in countdowns)  # logged to the millisecond
+    assert any(c != round(c, 2) for c in countdowns)
+
+
+def test_a_marker_redis_cannot_read_means_the_letter_is_written(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    name = unique("marker-down")
+
+    async def refuse(*keys: str) -> int:
+        raise ConnectionError("redis down")
+
+    monkeypatch.setattr(runtime.redis, "exists", refuse)
+
+    @resilient_task(app=app, name=name)
+    def poison(self: object) -> None:
+        raise KeyError("k")
+
+    poison.apply().get()
+    assert len(letters(app, name)) == 1
+
+
+def test_a_conflict_raised_by_the_claim_asks_the_inbox_no_more(app: Celery) -> None:
+    inbox = LateInbox(None)
+    name = unique("claim-conflict")
+
+    @resilient_task(app=app, name=name, inbox=inbox)
+    def claims(self: object) -> None:
+        raise ConflictingMessageIdError("committed for another payload")
+
+    claims.apply().get()
+    assert inbox.lookups == 1  # the settling lookup only
+    assert [x.reason.value for x in letters(app, name)] == ["conflicting_message_id"]
+
+
+def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.exceptions
+
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    name = unique("deferrals-uncounted")
+    runs: list[int] = []
+
+    class LongFailure(LateInbox):
+        async def lookup(self, message_id: str) -> InboxEntry | None:
+            self.lookups += 1
+            if self.lookups == 1:
+                return None
+            raise ConnectionError("inbox down " + "x" * 1000)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ResponseError("OOM")
+
+    @resilient_task(app=app, name=name, inbox=LongFailure(None), max_deferrals=1)
+    def effect(self: object) -> None:
+        runs.append(1)
+        raise KeyError("poison")
+
+    monkeypatch.setattr(runtime.redis, "pipeline", refuse)
+    with capture_logs() as logs:
+        effect.apply().get()
+    assert len(runs) == 2  # put off once (Celery's retries: 0 < 1), then dead-lettered
+    (spent,) = [e for e in logs if e["event"].endswith("deferrals spent; dead-lettering")]
+    assert len(spent["error"]) == 300
+    assert [x.reason.value for x in letters(app, name)] == ["poison_pill"]
