@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -518,3 +519,58 @@ async def test_streamed_calls_are_counted_and_timed() -> None:
             await client.complete(MESSAGES, stream=True)
     assert metric("aura_llm_requests_total", outcome="http_error", **labels) == failed + 1
     assert 0 < duration_sum("http_error") - summed_errors < 60  # seconds, not clock readings
+
+
+def throttled(_: httpx.Request) -> httpx.Response:
+    return httpx.Response(429, json={"error": {"message": "slow down"}})
+
+
+async def test_a_429_trips_the_breaker_unless_the_fleets_limiter_holds_off(
+    redis_url: str,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from aura.llm.ratelimit import RateLimit
+
+    shared = aioredis.from_url(redis_url)
+    name = f"pins-{uuid.uuid4().hex[:8]}"
+    try:
+        limited = client_with(
+            throttled, redis=shared, rate_limit=RateLimit(rpm=600_000), breaker_name=name
+        )
+        for _ in range(3):
+            with pytest.raises(LLMHTTPStatusError):
+                await limited.complete(MESSAGES)
+        assert limited.circuit_breaker.state.value == "closed"  # the limiter's business
+        await limited.aclose()
+        unlimited = client_with(throttled, redis=shared, breaker_name=name + "-u")
+        for _ in range(3):
+            with pytest.raises(LLMHTTPStatusError):
+                await unlimited.complete(MESSAGES)
+        assert unlimited.circuit_breaker.state.value == "open"  # no limiter: a failure
+        await unlimited.aclose()
+    finally:
+        await shared.aclose()
+
+
+def test_a_limiter_per_model_within_the_bound_on_models() -> None:
+    client = client_with(lambda _: httpx.Response(200))
+    limiter = client.limiter_for("other-model")
+    assert client.limiter_for("other-model") is limiter
+    assert "llm:llm.test:9000/other-model" in client.breakers
+
+
+async def test_aclose_closes_the_redis_it_made_only() -> None:
+    closed: list[str] = []
+    client = ResilientLLMClient(settings=Settings(redis_url="redis://127.0.0.1:1/0"))
+    owned = client._owned_redis
+    assert owned is not None
+    real = owned.aclose
+
+    async def recording() -> None:
+        closed.append("owned")
+        await real()
+
+    owned.aclose = recording  # type: ignore[method-assign]
+    await client.aclose()
+    assert closed == ["owned"]
