@@ -585,6 +585,8 @@ async def test_concurrent_calls_share_one_refresh(switch: Switch) -> None:
     clock = FakeClock()
     breaker = shared_breaker(switch, clock)
     await breaker.reset()  # the first contact is a transition, not a read
+    clock.advance(1.0)
+    assert await breaker.call(ok) == "ok"  # the first read also registers the breaker
     for _ in range(2):
         clock.advance(1.0)
         before = switch.round_trips

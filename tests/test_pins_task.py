@@ -395,7 +395,7 @@ def test_the_process_loop_is_the_runtimes(app: Celery) -> None:
     loop = process_loop(app)
     assert isinstance(loop, asyncio.AbstractEventLoop)
     assert loop is process_runtime(app).loop
-    assert process_loop() is loop  # one runtime per process, whichever app asks
+    assert process_loop(Celery("another")) is loop  # one runtime per process, whichever app
 
 
 def test_the_task_class_keeps_requests_per_context(app: Celery) -> None:
