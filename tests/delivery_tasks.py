@@ -20,7 +20,7 @@ from aura.messaging import delivery_fingerprint, resilient_task
 from aura.worker.celery_app import celery_app
 
 app = celery_app
-configure_logging("WARNING")
+configure_logging("WARNING", cache=False)  # pytest imports it too
 FAST = {"backoff_base": 1.0, "backoff_max": 2.0}  # whole seconds: the broker delays retries
 EFFECTS_TABLE = (  # in a schema of its own: not part of the models' migrations
     "CREATE SCHEMA IF NOT EXISTS aura_tests",

@@ -37,7 +37,7 @@ SCALED = {
     "poison": 16,
     "flaky-llm": 20,
     "llm-outage": 20,
-    "db-kill": 20,
+    "db-kill": 150,  # enough work that kills land mid-transaction (the worker is fast)
     "worker-kill": 20,
     "hanging": 30,
     "killer": 10,

@@ -18,7 +18,7 @@ from aura import logs
 def log_stream() -> io.StringIO:
     stream = io.StringIO()
     logs._configured = False  # configure afresh onto our stream
-    logs.configure_logging("INFO", "json", stream=stream)
+    logs.configure_logging("INFO", "json", stream=stream, cache=False)
     return stream
 
 

@@ -39,6 +39,8 @@ from tests.helpers import metric
 def connection() -> Iterator[Connection]:
     with Connection(f"memory://pins-dlq-{uuid.uuid4().hex}") as conn:
         dead_letter_queue()(conn.default_channel).declare()
+        # kombu's memory:// transport shares one state whatever the URL names: start empty.
+        dead_letter_queue()(conn.default_channel).purge()
         yield conn
         dead_letter_queue()(conn.default_channel).purge()
 

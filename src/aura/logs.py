@@ -238,8 +238,13 @@ def configure_logging(
     fmt: Literal["auto", "json", "console"] = "json",
     *,
     stream: Any = None,
+    cache: bool = True,
 ) -> None:
     """Configure structlog and the standard library once; later calls only set the level.
+
+    ``cache=False`` keeps loggers uncached (slower): a test process whose tests capture
+    logs (``structlog.testing.capture_logs``) needs it, since a cached logger keeps the
+    processors it was first used with.
 
     ``fmt="auto"`` (LOG_FORMAT's default) writes human lines when ``stream`` (stderr) is a
     terminal and one JSON object per line otherwise."""
@@ -275,7 +280,7 @@ def configure_logging(
             ],
             logger_factory=structlog.stdlib.LoggerFactory(),
             wrapper_class=structlog.stdlib.BoundLogger,
-            cache_logger_on_first_use=True,
+            cache_logger_on_first_use=cache,
         )
         handler = logging.StreamHandler(out)
         handler.setFormatter(
