@@ -83,6 +83,9 @@ def worker_command(
     processes: int = typer.Option(
         1, min=1, max=64, help="Worker processes on this node, restarted when they exit."
     ),
+    hostname: str = typer.Option(
+        "", help="Celery node name (default celery@%h; with --processes: auraN@%h each)."
+    ),
 ) -> None:
     """Run the intelligence worker (async pool by default: hundreds of LLM calls in
     flight per process; --processes to use every core)."""
@@ -119,6 +122,7 @@ def worker_command(
             "--without-gossip",
             "--without-mingle",
             "--loglevel=WARNING",
+            *([f"--hostname={hostname}"] if hostname else []),
         ],
     )
     if status != 0:  # a supervisor must see an unclean stop as one
@@ -144,7 +148,11 @@ def _supervise(
         from aura.metrics import exposition_registry
 
         start_http_server(settings.worker_metrics_port, registry=exposition_registry())
-    return Supervisor(command, env, processes).run()
+    # Each process its own node name: on one name they collide on Celery's exclusive
+    # pidbox queue (RESOURCE_LOCKED) and all but one exit.
+    return Supervisor(
+        command, env, processes, per_process=lambda i: ["--hostname", f"aura{i + 1}@%h"]
+    ).run()
 
 
 outbox_app = typer.Typer(help="The gateway's outbox of unpublished messages.", no_args_is_help=True)

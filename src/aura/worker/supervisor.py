@@ -42,8 +42,12 @@ class Supervisor:
         window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        per_process: Callable[[int], Sequence[str]] = lambda _: (),
     ) -> None:
         self.command = list(command)
+        # Arguments of the index-th process (its Celery node name: two workers with one
+        # name on a vhost collide on Celery's exclusive pidbox queue, and one exits).
+        self.per_process = per_process
         self.env = env
         self.processes = processes
         self.max_restarts = max_restarts
@@ -69,7 +73,7 @@ class Supervisor:
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self.stop)
-        self._children = [self._spawn() for _ in range(self.processes)]
+        self._children = [self._spawn(index) for index in range(self.processes)]
         failed = False
         while not (self._stopping and all(c.poll() is not None for c in self._children)):
             for index, child in enumerate(self._children):
@@ -93,16 +97,17 @@ class Supervisor:
                     status=status,
                     restarts=self.restarts,
                 )
-                self._children[index] = self._spawn()
+                self._children[index] = self._spawn(index)
             self.sleep(_POLL)
         if failed:
             return 1
         clean = {0, -self._signal}
         return 0 if all(c.returncode in clean for c in self._children) else 1
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # Our own interpreter and arguments, no shell.
-        return subprocess.Popen(self.command, env=self.env)  # noqa: S603
+        command = [*self.command, *self.per_process(index)]
+        return subprocess.Popen(command, env=self.env)  # noqa: S603
 
     def _may_restart(self) -> bool:
         now = self.clock()
