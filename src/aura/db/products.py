@@ -60,14 +60,9 @@ async def create_tenant(
     return tenant
 
 
-async def create_product(
-    session: AsyncSession, tenant_id: uuid.UUID, product_data: ProductIn | Mapping[str, Any]
-) -> Product:
-    """Insert the product row (not its variants) in the current transaction; an unknown
-    tenant (its foreign key) is a NotFoundError. The ``Product`` returned is not attached
-    to the session."""
-    data = product_data if isinstance(product_data, ProductIn) else parse_product(product_data)
-    product = Product(
+def _new_product(tenant_id: uuid.UUID, data: ProductIn) -> Product:
+    """The row a product is written as (a new id, now), not attached to any session."""
+    return Product(
         id=uuid.uuid4(),
         tenant_id=tenant_id,
         title=data.title,
@@ -76,6 +71,16 @@ async def create_product(
         category=data.category,
         created_at=datetime.now(UTC),
     )
+
+
+async def create_product(
+    session: AsyncSession, tenant_id: uuid.UUID, product_data: ProductIn | Mapping[str, Any]
+) -> Product:
+    """Insert the product row (not its variants) in the current transaction; an unknown
+    tenant (its foreign key) is a NotFoundError. The ``Product`` returned is not attached
+    to the session."""
+    data = product_data if isinstance(product_data, ProductIn) else parse_product(product_data)
+    product = _new_product(tenant_id, data)
     try:
         await session.execute(
             insert(_PRODUCTS).values(
@@ -206,15 +211,7 @@ async def create_product_with_message(
     if database.dialect != "postgresql":
         async with database.session() as session:
             return await _in_session(session, tenant_id, data, message, claim)
-    product = Product(
-        id=uuid.uuid4(),
-        tenant_id=tenant_id,
-        title=data.title,
-        description=data.description,
-        brand=data.brand,
-        category=data.category,
-        created_at=datetime.now(UTC),
-    )
+    product = _new_product(tenant_id, data)
     staged = message(product.id)
     arguments = (
         product.id,

@@ -538,7 +538,20 @@ async def _accept_product(
         )
 
     product = await create_product_with_message(database, tenant_id, data, enrichment, claim)
-    return product, _Written(claim, [f"enrich-{product.id}"], [enrichment(product.id)])
+    staged = enrichment(product.id)
+    return product, _Written(claim, [staged.message_id], [staged])
+
+
+def _ingest(message_id: str, tenant_id: uuid.UUID, import_id: uuid.UUID, record: str) -> Staged:
+    """One import record's message: the record as it came, on bulk_queue."""
+    return Staged(
+        message_id,
+        tenant_id,
+        INGEST_TASK,
+        BULK_QUEUE,
+        [record, str(tenant_id)],
+        {"import_id": str(import_id)},
+    )
 
 
 async def _accept_small_import(
@@ -551,17 +564,7 @@ async def _accept_small_import(
     """An import small enough to hold (a JSON array, or at most _PUBLISHED_INLINE lines):
     the import, its records and their messages in one statement on PostgreSQL."""
     claim = Claim.new(staging_lease(lease))
-    staged = [
-        Staged(
-            str(uuid.uuid4()),
-            tenant_id,
-            INGEST_TASK,
-            BULK_QUEUE,
-            [record, str(tenant_id)],
-            {"import_id": str(import_id)},
-        )
-        for record in records
-    ]
+    staged = [_ingest(str(uuid.uuid4()), tenant_id, import_id, record) for record in records]
     await create_import_with_messages(database, tenant_id, import_id, staged, claim)
     if len(staged) > _PUBLISHED_INLINE:  # a large JSON array: published as a large import
         return _Written(claim, [m.message_id for m in staged], None)
@@ -588,14 +591,7 @@ async def _accept_import(
         message_ids = [str(uuid.uuid4()) for _ in part]
         await add_import_records(session, import_id, tenant_id, message_ids, first=len(ids))
         staged = [
-            Staged(
-                message_id,
-                tenant_id,
-                INGEST_TASK,
-                BULK_QUEUE,
-                [record, str(tenant_id)],
-                {"import_id": str(import_id)},
-            )
+            _ingest(message_id, tenant_id, import_id, record)
             for message_id, record in zip(message_ids, part, strict=True)
         ]
         await stage_messages(session, staged, claim)

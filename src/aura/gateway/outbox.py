@@ -125,27 +125,17 @@ async def publish_claimed(
         if failure is None and len(done) < len(batch):  # the deadline cut it: renew first
             sent = set(done)
             pending = [m for m in batch if m.message_id not in sent] + pending
-    if done or failure is not None:
-        async with database.session() as session:
-            await clear_outbox(session, done)
-            if failure is not None:  # not sending them: the relay may, as soon as it likes
-                await release_claim(session, claim.owner, now=now())
-            await session.commit()
-    if lost_total:
-        _log.warning(
-            "outbox: messages not published by this publisher; its lease ran out and the "
-            "relay publishes them",
-            origin=origin,
-            messages=lost_total,
-        )
-    if failure is not None:
-        _log.warning(
-            "publish failed; the outbox relay will send the rest",
-            origin=origin,
-            sent=sent_total,
-            left=len(messages) - sent_total - lost_total,
-            error=describe_exception(failure),
-        )
+    await _finish(
+        database,
+        claim,
+        done,
+        failure,
+        now=now,
+        origin=origin,
+        sent=sent_total,
+        left=len(messages) - sent_total - lost_total,
+        lost=lost_total,
+    )
     return sent_total
 
 
@@ -190,28 +180,55 @@ async def publish_stored(
         if failure is None and len(done) < len(batch):  # the deadline cut it: renew first
             sent = set(done)
             parts.insert(0, [m.message_id for m in batch if m.message_id not in sent])
+    await _finish(
+        database,
+        claim,
+        done,
+        failure,
+        now=now,
+        origin=origin,
+        sent=sent_total,
+        left=len(message_ids) - sent_total - lost_total,
+        lost=lost_total,
+    )
+    return sent_total
+
+
+async def _finish(
+    database: Database,
+    claim: Claim,
+    done: Sequence[str],
+    failure: BaseException | None,
+    *,
+    now: Callable[[], datetime],
+    origin: str,
+    sent: int,
+    left: int,
+    lost: int,
+) -> None:
+    """The end of a publish: delete what the broker confirmed last; after a failure let
+    the claim go (the relay may send the rest as soon as it likes); say what happened."""
     if done or failure is not None:
         async with database.session() as session:
             await clear_outbox(session, done)
             if failure is not None:
                 await release_claim(session, claim.owner, now=now())
             await session.commit()
-    if lost_total:
+    if lost:
         _log.warning(
             "outbox: messages not published by this publisher; its lease ran out and the "
             "relay publishes them",
             origin=origin,
-            messages=lost_total,
+            messages=lost,
         )
     if failure is not None:
         _log.warning(
             "publish failed; the outbox relay will send the rest",
             origin=origin,
-            sent=sent_total,
-            left=len(message_ids) - sent_total - lost_total,
+            sent=sent,
+            left=left,
             error=describe_exception(failure),
         )
-    return sent_total
 
 
 @dataclass
