@@ -19,10 +19,12 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
+
+from aura.chaos.resources import PrivateRedis
 
 # One token per test run: the default names below are this run's alone.
 RUN_TOKEN = secrets.token_hex(4)
@@ -125,47 +127,10 @@ def free_port() -> int:
         return port
 
 
-class OwnRedis:
+class OwnRedis(PrivateRedis):
     """A redis-server this test run starts on a free loopback port, and so may stop and
-    start again at will (never the machine's server: other people's data lives there)."""
+    start again at will (never the machine's server: other people's data lives there).
+    It is ``aura chaos``'s own ``PrivateRedis``."""
 
     def __init__(self, directory: str) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found: the test starts a server of its own")
-        command = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
-        command += ["--appendonly", "no", "--dir", self.directory]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError(f"own redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def answers(self) -> bool:
-        import redis
-
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+        super().__init__(Path(directory))

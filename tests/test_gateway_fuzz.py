@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,15 +19,9 @@ import pytest
 from aura.db import Database
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from tests.helpers import wait_for
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @pytest.fixture

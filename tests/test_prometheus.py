@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import yaml
 from aura.metrics import SEED_METRIC_NAMES
 from tests.helpers import start_celery_worker, stop_celery_worker, wait_for
 from tests.promql import known_series, metric_names
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus"
@@ -92,12 +92,6 @@ def test_rules_use_only_our_metrics_and_point_at_the_readme() -> None:
         "celery_tasks_pending",
     ):
         assert name in covered  # the seed's four thresholds, and pending tasks
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
