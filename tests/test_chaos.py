@@ -52,7 +52,7 @@ SCALED = {
     "partition-broker": 20,
     "net-cut": 20,
     "net-slow": 20,
-    "commit-cut": 20,
+    "commit-cut": 150,  # enough work that the cut COMMITs are the worker's (it is fast)
 }
 # ./test runs these (one per fault class the worker-level tests in test_delivery.py,
 # test_worker.py and test_async_pool.py do not already drive end to end); the rest run
