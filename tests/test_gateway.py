@@ -179,6 +179,12 @@ async def test_keys_see_only_their_own_tenant(
     bad_id = await client.get(f"/v1/tenants/{tenant_a}/products/not-a-uuid", headers=key_a)
     assert bad_id.status_code == 422
     assert bad_id.json()["error"]["fields"][0]["field"] == "product_id"
+    for path in ("products", "imports"):  # the writes' direct route leaves these to FastAPI
+        bad_tenant = await client.post(f"/v1/tenants/not-a-uuid/{path}", json=[], headers=key_a)
+        assert bad_tenant.status_code == 422
+        assert bad_tenant.json()["error"]["fields"][0]["field"] == "tenant_id"
+        upper = await client.post(f"/v1/tenants/{str(tenant_a).upper()}/{path}", headers=key_a)
+        assert upper.status_code != 404  # the same tenant, however the UUID is spelled
 
 
 async def test_a_duplicate_sku_is_a_conflict(

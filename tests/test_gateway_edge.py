@@ -369,12 +369,19 @@ class HeldPublisher:
         assert self.release.wait(30), "the test never let the publish go"
 
 
+@pytest.mark.parametrize("congested", [True, False], ids=["congested", "keeping-up"])
 async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
-    pg_database: Database,
+    pg_database: Database, congested: bool
 ) -> None:
+    """Two slots, both requests committed and waiting for their publish. While the
+    publisher keeps up they gave their slots back (a third is served); when its backlog
+    is past its bound they keep them, and a third is shed, writing nothing."""
     tenant_id, key = await tenant(pg_database)
     held = HeldPublisher()
-    app = create_app(Gateway(pg_database, held, {}, max_in_flight=2))  # type: ignore[arg-type]
+    gateway = Gateway(pg_database, held, {}, max_in_flight=2, max_wait=0)  # type: ignore[arg-type]
+    if congested:
+        gateway.outbox.max_backlog = 0  # every request finds the publisher congested
+    app = create_app(gateway)
     transport = httpx.ASGITransport(app=app)
     headers = {**key, "content-type": "application/json"}
     url = f"/v1/tenants/{tenant_id}/products"
@@ -384,24 +391,36 @@ async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
             for _ in range(2)
         ]
 
-        async def both_held() -> bool:  # both committed; one publishing, one joining it
-            return held.entered == 1 and await written(pg_database, tenant_id) == (2, 0)
+        async def both_held() -> bool:  # both committed, waiting for the held publish
+            return held.entered >= 1 and await written(pg_database, tenant_id) == (2, 0)
 
         try:
             await wait_until(both_held, within=15)
-            shed = await client.post(url, content=product_text(), headers=headers)
+            third = asyncio.create_task(client.post(url, content=product_text(), headers=headers))
+            if congested:
+                shed = await third
+            else:
+
+                async def third_written() -> bool:
+                    return await written(pg_database, tenant_id) == (3, 0)
+
+                await wait_until(third_written, within=15)
             health = await client.get("/healthz")
         finally:
             held.release.set()
         served = await asyncio.gather(*in_flight)
         after = await client.post(url, content=product_text(), headers=headers)
-    assert shed.status_code == 503
-    assert shed.headers["retry-after"] == "1"
-    assert shed.json()["error"]["code"] == "overloaded"
     assert health.status_code == 200  # never shed
     assert [r.status_code for r in served] == [201, 201]
     assert after.status_code == 201  # capacity is back
-    assert await written(pg_database, tenant_id) == (3, 0)  # the shed one wrote nothing
+    if congested:
+        assert shed.status_code == 503
+        assert shed.headers["retry-after"] == "1"
+        assert shed.json()["error"]["code"] == "overloaded"
+        assert await written(pg_database, tenant_id) == (3, 0)  # the shed one wrote nothing
+    else:
+        assert (await third).status_code == 201
+        assert await written(pg_database, tenant_id) == (4, 0)
 
 
 async def test_valid_keys_are_cached_for_a_while_unknown_ones_never(
@@ -597,3 +616,41 @@ async def test_a_client_that_goes_away_mid_body_is_not_an_error(pg_database: Dat
     assert sent == []  # no one to answer
     assert [e["log_level"] for e in logged] == ["info"]
     assert await written(pg_database, tenant_id) == (0, 0)
+
+
+class _EarlyRelease:
+    """An app whose /v1/ requests give their slot back (``release_slot``), then wait."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.open = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from aura.gateway.guard import release_slot
+
+        self.entered += 1
+        release_slot(scope)
+        release_slot(scope)  # a second call is a no-op
+        await self.open.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_a_request_that_gives_its_slot_back_lets_the_next_one_in_once() -> None:
+    from aura.gateway.guard import LoadShedder
+
+    app = _EarlyRelease()
+    shedder = LoadShedder(app, 1, max_wait=30)
+    transport = httpx.ASGITransport(app=shedder)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        calls = [asyncio.create_task(client.get("/v1/x")) for _ in range(3)]
+
+        async def all_in() -> bool:
+            return app.entered == 3  # with a limit of 1, only early release lets them in
+
+        await wait_until(all_in, within=10)
+        assert shedder.in_flight == 0
+        app.open.set()
+        answers = await asyncio.gather(*calls)
+    assert [a.status_code for a in answers] == [200] * 3
+    assert shedder.in_flight == 0  # each slot was given back once, not twice

@@ -299,3 +299,92 @@ async def test_the_amqp_sender_reports_a_broker_it_cannot_reach(celery_publisher
     await sender.close()
     assert sent == []
     assert isinstance(failure, OSError | ConnectionError)
+
+
+class GatedSender:
+    """A sender that holds every send until the test opens the gate, counting how many
+    sends run at once; everything it is given is confirmed."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.running = self.most = 0
+        self.sent: Counter[str] = Counter()
+        self.closed = False
+
+    async def send(
+        self, messages: Any, *, deadline: float | None = None
+    ) -> tuple[list[str], BaseException | None]:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        for m in messages:
+            self.sent[m.message_id] += 1
+        return [m.message_id for m in messages], None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_requests_share_at_most_max_sends_batches_and_each_is_published_once(
+    pg_database: Database,
+) -> None:
+    """However many requests publish at once: at most ``max_sends`` batches are in
+    flight, every request's messages are sent once and deleted, and every request
+    returns (none is left waiting)."""
+    from aura.gateway.outbox import OutboxPublisher
+
+    tenant_id, _ = await new_tenant(pg_database)
+    sender = GatedSender()
+    publisher = OutboxPublisher(pg_database, sender, lease=30, max_batch=5, max_sends=2)
+    requests = []
+    for i in range(12):  # each request: its own claim and 3 messages, as a small import
+        claim = Claim.new(60)
+        staged = await stage(pg_database, tenant_id, 3, claim)
+        requests.append(asyncio.create_task(publisher.publish(staged, claim, origin=f"r{i}")))
+
+    async def all_handed_over() -> bool:
+        return sender.running == 2 and publisher.backlog == 36
+
+    await wait_until(all_handed_over, within=10)
+    assert publisher.congested  # 36 messages wait: more than 4 batches of 5
+    sender.gate.set()
+    await asyncio.wait_for(asyncio.gather(*requests), 30)
+    assert sender.most == 2  # never more than max_sends at once
+    assert len(sender.sent) == 36
+    assert max(sender.sent.values()) == 1
+    assert publisher.backlog == 0
+
+    async def deleted() -> bool:
+        return await left_in_outbox(pg_database, tenant_id) == 0
+
+    await wait_until(deleted, within=10)  # deleted after the requests were answered
+    await publisher.aclose()
+    assert sender.closed
+
+
+async def test_a_failed_delete_after_the_publish_is_logged_and_left_to_the_relay(
+    pg_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aura.gateway import outbox as gateway_outbox
+    from aura.gateway.outbox import OutboxPublisher
+
+    tenant_id, _ = await new_tenant(pg_database)
+    sender = GatedSender()
+    sender.gate.set()
+
+    async def broken_delete(database: Database, ids: Any) -> None:
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(gateway_outbox, "delete_sent", broken_delete)
+    publisher = OutboxPublisher(pg_database, sender, lease=30)
+    claim = Claim.new(60)
+    staged = await stage(pg_database, tenant_id, 4, claim)
+    with structlog.testing.capture_logs() as logged:
+        await asyncio.wait_for(publisher.publish(staged, claim, origin="product"), 30)
+        await publisher.aclose()  # waits for the delete in flight
+    assert len(sender.sent) == 4  # the request was answered as published
+    assert await left_in_outbox(pg_database, tenant_id) == 4  # the relay's, later
+    assert any("could not delete published messages" in e["event"] for e in logged)

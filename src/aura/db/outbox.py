@@ -31,13 +31,16 @@ from typing import Any
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura.db.engine import Database
 from aura.db.models import OutboxMessage
+from aura.db.statement import execute_atomically
 
 __all__ = [
     "Claim",
     "Staged",
     "claim_due",
     "clear_outbox",
+    "delete_sent",
     "extend_claim",
     "release_claim",
     "renew_claim",
@@ -94,6 +97,24 @@ async def stage_messages(
     ]
     for start in range(0, len(rows), _CHUNK):
         await session.execute(insert(OutboxMessage), rows[start : start + _CHUNK])
+
+
+async def delete_sent(database: Database, message_ids: Sequence[str]) -> None:
+    """Delete published messages, in one autocommit statement on PostgreSQL (one round
+    trip: ``execute_atomically``), in a transaction of their own elsewhere."""
+    if not message_ids:
+        return
+    if database.dialect != "postgresql":
+        async with database.session() as session:
+            await clear_outbox(session, message_ids)
+            await session.commit()
+        return
+    for start in range(0, len(message_ids), _CHUNK):
+        chunk = list(message_ids[start : start + _CHUNK])
+        await execute_atomically(database, "delete_sent", _DELETE_SENT, chunk)
+
+
+_DELETE_SENT = "delete from outbox where message_id = any($1::varchar[])"
 
 
 async def clear_outbox(session: AsyncSession, message_ids: Iterable[str]) -> None:

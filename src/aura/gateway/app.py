@@ -25,7 +25,7 @@ import contextlib
 import functools
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from fastapi import FastAPI, Query, Request, Security
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -93,8 +93,9 @@ from aura.gateway.guard import (
     RETRY_AFTER_SECONDS,
     ErrorGuard,
     LoadShedder,
+    release_slot,
 )
-from aura.gateway.openapi import API_KEY, IMPORT_BODY, PRODUCT_BODY, build_openapi
+from aura.gateway.openapi import IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, OutboxPublisher, relay_forever, staging_lease
 from aura.gateway.request_context import RequestContext
 from aura.gateway.schemas import (
@@ -323,8 +324,10 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         key = request.headers.get("x-api-key")
         if not key:
             raise _Unauthorized("missing X-API-Key header")
-        async with gw.database.session() as session:
-            owner = await gw.keys.tenant_for_key(session, key)
+        owner = gw.keys.cached(key)
+        if owner is None:
+            async with gw.database.session() as session:
+                owner = await gw.keys.tenant_for_key(session, key)
         if owner is None:
             raise _Unauthorized("invalid API key")
         if owner != tenant_id:
@@ -341,7 +344,6 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         status_code=201,
         response_model=ProductOut,
         responses=error_responses(401, 404, 409, 413, 415, 422, 503),
-        dependencies=[Security(API_KEY)],
         openapi_extra=PRODUCT_BODY,
         summary="Create a product and queue its enrichment",
     )
@@ -364,14 +366,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             _log.warning("commit outcome was unknown; the product is committed", origin="product")
             return JSONResponse(found, status_code=201)
         # Committed: from here on nothing may turn the answer into an error.
-        await _publish_after_commit(gw, staged, origin="product")
+        await _publish_after_commit(gw, staged, request, origin="product")
         return JSONResponse(_committed_view(product, data), status_code=201)
 
     @app.get(
         "/v1/tenants/{tenant_id}/products/{product_id}",
         response_model=ProductOut,
         responses=ERROR_RESPONSES,
-        dependencies=[Security(API_KEY)],
         summary="A product with its variants and enrichment state",
     )
     async def get_product(
@@ -385,7 +386,6 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         "/v1/tenants/{tenant_id}/products",
         response_model=ProductPage,
         responses=ERROR_RESPONSES,
-        dependencies=[Security(API_KEY)],
         summary="A page of the tenant's products",
     )
     async def list_products(
@@ -416,7 +416,6 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         status_code=202,
         response_model=ImportAccepted,
         responses=error_responses(401, 404, 413, 415, 422, 503),
-        dependencies=[Security(API_KEY)],
         openapi_extra=IMPORT_BODY,
         summary="Import a catalog: each record becomes one message, processed or dead-lettered",
     )
@@ -457,14 +456,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         finally:
             if isinstance(records, SpooledRecords):
                 records.close()
-        await _publish_after_commit(gw, written, origin="import")
+        await _publish_after_commit(gw, written, request, origin="import")
         return accepted
 
     @app.get(
         "/v1/tenants/{tenant_id}/imports/{import_id}",
         response_model=ImportCounts,
         responses=ERROR_RESPONSES,
-        dependencies=[Security(API_KEY)],
         summary="Where an import's records are",
     )
     async def get_import(
@@ -514,7 +512,25 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def metrics() -> Response:
         return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
+    _dispatch_directly(app, "/v1/tenants/{tenant_id:uuid}/products", post_product)
+    _dispatch_directly(app, "/v1/tenants/{tenant_id:uuid}/imports", post_import)
     return app
+
+
+def _dispatch_directly(
+    app: FastAPI, path: str, endpoint: Callable[[uuid.UUID, Request], Awaitable[Response]]
+) -> None:
+    """Serve the write routes through a plain Starlette route placed first: the same
+    endpoint, middleware and error handlers, without FastAPI's per-request dependency
+    solving (the routes take only the tenant id from the path and read the body
+    themselves). Measured under load: FastAPI's dispatch was ~10 % of the gateway's CPU.
+    The FastAPI route stays for the OpenAPI document, and serves what this one does not
+    match (a tenant id that is not a UUID: 422 as before)."""
+
+    async def direct(request: Request) -> Response:
+        return await endpoint(request.path_params["tenant_id"], request)
+
+    app.router.routes.insert(0, Route(path, direct, methods=["POST"], include_in_schema=False))
 
 
 class _Unauthorized(Exception):
@@ -615,10 +631,17 @@ class _Written:
     staged: list[Staged] | None
 
 
-async def _publish_after_commit(gw: Gateway, written: _Written, *, origin: str) -> None:
+async def _publish_after_commit(
+    gw: Gateway, written: _Written, request: Request, *, origin: str
+) -> None:
     """Publish what was just committed. Never raises: the request's data is committed, so
     its answer is success; what could not be published or cleared is the relay's. A large
-    import is published in the background, read back from the outbox a part at a time."""
+    import is published in the background, read back from the outbox a part at a time.
+    While the publisher keeps up, the request gives its admission slot back before it
+    waits for the broker; when it is congested the request keeps it, so admission slows
+    new writes to the broker's pace."""
+    if not gw.outbox.congested:
+        release_slot(request.scope)
     try:
         if written.staged is None:
             gw.outbox.publish_later(written.ids, written.claim, origin=origin)

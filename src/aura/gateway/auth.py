@@ -58,11 +58,18 @@ class KeyCache:
         self.ttl, self.size, self.clock = ttl, size, clock
         self._found: OrderedDict[str, tuple[uuid.UUID, float]] = OrderedDict()
 
-    async def tenant_for_key(self, session: AsyncSession, key: str) -> uuid.UUID | None:
-        digest = hash_key(key)
-        hit = self._found.get(digest)
+    def cached(self, key: str) -> uuid.UUID | None:
+        """The key's tenant if it was found valid within ``ttl``; no database round trip."""
+        hit = self._found.get(hash_key(key))
         if hit is not None and hit[1] > self.clock():
             return hit[0]
+        return None
+
+    async def tenant_for_key(self, session: AsyncSession, key: str) -> uuid.UUID | None:
+        found = self.cached(key)
+        if found is not None:
+            return found
+        digest = hash_key(key)
         tenant = await tenant_for_key(session, key)
         if tenant is not None:
             self._found[digest] = (tenant, self.clock() + self.ttl)

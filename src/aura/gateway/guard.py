@@ -32,9 +32,12 @@ __all__ = [
     "LoadShedder",
     "error_body",
     "is_unavailable",
+    "release_slot",
 ]
 
 RETRY_AFTER_SECONDS = 1
+# The scope key of an admitted request's "give my slot back now" (``release_slot``).
+RELEASE_SLOT = "aura.release_slot"
 DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_MAX_WAIT = 1.0
 _log = structlog.get_logger("aura.gateway")
@@ -128,6 +131,11 @@ class LoadShedder:
     time refusing, and what it serves collapses. A short, bounded wait absorbs a burst,
     paces such clients to the rate the gateway serves, and bounds every answer's latency
     by ``max_wait`` plus the time to serve it. Health, readiness and metrics never wait.
+
+    A request may give its slot back early (``release_slot``): a write waiting for the
+    broker's confirm of its committed message holds no connection, and holding slots
+    through the broker's fsync made the confirm latency, not the gateway's CPU, the
+    bound on what it served.
     """
 
     def __init__(
@@ -152,10 +160,19 @@ class LoadShedder:
         if not await self._admitted():
             await _overloaded(send)
             return
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._release()
+
+        scope[RELEASE_SLOT] = release
         try:
             await self.app(scope, receive, send)
         finally:
-            self._release()
+            release()
 
     async def _admitted(self) -> bool:
         if self.in_flight < self.limit:  # then no one waits (only cancelled waiters remain)
@@ -189,6 +206,15 @@ class LoadShedder:
                 waiter.set_result(None)  # in_flight is unchanged: the slot moves over
                 return
         self.in_flight -= 1
+
+
+def release_slot(scope: Scope) -> None:
+    """Give the request's admission slot to the next one before the request ends: for a
+    request whose remaining work holds no database connection and little memory (waiting
+    for its publish). Once only; a no-op outside the LoadShedder."""
+    release = scope.get(RELEASE_SLOT)
+    if release is not None:
+        release()
 
 
 async def _overloaded(send: Send) -> None:

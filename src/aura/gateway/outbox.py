@@ -47,6 +47,7 @@ from aura.db.outbox import (
     Staged,
     claim_due,
     clear_outbox,
+    delete_sent,
     extend_claim,
     release_claim,
     renew_claim,
@@ -71,6 +72,8 @@ DEFAULT_LEASE = 30.0
 STAGED_HOLD = 60.0
 _BATCH = 500
 MIN_LEASE = 10.0
+_DELETES_AT_ONCE = 4
+_SENDS_AT_ONCE = 4
 _log = structlog.get_logger("aura.gateway.outbox")
 
 
@@ -251,6 +254,7 @@ class OutboxPublisher:
         *,
         lease: float,
         max_batch: int = _BATCH,
+        max_sends: int = _SENDS_AT_ONCE,
         now: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.database = database
@@ -258,9 +262,16 @@ class OutboxPublisher:
         self.lease = max(lease, MIN_LEASE)
         self.max_batch = max_batch
         self.now = now
+        self.max_sends = max_sends
         self._waiting: list[_Waiting] = []
-        self._runner: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sending = 0
+        self._sends: set[asyncio.Task[None]] = set()
+        self.backlog = 0  # messages handed to ``publish`` and not yet settled
+        self.max_backlog = 4 * max_batch
         self._later: set[asyncio.Task[int]] = set()
+        self._cleanup: set[asyncio.Task[None]] = set()
+        self._deleting = asyncio.Semaphore(_DELETES_AT_ONCE)
 
     def publish_later(self, message_ids: Sequence[str], claim: Claim, *, origin: str) -> None:
         """Publish a large import's messages in the background (``publish_stored``): the
@@ -292,15 +303,18 @@ class OutboxPublisher:
         if not messages:
             return
         loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (tests): the old one's sends are gone
+            self._loop, self._sending, self._sends = loop, 0, set()
         waiting = _Waiting(list(messages), claim, origin, loop.create_future())
         self._waiting.append(waiting)
-        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
-            self._runner = loop.create_task(self._run())
+        self.backlog += len(waiting.messages)
+        self._pump()
         # A cancelled request leaves its messages to the batch (or to the relay).
         await asyncio.shield(waiting.done)
 
-    async def _run(self) -> None:
-        while self._waiting:
+    def _pump(self) -> None:
+        """Start a batch of what waits while fewer than ``max_sends`` are in flight."""
+        while self._waiting and self._sending < self.max_sends:
             batch: list[_Waiting] = []
             size = 0
             while self._waiting and (
@@ -309,22 +323,34 @@ class OutboxPublisher:
                 item = self._waiting.pop(0)
                 batch.append(item)
                 size += len(item.messages)
-            try:
-                await self._publish(batch)
-            except BaseException as exc:  # never lose a waiting request, whatever happened
-                _log.warning(
-                    "publishing after the commit failed; the outbox relay will send what is left",
-                    origin=",".join(sorted({w.origin for w in batch})),
-                    messages=size,
-                    error=describe_exception(exc),
-                )
-                if not isinstance(exc, Exception):
-                    for item in (*batch, *self._waiting):
-                        _settle(item)
-                    raise
-            finally:
-                for item in batch:
-                    _settle(item)
+            self._sending += 1
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._sends.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        if task not in self._sends:
+            return  # a task of an earlier event loop
+        self._sends.discard(task)
+        self._sending -= 1
+        if not task.cancelled():
+            self._pump()
+
+    async def _send_batch(self, batch: list[_Waiting]) -> None:
+        try:
+            await self._publish(batch)
+        except BaseException as exc:  # never lose a waiting request, whatever happened
+            _log.warning(
+                "publishing after the commit failed; the outbox relay will send what is left",
+                origin=",".join(sorted({w.origin for w in batch})),
+                messages=sum(len(w.messages) for w in batch),
+                error=describe_exception(exc),
+            )
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for item in batch:
+                self._settle(item)
 
     async def _publish(self, batch: list[_Waiting]) -> None:
         if len(batch) == 1 and len(batch[0].messages) > self.max_batch:
@@ -356,11 +382,18 @@ class OutboxPublisher:
         if not messages:
             return
         sent, failure = await self.sender.send(messages)
+        if failure is None:
+            for item in live:  # the broker has them: answer now, delete after
+                self._settle(item)
+            await self._deleting.acquire()
+            task = asyncio.get_running_loop().create_task(self._delete(sent))
+            self._cleanup.add(task)
+            task.add_done_callback(self._cleanup.discard)
+            return
         async with self.database.session() as session:
             await clear_outbox(session, sent)
-            if failure is not None:
-                for item in live:  # the relay may send the rest as soon as it likes
-                    await release_claim(session, item.claim.owner, now=self.now())
+            for item in live:  # the relay may send the rest as soon as it likes
+                await release_claim(session, item.claim.owner, now=self.now())
             await session.commit()
         if failure is not None:
             _log.warning(
@@ -371,22 +404,41 @@ class OutboxPublisher:
                 error=describe_exception(failure),
             )
 
+    @property
+    def congested(self) -> bool:
+        """More messages wait to be published than a few batches: the broker is slow."""
+        return self.backlog >= self.max_backlog
+
+    def _settle(self, item: _Waiting) -> None:
+        if not item.done.done():
+            item.done.set_result(None)
+            self.backlog -= len(item.messages)
+
+    async def _delete(self, sent: Sequence[str]) -> None:
+        """Delete a batch's sent rows; a failure leaves them to the relay (published twice
+        then, which the worker's inbox makes harmless)."""
+        try:
+            await delete_sent(self.database, sent)
+        except Exception as exc:
+            _log.warning(
+                "could not delete published messages from the outbox; the relay will "
+                "publish them again when their lease runs out",
+                messages=len(sent),
+                error=describe_exception(exc),
+            )
+        finally:
+            self._deleting.release()
+
     async def aclose(self) -> None:
-        """Wait for the batch in flight (the rest is the relay's), then close the sender."""
-        runner, self._runner = self._runner, None
+        """Wait for the batches in flight (the rest is the relay's), then close the sender."""
         here = asyncio.get_running_loop()
-        pending = {t for t in (runner, *self._later) if t is not None and not t.done()}
+        pending = {t for t in (*self._sends, *self._later, *self._cleanup) if not t.done()}
         pending = {t for t in pending if t.get_loop() is here}
         if pending:
             _, unfinished = await asyncio.wait(pending, timeout=self.lease)
             for task in unfinished:  # their rows stay claimed until the lease runs out
                 task.cancel()
         await self.sender.close()
-
-
-def _settle(item: _Waiting) -> None:
-    if not item.done.done():
-        item.done.set_result(None)
 
 
 async def relay_once(
