@@ -123,7 +123,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60)
     options = parser.parse_args()
     tenant_id, key = asyncio.run(prepare(options.database_url))
-    base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}}
+    base = {
+        k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH"}
+    }
     users_env = {**base, "AURA_TENANT_ID": tenant_id, "AURA_API_KEY": key}
     results = []
 
