@@ -396,8 +396,12 @@ def main() -> None:
         "CELERY_BROKER_URL": AMQP_URL,
         "REDIS_URL": REDIS_URL,
         "DATABASE_URL": f"postgresql+asyncpg://postgres@{HOST}:5432/{DATABASE}",
-        "DB_POOL_SIZE": "20",
-        "DB_MAX_OVERFLOW": "5",
+        # 25 connections per process, kept: SQLAlchemy closes an overflow connection when
+        # it comes back to a full pool, and the synchronised waves of this job (every task
+        # of a wave ends its LLM call at once) made 20 + 5 overflow churn, each new asyncpg
+        # connection paying its TLS attempt and type set-up (seen in py-spy).
+        "DB_POOL_SIZE": "25",
+        "DB_MAX_OVERFLOW": "0",
         "LLM_READ_TIMEOUT": "30",
         "LLM_CALL_DEADLINE": "30",
         "BENCH_PG_DSN": PG_DSN,

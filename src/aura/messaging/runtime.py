@@ -146,6 +146,16 @@ async def run_in_greenlet(
     return result  # type: ignore[no-any-return]
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (the platform's extras install it), else
+    asyncio's. Measured with bench/async_worker.py: see bench/RESULTS.md."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class ProcessRuntime:
     """What one worker process keeps for its life: one event loop and its clients."""
 
@@ -154,7 +164,7 @@ class ProcessRuntime:
         self.app = app
         self.settings = get_settings()
         self.concurrency = concurrency
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.redis: Redis = _redis_client(self.settings.redis_url, concurrency)
         self.connection = app.connection_for_write()
         self.rng = random.Random()
