@@ -47,3 +47,39 @@ def test_a_success_after_deferrals_and_retries_leaves_no_counter() -> None:
     assert seen[2] == [DEFER_PREFIX + message_id]  # counted while it was put off
     assert KEY_PREFIX + message_id in seen[3]
     assert _counters(app, message_id) == []  # and gone with its fate
+
+
+def test_a_message_dead_lettered_after_its_deferrals_leaves_no_counter() -> None:
+    """The DLQ is a fate too: deferrals spent (an LLM down for good) end in a letter and
+    no counter, so `aura retries ls --kind defer` does not list it for a day."""
+    app = make_celery_app(load_settings())
+    app.conf.task_always_eager = True
+    seen: list[list[str]] = []
+
+    @resilient_task(app=app, name="tests.stale_deferred", max_deferrals=2)
+    def always_open(self: Any) -> None:
+        seen.append(_counters(app, self.request.id))
+        raise CircuitOpenError("llm", retry_after=0.0)
+
+    message_id = str(uuid.uuid4())
+    assert always_open.apply(task_id=message_id).get() is None  # dead-lettered, acked
+    assert [DEFER_PREFIX + message_id] in seen  # it was counted while put off
+    assert _counters(app, message_id) == []
+
+
+def test_a_message_dead_lettered_after_its_retries_leaves_no_counter() -> None:
+    app = make_celery_app(load_settings())
+    app.conf.task_always_eager = True
+    seen: list[list[str]] = []
+
+    @resilient_task(
+        app=app, name="tests.stale_failed", max_retries=2, backoff_base=1.0, backoff_max=1.0
+    )
+    def always_failing(self: Any) -> None:
+        seen.append(_counters(app, self.request.id))
+        raise ConnectionError("reset")
+
+    message_id = str(uuid.uuid4())
+    assert always_failing.apply(task_id=message_id).get() is None
+    assert [KEY_PREFIX + message_id] in seen
+    assert _counters(app, message_id) == []

@@ -438,7 +438,6 @@ def _crash_budget_spent(
     _dead_letter(
         task, runtime, policy, DeadLetterReason.WORKER_LOST, lost, args, kwargs, policy.max_retries
     )
-    _forget_counts(runtime, request.id)
     return True
 
 
@@ -500,6 +499,7 @@ def _dead_letter(
             runtime.run(policy.on_dead_letter(letter or _placeholder(task, reason, args, kwargs)))
         except Exception:  # the dead letter is safe; a failing hook must not undo that
             _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
+    _forget_counts(runtime, request.id)  # its fate is the DLQ: no count outlives it
     if letter is None:
         events.emit(DuplicateDelivered(DuplicateKind.DEAD_LETTERED))
         _log.info(
@@ -648,7 +648,6 @@ def _fail(
             kwargs,
             policy.max_retries,
         )
-        _forget_counts(runtime, request.id)
         return None
     countdown = backoff_delay(
         failures, base=policy.backoff_base, cap=policy.backoff_max, rng=runtime.rng
