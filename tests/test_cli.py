@@ -251,3 +251,16 @@ def test_llm_sim_serves_completions_and_refuses_bad_rates() -> None:
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.005, 0.3, 1.0, 5.0, 60.0])
+def test_the_demos_llm_timeouts_stay_above_the_latency_it_simulates(latency: float) -> None:
+    """`aura demo --llm-latency 1` once timed out every call (read timeout 1 s)."""
+    from aura.demo.runner import DEMO_ENVIRONMENT, demo_environment
+
+    environment = demo_environment(latency)
+    read, deadline = float(environment["LLM_READ_TIMEOUT"]), float(environment["LLM_CALL_DEADLINE"])
+    assert read >= 2 * latency  # an answer, with its jitter, arrives well within it
+    assert deadline > read  # and a retry inside the deadline still has time
+    if latency <= 0.25:  # the one-minute demo keeps its short timeouts
+        assert environment == DEMO_ENVIRONMENT

@@ -108,6 +108,8 @@ def _print(console: Console, report: DemoReport) -> None:
             f"{report.concurrency} / {report.llm_latency_s} s",
         ),
     ]
+    if report.worker_cpu_ms_per_record is not None:
+        rows.append(("worker CPU per product", f"{report.worker_cpu_ms_per_record} ms"))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)

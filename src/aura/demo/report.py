@@ -100,6 +100,10 @@ class DemoReport:
     dead_letter_samples: list[dict[str, str]] = field(default_factory=list)
     concurrency: int = 1  # tasks in flight in the worker (1: the embedded solo worker)
     llm_latency_s: float = 0.0  # the simulator's added latency per answer
+    # The worker process's CPU (user + system, its children too) from the import's start
+    # to the report, per enriched product; None where it cannot be read (the embedded
+    # worker is a thread of this process; /proc is Linux's).
+    worker_cpu_ms_per_record: float | None = None
 
     @classmethod
     def build(

@@ -39,7 +39,7 @@ from aura.errors import ConfigurationError, InvalidInputError
 from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 
-__all__ = ["FAULT_PROFILES", "DemoOptions", "ImportRun", "Profile", "run_demo"]
+__all__ = ["FAULT_PROFILES", "DemoOptions", "ImportRun", "Profile", "demo_environment", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,20 @@ DEMO_ENVIRONMENT = {
     "OUTBOX_RELAY_MIN_AGE": "3",
 }
 MAX_PRODUCTS = 20_000
+
+
+def demo_environment(llm_latency: float) -> dict[str, str]:
+    """DEMO_ENVIRONMENT, with the LLM timeouts above the simulated latency: a read
+    timeout of 1 s cut every answer of ``--llm-latency 1`` (each call timed out, the
+    breaker opened, records were dead-lettered with their deferrals spent)."""
+    environment = dict(DEMO_ENVIRONMENT)
+    read = max(float(DEMO_ENVIRONMENT["LLM_READ_TIMEOUT"]), 2 * llm_latency + 0.5)
+    deadline = max(float(DEMO_ENVIRONMENT["LLM_CALL_DEADLINE"]), 2 * read + 0.5)
+    environment["LLM_READ_TIMEOUT"] = f"{read:g}"
+    environment["LLM_CALL_DEADLINE"] = f"{deadline:g}"
+    return environment
+
+
 _SETTLE_LIMIT_S = 600.0
 
 
@@ -204,7 +218,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
         _logs_to(log_path),
         LLMSimulator(profile.faults, seed=7).running_in_thread() as simulator,
     ):
-        environment = dict(DEMO_ENVIRONMENT)
+        environment = demo_environment(profile.faults.latency)
         if settings.llm_base_url is None:
             environment["LLM_BASE_URL"] = simulator.base_url
         if not all(real):
@@ -263,6 +277,7 @@ class ImportRun:
         self.settings = get_settings()
         self.metrics_dir = scratch / "metrics"
         self.worker_process: subprocess.Popen[bytes] | None = None
+        self._worker_cpu_start: float | None = None
         self.publisher: Any = None
         self.tenant_id: uuid.UUID | None = None
         self.letters: list[Any] = []  # this run's dead letters, once settled
@@ -350,6 +365,7 @@ class ImportRun:
         self.tenant_id = tenant.id
         app = create_app(Gateway(database, publisher, {}))
         started = time.monotonic()
+        self._worker_cpu_start = self._worker_cpu()
         # The gateway's outbox relay, as `aura gateway` runs it: what a failed publish
         # (a broker fault) left in the outbox is sent later.
         relay = asyncio.create_task(
@@ -377,7 +393,24 @@ class ImportRun:
                 counts = await tally(session, tenant.id, self.import_ids, latencies=True)
         self.letters = letters
         elapsed = time.monotonic() - started
-        return self._report(tenant.id, counts, letters, elapsed)
+        report = self._report(tenant.id, counts, letters, elapsed)
+        cpu_end = self._worker_cpu()
+        if cpu_end is not None and self._worker_cpu_start is not None and counts.enriched:
+            spent = cpu_end - self._worker_cpu_start
+            report.worker_cpu_ms_per_record = round(1000 * spent / counts.enriched, 2)
+        return report
+
+    def _worker_cpu(self) -> float | None:
+        """Seconds of CPU the worker process and its waited-for children used so far."""
+        process = self.worker_process
+        if process is None:
+            return None
+        try:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def first_records(self) -> list[str]:
         """What the run imports at its start (all of ``records`` unless a subclass posts
