@@ -146,9 +146,15 @@ async def run_in_greenlet(
     return result  # type: ignore[no-any-return]
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it is installed (the platform's extras install it), else
-    asyncio's. Measured with bench/async_worker.py: see bench/RESULTS.md."""
+def new_event_loop(*, fast: bool = False) -> asyncio.AbstractEventLoop:
+    """With ``fast``, uvloop's event loop where it is installed (the platform's extras
+    install it), else asyncio's. Only for a loop on its own thread (the async pool): the
+    time limits there are the runtime's own. Prefork's soft limit is a signal whose
+    handler raises inside the running loop, and uvloop, waiting in C, does not let that
+    exception through as asyncio's loop does (tests/test_worker.py's soft-limit test).
+    Measured with bench/async_worker.py: see bench/RESULTS.md."""
+    if not fast:
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:
@@ -159,12 +165,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class ProcessRuntime:
     """What one worker process keeps for its life: one event loop and its clients."""
 
-    def __init__(self, app: Celery, *, concurrency: int = 1) -> None:
+    def __init__(self, app: Celery, *, concurrency: int = 1, threaded: bool = False) -> None:
         self.pid = os.getpid()
         self.app = app
         self.settings = get_settings()
         self.concurrency = concurrency
-        self.loop = new_event_loop()
+        self.loop = new_event_loop(fast=threaded)
         self.redis: Redis = _redis_client(self.settings.redis_url, concurrency)
         self.connection = app.connection_for_write()
         self.rng = random.Random()
@@ -338,7 +344,9 @@ def start_threaded(app: Celery, concurrency: int) -> ProcessRuntime:
     """Make this process's runtime threaded, for ``concurrency`` tasks at once."""
     runtime = _runtimes.get(os.getpid())
     if runtime is None or runtime.concurrency < concurrency:
-        runtime = _runtimes[os.getpid()] = ProcessRuntime(app, concurrency=concurrency)
+        runtime = _runtimes[os.getpid()] = ProcessRuntime(
+            app, concurrency=concurrency, threaded=True
+        )
     if not runtime.threaded:
         runtime.start_loop_thread()
     return runtime
