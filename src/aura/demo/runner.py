@@ -3,7 +3,7 @@
 Embedded (no DATABASE_URL / REDIS_URL / CELERY_BROKER_URL): SQLite in a temporary
 folder, Celery's in-memory broker with a worker thread in this process, the in-process
 Redis stand-in, the LLM simulator on loopback. Real services (all three set): the same
-job with two real prefork worker processes.
+job with real async-pool worker processes (one per core, two at most).
 
 Either way the demo shortens the LLM timeouts and the breaker's reset timeout (through
 the environment the worker reads, as a deployment would) so a run takes about a minute.
@@ -276,7 +276,7 @@ class ImportRun:
         self.worker_concurrency = worker_concurrency
         self.settings = get_settings()
         self.metrics_dir = scratch / "metrics"
-        self.worker_process: subprocess.Popen[bytes] | None = None
+        self.worker_processes: list[subprocess.Popen[bytes]] = []
         self._worker_cpu_start: float | None = None
         self.publisher: Any = None
         self.tenant_id: uuid.UUID | None = None
@@ -342,14 +342,26 @@ class ImportRun:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         env.setdefault("WORKER_METRICS_PORT", "0")  # the demo reads the files, not a port
         log = self.log_path.open("ab")  # closed below
-        process = start_worker_process(  # the async pool: many LLM calls in flight
-            self.worker_module, env, log, concurrency=self.worker_concurrency, pool="async"
-        )
-        self.worker_process = process
+        # The async pool: many LLM calls in flight, in one process per core (two at most:
+        # a demo), as `aura worker --processes` runs them; the concurrency is split.
+        count = max(1, min(os.cpu_count() or 1, 2, self.worker_concurrency))
+        share = -(-self.worker_concurrency // count)
+        self.worker_processes = [
+            start_worker_process(
+                self.worker_module,
+                env,
+                log,
+                concurrency=share,
+                pool="async",
+                hostname=f"demo{i}@%h",
+            )
+            for i in range(count)
+        ]
         try:
             yield make_celery_app(self.settings)
         finally:
-            stop_worker_process(process)
+            for process in self.worker_processes:
+                stop_worker_process(process)
             log.close()
 
     async def _import(self, database: Database, publisher: Any) -> DemoReport:
@@ -401,15 +413,17 @@ class ImportRun:
         return report
 
     def _worker_cpu(self) -> float | None:
-        """Seconds of CPU the worker process and its waited-for children used so far."""
-        process = self.worker_process
-        if process is None:
+        """Seconds of CPU the worker processes (and their waited-for children) used."""
+        if not self.worker_processes:
             return None
-        try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+        ticks = 0
+        for process in self.worker_processes:
+            try:
+                stat = Path(f"/proc/{process.pid}/stat").read_text()
+            except OSError:
+                return None
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def first_records(self) -> list[str]:

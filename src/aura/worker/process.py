@@ -48,14 +48,18 @@ def start_worker_process(
     queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
     cwd: Path | None = None,
     pool: str = "prefork",
+    hostname: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """``celery -A app_module worker`` with ``pool`` (prefork: ``concurrency`` child
     processes; async: ``concurrency`` tasks in flight in one process), its output
-    (stdout and stderr) to ``output``."""
+    (stdout and stderr) to ``output``. Two workers on one vhost need distinct
+    ``hostname`` s (Celery's node names: the second ``celery@host`` exits at start)."""
     env = {**env, "WORKER_POOL": pool}  # the app reads its pool from Settings
     command = [sys.executable, "-m", "celery", "-A", app_module, "worker"]
     command += ["-c", str(concurrency), "-Q", ",".join(queues), "--without-heartbeat"]
     command += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
+    if hostname:
+        command += ["-n", hostname]
     # Our own interpreter and arguments, no shell.
     return subprocess.Popen(  # noqa: S603
         command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT
