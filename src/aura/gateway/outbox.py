@@ -305,6 +305,7 @@ class OutboxPublisher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (tests): the old one's sends are gone
             self._loop, self._sending, self._sends = loop, 0, set()
+            self._deleting = asyncio.Semaphore(_DELETES_AT_ONCE)
         waiting = _Waiting(list(messages), claim, origin, loop.create_future())
         self._waiting.append(waiting)
         self.backlog += len(waiting.messages)
@@ -385,8 +386,9 @@ class OutboxPublisher:
         if failure is None:
             for item in live:  # the broker has them: answer now, delete after
                 self._settle(item)
-            await self._deleting.acquire()
-            task = asyncio.get_running_loop().create_task(self._delete(sent))
+            gate = self._deleting
+            await gate.acquire()
+            task = asyncio.get_running_loop().create_task(self._delete(sent, gate))
             self._cleanup.add(task)
             task.add_done_callback(self._cleanup.discard)
             return
@@ -414,7 +416,7 @@ class OutboxPublisher:
             item.done.set_result(None)
             self.backlog -= len(item.messages)
 
-    async def _delete(self, sent: Sequence[str]) -> None:
+    async def _delete(self, sent: Sequence[str], gate: asyncio.Semaphore) -> None:
         """Delete a batch's sent rows; a failure leaves them to the relay (published twice
         then, which the worker's inbox makes harmless)."""
         try:
@@ -427,7 +429,7 @@ class OutboxPublisher:
                 error=describe_exception(exc),
             )
         finally:
-            self._deleting.release()
+            gate.release()
 
     async def aclose(self) -> None:
         """Wait for the batches in flight (the rest is the relay's), then close the sender."""
