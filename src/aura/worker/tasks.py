@@ -160,12 +160,12 @@ async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | 
     return str(product_id)
 
 
-def _prompt(product: Product, variants: list[Variant]) -> list[dict[str, str]]:
+def _prompt(product: Any, skus: list[str]) -> list[dict[str, str]]:
     facts: dict[str, Any] = {
         "title": product.title,
         "brand": product.brand,
         "category": product.category,
-        "skus": [v.sku for v in variants],
+        "skus": skus,
     }
     return [
         {"role": "system", "content": _SYSTEM_PROMPT},
@@ -219,21 +219,24 @@ async def _write_enrichment(
     await connection.execute(_upsert_enrichment(connection.dialect.name), values)
 
 
+_READ_PRODUCT = select(Product.title, Product.brand, Product.category).where(
+    Product.id == bindparam("id"), Product.tenant_id == bindparam("tenant")
+)
+_READ_SKUS = select(Variant.sku).where(Variant.product_id == bindparam("id"))
+
+
 @resilient_task(name=ENRICH_TASK, queue=REALTIME_QUEUE, inbox=_inbox)
 async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
     """Ask the LLM about one product and store its answer."""
     tenant, pid = uuid.UUID(tenant_id), uuid.UUID(product_id)
     database, llm = _process_resources()
-    async with database.session() as session:
-        product = await session.scalar(
-            select(Product).where(Product.id == pid, Product.tenant_id == tenant)
-        )
+    # Two Core reads in autocommit (no BEGIN/ROLLBACK, no ORM objects): what the prompt uses.
+    async with database.reader.connect() as connection:
+        product = (await connection.execute(_READ_PRODUCT, {"id": pid, "tenant": tenant})).first()
         if product is None:
             raise NotFoundError(f"unknown product {product_id}", field="product_id")
-        variants = list(
-            (await session.scalars(select(Variant).where(Variant.product_id == pid))).all()
-        )
-    completion = await llm.complete(_prompt(product, variants), temperature=0.2)
+        skus = list((await connection.execute(_READ_SKUS, {"id": pid})).scalars())
+    completion = await llm.complete(_prompt(product, skus), temperature=0.2)
     try:
         answer = _EnrichmentAnswer.model_validate_json(completion.text)
     except ValidationError as exc:  # the provider's fault, not the message's: retry
