@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -203,3 +204,21 @@ def test_a_cut_commit_reply_is_committed_at_the_server_and_never_reaches_the_cli
                 assert proxy.commit_cuts_left == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("postgresql+asyncpg://postgres@db/test", 5432),
+        ("postgres://db/test", 5432),
+        ("amqp://guest:guest@mq//", 5672),
+        ("redis://cache/0", 6379),
+        ("postgresql://db:6543/test", 6543),
+    ],
+)
+def test_a_url_without_a_port_is_proxied_to_its_schemes_port(url: str, port: int) -> None:
+    """`aura chaos all` with DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1/test
+    crashed every network scenario ("the URL names no host and port")."""
+    with NetworkProxies() as network:
+        made = network.add("service", url)
+    assert made.upstream == (urlsplit(url).hostname, port)

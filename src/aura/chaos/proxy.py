@@ -321,9 +321,10 @@ class NetworkProxies:
     def add(self, name: str, url: str, *, postgres: bool = False) -> FaultProxy:
         """A proxy in front of the service at ``url`` (its host and port)."""
         parts = urlsplit(url)
-        if parts.hostname is None or parts.port is None:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.split("+")[0])
+        if parts.hostname is None or port is None:
             raise ValueError(f"{name}: the URL names no host and port to proxy")
-        proxy = FaultProxy(self, name, parts.hostname, parts.port, postgres=postgres)
+        proxy = FaultProxy(self, name, parts.hostname, port, postgres=postgres)
         asyncio.run_coroutine_threadsafe(proxy._listen(), self.loop).result(_CONTROL_TIMEOUT_S)
         self.proxies[name] = proxy
         return proxy
@@ -334,6 +335,18 @@ class NetworkProxies:
 
     def __iter__(self) -> Iterator[FaultProxy]:
         return iter(self.proxies.values())
+
+
+# A URL without a port means its scheme's (postgresql://db/app is port 5432).
+_DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "postgres": 5432,
+    "amqp": 5672,
+    "pyamqp": 5672,
+    "redis": 6379,
+    "http": 80,
+    "https": 443,
+}
 
 
 async def _cancel_the_rest() -> None:
