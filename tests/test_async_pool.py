@@ -176,14 +176,14 @@ async def test_tasks_per_child_recycles_without_losing_or_doubling_anything(
 
 async def test_many_dead_letters_at_once_never_stall_the_loop(node: Node) -> None:
     run = uuid.uuid4().hex
-    exits = len(node.supervisor.exits)
+    exits = len(node.supervisor.exit_codes)
     for i in range(40):  # a poison pill each (a count that is not a number): 40 letters at once
         node.send("effect", run, f"n{i}", "not a count")
     wait_for(lambda: len(node.letters(run)) == 40, within=90)
     assert {letter.reason.value for letter in node.letters(run)} == {"poison_pill"}
     # No blocked loop (the watchdog's exit 70), no crash; a planned recycle (exit 0,
     # CELERY_WORKER_MAX_TASKS_PER_CHILD x slots, counted since earlier tests) may happen.
-    assert all(status == 0 for status in node.supervisor.exits[exits:])
+    assert all(status == 0 for status in node.supervisor.exit_codes[exits:])
     after = uuid.uuid4().hex
     node.send("effect", after, "still serving")
     await wait_until(lambda: _has(node, after, 1), within=60)

@@ -13,29 +13,13 @@ once more before it is stopped: a launch killed between two reads loses at most 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
-from aura.worker.process import stop_worker_process
+from aura.worker.process import process_tree_cpu_s, stop_worker_process
 
 __all__ = ["WorkerSupervisor", "process_tree_cpu_s"]
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid``, its reaped children and its live children (0 when gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0
-    # After the ")": state is field 3, utime..cstime are fields 14..17 (1-based).
-    ticks = sum(int(value) for value in fields[11:15])
-    return ticks / _TICKS + sum(process_tree_cpu_s(int(child)) for child in children)
 
 
 class WorkerSupervisor:

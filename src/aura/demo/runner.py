@@ -413,18 +413,13 @@ class ImportRun:
         return report
 
     def _worker_cpu(self) -> float | None:
-        """Seconds of CPU the worker processes (and their waited-for children) used."""
-        if not self.worker_processes:
+        """Seconds of CPU the worker processes (and their children) used so far; None
+        without /proc to read them from."""
+        from aura.worker.process import process_tree_cpu_s
+
+        if not self.worker_processes or not Path("/proc/self/stat").exists():
             return None
-        ticks = 0
-        for process in self.worker_processes:
-            try:
-                stat = Path(f"/proc/{process.pid}/stat").read_text()
-            except OSError:
-                return None
-            fields = stat.rsplit(")", 1)[1].split()
-            ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        return sum(process_tree_cpu_s(process.pid) for process in self.worker_processes)
 
     def first_records(self) -> list[str]:
         """What the run imports at its start (all of ``records`` unless a subclass posts

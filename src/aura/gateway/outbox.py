@@ -397,14 +397,13 @@ class OutboxPublisher:
             for item in live:  # the relay may send the rest as soon as it likes
                 await release_claim(session, item.claim.owner, now=self.now())
             await session.commit()
-        if failure is not None:
-            _log.warning(
-                "publish failed; the outbox relay will send the rest",
-                origin=",".join(sorted({w.origin for w in live})),
-                sent=len(sent),
-                left=len(messages) - len(sent),
-                error=describe_exception(failure),
-            )
+        _log.warning(
+            "publish failed; the outbox relay will send the rest",
+            origin=",".join(sorted({w.origin for w in live})),
+            sent=len(sent),
+            left=len(messages) - len(sent),
+            error=describe_exception(failure),
+        )
 
     @property
     def congested(self) -> bool:

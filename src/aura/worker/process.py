@@ -6,6 +6,7 @@ their own for a while and must not leave it behind.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import click
 
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 
-__all__ = ["run_worker", "start_worker_process", "stop_worker_process"]
+__all__ = ["process_tree_cpu_s", "run_worker", "start_worker_process", "stop_worker_process"]
 
 
 def run_worker(app: Any, argv: Sequence[str]) -> int:
@@ -74,3 +75,18 @@ def stop_worker_process(process: subprocess.Popen[bytes], *, timeout: float = 60
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``, its reaped children and its live children (0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    # After the ")": state is field 3, utime..cstime are fields 14..17 (1-based).
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / _TICKS + sum(process_tree_cpu_s(int(child)) for child in children)

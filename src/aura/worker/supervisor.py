@@ -55,7 +55,7 @@ class Supervisor:
         self.clock = clock
         self.sleep = sleep
         self.restarts = 0
-        self.exits: list[int] = []  # the status of each process restarted, in order
+        self.exit_codes: list[int] = []  # the status of each process restarted, in order
         self._recent: deque[float] = deque()
         self._children: list[subprocess.Popen[bytes]] = []
         self._stopping = False
@@ -92,7 +92,7 @@ class Supervisor:
                     self.stop()
                     break
                 self.restarts += 1
-                self.exits.append(status)
+                self.exit_codes.append(status)
                 _log.warning(
                     "worker process exited; restarting it",
                     pid=child.pid,
