@@ -49,6 +49,50 @@ def test_the_spotter_counts_commit_queries_in_any_split_of_the_stream(
     assert sum(spotter.feed(chunk) for chunk in chunks) == expected
 
 
+# The extended protocol as asyncpg speaks it: Parse (name, text) once per statement, then
+# Bind + Execute + Sync per run; BEGIN/COMMIT/ROLLBACK as simple queries.
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("P"), st.sampled_from([b"s1", b"s2", b""]), st.booleans()),
+        st.tuples(st.just("run"), st.sampled_from([b"s1", b"s2", b""]), st.booleans()),
+        st.tuples(st.just("Q"), st.sampled_from([b"BEGIN;", b"COMMIT;", b"ROLLBACK;"]), st.none()),
+    ),
+    max_size=14,
+)
+_WRITE = b"WITH claim AS (INSERT INTO processed_messages VALUES ($1)) SELECT 1"
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=_STEPS, size=st.integers(min_value=1, max_value=200))
+def test_the_spotter_counts_autocommit_writes_as_commits(
+    steps: list[tuple[str, bytes, bool | None]], size: int
+) -> None:
+    """A model of the server: a run of a write statement outside a block commits at its
+    Sync; a COMMIT commits; nothing else does (a Sync with no Execute before it, a read,
+    a write inside BEGIN ... ROLLBACK)."""
+    stream, expected = _startup(), 0
+    writes: dict[bytes, bool] = {}
+    in_block = False
+    for kind, name, flag in steps:
+        if kind == "P":
+            text = _WRITE if flag else b"SELECT fingerprint FROM processed_messages"
+            writes[name] = bool(flag)
+            stream += _message(b"P", name + b"\x00" + text + b"\x00" + b"\x00\x00")
+        elif kind == "run":
+            stream += _message(b"B", b"\x00" + name + b"\x00" + b"\x00" * 6)
+            if flag:  # Execute, then Sync; else a Sync alone (a prepare's)
+                stream += _message(b"E", b"\x00\x00\x00\x00\x00")
+                expected += int(writes.get(name, False) and not in_block)
+            stream += _message(b"S", b"")
+        else:
+            stream += _message(b"Q", name + b"\x00")
+            in_block = name == b"BEGIN;"
+            expected += int(name == b"COMMIT;")
+    spotter = _CommitSpotter()
+    chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert sum(spotter.feed(chunk) for chunk in chunks) == expected
+
+
 def test_proxied_url_keeps_credentials_and_path() -> None:
     assert (
         proxied_url("amqp://guest:guest@10.0.0.1:5672/vh%2Fx", 4000)

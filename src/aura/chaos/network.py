@@ -9,9 +9,10 @@ owns (``aura.chaos.proxy``), and the proxies break the network.
     net-cut           every connection to all four services reset, new ones refused 2 s,
                       three times
     net-slow          200 ms per chunk each way and 256 KB/s, all four services, 15 s
-    commit-cut        five COMMITs reach PostgreSQL and commit; their replies are cut
-                      with the connection, so the worker cannot know (the inbox makes its
-                      retry safe: the retry finds its row, a duplicate delivery)
+    commit-cut        five commits reach PostgreSQL and commit (a COMMIT, or a worker's
+                      one-statement write in autocommit); their replies are cut with the
+                      connection, so the worker cannot know (the inbox makes its retry
+                      safe: the retry finds its row, a duplicate delivery)
 
 A hold or a reset can cost an LLM call made twice (an enrichment whose write hung past its
 soft limit, or whose answer was reset on the way): each scenario bounds those extra calls
@@ -155,7 +156,7 @@ class SlowNetwork(_NetworkFault):
 
 class CommitReplyCut(_NetworkFault):
     name = "commit-cut"
-    summary = "the connection cut between a COMMIT and its reply, 5 times (committed, unknown)"
+    summary = "the connection cut between a commit and its reply, 5 times (committed, unknown)"
     expected_fates = (
         "all committed once; each cut's retry finds its inbox row (duplicate delivery); "
         "at most one extra LLM call per cut"

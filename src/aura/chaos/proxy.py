@@ -14,7 +14,8 @@ Faults, each until ``heal()``:
     cut()              every open connection reset (RST), new ones reset at once
     slow(s, bytes/s)   ``s`` added to every chunk each way (pipelined, order kept), and a
                        bandwidth cap per direction
-    cut_commit_replies(n)  PostgreSQL only: the next ``n`` COMMITs reach the server, are
+    cut_commit_replies(n)  PostgreSQL only: the next ``n`` commits (a COMMIT, or a write
+                       that commits on its own in autocommit) reach the server, are
                        committed, and their reply is dropped with the connection: the
                        client cannot tell committed from not (the inbox must make its
                        retry safe)
@@ -42,6 +43,8 @@ __all__ = ["FaultProxy", "NetworkProxies", "proxied_url"]
 _CHUNK = 65536
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104  # PostgreSQL's untyped pre-startup codes
 _CONTROL_TIMEOUT_S = 10.0
+_PARSE_LIMIT = 64 * 1024  # a longer statement text is read no further (not a write)
+_HEADS = {b"Q": 5 + 16, b"B": 5 + 256}  # what deciding needs of a COMMIT and of a Bind
 
 
 def proxied_url(url: str, port: int) -> str:
@@ -53,13 +56,24 @@ def proxied_url(url: str, port: int) -> str:
 
 
 class _CommitSpotter:
-    """Reads a PostgreSQL client's byte stream (frontend messages) and counts the simple
-    query messages whose text is COMMIT (what asyncpg sends to end a transaction)."""
+    """Reads a PostgreSQL client's byte stream (frontend messages) and counts its commit
+    points: a simple-query COMMIT (what asyncpg sends to end a transaction), and the Sync
+    after a write executed outside a transaction block -- a one-statement write in
+    autocommit (``aura.db.statement``), which the server commits as it ends.
+
+    Extended protocol, as asyncpg speaks it: Parse names a statement and gives its text;
+    Bind names the statement it runs; Execute runs it; Sync ends the implicit transaction.
+    A write is a statement whose text has INSERT, UPDATE or DELETE in it. BEGIN / COMMIT
+    / ROLLBACK (simple queries) open and close a block, inside which no write commits."""
 
     def __init__(self) -> None:
         self._buffer = b""
         self._skip = 0
         self._untyped = True  # the startup message (and an SSL/GSS request) has no type byte
+        self._writes: dict[bytes, bool] = {}  # statement name -> its text writes
+        self._bound_write = False
+        self._executed_write = False
+        self._in_block = False
 
     def feed(self, data: bytes) -> int:
         commits = 0
@@ -81,18 +95,45 @@ class _CommitSpotter:
                 kind = self._buffer[:1]
                 (length,) = struct.unpack("!I", self._buffer[1:5])
                 size = length + 1
-                if kind == b"Q":
-                    head = min(size, 5 + 16)
-                    if len(self._buffer) < head:
-                        break
-                    if self._buffer[5:head].lstrip().upper().startswith(b"COMMIT"):
-                        commits += 1
+                if kind == b"P":
+                    head = size if size <= _PARSE_LIMIT else 5
+                else:
+                    head = min(size, _HEADS.get(kind, 5))
+                if len(self._buffer) < head:
+                    break
+                commits += self._message(kind, self._buffer[5:head], complete=head == size)
             if len(self._buffer) >= size:
                 self._buffer = self._buffer[size:]
             else:
                 self._skip = size - len(self._buffer)
                 self._buffer = b""
         return commits
+
+    def _message(self, kind: bytes, body: bytes, *, complete: bool) -> int:
+        """One frontend message (``body``: its start, or all of it if ``complete``)."""
+        if kind == b"Q":
+            verb = body.lstrip().upper()
+            if verb.startswith((b"BEGIN", b"START")):
+                self._in_block = True
+            elif verb.startswith((b"COMMIT", b"END")):
+                self._in_block = False
+                return 1
+            elif verb.startswith((b"ROLLBACK", b"ABORT")):
+                self._in_block = False
+        elif kind == b"P":
+            name, _, rest = body.partition(b"\x00")
+            text = rest.partition(b"\x00")[0].upper() if complete else b""
+            self._writes[name] = any(verb in text for verb in (b"INSERT", b"UPDATE", b"DELETE"))
+        elif kind == b"B":
+            statement = body.partition(b"\x00")[2].partition(b"\x00")[0]
+            self._bound_write = self._writes.get(statement, False)
+        elif kind == b"E":
+            self._executed_write |= self._bound_write
+        elif kind == b"S":
+            committed = self._executed_write and not self._in_block
+            self._executed_write = False
+            return int(committed)
+        return 0
 
 
 @dataclass(eq=False)  # each link is itself (kept in a set)

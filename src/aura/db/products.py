@@ -239,18 +239,20 @@ async def create_product_with_message(
     except asyncpg.ForeignKeyViolationError as exc:  # a new product's only reference
         raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
     except asyncpg.UniqueViolationError as exc:
-        async with database.session() as session:
-            taken = (
-                await session.scalars(
-                    select(Variant.sku).where(
-                        Variant.tenant_id == tenant_id,
-                        Variant.sku.in_([v.sku for v in data.variants]),
-                    )
-                )
-            ).all()
+        taken = await taken_skus(database, tenant_id, [v.sku for v in data.variants])
         listed = ", ".join(sorted(repr(sku) for sku in taken)) or "(since released)"
         raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants") from exc
     return product
+
+
+async def taken_skus(database: Database, tenant_id: uuid.UUID, skus: Sequence[str]) -> list[str]:
+    """Which of ``skus`` the tenant's variants use now (naming them after a statement
+    failed on the unique constraint)."""
+    async with database.session() as session:
+        found = await session.scalars(
+            select(Variant.sku).where(Variant.tenant_id == tenant_id, Variant.sku.in_(skus))
+        )
+        return list(found.all())
 
 
 @transactional

@@ -31,20 +31,21 @@ from aura.db.transactional import describe_error, is_network_error
 from aura.errors import DatabaseTransactionError
 from aura.events import RollbackReason, TransactionRolledBack
 
-__all__ = ["execute_atomically"]
+__all__ = ["execute_atomically", "fetch_row"]
 
 _log = structlog.get_logger("aura.db")
 
 
 async def execute_atomically(
     database: Database, function: str, statement: str, *arguments: Any
-) -> None:
-    """Run ``statement`` (PostgreSQL only) as its own transaction; see the module doc."""
+) -> asyncpg.Record | None:
+    """Run ``statement`` (PostgreSQL only) as its own transaction and return the first
+    row it answers with, if any; see the module doc."""
     async with database.engine.connect() as connection:
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
         try:
-            await driver.execute(statement, *arguments)  # type: ignore[union-attr]
+            return await driver.fetchrow(statement, *arguments)  # type: ignore[union-attr]
         except BaseException as exc:
             if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
                 _rolled_back(function, RollbackReason.INVALID_INPUT)
@@ -66,6 +67,21 @@ async def execute_atomically(
             if not isinstance(exc, asyncpg.PostgresError):  # cancelled mid-statement
                 await connection.invalidate()
             _rolled_back(function, RollbackReason.APPLICATION_ERROR)
+            raise
+
+
+async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyncpg.Record | None:
+    """One read (PostgreSQL only) on the pool's asyncpg connection, in autocommit: its
+    first row, or None. A connection left unusable (cut, or cancelled mid-read) is
+    discarded; the driver's error is raised as it came (a transient one: asyncpg's)."""
+    async with database.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        try:
+            return await driver.fetchrow(statement, *arguments)  # type: ignore[union-attr]
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError):
+                await connection.invalidate()
             raise
 
 
