@@ -814,3 +814,47 @@ def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
     (spent,) = [e for e in logs if e["event"].endswith("deferrals spent; dead-lettering")]
     assert len(spent["error"]) == 300
     assert [x.reason.value for x in letters(app, name)] == ["poison_pill"]
+
+
+def test_lookup_first_false_runs_without_reading_the_inbox_and_the_claim_decides(
+    app: Celery,
+) -> None:
+    """A task whose statement claims its id: no read before it runs; its twin is counted
+    as the read's would be; the inbox is still read before a dead letter, and an id it
+    shows committed for another payload is a conflict, however the delivery failed."""
+    from aura.messaging import report_duplicate
+
+    inbox = CountingInbox({})
+    runs: list[str] = []
+
+    @resilient_task(app=app, name=unique("claims"), inbox=inbox, lookup_first=False)
+    def claims(self: Any, twin: bool) -> str:
+        runs.append(self.request.id)
+        if twin:
+            report_duplicate(self)
+        return "ok"
+
+    before = metric("aura_duplicate_deliveries_total", kind="committed")
+    with capture_logs() as logs:
+        assert claims.apply(args=(False,), task_id="m-claims-1").get() == "ok"
+        assert claims.apply(args=(True,), task_id="m-claims-2").get() == "ok"
+    assert (inbox.lookups, runs) == (0, ["m-claims-1", "m-claims-2"])
+    assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
+    (twin,) = [e for e in logs if e["event"].startswith("effect already committed")]
+    assert (twin["event"], twin["message_id"]) == (
+        "effect already committed; the delivery's claim found it",
+        "m-claims-2",
+    )
+
+    name = unique("claims-poison")
+    conflicted = CountingInbox({"m-reused": InboxEntry(fingerprint="another payload")})
+
+    @resilient_task(app=app, name=name, inbox=conflicted, lookup_first=False)
+    def poisoned(self: object) -> None:
+        raise KeyError("poison under an id committed for another payload")
+
+    poisoned.apply(task_id="m-reused").get()
+    poisoned.apply(task_id="m-fresh").get()
+    assert conflicted.lookups == 2  # before each dead letter, never before a run
+    reasons = {x.message_id: x.reason.value for x in letters(app, name)}
+    assert reasons == {"m-reused": "conflicting_message_id", "m-fresh": "poison_pill"}

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from aura.db.engine import Database
 from aura.db.models import ProcessedMessage
+from aura.db.statement import fetch_row
 from aura.errors import ConflictingMessageIdError
 from aura.message_id import InboxEntry, validate_message_id
 
@@ -62,6 +63,7 @@ def _claim(insert: Any) -> Any:
 
 _CLAIM = {"postgresql": _claim(postgresql_insert), "sqlite": _claim(sqlite_insert)}
 _LOOKUP = select(_TABLE.c.fingerprint).where(_TABLE.c.message_id == bindparam("message_id"))
+_LOOKUP_SQL = "SELECT fingerprint FROM processed_messages WHERE message_id = $1"
 
 
 def _dialect_name(executor: AsyncSession | AsyncConnection) -> str:
@@ -121,8 +123,12 @@ class DatabaseInbox:
 
     async def lookup(self, message_id: str) -> InboxEntry | None:
         validate_message_id(message_id)
-        # A Core connection, not an ORM session, in autocommit: this runs before every
-        # delivery, and a single read needs no BEGIN and ROLLBACK round trips around it.
-        async with self._database().reader.connect() as connection:
-            row = (await connection.execute(_LOOKUP, {"message_id": message_id})).first()
+        database = self._database()
+        # In autocommit: this runs before every delivery, and a single read needs no BEGIN
+        # and ROLLBACK round trips around it; on PostgreSQL on the driver's connection.
+        if database.dialect == "postgresql":
+            row = await fetch_row(database, _LOOKUP_SQL, message_id)
+        else:
+            async with database.reader.connect() as connection:
+                row = (await connection.execute(_LOOKUP, {"message_id": message_id})).first()
         return None if row is None else InboxEntry(fingerprint=row[0])

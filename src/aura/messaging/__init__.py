@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     )
     from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
     from aura.messaging.retry import RetryTracker
-    from aura.messaging.task import backoff_delay, resilient_task
+    from aura.messaging.task import backoff_delay, report_duplicate, resilient_task
 
 _WHERE = {
     "configure": "app",
@@ -50,6 +50,7 @@ _WHERE = {
     "PoisonPillDetector": "poison",
     "RetryTracker": "retry",
     "backoff_delay": "task",
+    "report_duplicate": "task",
     "resilient_task": "task",
 }
 
@@ -69,6 +70,7 @@ __all__ = [
     "default_app",
     "delivery_fingerprint",
     "message_fingerprint",
+    "report_duplicate",
     "resilient_task",
     "route_to_dlq",
 ]

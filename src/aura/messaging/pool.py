@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import os
 import signal
 import threading
@@ -77,6 +78,11 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         self._max_tasks = 0
 
     def on_start(self) -> None:
+        # What start-up made (modules, the app, its tasks: most of the heap) leaves the
+        # collector's view: a full collection walked it all, 110-185 ms with every task in
+        # flight stalled, ~10 ms after (bench/RESULTS.md, "The platform path").
+        gc.collect()
+        gc.freeze()
         app = self.app
         runtime = self._runtime = start_threaded(app, self.limit)
         runtime.on_hard_limit = lambda: self._recycle("a task ran past its hard limit")

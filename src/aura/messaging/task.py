@@ -25,7 +25,10 @@ reason whatever slips through.
 With an ``inbox`` (see ``aura.messaging.idempotency``) each delivery is looked up before
 it runs: a committed twin is acked without running (no external call), a committed
 other payload under the same id is dead-lettered as ``conflicting_message_id``; and no
-dead letter is written for a message whose effect the inbox shows committed.
+dead letter is written for a message whose effect the inbox shows committed (one whose id
+it shows committed for another payload goes as ``conflicting_message_id``, however it
+failed). ``lookup_first=False``: the task's own claim settles twins (see
+``resilient_task``).
 
 Redis is an optimisation of every step, never a condition of its fate: when it cannot
 be reached, counting falls back to Celery's own ``request.retries``, clearing counters
@@ -84,7 +87,14 @@ from aura.messaging.runtime import (
     process_runtime,
 )
 
-__all__ = ["DEFER_PREFIX", "DLQ_MARKER_PREFIX", "backoff_delay", "process_loop", "resilient_task"]
+__all__ = [
+    "DEFER_PREFIX",
+    "DLQ_MARKER_PREFIX",
+    "backoff_delay",
+    "process_loop",
+    "report_duplicate",
+    "resilient_task",
+]
 
 T = TypeVar("T")
 _log = structlog.get_logger("aura.messaging.task")
@@ -114,6 +124,7 @@ class _Policy:
     tenant_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None]
     inbox: Inbox | None
     on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None
+    lookup_first: bool = True
 
 
 _ProcessRuntime = ProcessRuntime
@@ -148,6 +159,7 @@ def resilient_task(
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
     inbox: Inbox | None = None,
     on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None = None,
+    lookup_first: bool = True,
     **celery_options: Any,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
@@ -167,6 +179,7 @@ def resilient_task(
     on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None = None,
     inbox: Inbox | None = None,
     on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None = None,
+    lookup_first: bool = True,
     **celery_options: Any,
 ) -> Any:
     """Decorate a ``def`` or ``async def`` as a resilient Celery task (see the module doc).
@@ -178,8 +191,14 @@ def resilient_task(
     logged and nothing else changes. ``inbox`` makes deliveries idempotent by id and
     payload (``aura.messaging.idempotency``); ``on_duplicate`` is awaited, with the
     task's arguments, when a delivery's effect is already committed (to redo a recovery
-    step such as queueing follow-up work). Other keyword arguments go to ``app.task``
-    (``name``, ``queue``, ``soft_time_limit``, ...).
+    step such as queueing follow-up work). ``lookup_first=False`` skips the inbox read
+    before each delivery, for a task whose effect is one statement that claims the id and
+    tells a committed twin itself (``aura.db.pipeline``): that read would be a second round
+    trip for the same answer. Such a task raises ``ConflictingMessageIdError`` for another
+    payload, and reports a twin with ``report_duplicate`` (``on_duplicate`` is not called:
+    the task does its recovery steps itself); the inbox is still read before every dead
+    letter. Other keyword arguments go to ``app.task`` (``name``, ``queue``,
+    ``soft_time_limit``, ...).
     """
 
     def decorate(function: Callable[..., Any]) -> Task:
@@ -198,6 +217,7 @@ def resilient_task(
             tenant_of=_tenant_finder(function, bind),
             inbox=inbox,
             on_duplicate=on_duplicate,
+            lookup_first=lookup_first,
         )
         is_async = inspect.iscoroutinefunction(function)
 
@@ -288,7 +308,7 @@ def _deliver(
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     if policy.inbox is not None:
         request.aura_fingerprint = message_fingerprint(task.name, args, kwargs)
-        if _settled_by_inbox(task, runtime, policy, args, kwargs):
+        if policy.lookup_first and _settled_by_inbox(task, runtime, policy, args, kwargs):
             return None
     if redelivered and _crash_budget_spent(task, runtime, policy, args, kwargs):
         return None
@@ -396,6 +416,18 @@ def _acknowledge_duplicate(
     )
 
 
+def report_duplicate(task: Task) -> None:
+    """For a ``lookup_first=False`` task: its own claim found this delivery's effect
+    committed (nothing was written). Counted (``duplicate_deliveries``) and logged as the
+    inbox read's twins are."""
+    events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
+    _log.info(
+        "effect already committed; the delivery's claim found it",
+        task=task.name,
+        message_id=task.request.id,
+    )
+
+
 def _forget_counts(runtime: _ProcessRuntime, message_id: str) -> None:
     """Clear the retry and deferral counters; best effort (their TTL ends them anyway).
     A Redis outage here must not fail a delivery whose effect is committed."""
@@ -458,11 +490,14 @@ def _dead_letter(
     is a success), or this very letter was already written (then it is acked)."""
     request = task.request
     fingerprint = _fingerprint(task, args, kwargs)
-    if (
-        check_inbox
-        and policy.inbox is not None
-        and _committed(task, runtime, policy, exc, fingerprint)
-    ):
+    entry = None
+    if check_inbox and policy.inbox is not None:
+        entry = _committed_entry(task, runtime, policy, exc)
+    if entry is not None and not entry.matches(fingerprint):
+        # The id is committed for another payload: that, not how this one failed, is its
+        # fate (a task that does not read the inbox first learns it only here).
+        reason = DeadLetterReason.CONFLICTING_MESSAGE_ID
+    elif entry is not None:
         events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
         _log.warning(
             "effect already committed; acked, not dead-lettered",
@@ -536,12 +571,12 @@ def _placeholder(
     )
 
 
-def _committed(
-    task: Task, runtime: _ProcessRuntime, policy: _Policy, exc: BaseException, fingerprint: str
-) -> bool:
-    """Whether the inbox holds this payload's effect. If the inbox cannot be read, the
-    answer is unknown: the delivery is put off (deferral budget) rather than dead-lettered
-    on a guess; once that budget is spent it is dead-lettered (and logged)."""
+def _committed_entry(
+    task: Task, runtime: _ProcessRuntime, policy: _Policy, exc: BaseException
+) -> InboxEntry | None:
+    """What the inbox holds committed under this delivery's id. If the inbox cannot be
+    read, the answer is unknown: the delivery is put off (deferral budget) rather than
+    dead-lettered on a guess; once that budget is spent it is dead-lettered (and logged)."""
     request = task.request
     try:
         entry = _lookup(runtime, policy, request.id)
@@ -556,7 +591,7 @@ def _committed(
         text = describe_exception(lookup_error, 300)
         if spent:
             _log.error("inbox unreadable and deferrals spent; dead-lettering", error=text)
-            return False
+            return None
         _log.warning(
             "inbox unreadable: cannot tell whether the effect is committed; put off",
             task=task.name,
@@ -565,7 +600,7 @@ def _committed(
         )
         countdown = max(backoff_delay(1, base=1.0, cap=10.0, rng=runtime.rng), _MIN_COUNTDOWN)
         _retry(task, exc, countdown)
-    return entry is not None and entry.matches(fingerprint)
+    return entry
 
 
 def _marker_set(runtime: _ProcessRuntime, marker: str) -> bool:

@@ -10,8 +10,11 @@ Malformed records are poison pills (DLQ at once, import record marked dead_lette
 dropped database connection or an LLM failure is transient (retried); an open LLM
 circuit defers the task. Each effect is committed once, whatever the redeliveries.
 
-Both tasks read the inbox before they run (``DatabaseInbox``): a delivery whose effect is
-committed makes no LLM call and writes nothing; a committed ingest only queues its
+Each effect is one statement on PostgreSQL with its inbox claim (``aura.db.pipeline``).
+The enrichment reads the inbox before it runs (``DatabaseInbox``): a delivery whose effect
+is committed makes no LLM call and writes nothing. The ingest does not (its statement
+claims the id and answers with the committed twin's product: a second read would be a
+second round trip for that answer): a committed ingest writes nothing and only queues its
 enrichment again (the publish after its commit may have been lost; the enrichment's own
 inbox absorbs the twin). The same message id with another payload is dead-lettered as
 ``conflicting_message_id``.
@@ -27,17 +30,16 @@ from typing import Any
 
 from celery import Task
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import select
 
 from aura.catalog import parse_record
 from aura.config import get_settings
 from aura.contract import ENRICH_TASK, INGEST_TASK
-from aura.db import Database, DatabaseInbox, ImportRecord, mark_record
+from aura.db import Database, DatabaseInbox, mark_record
 from aura.db.pipeline import PromptFacts, ingest_record, read_for_prompt, store_enrichment
 from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.events import DeadLetterReason
 from aura.llm import ResilientLLMClient
-from aura.messaging import DeadLetter, delivery_fingerprint, resilient_task
+from aura.messaging import DeadLetter, delivery_fingerprint, report_duplicate, resilient_task
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.worker.celery_app import celery_app
 
@@ -88,24 +90,12 @@ async def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None
     )
 
 
-async def _requeue_enrichment(raw: str, tenant_id: str, import_id: str | None = None) -> None:
-    """A committed ingest delivered again: queue its enrichment again, nothing else."""
-    message_id = ingest_product.request.id
-    database, _ = _process_resources()
-    async with database.session() as session:
-        made = await session.scalar(
-            select(ImportRecord.product_id).where(ImportRecord.message_id == message_id)
-        )
-    if made is not None:
-        await _queue_enrichment(made, tenant_id)
-
-
 @resilient_task(
     name=INGEST_TASK,
     queue=BULK_QUEUE,
     on_dead_letter=_mark_dead,
     inbox=_inbox,
-    on_duplicate=_requeue_enrichment,
+    lookup_first=False,  # its one statement claims the id and tells a committed twin
 )
 async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | None = None) -> str:
     """One raw record, exactly as the tenant sent it."""
@@ -119,6 +109,8 @@ async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | 
         task=INGEST_TASK,
         fingerprint=delivery_fingerprint(self),
     )
+    if not ingested.created:  # committed before: queue its enrichment again, nothing else
+        report_duplicate(self)  # (the publish after that commit may have been lost)
     await _queue_enrichment(ingested.product_id, tenant_id)
     return str(ingested.product_id)
 
