@@ -28,6 +28,8 @@ what makes "nothing lost" true):
     worker_pool                WORKER_POOL: async (default; aura.messaging.pool.AsyncPool,
                                WORKER_CONCURRENCY tasks in flight on one event loop, with
                                per-task time limits) or prefork (one task per child)
+    aura_priority_queues       ``priority_queues`` (realtime_queue): the async pool's free
+                               slots go to their tasks first
     JSON only                  no pickle crosses the broker
     confirm_publish            every publish (tasks, retries, dead letters) is confirmed
     worker_consumer            aura.messaging.envelope:GuardedConsumer: whatever arrives on
@@ -67,13 +69,16 @@ def configure(
     *,
     queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
     default_queue: str | None = None,
+    priority_queues: Sequence[str] = (REALTIME_QUEUE,),
     settings: Settings | None = None,
     make_default: bool = True,
 ) -> Celery:
     """Put Aura's settings, ``queues`` and the DLQ topology on ``app``; return ``app``.
 
     ``default_queue`` (the first of ``queues`` unless given) is where a task without a
-    ``queue`` goes. With ``make_default`` the app becomes ``@resilient_task``'s default.
+    ``queue`` goes. The async pool gives a free slot to the tasks of ``priority_queues``
+    (those of ``queues``) before the others' (``aura.messaging.pool``). With
+    ``make_default`` the app becomes ``@resilient_task``'s default.
     Anything you set on ``app.conf`` afterwards wins over what this sets."""
     global _default
     settings = settings or get_settings()
@@ -115,6 +120,7 @@ def configure(
         task_default_exchange_type=WORK_EXCHANGE.type,
         task_default_routing_key=default_queue,
         task_create_missing_queues=False,
+        aura_priority_queues=[name for name in names if name in priority_queues],
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

@@ -12,8 +12,20 @@ where a task runs:
                           for its coroutine, the greenlet hands it to the loop and resumes
                           with the result (SQLAlchemy's asyncio bridge, the same way)
 
-The number in flight never exceeds N (``-c``: a semaphore, and prefetch N with
-multiplier 1), so a slow database or LLM holds messages at the broker, not in memory.
+The number in flight never exceeds N (``-c``: N slots, and prefetch N with multiplier 1),
+so a slow database or LLM holds messages at the broker, not in memory.
+
+Which waiting task a freed slot goes to (``_Slots``): the oldest of a priority queue
+(``aura_priority_queues``; Aura's app: realtime_queue), else the oldest of the others;
+but one that has waited ``aura_priority_max_wait`` seconds (5) goes first, so bulk work
+moves at least every few seconds under any realtime load (a message held unacked too
+long would also meet the broker's consumer timeout). Why: with quorum queues each queue's
+consumer has its own prefetch, so a node consuming both work queues holds N of each. In
+FIFO order a bulk import took slot after slot -- an ingest runs 10-60 ms and queues an
+enrichment -- while the enrichments it queued waited behind it: ingests ran at twice the
+rate enrichments could follow, and their statements slowed every task in flight
+(bench/RESULTS.md, "The platform path"). Realtime first, each finished enrichment lets
+about one ingest in: they run at the same rate.
 Per-task time limits, the hard-limit recycle and the loop watchdog are
 ``aura.messaging.runtime``'s. Blocking calls a task makes (a confirmed publish) block the
 loop for their duration: the platform's tasks make theirs in a thread.
@@ -32,11 +44,15 @@ Use it with ``worker_pool = "aura.messaging.pool:AsyncPool"`` in the app's confi
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import gc
 import os
 import signal
 import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -48,6 +64,7 @@ __all__ = ["AsyncPool"]
 
 _log = structlog.get_logger("aura.messaging.pool")
 _DRAIN_LIMIT = 3600.0  # bound on a drain; every task also has its own hard limit
+_PRIORITY_MAX_WAIT = 5.0  # seconds a waiting task can be passed over
 
 
 class _Applied:
@@ -73,7 +90,8 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         self._count_lock = threading.Lock()
         self._recycling = False
         self._runtime: ProcessRuntime | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
+        self._priority_queues: frozenset[str] = frozenset()
         self._in_flight: set[concurrent.futures.Future[Any]] = set()
         self._max_tasks = 0
 
@@ -91,9 +109,9 @@ class AsyncPool(BasePool):  # type: ignore[misc]
             runtime.watch_loop(float(hard), os._exit)
         # Per task slot, as prefork's N children each recycle after this many tasks.
         self._max_tasks = int(app.conf.worker_max_tasks_per_child or 0) * self.limit
-        self._slots = asyncio.run_coroutine_threadsafe(
-            _semaphore(self.limit), runtime.loop
-        ).result()
+        self._priority_queues = frozenset(app.conf.get("aura_priority_queues") or ())
+        max_wait = float(app.conf.get("aura_priority_max_wait") or _PRIORITY_MAX_WAIT)
+        self._slots = _Slots(self.limit, max_wait=max_wait)
 
     def on_stop(self) -> None:
         """Drain: every task in flight finishes (or meets its hard limit) first."""
@@ -117,9 +135,10 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         assert runtime is not None
         assert slots is not None
         soft, hard = options.get("soft_timeout"), options.get("timeout")
+        first = bool(self._priority_queues) and _queue(args) in self._priority_queues
 
         async def run() -> None:
-            async with slots:
+            async with slots.held(first=first):
                 await run_in_greenlet(
                     apply_target,
                     target,
@@ -160,5 +179,66 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         return info
 
 
-async def _semaphore(limit: int) -> asyncio.Semaphore:
-    return asyncio.Semaphore(limit)  # made on the loop it is used on
+def _queue(args: Any) -> str | None:
+    """The work queue of a delivery, from Celery's trace arguments (type, id, request
+    dict, body, ...): its routing key (a delayed retry's ends with the queue's name)."""
+    try:
+        routing_key = args[2]["delivery_info"]["routing_key"]
+    except (IndexError, KeyError, TypeError):
+        return None
+    return str(routing_key).rsplit(".", 1)[-1] if routing_key else None
+
+
+class _Slots:
+    """At most ``limit`` holders at once; a freed slot goes to a waiter as the module doc
+    says (FIFO within each kind). Used on the pool's loop thread only. ``clock`` is
+    monotonic seconds (tests drive a fake one)."""
+
+    def __init__(
+        self, limit: int, *, max_wait: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._free = limit
+        self._max_wait = max_wait
+        self._clock = clock
+        # (when it began waiting, its future): priority queues', the others'
+        self._first: collections.deque[tuple[float, asyncio.Future[None]]] = collections.deque()
+        self._rest: collections.deque[tuple[float, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    @contextlib.asynccontextmanager
+    async def held(self, *, first: bool) -> AsyncIterator[None]:
+        await self._acquire(first)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, first: bool) -> None:
+        if self._free > 0 and not self._first and not self._rest:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        (self._first if first else self._rest).append((self._clock(), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release()  # granted, then cancelled before it could run: pass it on
+            raise
+
+    def _release(self) -> None:
+        for waiters in (self._first, self._rest):  # a waiter cancelled meanwhile is skipped
+            while waiters and waiters[0][1].done():
+                waiters.popleft()
+        chosen = self._first or self._rest
+        if self._rest and self._first:
+            since = self._rest[0][0]
+            if self._clock() - since >= self._max_wait and since < self._first[0][0]:
+                chosen = self._rest
+        if not chosen:
+            self._free += 1
+            return
+        chosen.popleft()[1].set_result(None)
