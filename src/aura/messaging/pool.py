@@ -26,6 +26,7 @@ enrichment -- while the enrichments it queued waited behind it: ingests ran at t
 rate enrichments could follow, and their statements slowed every task in flight
 (bench/RESULTS.md, "The platform path"). Realtime first, each finished enrichment lets
 about one ingest in: they run at the same rate.
+
 Per-task time limits, the hard-limit recycle and the loop watchdog are
 ``aura.messaging.runtime``'s. Blocking calls a task makes (a confirmed publish) block the
 loop for their duration: the platform's tasks make theirs in a thread.
