@@ -38,7 +38,6 @@ from typing import Any, cast
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -80,13 +79,19 @@ class _Claim:
     made: uuid.UUID | None = None  # the product its import record names (ingest)
 
 
-_INGEST = """
+# Both writes open with the inbox claim ($1 message id, $2 task, $3 tenant, $4 fingerprint,
+# $5 now) and answer with it: claimed, or what is committed under the id. (The f-strings
+# below join these constants only: every value is a bind parameter.)
+_CLAIM = """
     WITH claim AS (
         INSERT INTO processed_messages (message_id, task, tenant_id, fingerprint, processed_at)
         VALUES ($1, $2, $3::uuid, $4, $5::timestamptz)
         ON CONFLICT (message_id) DO NOTHING
         RETURNING message_id
-    ), product AS (
+    )"""
+_STORED_FINGERPRINT = "(SELECT fingerprint FROM processed_messages WHERE message_id = $1) AS stored"
+_STORED_PRODUCT = "(SELECT product_id FROM import_records WHERE message_id = $1) AS made"
+_INGEST = f"""{_CLAIM}, product AS (
         INSERT INTO products (id, tenant_id, title, description, brand, category, created_at)
         SELECT $6::uuid, $3::uuid, $7::text, $8::text, $9::text, $10::text, $5::timestamptz
         FROM claim
@@ -101,31 +106,18 @@ _INGEST = """
         UPDATE import_records SET status = 'done', product_id = product.id, updated_at = $5
         FROM product WHERE import_records.message_id = $1
     )
-    SELECT EXISTS (SELECT 1 FROM claim) AS claimed,
-           (SELECT fingerprint FROM processed_messages WHERE message_id = $1) AS stored,
-           (SELECT product_id FROM import_records WHERE message_id = $1) AS made
-"""
-_STORED = """
-    SELECT false AS claimed,
-           (SELECT fingerprint FROM processed_messages WHERE message_id = $1) AS stored,
-           (SELECT product_id FROM import_records WHERE message_id = $1) AS made
-"""
-_ENRICH = """
-    WITH claim AS (
-        INSERT INTO processed_messages (message_id, task, tenant_id, fingerprint, processed_at)
-        VALUES ($1, $2, $3::uuid, $4, $5::timestamptz)
-        ON CONFLICT (message_id) DO NOTHING
-        RETURNING message_id
-    ), enrichment AS (
+    SELECT EXISTS (SELECT 1 FROM claim) AS claimed, {_STORED_FINGERPRINT}, {_STORED_PRODUCT}
+"""  # noqa: S608
+_STORED = f"SELECT false AS claimed, {_STORED_FINGERPRINT}, {_STORED_PRODUCT}"
+_ENRICH = f"""{_CLAIM}, enrichment AS (
         INSERT INTO enrichments (product_id, tenant_id, description, tags, model, created_at)
         SELECT $6::uuid, $3::uuid, $7::text, $8::json, $9::text, $5::timestamptz FROM claim
         ON CONFLICT (product_id) DO UPDATE
             SET description = excluded.description, tags = excluded.tags,
                 model = excluded.model
     )
-    SELECT EXISTS (SELECT 1 FROM claim) AS claimed,
-           (SELECT fingerprint FROM processed_messages WHERE message_id = $1) AS stored
-"""
+    SELECT EXISTS (SELECT 1 FROM claim) AS claimed, {_STORED_FINGERPRINT}
+"""  # noqa: S608
 _PROMPT = """
     SELECT p.title, p.brand, p.category,
            ARRAY(SELECT v.sku FROM variants v WHERE v.product_id = p.id) AS skus
@@ -326,8 +318,7 @@ async def _enrich_in_session(
         connection, message_id, task=task, tenant_id=values["tenant_id"], fingerprint=fingerprint
     ):
         return False
-    insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(_ENRICHMENTS).values(values)
+    statement = sqlite_insert(_ENRICHMENTS).values(values)
     update = {k: statement.excluded[k] for k in ("description", "tags", "model")}
     await connection.execute(
         statement.on_conflict_do_update(index_elements=[_ENRICHMENTS.c.product_id], set_=update)

@@ -20,10 +20,13 @@ statement and COMMIT cost 0.70 ms of CPU; the same on the pool's asyncpg connect
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura import events
 from aura.db.engine import Database
@@ -41,11 +44,9 @@ async def execute_atomically(
 ) -> asyncpg.Record | None:
     """Run ``statement`` (PostgreSQL only) as its own transaction and return the first
     row it answers with, if any; see the module doc."""
-    async with database.engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
+    async with _driver(database) as (connection, driver):
         try:
-            return await driver.fetchrow(statement, *arguments)  # type: ignore[union-attr]
+            return await driver.fetchrow(statement, *arguments)
         except BaseException as exc:
             if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
                 _rolled_back(function, RollbackReason.INVALID_INPUT)
@@ -74,15 +75,21 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
     """One read (PostgreSQL only) on the pool's asyncpg connection, in autocommit: its
     first row, or None. A connection left unusable (cut, or cancelled mid-read) is
     discarded; the driver's error is raised as it came (a transient one: asyncpg's)."""
-    async with database.engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
+    async with _driver(database) as (connection, driver):
         try:
-            return await driver.fetchrow(statement, *arguments)  # type: ignore[union-attr]
+            return await driver.fetchrow(statement, *arguments)
         except BaseException as exc:
             if not isinstance(exc, asyncpg.PostgresError):
                 await connection.invalidate()
             raise
+
+
+@contextlib.asynccontextmanager
+async def _driver(database: Database) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+    """A pooled connection and its asyncpg connection under it (no transaction begun)."""
+    async with database.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        yield connection, raw.driver_connection
 
 
 def _connection_broken(exc: Exception) -> bool:
