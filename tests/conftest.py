@@ -22,15 +22,24 @@ _AURA_VARIABLES = (
     "REDIS_URL",
     "LLM_",
     "LOG_",
+    "DLQ_",
 )
 
 
+@pytest.fixture(scope="session")
+def dlq_store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The run's own DLQ store (SQLite in the run's temporary directory): a test that
+    reads the DLQ without naming a store never writes the embedded ``.aura/`` file."""
+    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('dlq-store') / 'dlq.db'}"
+
+
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def clean_environment(monkeypatch: pytest.MonkeyPatch, dlq_store_url: str) -> Iterator[None]:
     """Each test starts from the seed's defaults, whatever the caller's shell exported."""
     for name in list(os.environ):
         if name.upper().startswith(_AURA_VARIABLES):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("DLQ_DATABASE_URL", dlq_store_url)
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

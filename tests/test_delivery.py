@@ -57,7 +57,7 @@ class Worker:
 
     def letters(self) -> list[DeadLetter]:
         with Connection(self.amqp_url) as connection:
-            return DeadLetterQueue(connection).list(limit=100_000, scan=100_000)
+            return DeadLetterQueue(connection).list(limit=100_000)
 
     async def effects(self, run: str) -> dict[str, int]:
         """Committed effects of ``run``: message id -> how many rows."""

@@ -18,7 +18,6 @@ from structlog.testing import capture_logs
 
 from aura.events import DeadLetterReason
 from aura.messaging.dlq import (
-    MAX_SCAN,
     DeadLetter,
     DeadLetterQueue,
     OriginalMessage,
@@ -172,7 +171,9 @@ def test_header_values_become_json() -> None:
 
 
 def test_queue_of_a_delivery() -> None:
-    assert queue_of({"routing_key": "celery.delayed.bulk_queue"}) == "bulk_queue"
+    delayed = ".".join("0000000000000000000000000101") + ".bulk_queue"  # 28 delay bits
+    assert queue_of({"routing_key": delayed}) == "bulk_queue"
+    assert queue_of({"routing_key": "shop.orders"}) == "shop.orders"  # dots of its own
     assert queue_of({"routing_key": "realtime_queue"}) == "realtime_queue"
     assert queue_of(None) == ""
     assert queue_of({}) == ""
@@ -236,18 +237,18 @@ def test_the_reader_shows_a_malformed_original_as_it_came(connection: Connection
         headers={"id": "m-5", "task": "x.y", "compression": "zlib", "x-death": [{"count": 1}]},
     )
     dead_letter_original(connection, message, kind="not_json", error="e", queue="q")
-    (shown,) = DeadLetterQueue(connection).list()
+    (shown,) = DeadLetterQueue(connection).list(raw=True)
     assert shown.message_id == "m-5"
     assert shown.task == "x.y"
     assert shown.reason is DeadLetterReason.MALFORMED_MESSAGE
-    assert shown.original == OriginalMessage(
+    assert shown.original is not None
+    assert shown.original.model_dump() == OriginalMessage(
         body="caf\u00e9",
-        body_encoding="utf-8",
         size=5,
         content_type="text/plain",
         content_encoding="utf-8",
         headers={"id": "m-5", "task": "x.y", "compression": "zlib"},
-    )
+    ).model_dump()
     assert shown.original.raw() == "caf\u00e9".encode()
 
 
@@ -302,7 +303,7 @@ def test_broker_dead_letters_worker_lost_and_task_failed(connection: Connection)
         {"id": "m-failed", "task": "x.failed", "x-death": [{"reason": "rejected", "time": died}]},
     )
     publish_raw(connection, b"[1, 2]", {"id": "m-odd"})  # no x-death, not Celery's shape
-    lost, failed, odd = DeadLetterQueue(connection).list()
+    lost, failed, odd = DeadLetterQueue(connection).list(raw=True)
     assert (lost.reason, lost.error_type, lost.retries) == (
         DeadLetterReason.WORKER_LOST,
         "WorkerLost",
@@ -323,22 +324,15 @@ def test_broker_dead_letters_worker_lost_and_task_failed(connection: Connection)
     )
     assert failed.error == "dead-lettered by the broker: rejected"
     assert failed.first_failure_at == died
-    assert odd.reason is DeadLetterReason.TASK_FAILED
-    assert odd.error == "dead-lettered by the broker: unknown"
-    assert odd.task_args == ["b'[1, 2]'"]  # not Celery's (args, kwargs, embed): shown whole
+    # not Celery's (args, kwargs, embed): kept as it came, shown, never replayed
+    assert odd.reason is DeadLetterReason.MALFORMED_MESSAGE
+    assert odd.error_type == "unreadable_dead_letter"
+    assert odd.original is not None
+    assert odd.original.raw() == b"[1, 2]"
+    assert odd.replay_refusal is not None
 
 
-def test_scan_bounds(connection: Connection) -> None:
-    reader = DeadLetterQueue(connection)
-    assert MAX_SCAN == 100_000
-    assert reader.list(scan=1) == []
-    assert reader.list(scan=MAX_SCAN) == []
-    for bad in (0, MAX_SCAN + 1):
-        with pytest.raises(ValueError, match="scan must be between 1 and 100000"):
-            reader.list(scan=bad)
-
-
-def test_the_readers_filters_limit_and_scan(connection: Connection) -> None:
+def test_the_readers_filters_limit_and_pages(connection: Connection) -> None:
     reader = DeadLetterQueue(connection)
     publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL, tenant_id="t1"))
     publish_dead_letter(
@@ -356,35 +350,43 @@ def test_the_readers_filters_limit_and_scan(connection: Connection) -> None:
     assert ids(reader.list(reason="poison_pill", task="pins.task", tenant="t1")) == ["m1"]
     assert ids(reader.list(reason="poison_pill", tenant="t9")) == []
     assert ids(reader.list(limit=2)) == ["m1", "m2"]
-    assert ids(reader.list(scan=2)) == ["m1", "m2"]
-    assert sum(reader.count_by_reason(scan=1).values()) == 1
-    third = reader.list()[2]
+    first, second, third = reader.list()
+    assert ids(reader.list(after=first.seq)) == ["m2", "m3"]
+    assert ids(reader.list(after=second.seq, limit=1)) == ["m3"]
+    assert reader.count() == 3
+    assert reader.count(reason="poison_pill", tenant="t2") == 1
     assert reader.show(third.id) == third
     assert reader.show("no-such-letter") is None
-    assert reader.show(third.id, scan=2) is None
-    # Reading removed nothing (the in-memory transport requeues at the back, unlike RabbitMQ).
-    assert sorted(ids(reader.list())) == ["m1", "m2", "m3"]
+    assert reader.show(third.id) == third  # a read is a read: it takes nothing
+    assert ids(reader.list()) == ["m1", "m2", "m3"]  # nor moves anything
 
 
 def test_replay_needs_a_target_and_sends_only_what_matches(connection: Connection) -> None:
     reader = DeadLetterQueue(connection)
     with pytest.raises(ValueError, match="needs a dead letter id or a reason"):
-        replay(reader, lambda _: None)
-    publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
-    publish_dead_letter(connection, letter("m2", DeadLetterReason.POISON_PILL))
+        replay(reader)
+    connection.default_channel.queue_declare("pins_q")
+    publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL, queue="pins_q"))
+    publish_dead_letter(connection, letter("m2", DeadLetterReason.POISON_PILL, queue="pins_q"))
     target = reader.list()[1]
-    sent: list[str] = []
-    replayed = replay(reader, lambda x: sent.append(x.message_id), letter_id=target.id)
-    assert sent == ["m2"]
-    assert replayed == [target]
+    report = replay(reader, letter_id=target.id, operator="pins")
+    assert [x.message_id for x in report.replayed] == ["m2"]
+    assert report.replayed[0].replay_count == 1
     assert [x.message_id for x in reader.list()] == ["m1"]
+    assert [(r["letter_id"], r["operator"], r["to_queue"]) for r in reader.replays()] == [
+        (target.id, "pins", "pins_q")
+    ]
+    sent = connection.default_channel.basic_get("pins_q", no_ack=True)
+    assert sent.headers["id"] == "m2"
+    assert sent.headers["aura_replay_count"] == 1
+    assert replay(reader, letter_id=target.id).replayed == []  # once: it is replayed
+    assert connection.default_channel.basic_get("pins_q", no_ack=True) is None
 
-    def refuses(_: DeadLetter) -> None:
-        raise ConnectionError("broker gone")
-
-    with pytest.raises(ConnectionError):
-        replay(reader, refuses, reason="poison_pill")
-    assert [x.message_id for x in reader.list()] == ["m1"]  # not sent: not removed
+    refused = replay(reader, reason="poison_pill", to_queue="no_such_queue")
+    assert [why for _, why in refused.refused] == [
+        refused.refused[0][1]
+    ] and "no_such_queue" in refused.refused[0][1]
+    assert [x.message_id for x in reader.list()] == ["m1"]  # refused: it stays
 
 
 def test_purge_removes_only_its_reason(connection: Connection) -> None:
@@ -392,8 +394,7 @@ def test_purge_removes_only_its_reason(connection: Connection) -> None:
     publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
     publish_dead_letter(connection, letter("m2", DeadLetterReason.WORKER_LOST))
     publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
-    removed = purge(reader, reason="poison_pill")
-    assert [x.message_id for x in removed] == ["m1", "m1"]  # both copies
+    assert purge(reader, reason="poison_pill") == 1  # two copies, one letter
     assert [x.message_id for x in reader.list()] == ["m2"]
     assert reader.count_by_reason() == {"worker_lost": 1}
 
@@ -466,39 +467,28 @@ def test_nested_header_tables_are_cut_at_eight_levels() -> None:
     assert cut == "<nested too deep>"
 
 
-def test_the_reader_declares_the_dlq_and_tells_broker_letters_apart() -> None:
+def test_the_reader_declares_the_dlq_and_files_every_kind() -> None:
     with Connection(f"memory://pins-dlq-{uuid.uuid4().hex}") as connection:
         reader = DeadLetterQueue(connection)
         assert reader.list() == []
         channel = connection.default_channel
         channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)  # the reader declared it
         publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
-        publish_raw(connection, b"[[], {}, {}]", {"id": "m2", "x-death": [{"count": 1}]})
-        flags = [(e.letter.message_id, e.from_broker) for e in reader.take()]
-        assert flags == [("m1", False), ("m2", True)]
-        assert len(reader.list()) == 2  # taken but not acked: still there
-        dead_letter_queue()(channel).purge()
+        publish_raw(connection, b"[[], {}, {}]", {"id": "m2", "task": "t", "x-death": [{}]})
+        assert [x.message_id for x in reader.list()] == ["m1", "m2"]
+        assert channel.basic_get(DEAD_LETTER_QUEUE, no_ack=True) is None  # all filed
 
 
-def test_an_entry_kombu_cannot_build_is_skipped_with_a_warning(connection: Connection) -> None:
+def test_an_entry_kombu_cannot_build_is_kept_and_shown(connection: Connection) -> None:
     publish_raw(connection, b"not gzip", {"compression": "application/x-gzip"})
     publish_dead_letter(connection, letter("m1", DeadLetterReason.POISON_PILL))
-    with capture_logs() as logs:
-        shown = DeadLetterQueue(connection).list()
-    assert [x.message_id for x in shown] == ["m1"]
-    warnings = [e for e in logs if e["event"] == "a DLQ entry could not be read"]
-    assert len(warnings) >= 1
-    assert warnings[0]["log_level"] == "warning"
+    odd, shown = DeadLetterQueue(connection).list(raw=True)
+    assert shown.message_id == "m1"
+    assert odd.original is not None
+    assert odd.original.raw() == b"not gzip"  # as it came, never inflated
 
 
 def test_the_readers_defaults(connection: Connection) -> None:
-    import inspect
-
-    for method in ("list", "count_by_reason", "show", "take"):
-        signature = inspect.signature(getattr(DeadLetterQueue, method))
-        assert signature.parameters["scan"].default == 10_000
-    for function in (replay, purge):
-        assert inspect.signature(function).parameters["scan"].default == 10_000
     for n in range(51):
         publish_dead_letter(connection, letter(f"m{n}", DeadLetterReason.POISON_PILL))
     assert len(DeadLetterQueue(connection).list()) == 50

@@ -45,6 +45,7 @@ _URL_SCHEMES: dict[str, dict[str, str]] = {
         "sqlite": "sqlite+aiosqlite",
     },
     "REDIS_URL": {"redis": "redis", "rediss": "rediss", "unix": "unix"},
+    "DLQ_DATABASE_URL": {},  # DATABASE_URL's, set below
     "CELERY_BROKER_URL": {
         "amqp": "amqp",
         "amqps": "amqps",
@@ -68,6 +69,9 @@ def mask_url(url: str) -> str:
         host = f"{host}:{parts.port}"
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+_URL_SCHEMES["DLQ_DATABASE_URL"] = _URL_SCHEMES["DATABASE_URL"]
 
 
 def _normalise_url(variable: str, value: str | None) -> str | None:
@@ -117,6 +121,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     celery_broker_url: str | None = None
+    # The dead-letter store (aura.messaging.dlq): its database (unset: DATABASE_URL) and
+    # how much it keeps (0 = no bound); what retention drops is counted in
+    # aura_dlq_letters_dropped_total
+    dlq_database_url: str | None = None
+    dlq_retention_letters: int = Field(default=1_000_000, ge=0)
+    dlq_retention_days: float = Field(default=0.0, ge=0)
     # LLM provider (unset base URL: the bundled simulator)
     llm_base_url: str | None = None
     llm_api_key: SecretStr = SecretStr("")
@@ -190,7 +200,9 @@ class Settings(BaseSettings):
         """``LLM_RATE_LIMITS`` parsed: model (or host[:port]/model) -> {rpm, tpm, burst}."""
         return parse_rate_limits(self.llm_rate_limits)
 
-    @field_validator("database_url", "redis_url", "celery_broker_url", "llm_base_url")
+    @field_validator(
+        "database_url", "dlq_database_url", "redis_url", "celery_broker_url", "llm_base_url"
+    )
     @classmethod
     def _check_url(cls, value: str | None, info: Any) -> str | None:
         return _normalise_url(info.field_name.upper(), value)

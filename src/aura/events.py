@@ -24,6 +24,7 @@ __all__ = [
     "CircuitStateChanged",
     "DeadLetterDepthObserved",
     "DeadLetterReason",
+    "DeadLettersDropped",
     "DuplicateDelivered",
     "DuplicateKind",
     "Event",
@@ -168,6 +169,14 @@ class MessageDeadLettered:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLettersDropped:
+    """Dead letters the DLQ store's retention bound removed."""
+
+    reason: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class DuplicateDelivered:
     """A delivery whose fate was already settled (a redelivery, a relay's second copy)."""
 
@@ -209,6 +218,7 @@ Event = (
     | LLMRateLimitChanged
     | TaskTimedOut
     | MessageDeadLettered
+    | DeadLettersDropped
     | TaskRetried
     | DuplicateDelivered
     | QueueDepthObserved

@@ -34,6 +34,8 @@ Not in the seed, named in its style:
                                                    the truth, where messages_sent_to_dlq_total
                                                    counts what this process routed (0 in the
                                                    gateway, which routes none)
+    aura_dlq_letters_dropped_total{reason}         dead letters the store's retention
+                                                   bound removed (DLQ_RETENTION_*)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -55,6 +57,7 @@ from aura.events import (
     CircuitStateChanged,
     DeadLetterDepthObserved,
     DeadLetterReason,
+    DeadLettersDropped,
     DuplicateDelivered,
     DuplicateKind,
     Event,
@@ -76,6 +79,7 @@ from aura.events import (
 )
 
 __all__ = [
+    "AURA_DLQ_LETTERS_DROPPED",
     "AURA_DLQ_MESSAGES",
     "AURA_DUPLICATE_DELIVERIES",
     "CELERY_TASKS_PENDING",
@@ -144,6 +148,12 @@ AURA_DLQ_MESSAGES = Gauge(
     "aura_dlq_messages",
     "Messages in the dead-letter queue now, read from the broker by the workers' poller.",
     multiprocess_mode="mostrecent",
+)
+
+AURA_DLQ_LETTERS_DROPPED = Counter(
+    "aura_dlq_letters_dropped_total",
+    "Dead letters the DLQ store's retention bound removed (DLQ_RETENTION_*), by reason.",
+    ["reason"],
 )
 
 AURA_LLM_BREAKER_OPENS = Counter(
@@ -216,6 +226,7 @@ for _outcome in LLMOutcome:
     LLM_API_REQUEST_DURATION.labels(outcome=_outcome.value)
 for _dlq_reason in DeadLetterReason:
     MESSAGES_SENT_TO_DLQ.labels(reason=_dlq_reason.value)
+    AURA_DLQ_LETTERS_DROPPED.labels(reason=_dlq_reason.value)
 for _queue in Queue:
     CELERY_TASKS_PENDING.labels(queue=_queue.value)
 
@@ -250,6 +261,8 @@ def prometheus_hook(event: Event) -> None:
             AURA_LLM_RATE_LIMIT_TPM.labels(limiter=limiter).set(tpm)
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
+        case DeadLettersDropped(reason=dropped, count=count):
+            AURA_DLQ_LETTERS_DROPPED.labels(reason=dropped).inc(count)
         case DuplicateDelivered(kind=duplicate):
             AURA_DUPLICATE_DELIVERIES.labels(kind=duplicate.value).inc()
         case TaskRetried(kind=kind):

@@ -87,7 +87,7 @@ class BrokerView:
     depths: dict[str, int]
 
 
-def read_broker(broker_url: str, vhost: str) -> BrokerView:
+def read_broker(broker_url: str, vhost: str, store_url: str | None = None) -> BrokerView:
     """Browse every queue of ``vhost`` (messages are read, never taken: closing the
     channel puts them back) and read the DLQ.
 
@@ -111,7 +111,7 @@ def read_broker(broker_url: str, vhost: str) -> BrokerView:
         time.sleep(1.0)
     with Connection(broker_url, connect_timeout=10) as connection:
         queued = _browse(connection, depths)
-        letters = DeadLetterQueue(connection).list(limit=_SCAN, scan=_SCAN)
+        letters = DeadLetterQueue(connection, store_url).list(limit=_SCAN, raw=True)
     return BrokerView(queued, letters, depths)
 
 

@@ -240,7 +240,9 @@ class ChaosRun(ImportRun):
             self.details["worker_restarts"] = self.supervisor.restarts
             self.details["worker_exit_codes"] = self.supervisor.exit_codes[:10]
             await self.before_count(database)
-            broker = await asyncio.to_thread(read_broker, self.stack.broker_url, self.stack.vhost)
+            broker = await asyncio.to_thread(
+                read_broker, self.stack.broker_url, self.stack.vhost, self.stack.database_url
+            )
             async with database.session() as session:
                 accounting = await account(
                     session,
@@ -359,7 +361,9 @@ class ChaosRun(ImportRun):
 
     def _read_letters(self) -> list[DeadLetter]:
         with Connection(self.stack.broker_url, connect_timeout=5) as connection:
-            return DeadLetterQueue(connection).list(limit=100_000, scan=100_000)
+            return DeadLetterQueue(connection, self.stack.database_url).list(
+                limit=100_000, raw=True
+            )
 
     def _metrics(self) -> dict[str, int]:
         from prometheus_client.multiprocess import MultiProcessCollector

@@ -1,40 +1,43 @@
-"""``aura dlq``: read, replay and purge the dead-letter queue.
+"""``aura dlq``: list, count, show, replay and purge dead letters, for any app's queues.
 
-Reading holds entries unacknowledged and hands them back to the queue when done, so
-``ls`` and ``show`` change nothing. ``replay`` sends a dead letter back to its original
-queue with a fresh retry budget and removes it from the DLQ only after the broker
-confirmed the new message; ``purge`` removes only the entries with the reason it names,
-after asking.
+Every command first files what has landed in the broker's ``aura.dlq`` into the DLQ store
+(``DLQ_DATABASE_URL``, else ``DATABASE_URL``), then reads the store: the broker queue is
+never browsed, so reading changes no letter, header or order. ``replay`` sends a letter
+back to the queue it was dead-lettered from (``--to`` overrides), once, after the same
+checks the gateway applies, and records who replayed what and where; ``purge`` removes
+only the letters with the reason it names, after asking. Views redact every field before
+they cut it and print letters' text literally (no terminal markup or control characters).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from aura.cli import app
-from aura.cli.names import DEFER_PREFIX, DLQ_MAX_SCAN, RETRY_PREFIX
-from aura.contract import BULK_QUEUE, REALTIME_QUEUE
+from aura.cli.names import DEFER_PREFIX, RETRY_PREFIX
 from aura.errors import ConfigurationError, InvalidInputError
 from aura.events import DeadLetterReason
 
 if TYPE_CHECKING:
     from aura.messaging.dlq import DeadLetter, DeadLetterQueue
 
-MAX_SCAN = DLQ_MAX_SCAN
-
 dlq_app = typer.Typer(
-    help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True
+    help="The dead-letter queue: ls, count, show, replay, replays, purge.", no_args_is_help=True
 )
 app.add_typer(dlq_app, name="dlq")
 
 _REASONS = [reason.value for reason in DeadLetterReason]
 _LIMIT_MAX = 1000
+_PLATFORM_APP = "aura.worker.celery_app:celery_app"
 
 
 def _check_reason(reason: str | None) -> str | None:
@@ -45,10 +48,21 @@ def _check_reason(reason: str | None) -> str | None:
     return reason
 
 
-def _check_scan(scan: int) -> int:
-    if not 1 <= scan <= MAX_SCAN:
-        raise InvalidInputError(f"--scan must be between 1 and {MAX_SCAN}", field="scan")
-    return scan
+def _when(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"--{name} must be an ISO 8601 time (2026-12-04T03:00:00+00:00), got {text[:40]!r}",
+            field=name,
+        ) from None
+    if found.tzinfo is None:
+        from datetime import UTC
+
+        found = found.replace(tzinfo=UTC)
+    return found
 
 
 @contextmanager
@@ -70,70 +84,114 @@ def _reader() -> Iterator[DeadLetterQueue]:
         yield DeadLetterQueue(connection)
 
 
-_MAX_SHOWN_BODY = 64 * 1024
+def literal(text: str) -> str:
+    """``text`` as it may reach a terminal: control and other unprintable characters as
+    escapes (``\\x1b``), so no letter can move the cursor, colour or retitle anything."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _row(letter: DeadLetter) -> dict[str, object]:
-    """A letter as JSON; a malformed original's body redacted and cut to 64 KiB (the DLQ
-    keeps it whole)."""
-    from aura.logs import bounded_text, redact
+    """A letter as JSON, as views show it (the reader's fields are redacted already)."""
+    return letter.model_dump(mode="json")
 
-    row = letter.model_dump(mode="json")
-    original = row.get("original")
-    if isinstance(original, dict) and isinstance(original.get("body"), str):
-        original["body"] = bounded_text(original["body"], _MAX_SHOWN_BODY)
-        original["headers"] = redact(original.get("headers") or {})
-    return row
+
+def _fit(text: str, width: int) -> str:
+    text = literal(text)
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _table(letters: list[DeadLetter], width: int) -> list[str]:
+    """Three lines a letter, each fitted to ``width`` (at least 80) columns: its position,
+    id, reason and replays; its message id and when it was dead-lettered; its task, the
+    queue it came from and the error."""
+    width = max(width, 80)
+    lines = [f"{'SEQ':>7} {'ID':<32} {'REASON':<22} REPLAYS", f"{'':>7} MESSAGE ID / AT / TASK"]
+    for letter in letters:
+        when = letter.dead_lettered_at.strftime("%Y-%m-%d %H:%M:%S")
+        lines += [
+            _fit(
+                f"{letter.seq or 0:>7} {letter.id:<32} {letter.reason.value:<22} "
+                f"{letter.replay_count:>3}",
+                width,
+            ),
+            _fit(f"{'':>7} {letter.message_id or '-'}  {when}", width),
+            _fit(f"{'':>7} {letter.task or '?'} @ {letter.queue or '?'}: {letter.error}", width),
+        ]
+    return lines
 
 
 @dlq_app.command("ls")
 def ls_command(
     reason: str | None = typer.Option(None, help=f"Only this reason: {', '.join(_REASONS)}."),
     task: str | None = typer.Option(None, help="Only this task name."),
+    queue: str | None = typer.Option(None, help="Only letters from this queue."),
     tenant: str | None = typer.Option(None, help="Only this tenant id."),
+    since: str | None = typer.Option(None, help="Dead-lettered at or after (ISO 8601)."),
+    until: str | None = typer.Option(None, help="Dead-lettered before (ISO 8601)."),
     limit: int = typer.Option(50, min=1, max=_LIMIT_MAX, help="Show at most this many."),
-    scan: int = typer.Option(10_000, help=f"Inspect at most this many entries (<= {MAX_SCAN})."),
+    after: int | None = typer.Option(None, min=0, help="The next page: the last SEQ shown."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
-    """List dead letters, newest last (filters combine)."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """List dead letters, oldest first and newest last (filters combine)."""
     with _reader() as reader:
         letters = reader.list(
             reason=_check_reason(reason),
             task=task,
+            queue=queue,
             tenant=tenant,
+            since=_when(since, "since"),
+            until=_when(until, "until"),
             limit=limit,
-            scan=_check_scan(scan),
+            after=after,
         )
     if as_json:
         for letter in letters:
             typer.echo(json.dumps(_row(letter)))
         return
-    table = Table(title=f"dead letters ({len(letters)} shown)")
-    for column in ("id", "reason", "task", "queue", "retries", "last failure", "error"):
-        table.add_column(column, overflow="fold")
-    for letter in letters:
-        table.add_row(
-            letter.id,
-            letter.reason.value,
-            letter.task,
-            letter.queue,
-            str(letter.retries),
-            letter.last_failure_at.isoformat(timespec="seconds"),
-            letter.error[:80],
-        )
-    Console().print(table)
+    width = shutil.get_terminal_size((80, 24)).columns
+    typer.echo(f"dead letters: {len(letters)} shown")
+    for line in _table(letters, width):
+        typer.echo(line)
+    if len(letters) == limit and letters[-1].seq is not None:
+        typer.echo(f"more: aura dlq ls --after {letters[-1].seq}")
+
+
+@dlq_app.command("count")
+def count_command(
+    reason: str | None = typer.Option(None, help=f"Only this reason: {', '.join(_REASONS)}."),
+    task: str | None = typer.Option(None, help="Only this task name."),
+    queue: str | None = typer.Option(None, help="Only letters from this queue."),
+    tenant: str | None = typer.Option(None, help="Only this tenant id."),
+    since: str | None = typer.Option(None, help="Dead-lettered at or after (ISO 8601)."),
+    until: str | None = typer.Option(None, help="Dead-lettered before (ISO 8601)."),
+) -> None:
+    """Count dead letters (filters combine); without filters, by reason too."""
+    filters: dict[str, Any] = {
+        "reason": _check_reason(reason),
+        "task": task,
+        "queue": queue,
+        "tenant": tenant,
+        "since": _when(since, "since"),
+        "until": _when(until, "until"),
+    }
+    with _reader() as reader:
+        total = reader.count(**filters)
+        by_reason = reader.count_by_reason() if not any(filters.values()) else {}
+    typer.echo(f"dead letters: {total}")
+    for name, n in sorted(by_reason.items()):
+        typer.echo(f"  {name}: {n}")
 
 
 @dlq_app.command("show")
 def show_command(letter_id: str = typer.Argument(..., help="The dead letter's id.")) -> None:
-    """Print one dead letter in full, as JSON."""
+    """Print one dead letter in full, as JSON (redacted; a malformed message's body as
+    its first 64 KiB of text)."""
     with _reader() as reader:
         letter = reader.show(letter_id)
     if letter is None:
-        raise InvalidInputError(f"no dead letter with id {letter_id!r}", field="id")
+        raise InvalidInputError(f"no dead letter with id {literal(letter_id[:80])!r}", field="id")
     typer.echo(json.dumps(_row(letter), indent=2))
 
 
@@ -142,7 +200,7 @@ def _reset_budgets(message_ids: list[str]) -> None:
     from aura.messaging.retry import RetryTracker
 
     redis_url = get_settings().redis_url
-    if redis_url is None:
+    if redis_url is None or not message_ids:
         return  # embedded: the stand-in lives in the worker's process
 
     async def reset() -> None:
@@ -157,53 +215,119 @@ def _reset_budgets(message_ids: list[str]) -> None:
         finally:
             await redis.aclose()
 
-    asyncio.run(reset())
+    try:
+        asyncio.run(reset())
+    except Exception as exc:  # their TTL ends them; a replay must not wait on Redis
+        from aura.logs import describe_exception
+
+        typer.echo(f"note: retry budgets not reset ({describe_exception(exc)})", err=True)
+
+
+def _load_app(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute or "app")
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInputError(
+            f"--app {spec!r}: cannot load it ({type(exc).__name__}: {exc})", field="app"
+        ) from None
+
+
+def app_check(celery_app: Any) -> Any:
+    """The replay checks an app's tasks bring: the arguments bind to the task, the tenant
+    in them is the one the letter is filed under, and the task's own
+    ``aura_replay_check(args, kwargs)`` (the platform's ingest: the gateway's record size
+    limit)."""
+
+    def check(letter: DeadLetter) -> str | None:
+        task = celery_app.tasks.get(letter.task)
+        if task is None:
+            return None  # not this app's: the generic checks only
+        signature = getattr(task, "aura_signature", None)
+        if signature is not None:
+            try:
+                bound = signature.bind(*letter.task_args, **letter.task_kwargs)
+            except TypeError as exc:
+                return f"its arguments do not fit {letter.task}: {exc}"
+            tenant = bound.arguments.get("tenant_id")
+            if tenant is not None and str(tenant) != (letter.tenant_id or str(tenant)):
+                return (
+                    f"forged: filed under tenant {letter.tenant_id!r} but its arguments "
+                    f"are for tenant {str(tenant)[:64]!r}"
+                )
+        own = getattr(task, "aura_replay_check", None)
+        if callable(own):
+            found: str | None = own(letter.task_args, letter.task_kwargs)
+            return found
+        return None
+
+    return check
 
 
 @dlq_app.command("replay")
 def replay_command(
     letter_id: str | None = typer.Argument(None, help="The dead letter to replay."),
     reason: str | None = typer.Option(None, help="Replay every dead letter with this reason."),
-    scan: int = typer.Option(10_000, help=f"Inspect at most this many entries (<= {MAX_SCAN})."),
+    to: str | None = typer.Option(None, "--to", help="Send to this queue instead of its own."),
+    celery_app: str = typer.Option(
+        _PLATFORM_APP, "--app", "-A", help="Your Celery app (module:attribute), for its checks."
+    ),
+    by: str | None = typer.Option(None, help="Who replays (recorded; default: your user)."),
 ) -> None:
-    """Send dead letters back to their original queue with a fresh retry budget."""
+    """Send dead letters back to the queue each came from, with a fresh retry budget."""
     if (letter_id is None) == (reason is None):
         raise InvalidInputError("give either a dead letter id or --reason, not both", field="id")
-    from aura.messaging.dlq import replay
-    from aura.worker.celery_app import celery_app
-
-    def send(letter: DeadLetter) -> None:
-        queue = letter.queue if letter.queue in (REALTIME_QUEUE, BULK_QUEUE) else REALTIME_QUEUE
-        _reset_budgets([letter.message_id])
-        celery_app.send_task(
-            letter.task,
-            args=letter.task_args,
-            kwargs=letter.task_kwargs,
-            task_id=letter.message_id,
-            queue=queue,
-        )
-
+    _check_reason(reason)
+    check = app_check(_load_app(celery_app))
     with _reader() as reader:
-        replayed = replay(
-            reader, send, letter_id=letter_id, reason=_check_reason(reason), scan=_check_scan(scan)
+        if letter_id is not None and reader.show(letter_id) is None:
+            raise InvalidInputError(
+                f"no dead letter with id {literal(letter_id[:80])!r}", field="id"
+            )
+        report = reader.replay(
+            letter_id=letter_id, reason=reason, to_queue=to, operator=by or "", check=check
         )
-    if letter_id is not None and not replayed:
-        raise InvalidInputError(f"no dead letter with id {letter_id!r}", field="id")
-    typer.echo(f"replayed {len(replayed)} dead letter(s)")
+    _reset_budgets([letter.message_id for letter in report.replayed])
+    for letter in report.replayed:
+        typer.echo(
+            f"replayed {literal(letter.id)} ({literal(letter.message_id)}) to "
+            f"{literal(to or letter.queue)} (replay {letter.replay_count})"
+        )
+    for letter, why in report.refused:
+        typer.echo(f"refused {literal(letter.id)}: {literal(why)}", err=True)
+    typer.echo(f"replayed {len(report.replayed)} dead letter(s), refused {len(report.refused)}")
+    if letter_id is not None and not report.replayed and not report.refused:
+        typer.echo(f"{literal(letter_id)} was already replayed: nothing sent", err=True)
+    if report.refused:
+        raise typer.Exit(1)
+
+
+@dlq_app.command("replays")
+def replays_command(
+    letter_id: str | None = typer.Argument(None, help="Only this dead letter's replays."),
+) -> None:
+    """The replay record: who replayed which letter, when, and to which queue."""
+    with _reader() as reader:
+        records = reader.replays(letter_id)
+    for record in records:
+        typer.echo(
+            f"{record['replayed_at']:%Y-%m-%d %H:%M:%S} {literal(record['letter_id'])} "
+            f"({literal(record['message_id'])}) -> {literal(record['to_queue'])} "
+            f"by {literal(record['operator'])} (replay {record['replay_count']})"
+        )
+    typer.echo(f"{len(records)} replay(s)")
 
 
 @dlq_app.command("purge")
 def purge_command(
     reason: str = typer.Option(..., help="Remove the dead letters with this reason."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
-    scan: int = typer.Option(10_000, help=f"Inspect at most this many entries (<= {MAX_SCAN})."),
 ) -> None:
     """Remove dead letters with one reason (asks first); all others stay."""
-    from aura.messaging.dlq import purge
-
     _check_reason(reason)
     if not yes:
         typer.confirm(f"Remove every dead letter with reason {reason!r}?", abort=True)
     with _reader() as reader:
-        removed = purge(reader, reason=reason, scan=_check_scan(scan))
-    typer.echo(f"removed {len(removed)} dead letter(s)")
+        removed = reader.purge(reason=reason)
+    typer.echo(f"removed {removed} dead letter(s)")

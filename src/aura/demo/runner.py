@@ -476,9 +476,7 @@ class ImportRun:
         from aura.worker.tasks import app
 
         with app.connection_for_write() as connection:
-            return DeadLetterQueue(connection).list(
-                tenant=str(tenant_id), limit=100_000, scan=100_000
-            )
+            return DeadLetterQueue(connection).list(tenant=str(tenant_id), limit=100_000)
 
     def _registry(self) -> CollectorRegistry:
         if self.embedded:

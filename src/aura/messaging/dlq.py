@@ -25,59 +25,95 @@ Reasons (a fixed set, also the ``messages_sent_to_dlq_total`` label):
 
 A malformed message is stored as it arrived -- the original body bytes, content type,
 encoding and headers -- with ``x-aura-*`` headers that say why (``x-aura-format:
-original``), so nothing about it is lost; readers redact its text when they render it,
-and it cannot be replayed (its producer must be fixed).
+original``), so nothing about it is lost; a compressed one that would inflate past the
+message size limit keeps its compressed bytes (``aura.messaging.compression``). Views show
+its text redacted and bounded; its bytes are kept for the record, never printed, and it
+cannot be replayed (its producer must be fixed).
 
-One fate, one letter: a dead letter for a message id and reason is written once where the
-writer can tell (``resilient_task`` keeps a marker in Redis after the confirm), and the
-reader counts one entry per message id and reason whatever the queue holds (a crash
-between the confirm and the ack, or Redis down, can write a second copy).
+Where letters live: the broker queue is where they land (``route_to_dlq`` waits for the
+broker's publisher confirm before it returns, so a caller acks the original only once the
+dead letter is safe: a crash in between duplicates it, never loses it). Every read first
+files what has landed into the DLQ store (``aura.messaging.dlq_store``: rows committed,
+then the broker messages acked), then queries the store; the broker queue is never
+browsed, so reading changes no letter, header, delivery count or order. One letter per
+(message id, reason, fingerprint): the store's key decides, not Redis.
 
-``route_to_dlq`` waits for the broker's publisher confirm before it returns, so a caller
-acks the original only once the dead letter is safe: a crash in between duplicates the
-dead letter, never loses it. Error texts and arguments are redacted before they are
-written: secrets never reach the DLQ.
+Replay sends a letter back to the queue it was dead-lettered from (any app's queue;
+``to_queue`` overrides) with header ``aura_replay_count``; the task carries that count
+into the next dead letter, so a replayed message that fails again is dead-lettered again
+with its count, never acked away. Error texts and arguments are redacted before they are
+written, and every view redacts again before it cuts: secrets never reach the DLQ's views.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
+import contextlib
+import getpass
 import json
+import re
+import tempfile
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from kombu.connection import Connection
-from pydantic import BaseModel, Field
+from kombu.messaging import Producer
+from pydantic import BaseModel, Field, PrivateAttr
+from sqlalchemy import case, delete, func, select, update
 
 from aura import events
-from aura.events import DeadLetterReason, MessageDeadLettered
+from aura.db.engine import Database
+from aura.errors import ServiceUnavailableError
+from aura.events import DeadLetterReason, DeadLettersDropped, MessageDeadLettered
 from aura.logs import bounded_text, describe_exception, redact
+from aura.messaging.compression import bound_compression
+from aura.messaging.dlq_store import (
+    DEAD,
+    LISTED,
+    REPLAYED,
+    Filter,
+    LandedLetter,
+    dead_letters,
+    enforce_retention,
+    ensure_tables,
+    file_letters,
+    mark_replayed,
+    replays,
+)
 from aura.messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, dead_letter_queue
 
 __all__ = [
+    "MAX_SHOWN_BODY",
+    "REPLAY_HEADER",
     "DeadLetter",
     "DeadLetterQueue",
     "OriginalMessage",
-    "StoredDeadLetter",
+    "ReplayReport",
     "dead_letter_original",
     "publish_dead_letter",
     "purge",
     "queue_of",
     "replay",
     "route_to_dlq",
+    "source_of",
+    "store_url",
 ]
 
+T = TypeVar("T")
 _MAX_ERROR = 1000
+_MAX_NAME = 200  # a header name shown in a view
+MAX_SHOWN_BODY = 64 * 1024
+"""The most characters of a malformed message's body a view shows (redacted)."""
+REPLAY_HEADER = "aura_replay_count"
+"""The message header that says how often a message was replayed from the DLQ."""
 _log = structlog.get_logger("aura.messaging.dlq")
-MAX_SCAN = 100_000
 _ORIGINAL_FORMAT = "original"  # x-aura-format of a malformed message kept as it arrived
 _MAX_HEADER_DEPTH = 8
 # Headers kombu acts on when it builds a message (a compression header makes it inflate the
@@ -87,20 +123,26 @@ _DISARMED = ("compression",)
 
 
 class OriginalMessage(BaseModel):
-    """A malformed message as it arrived: its bytes (text if they are UTF-8, else
-    base64), content type and encoding, and its headers (rendered as JSON)."""
+    """A malformed message as it arrived, as views show it: the first ``MAX_SHOWN_BODY``
+    characters of its body as text (bytes that are not UTF-8 as ``\\xNN``), redacted;
+    ``cut`` if there was more; its size in bytes, content type, encoding and headers
+    (redacted). The bytes themselves stay in the store: ``raw()`` where the reader was
+    asked for them (``DeadLetterQueue.list(raw=True)``)."""
 
     body: str
-    body_encoding: Literal["utf-8", "base64"]
+    body_encoding: Literal["utf-8"] = "utf-8"
+    cut: bool = False
     size: int
     content_type: str | None = None
     content_encoding: str | None = None
     headers: dict[str, Any] = Field(default_factory=dict)
+    _raw: bytes | None = PrivateAttr(default=None)
 
     def raw(self) -> bytes:
-        if self.body_encoding == "base64":
-            return base64.b64decode(self.body)
-        return self.body.encode("utf-8")
+        """The bytes as they arrived (never printed by Aura's views)."""
+        if self._raw is None:
+            raise LookupError("read with DeadLetterQueue.list(raw=True) to get the bytes")
+        return self._raw
 
 
 class DeadLetter(BaseModel):
@@ -122,6 +164,9 @@ class DeadLetter(BaseModel):
     dead_lettered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     original: OriginalMessage | None = None  # set for malformed messages only
     fingerprint: str | None = None  # of the payload (aura.messaging.idempotency)
+    replay_count: int = 0  # how often it was replayed from the DLQ before this letter
+    seq: int | None = None  # its position in the store (newest last); set by reads
+    replay_refusal: str | None = None  # why it cannot be replayed, where that is known
 
     @property
     def fate_key(self) -> tuple[str, str, str]:
@@ -173,6 +218,7 @@ async def route_to_dlq(
     first_failure_at: datetime | None = None,
     tenant_id: str | None = None,
     fingerprint: str | None = None,
+    replay_count: int = 0,
 ) -> DeadLetter:
     """Publish a dead letter and wait for the broker's confirm; count it; return it.
 
@@ -195,6 +241,7 @@ async def route_to_dlq(
         last_failure_at=now,
         tenant_id=tenant_id,
         fingerprint=fingerprint,
+        replay_count=replay_count,
     )
     await asyncio.to_thread(publish_dead_letter, connection, letter)
     events.emit(MessageDeadLettered(letter.reason, task))
@@ -277,7 +324,8 @@ def _safe_id(value: Any) -> str:
 
 
 def _bounded(value: Any, limit: int = 200) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+    """A header's text, redacted and then bounded; "" when it is not text."""
+    return bounded_text(value, limit) if isinstance(value, str) else ""
 
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
@@ -306,24 +354,31 @@ def _added_by_dead_lettering(header: str) -> bool:
     return header.startswith(("x-aura-", "x-death", "x-first-death-", "x-last-death-"))
 
 
+def _shown_text(body: bytes, limit: int = MAX_SHOWN_BODY) -> tuple[str, bool]:
+    """The first ``limit`` characters of ``body`` as text (bytes that are not UTF-8 shown
+    as ``\\xNN``, never base64, so redaction sees what they say), redacted; cut?"""
+    head = body[: limit * 4].decode("utf-8", "backslashreplace")
+    return bounded_text(head, limit), len(head) > limit or len(body) > limit * 4
+
+
 def _original_from_message(message: Any, headers: dict[str, Any]) -> DeadLetter:
     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-    try:
-        text, encoding = body.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    text, cut = _shown_text(body)
     at_text = headers.get("x-aura-dead-lettered-at")
     try:
         at = datetime.fromisoformat(at_text) if isinstance(at_text, str) else datetime.now(UTC)
     except ValueError:
         at = datetime.now(UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
     original = OriginalMessage(
         body=text,
-        body_encoding=encoding,
+        body_encoding="utf-8",
+        cut=cut,
         size=len(body),
-        content_type=str(headers.get("x-aura-original-content-type") or "") or None,
-        content_encoding=str(headers.get("x-aura-original-content-encoding") or "") or None,
-        headers=_json_safe(
+        content_type=_bounded(headers.get("x-aura-original-content-type")) or None,
+        content_encoding=_bounded(headers.get("x-aura-original-content-encoding")) or None,
+        headers=_shown_headers(
             {k: v for k, v in headers.items() if not _added_by_dead_lettering(k)}
             | {
                 name: headers[f"x-aura-original-{name}"]
@@ -332,13 +387,14 @@ def _original_from_message(message: Any, headers: dict[str, Any]) -> DeadLetter:
             }
         ),
     )
+    original._raw = body
     reason_text = str(headers.get("x-aura-reason", DeadLetterReason.MALFORMED_MESSAGE.value))
     try:
         reason = DeadLetterReason(reason_text)
     except ValueError:
         reason = DeadLetterReason.MALFORMED_MESSAGE
     return DeadLetter(
-        id=str(message.properties.get("message_id") or uuid.uuid4().hex),
+        id=_safe_letter_id(message.properties.get("message_id")),
         message_id=_safe_id(headers.get("id")),
         reason=reason,
         task=_bounded(headers.get("task")),
@@ -348,28 +404,55 @@ def _original_from_message(message: Any, headers: dict[str, Any]) -> DeadLetter:
         first_failure_at=at,
         last_failure_at=at,
         dead_lettered_at=at,
+        replay_count=_replay_count(headers),
         original=original,
     )
 
 
-@dataclass
-class StoredDeadLetter:
-    """A DLQ entry as the reader sees it, with the broker message it came from."""
+def _shown_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """Headers as JSON, each name and value redacted before it is bounded."""
+    safe = _json_safe(headers)
+    return {
+        bounded_text(str(k), _MAX_NAME): _bounded_value(v)
+        for k, v in redact(safe).items()
+        if isinstance(safe, dict)
+    }
 
-    letter: DeadLetter
-    message: Any  # kombu.Message, unacknowledged while the reader holds it
-    from_broker: bool  # dead-lettered by the broker's delivery limit, not by Aura
+
+def _bounded_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return bounded_text(value, _MAX_ERROR)
+    if isinstance(value, dict):
+        return {bounded_text(str(k), _MAX_NAME): _bounded_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bounded_value(v) for v in value[:100]]
+    return value
 
 
-def _from_message(message: Any) -> DeadLetter:
-    """Any DLQ entry as a ``DeadLetter``: never raises, whatever the queue holds."""
+def _safe_letter_id(value: Any) -> str:
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
+        return value
+    return uuid.uuid4().hex
+
+
+def _replay_count(headers: dict[str, Any]) -> int:
+    value = headers.get(REPLAY_HEADER)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _from_message(message: Any) -> tuple[DeadLetter, str]:
+    """Any DLQ entry as a ``DeadLetter`` and its kind (``aura``, ``broker``,
+    ``original``): never raises, whatever the queue holds."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     try:
         if headers.get("x-aura-format") == _ORIGINAL_FORMAT:
-            return _original_from_message(message, headers)
+            return _original_from_message(message, headers), "original"
         if "x-aura-reason" in headers:
-            return DeadLetter.model_validate(json.loads(message.body))
-        return _from_broker(message, headers)
+            letter = DeadLetter.model_validate(json.loads(message.body))
+            if letter.original is not None:
+                raise ValueError("a JSON dead letter carries no original")
+            return letter, "aura"
+        return _from_broker(message, headers), "broker"
     except Exception as exc:  # an entry nobody here wrote: show it, do not fail the read
         return _original_from_message(
             message,
@@ -379,181 +462,666 @@ def _from_message(message: Any) -> DeadLetter:
                 "x-aura-kind": "unreadable_dead_letter",
                 "x-aura-error": f"this DLQ entry cannot be read: {type(exc).__name__}",
             },
-        )
+        ), "original"
 
 
 def _from_broker(message: Any, headers: dict[str, Any]) -> DeadLetter:
-    # A Celery message dead-lettered by the broker (delivery limit): protocol 2 body.
+    # A Celery message dead-lettered by the broker (delivery limit, or rejected):
+    # protocol 2 body; everything in it is untrusted and redacted like the rest.
     deaths = headers.get("x-death") or [{}]
-    death = deaths[0]
-    broker_reason = str(headers.get("x-first-death-reason", death.get("reason", "unknown")))
+    death = deaths[0] if isinstance(deaths, list) and deaths else {}
+    death = death if isinstance(death, dict) else {}
+    broker_reason = _bounded(headers.get("x-first-death-reason", death.get("reason", "unknown")))
     reason = (
         DeadLetterReason.WORKER_LOST
         if broker_reason == "delivery_limit"
         else DeadLetterReason.TASK_FAILED
     )
-    try:
-        args, kwargs, _embed = json.loads(message.body)
-    except (ValueError, TypeError):
-        args, kwargs = [message.body if isinstance(message.body, str) else repr(message.body)], {}
+    args, kwargs, _embed = json.loads(message.body)
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError("not a Celery protocol 2 body")
+    if not isinstance(headers.get("task"), str):
+        raise ValueError("no task header")
     when = death.get("time")
     at = when if isinstance(when, datetime) else datetime.now(UTC)
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    count = death.get("count", 0)
     return DeadLetter(
-        id=str(headers.get("id") or message.properties.get("message_id") or uuid.uuid4().hex),
-        message_id=str(headers.get("id", "")),
+        id=_safe_letter_id(headers.get("id") or message.properties.get("message_id")),
+        message_id=_safe_id(headers.get("id")),
         reason=reason,
-        task=str(headers.get("task", "")),
-        queue=str(death.get("queue", "")),
-        task_args=list(args),
-        task_kwargs=dict(kwargs),
+        task=_bounded(headers.get("task")),
+        queue=_bounded(death.get("queue")),
+        task_args=redact(args),
+        task_kwargs=redact(kwargs),
         error_type="WorkerLost" if reason is DeadLetterReason.WORKER_LOST else "Rejected",
         error=f"dead-lettered by the broker: {broker_reason}",
-        retries=int(death.get("count", 0)),
+        retries=count if isinstance(count, int) else 0,
         first_failure_at=at,
         last_failure_at=at,
+        dead_lettered_at=at,
+        replay_count=_replay_count(headers),
     )
 
 
-class DeadLetterQueue:
-    """Read, replay and purge the DLQ. Entries are held unacknowledged while read and
-    returned to the queue afterwards, unless this reader removed them on purpose."""
+@dataclass
+class _Landed:
+    """A broker message as the filer reads it (kombu's or py-amqp's, alike)."""
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
+    body: bytes
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    content_type: str | None
+    content_encoding: str | None
+    delivery_tag: Any
 
-    @contextmanager
-    def _session(self, scan: int) -> Iterator[list[StoredDeadLetter]]:
-        if not 1 <= scan <= MAX_SCAN:
-            raise ValueError(f"scan must be between 1 and {MAX_SCAN}, got {scan}")
-        channel = self.connection.channel()
-        held: list[StoredDeadLetter] = []
+
+def _landed(raw: Any) -> _Landed:
+    properties = dict(getattr(raw, "properties", None) or {})
+    headers = getattr(raw, "headers", None)
+    if not isinstance(headers, dict):
+        headers = properties.get("application_headers")
+    body = raw.body
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogateescape")
+    return _Landed(
+        body=bytes(body or b""),
+        headers=headers if isinstance(headers, dict) else {},
+        properties=properties,
+        content_type=properties.get("content_type") or getattr(raw, "content_type", None),
+        content_encoding=properties.get("content_encoding")
+        or getattr(raw, "content_encoding", None),
+        delivery_tag=raw.delivery_info.get("delivery_tag")
+        if isinstance(getattr(raw, "delivery_info", None), dict)
+        else getattr(raw, "delivery_tag", None),
+    )
+
+
+def _argument_tenant(task: str, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+    """The tenant the arguments are for: ``tenant_id`` by name, or by position where the
+    task (registered in the current Celery app) takes a ``tenant_id`` parameter."""
+    value = kwargs.get("tenant_id")
+    if value is None:
+        from celery import current_app
+
+        registered = current_app.tasks.get(task) if task else None
+        signature = getattr(registered, "aura_signature", None)
+        if signature is not None:
+            try:
+                bound = signature.bind_partial(*args, **kwargs)
+            except TypeError:
+                return None
+            value = bound.arguments.get("tenant_id")
+    return str(value) if value is not None else None
+
+
+def _to_row(landed: _Landed) -> LandedLetter:
+    letter, kind = _from_message(landed)
+    record = letter.model_dump(mode="json", exclude={"original"})
+    record["task"] = bounded_text(letter.task, 200)
+    refusal = ""
+    tenant = letter.tenant_id
+    if letter.original is not None:
+        record["original"] = letter.original.model_dump(mode="json")
+        refusal = (
+            "a malformed message is kept as it arrived and cannot be replayed: "
+            "fix its producer and send it again"
+        )
+    else:
+        found = _argument_tenant(letter.task, letter.task_args, letter.task_kwargs)
+        if found is not None and tenant is not None and found != tenant:
+            refusal = (
+                f"forged: filed under tenant {bounded_text(tenant, 64)!r} but its "
+                f"arguments are for tenant {bounded_text(found, 64)!r}"
+            )
+        tenant = found if found is not None else tenant
+        record["tenant_id"] = tenant
+        record["task_args"] = redact(record["task_args"])
+        record["task_kwargs"] = redact(record["task_kwargs"])
+    record["error"] = bounded_text(letter.error, _MAX_ERROR)
+    return LandedLetter(
+        letter_id=letter.id,
+        fate_id=letter.fate_key[0][:300],
+        message_id=letter.message_id[:255],
+        reason=letter.reason.value,
+        fingerprint=(letter.fingerprint or "")[:128],
+        replay_count=letter.replay_count,
+        kind=kind,
+        task=record["task"][:255],
+        queue=letter.queue[:255],
+        tenant_id=tenant[:255] if tenant is not None else None,
+        retries=letter.retries,
+        error_type=bounded_text(letter.error_type, 100),
+        error=record["error"],
+        refusal=refusal,
+        dead_lettered_at=letter.dead_lettered_at,
+        record=record,
+        body=landed.body,
+        properties={
+            "content_type": _bounded(landed.content_type),
+            "content_encoding": _bounded(landed.content_encoding),
+            "headers": _json_safe(landed.headers),
+        },
+    )
+
+
+def _letter_of(row: Any) -> DeadLetter:
+    record = dict(row.record)
+    original = record.pop("original", None)
+    record["replay_count"] = row.replay_count
+    letter = DeadLetter.model_validate(record)
+    letter.id = row.letter_id
+    letter.seq = row.seq
+    letter.replay_refusal = row.refusal or None
+    if original is not None:
+        letter.original = OriginalMessage.model_validate(original)
+        body = getattr(row, "body", None)
+        if body is not None:
+            letter.original._raw = bytes(body)
+    return letter
+
+
+# --- the reader -----------------------------------------------------------------------
+
+
+def _in_thread(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()`` on a fresh event loop in a thread of its own: the reader is called
+    from plain code and from inside running loops alike."""
+    outcome: list[Any] = []
+
+    def run() -> None:
         try:
-            queue = dead_letter_queue()(channel)
-            queue.declare()
-            for _ in range(scan):
-                try:
-                    message = queue.get(no_ack=False, accept=["json"])
-                except Exception as exc:  # kombu could not even build it: it stays
-                    _log.warning(  # unacked (back to the queue on close); read on past it
-                        "a DLQ entry could not be read", error=describe_exception(exc)
-                    )
-                    continue
-                if message is None:
+            outcome.append((True, asyncio.run(work())))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="aura-dlq-store", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: T = value
+    return result
+
+
+_memory_stores: dict[str, str] = {}
+_memory_lock = threading.Lock()
+_ensured: set[str] = set()
+
+
+def store_url(connection: Connection | None = None) -> str:
+    """The DLQ store's database: ``DLQ_DATABASE_URL``, else ``DATABASE_URL`` (else the
+    embedded SQLite file); for kombu's in-memory broker, a SQLite file of this process."""
+    from aura.config import get_settings
+    from aura.db.engine import database_url
+
+    settings = get_settings()
+    if settings.dlq_database_url is not None:
+        return settings.dlq_database_url
+    if connection is not None and connection.transport_cls in ("memory",):
+        with _memory_lock:
+            if "memory" not in _memory_stores:
+                directory = tempfile.mkdtemp(prefix="aura-dlq-")
+                _memory_stores["memory"] = f"sqlite+aiosqlite:///{directory}/dlq.db"
+            return _memory_stores["memory"]
+    return database_url(settings)
+
+
+def source_of(connection: Connection) -> str:
+    """What a store calls this broker: its virtual host (one vhost, one DLQ), or the
+    in-memory broker's name."""
+    if connection.transport_cls == "memory":
+        return f"memory://{connection.hostname or ''}"
+    return str(connection.virtual_host or "/")
+
+
+@dataclass
+class ReplayReport:
+    """What ``replay`` did: the letters sent back, and each refused one with the reason."""
+
+    replayed: list[DeadLetter] = field(default_factory=list)
+    refused: list[tuple[DeadLetter, str]] = field(default_factory=list)
+
+
+ReplayCheck = Callable[[DeadLetter], "str | None"]
+
+
+class DeadLetterQueue:
+    """The DLQ: what has landed in the broker queue is filed into the store (committed,
+    then acked) and every read is a query of the store, so reading changes no letter,
+    header or order, however often it runs.
+
+    ``database`` is the store's URL (or a ``Database``, whose URL is used); by default
+    ``store_url(connection)``. ``source`` names this broker in the store (its vhost)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        database: Database | str | None = None,
+        *,
+        source: str | None = None,
+        batch: int = 500,
+    ) -> None:
+        bound_compression()
+        self.connection = connection
+        if isinstance(database, Database):
+            database = database.url
+        self.url = database or store_url(connection)
+        self.source = source or source_of(connection)
+        self.batch = batch
+        self.dropped: dict[str, int] = {}
+
+    # -- filing ---------------------------------------------------------------------
+
+    def _database(self) -> Database:
+        return Database(self.url, pool_size=2, max_overflow=2)
+
+    async def _ready(self, database: Database) -> None:
+        if self.url not in _ensured:
+            await ensure_tables(database)
+            _ensured.add(self.url)
+        async with database.engine.connect() as connection:  # reachable before any get
+            await connection.execute(select(1))
+
+    async def _file(self, database: Database) -> int:
+        """Move what has landed into the store; the number of rows written."""
+        from aura.config import get_settings
+
+        settings = get_settings()
+        channel = self.connection.channel()
+        written = 0
+        try:
+            dead_letter_queue()(channel).declare()
+            while True:
+                batch: list[_Landed] = []
+                while len(batch) < self.batch:
+                    raw = channel.basic_get(queue=DEAD_LETTER_QUEUE, no_ack=False)
+                    if raw is None:
+                        break
+                    batch.append(_landed(raw))
+                if not batch:
                     break
-                letter = _from_message(message)
-                held.append(
-                    StoredDeadLetter(letter, message, "x-aura-reason" not in message.headers)
+                rows = [_to_row(landed) for landed in batch]
+                async with database.engine.begin() as connection:
+                    written += await file_letters(connection, database.dialect, self.source, rows)
+                for landed in batch:  # committed: now they may leave the broker
+                    channel.basic_ack(landed.delivery_tag)
+                if len(batch) < self.batch:
+                    break
+            async with database.engine.begin() as connection:
+                dropped = await enforce_retention(
+                    connection,
+                    self.source,
+                    max_letters=settings.dlq_retention_letters,
+                    max_age_days=settings.dlq_retention_days,
                 )
-            yield held
+            for reason, count in dropped.items():
+                self.dropped[reason] = self.dropped.get(reason, 0) + count
+                events.emit(DeadLettersDropped(reason, count))
+            if dropped:
+                _log.warning("DLQ retention removed dead letters", dropped=dropped)
         finally:
-            if not getattr(channel, "do_restore", True):
-                # kombu's in-memory transport drops unacked messages on close instead of
-                # requeueing them as RabbitMQ does: put back what was only read.
-                for entry in held:
-                    if not entry.message.acknowledged:
-                        entry.message.reject(requeue=True)
-            channel.close()  # whatever was not acked goes back to the queue
+            with contextlib.suppress(Exception):
+                channel.close()  # whatever was not acked goes back to the broker queue
+        return written
+
+    def _session(self, work: Callable[[Database], Coroutine[Any, Any, T]]) -> T:
+        async def run() -> T:
+            database = self._database()
+            try:
+                try:
+                    await self._ready(database)
+                except Exception as exc:
+                    from aura.config import mask_url
+
+                    raise ServiceUnavailableError(
+                        f"the DLQ store at {mask_url(self.url)} cannot be reached: "
+                        f"{describe_exception(exc)}"
+                    ) from exc
+                await self._file(database)
+                return await work(database)
+            finally:
+                await database.dispose()
+
+        return _in_thread(run)
+
+    def file(self) -> int:
+        """File what has landed; the number of new letters."""
+
+        async def run() -> int:
+            database = self._database()
+            try:
+                await self._ready(database)
+                return await self._file(database)
+            finally:
+                await database.dispose()
+
+        return _in_thread(run)
+
+    # -- reads ------------------------------------------------------------------------
 
     def list(
         self,
         *,
         reason: str | None = None,
         task: str | None = None,
+        queue: str | None = None,
         tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         limit: int = 50,
-        scan: int = 10_000,
+        after: int | None = None,
+        raw: bool = False,
     ) -> builtins.list[DeadLetter]:  # builtins: "list" is this method inside the class
-        """Matching dead letters, oldest first, one per message id and reason."""
-        with self._session(scan) as held:
-            found = [
-                letter
-                for letter in _one_per_fate(entry.letter for entry in held)
-                if _matches(letter, reason=reason, task=task, tenant=tenant)
-            ]
-        return found[:limit]
+        """Matching dead letters, oldest first, one per fate; ``after``: the ``seq`` of
+        the last letter of the previous page. ``raw``: malformed originals carry their
+        bytes (``letter.original.raw()``)."""
+        where = Filter(reason, task, queue, tenant, since, until).clauses(self.source)
+        if after is not None:
+            where.append(dead_letters.c.seq > after)
+        columns: builtins.list[Any] = list(LISTED)
+        if raw:  # the bytes of malformed originals only: nothing else is read from them
+            body = case((dead_letters.c.kind == "original", dead_letters.c.body), else_=None)
+            columns.append(body.label("body"))
 
-    def count_by_reason(self, *, scan: int = 10_000) -> dict[str, int]:
-        """Dead letters by reason, one per message id and reason."""
-        counts: dict[str, int] = {}
-        with self._session(scan) as held:
-            for letter in _one_per_fate(entry.letter for entry in held):
-                counts[letter.reason.value] = counts.get(letter.reason.value, 0) + 1
-        return counts
+        async def read(database: Database) -> builtins.list[DeadLetter]:
+            statement = select(*columns).where(*where).order_by(dead_letters.c.seq).limit(limit)
+            async with database.reader.connect() as connection:
+                rows = (await connection.execute(statement)).all()
+            return [_letter_of(row) for row in rows]
 
-    def show(self, letter_id: str, *, scan: int = 10_000) -> DeadLetter | None:
-        with self._session(scan) as held:
-            return next((e.letter for e in held if e.letter.id == letter_id), None)
+        return self._session(read)
 
-    def take(
+    def count(
+        self,
+        *,
+        reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> int:
+        """How many dead letters match."""
+        where = Filter(reason, task, queue, tenant, since, until).clauses(self.source)
+
+        async def read(database: Database) -> int:
+            async with database.reader.connect() as connection:
+                found = await connection.scalar(select(func.count()).where(*where))
+            return int(found or 0)
+
+        return self._session(read)
+
+    def count_by_reason(self) -> dict[str, int]:
+        """Dead letters by reason, one per fate."""
+        where = Filter().clauses(self.source)
+        c = dead_letters.c
+
+        async def read(database: Database) -> dict[str, int]:
+            async with database.reader.connect() as connection:
+                rows = await connection.execute(
+                    select(c.reason, func.count()).where(*where).group_by(c.reason)
+                )
+                return {str(reason): int(n) for reason, n in rows}
+
+        return self._session(read)
+
+    def show(self, letter_id: str) -> DeadLetter | None:
+        """The dead letter with this id (as ``ls`` prints it), dead or replayed."""
+        c = dead_letters.c
+
+        async def read(database: Database) -> DeadLetter | None:
+            async with database.reader.connect() as connection:
+                row = (
+                    await connection.execute(
+                        select(*LISTED).where(c.source == self.source, c.letter_id == letter_id)
+                    )
+                ).first()
+            return _letter_of(row) if row is not None else None
+
+        return self._session(read)
+
+    def replays(self, letter_id: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The replay record: who replayed which letter, when, to which queue."""
+        c = replays.c
+        where = [c.source == self.source]
+        if letter_id is not None:
+            where.append(c.letter_id == letter_id)
+
+        async def read(database: Database) -> builtins.list[dict[str, Any]]:
+            async with database.reader.connect() as connection:
+                rows = await connection.execute(select(replays).where(*where).order_by(c.id))
+                return [dict(row._mapping) for row in rows]
+
+        return self._session(read)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def purge(self, *, reason: str) -> int:
+        """Remove the dead letters with ``reason``; every other letter stays."""
+        c = dead_letters.c
+
+        async def remove(database: Database) -> int:
+            async with database.engine.begin() as connection:
+                result = await connection.execute(
+                    delete(dead_letters).where(
+                        c.source == self.source, c.status == DEAD, c.reason == reason
+                    )
+                )
+            return int(result.rowcount or 0)
+
+        return self._session(remove)
+
+    def replay(
         self,
         *,
         letter_id: str | None = None,
         reason: str | None = None,
-        scan: int = 10_000,
-    ) -> Iterator[StoredDeadLetter]:
-        """Yield matching entries; one is removed only if the caller acks its message."""
-        with self._session(scan) as held:
-            for entry in held:
-                if letter_id is not None and entry.letter.id != letter_id:
-                    continue
-                if reason is not None and entry.letter.reason.value != reason:
-                    continue
-                yield entry
+        to_queue: str | None = None,
+        operator: str = "",
+        check: ReplayCheck | None = None,
+        limit: int = 10_000,
+    ) -> ReplayReport:
+        """Send dead letters back to the queue each came from (``to_queue`` overrides),
+        with a fresh retry budget and their replay count. A letter is claimed in the store
+        (one operator wins), published with a confirm, and marked replayed in the same
+        transaction: replaying twice, or from two places at once, enqueues it once.
+        Refused (with the reason, the letter stays): a malformed original, a forged or
+        oversized letter, an unknown origin, a queue that does not exist, or what
+        ``check`` says."""
+        if (letter_id is None) == (reason is None):
+            raise ValueError("replay needs a dead letter id or a reason, not both")
+        c = dead_letters.c
+        where = [c.source == self.source, c.status == DEAD]
+        where.append(c.letter_id == letter_id if letter_id is not None else c.reason == reason)
+        report = ReplayReport()
+
+        async def run(database: Database) -> ReplayReport:
+            async with database.reader.connect() as connection:
+                seqs = (
+                    await connection.scalars(
+                        select(c.seq).where(*where).order_by(c.seq).limit(limit)
+                    )
+                ).all()
+            for seq in seqs:
+                await self._replay_one(database, seq, to_queue, operator, check, report)
+            return report
+
+        return self._session(run)
+
+    async def _replay_one(
+        self,
+        database: Database,
+        seq: int,
+        to_queue: str | None,
+        operator: str,
+        check: ReplayCheck | None,
+        report: ReplayReport,
+    ) -> None:
+        c = dead_letters.c
+        async with database.engine.begin() as connection:
+            # The claim: a row only one transaction can move out of "dead".
+            claimed = await connection.execute(
+                update(dead_letters)
+                .where(c.seq == seq, c.status == DEAD)
+                .values(status=REPLAYED)
+                .returning(*LISTED, c.body, c.properties)
+            )
+            row = claimed.first()
+            if row is None:
+                return  # another operator replayed it first
+            letter = _letter_of(row)
+            queue = to_queue or letter.queue
+            refusal = row.refusal or _replay_refusal(letter, queue, row.body_size, check)
+            if refusal is None:
+                refusal = self._queue_missing(queue)
+            if refusal is not None:
+                await connection.rollback()
+                report.refused.append((letter, refusal))
+                return
+            count = letter.replay_count + 1
+            args, kwargs = _replayed_arguments(letter, row)
+            await asyncio.to_thread(
+                publish_replay, self.connection, letter, queue, args, kwargs, count
+            )
+            await mark_replayed(
+                connection,
+                seq,
+                replay_count=count,
+                operator=operator or _operator(),
+                to_queue=queue,
+                letter_id=letter.id,
+                message_id=letter.message_id,
+                source=self.source,
+            )
+        letter.replay_count = count
+        report.replayed.append(letter)
+
+    def _queue_missing(self, queue: str) -> str | None:
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(queue=queue, passive=True)
+        except Exception as exc:
+            return f"queue {queue!r} does not exist on this broker ({describe_exception(exc)})"
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+        return None
+
+
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+MAX_REPLAY_BYTES = 32 * 1024 * 1024
+"""The largest letter replay sends (the envelope guard's message size limit)."""
+
+
+def _replay_refusal(
+    letter: DeadLetter, queue: str, size: int, check: ReplayCheck | None
+) -> str | None:
+    if letter.original is not None:
+        return "a malformed message cannot be replayed: fix its producer and send it again"
+    if not queue:
+        return "its origin queue is unknown: give one with --to QUEUE"
+    if not letter.message_id or not letter.task:
+        return "it names no message id or task to replay"
+    if size > MAX_REPLAY_BYTES:
+        return f"oversized: {size} bytes, more than a message may hold ({MAX_REPLAY_BYTES})"
+    return check(letter) if check is not None else None
+
+
+def _replayed_arguments(letter: DeadLetter, row: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments to send: a broker-dead-lettered message's own body (Aura never
+    rewrote it), else the letter's (redacted when it was written)."""
+    if row.kind == "broker":
+        args, kwargs, _embed = json.loads(bytes(row.body))
+        return list(args), dict(kwargs)
+    return list(letter.task_args), dict(letter.task_kwargs)
+
+
+def publish_replay(
+    connection: Connection,
+    letter: DeadLetter,
+    queue: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    replay_count: int,
+) -> None:
+    """Publish ``letter`` as a Celery protocol 2 message straight to ``queue`` (the
+    default exchange, so any app's queue works without knowing its bindings) and wait
+    for the broker's confirm."""
+    message_id = letter.message_id
+    headers = {
+        "lang": "py",
+        "task": letter.task,
+        "id": message_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": message_id,
+        "parent_id": None,
+        "argsrepr": bounded_text(repr(args), 200),
+        "kwargsrepr": bounded_text(repr(kwargs), 200),
+        "origin": "aura dlq replay",
+        "ignore_result": False,
+        REPLAY_HEADER: replay_count,
+    }
+    body = [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    channel = connection.channel()
+    try:
+        if hasattr(channel, "basic_publish_confirm"):  # py-amqp: wait for the confirm
+            channel.basic_publish = channel.basic_publish_confirm
+        Producer(channel).publish(
+            body,
+            exchange="",
+            routing_key=queue,
+            serializer="json",
+            headers=headers,
+            delivery_mode="persistent",
+            correlation_id=message_id,
+            retry=False,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+_DELAY_BITS = re.compile(r"(?:[01]\.){28}")  # kombu's native delayed delivery's prefix
 
 
 def queue_of(delivery_info: dict[str, Any] | None) -> str:
-    """The work queue a delivery came from (a delayed retry's routing key ends with it)."""
+    """The work queue a delivery came from: its routing key, less the 28 delay bits a
+    delayed retry's routing key starts with (a queue name may hold dots itself)."""
     routing_key = str((delivery_info or {}).get("routing_key", ""))
-    return routing_key.rsplit(".", 1)[-1]
+    found = _DELAY_BITS.match(routing_key)
+    return routing_key[found.end() :] if found else routing_key
 
 
 def replay(
     reader: DeadLetterQueue,
-    send: Callable[[DeadLetter], None],
     *,
     letter_id: str | None = None,
     reason: str | None = None,
-    scan: int = 10_000,
-) -> list[DeadLetter]:
-    """Send matching dead letters back to their queues; each leaves the DLQ only after
-    ``send`` returned (a confirmed publish), so a failure midway loses nothing."""
-    if letter_id is None and reason is None:
-        raise ValueError("replay needs a dead letter id or a reason")
-    replayed: list[DeadLetter] = []
-    sent: set[tuple[str, str, str]] = set()
-    for entry in reader.take(letter_id=letter_id, reason=reason, scan=scan):
-        if entry.letter.original is not None:
-            continue  # a malformed message stays: replaying it would fail the same way
-        if entry.letter.fate_key not in sent:  # a second copy of one fate is sent once
-            send(entry.letter)
-            sent.add(entry.letter.fate_key)
-            replayed.append(entry.letter)
-        entry.message.ack()
-    return replayed
-
-
-def purge(reader: DeadLetterQueue, *, reason: str, scan: int = 10_000) -> list[DeadLetter]:
-    """Remove the dead letters with ``reason``; every other entry stays."""
-    removed: list[DeadLetter] = []
-    for entry in reader.take(reason=reason, scan=scan):
-        entry.message.ack()
-        removed.append(entry.letter)
-    return removed
-
-
-def _one_per_fate(letters: Iterable[DeadLetter]) -> Iterator[DeadLetter]:
-    seen: set[tuple[str, str, str]] = set()
-    for letter in letters:
-        if letter.fate_key not in seen:
-            seen.add(letter.fate_key)
-            yield letter
-
-
-def _matches(
-    letter: DeadLetter, *, reason: str | None, task: str | None, tenant: str | None
-) -> bool:
-    return (
-        (reason is None or letter.reason.value == reason)
-        and (task is None or letter.task == task)
-        and (tenant is None or letter.tenant_id == tenant)
+    to_queue: str | None = None,
+    operator: str = "",
+    check: ReplayCheck | None = None,
+) -> ReplayReport:
+    """``reader.replay``: see ``DeadLetterQueue.replay``."""
+    return reader.replay(
+        letter_id=letter_id, reason=reason, to_queue=to_queue, operator=operator, check=check
     )
+
+
+def purge(reader: DeadLetterQueue, *, reason: str) -> int:
+    """Remove the dead letters with ``reason``; every other letter stays."""
+    return reader.purge(reason=reason)

@@ -12,6 +12,8 @@ as the app's ``worker_consumer``) checks every delivery before Celery sees it:
     id is a valid message id       bad_message_id    ...
     content type application/json  content_type      ...
       and encoding utf-8 (or none)
+    a compressed body inflates to  inflates_too_far  ... (kept compressed, byte for byte)
+      at most MAX_MESSAGE_BYTES
     body <= MAX_MESSAGE_BYTES      too_large         ...
     body decodes as UTF-8 JSON     not_json          ...
     nesting <= MAX_BODY_DEPTH      too_deep          ...
@@ -42,6 +44,7 @@ from celery.worker.consumer import Consumer
 
 from aura.logs import bounded_text, describe_exception
 from aura.message_id import validate_message_id
+from aura.messaging.compression import InflateLimitError, bound_compression
 from aura.messaging.dlq import dead_letter_original, queue_of
 
 __all__ = [
@@ -59,6 +62,7 @@ _UTF8 = {"", "utf-8", "utf8"}
 _EMBED_KEYS = {"callbacks": list, "errbacks": list, "chain": list, "chord": dict}
 _MAX_TEXT = 300
 _log = structlog.get_logger("aura.messaging.envelope")
+bound_compression()  # before any message is built: kombu inflates while it builds one
 
 
 class EnvelopeError(Exception):
@@ -243,6 +247,9 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     # What Celery does on its own when a message gets past the guard anyway.
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        if isinstance(exc, InflateLimitError):  # kept compressed, as it arrived
+            self._dead_letter(message, "inflates_too_far", describe_exception(exc))
+            return
         self._dead_letter(message, "not_json", describe_exception(exc))
 
     def on_unknown_message(self, body: Any, message: Any) -> None:

@@ -18,9 +18,11 @@ Per delivery (the seed's "Error Handling Hierarchy")::
 
 A dead letter is published with a publisher confirm before the task returns, and Celery
 acks the original (late) only after that: never lost, at worst duplicated in the DLQ.
-A marker in Redis (``dlq_written:{id}:{reason}:{fingerprint}``), set after the confirm,
-keeps a redelivery from writing the same letter again; the reader counts one per id and
-reason whatever slips through.
+A redelivery that fails the same way writes the same letter again: the DLQ store keeps one
+letter per (message id, reason, fingerprint), so no Redis marker decides it (a marker
+outlived a replay and acked the replayed message's next failure away: lost). A replayed
+message (header ``aura_replay_count``) carries its count into its next dead letter and
+into its retries.
 
 With an ``inbox`` (see ``aura.messaging.idempotency``) each delivery is looked up before
 it runs: a committed twin is acked without running (no external call), a committed
@@ -32,9 +34,9 @@ failed). ``lookup_first=False``: the task's own claim settles twins (see
 
 Redis is an optimisation of every step, never a condition of its fate: when it cannot
 be reached, counting falls back to Celery's own ``request.retries``, clearing counters
-after a success is skipped (their TTL ends them), and the dead-letter marker is skipped
-(at worst a duplicate letter). A redelivery after a lost connection is a redelivery:
-tasks are not cancelled on connection loss (they finish; the inbox absorbs the twin).
+after a success is skipped (their TTL ends them). A redelivery after a lost connection
+is a redelivery: tasks are not cancelled on connection loss (they finish; the inbox
+absorbs the twin).
 
 ``async def`` tasks run on one event loop per worker process, made after fork and kept
 for the process's life (pooled database and Redis connections are bound to it). When
@@ -76,7 +78,7 @@ from aura.events import (
     TimeoutKind,
 )
 from aura.logs import describe_exception
-from aura.messaging.dlq import DeadLetter, queue_of, route_to_dlq
+from aura.messaging.dlq import REPLAY_HEADER, DeadLetter, queue_of, route_to_dlq
 from aura.messaging.idempotency import Inbox, InboxEntry, message_fingerprint
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX
@@ -89,7 +91,6 @@ from aura.messaging.runtime import (
 
 __all__ = [
     "DEFER_PREFIX",
-    "DLQ_MARKER_PREFIX",
     "backoff_delay",
     "process_loop",
     "report_duplicate",
@@ -99,7 +100,6 @@ __all__ = [
 T = TypeVar("T")
 _log = structlog.get_logger("aura.messaging.task")
 DEFER_PREFIX = "defer_count:"
-DLQ_MARKER_PREFIX = "dlq_written:"
 # RabbitMQ's native delayed delivery (how Celery delays retries on quorum queues) counts
 # whole seconds, and refuses a countdown below one.
 _MIN_COUNTDOWN = 1.0
@@ -507,43 +507,30 @@ def _dead_letter(
         )
         _forget_counts(runtime, request.id)
         return
-    marker = f"{DLQ_MARKER_PREFIX}{request.id}:{reason.value}:{fingerprint[:16]}"
-    if _marker_set(runtime, marker):
-        letter = None
-    else:
-        with runtime.publishing() as connection:
-            letter = runtime.run(
-                route_to_dlq(
-                    request.id,
-                    reason,
-                    connection=connection,
-                    task=task.name,
-                    queue=queue_of(request.delivery_info),
-                    args=list(args),
-                    kwargs=kwargs,
-                    error=exc,
-                    error_text=error_text,
-                    retries=retries,
-                    tenant_id=policy.tenant_of(args, kwargs),
-                    fingerprint=fingerprint,
-                )
+    with runtime.publishing() as connection:
+        letter = runtime.run(
+            route_to_dlq(
+                request.id,
+                reason,
+                connection=connection,
+                task=task.name,
+                queue=queue_of(request.delivery_info),
+                args=list(args),
+                kwargs=kwargs,
+                error=exc,
+                error_text=error_text,
+                retries=retries,
+                tenant_id=policy.tenant_of(args, kwargs),
+                fingerprint=fingerprint,
+                replay_count=replay_count_of(request),
             )
-        _set_marker(runtime, marker)
+        )
     if policy.on_dead_letter is not None:
         try:
-            runtime.run(policy.on_dead_letter(letter or _placeholder(task, reason, args, kwargs)))
+            runtime.run(policy.on_dead_letter(letter))
         except Exception:  # the dead letter is safe; a failing hook must not undo that
             _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
     _forget_counts(runtime, request.id)  # its fate is the DLQ: no count outlives it
-    if letter is None:
-        events.emit(DuplicateDelivered(DuplicateKind.DEAD_LETTERED))
-        _log.info(
-            "dead letter already written; acked",
-            task=task.name,
-            message_id=request.id,
-            reason=reason.value,
-        )
-        return
     _log.error(
         "message sent to the dead-letter queue",
         task=task.name,
@@ -551,24 +538,16 @@ def _dead_letter(
         reason=reason.value,
         error=letter.error,
         dead_letter=letter.id,
+        replay_count=letter.replay_count,
     )
 
 
-def _placeholder(
-    task: Task, reason: DeadLetterReason, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> DeadLetter:
-    """What the hook gets when the letter was written by an earlier delivery."""
-    from datetime import UTC, datetime
-
-    now = datetime.now(UTC)
-    return DeadLetter(
-        message_id=task.request.id,
-        reason=reason,
-        task=task.name,
-        queue=queue_of(task.request.delivery_info),
-        first_failure_at=now,
-        last_failure_at=now,
-    )
+def replay_count_of(request: Any) -> int:
+    """How often this delivery's message was replayed from the DLQ (its header)."""
+    value = getattr(request, REPLAY_HEADER, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(REPLAY_HEADER)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _committed_entry(
@@ -601,19 +580,6 @@ def _committed_entry(
         countdown = max(backoff_delay(1, base=1.0, cap=10.0, rng=runtime.rng), _MIN_COUNTDOWN)
         _retry(task, exc, countdown)
     return entry
-
-
-def _marker_set(runtime: _ProcessRuntime, marker: str) -> bool:
-    try:
-        return bool(runtime.run(_await(runtime.redis.exists(marker))))
-    except Exception:  # Redis unreachable or refusing: write it; at worst a second copy
-        return False  # write it: at worst a second copy, which the reader folds
-
-
-def _set_marker(runtime: _ProcessRuntime, marker: str) -> None:
-    # If Redis is down the letter is still safe; a redelivery may write a second copy.
-    with contextlib.suppress(Exception):
-        runtime.run(_await(runtime.redis.set(marker, 1, ex=runtime.settings.retry_tracker_ttl)))
 
 
 def _tenant_finder(
@@ -742,8 +708,12 @@ def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
     (an ingest whose enrichment publish failed: its enrichment was then lost; seen in
     ``aura chaos partition-broker``). Requeued, it is delivered again and the inbox
     dedupes; the queue's delivery limit bounds how often."""
+    options: dict[str, Any] = {}
+    replays = replay_count_of(task.request)
+    if replays:  # a replayed message's retries are still that replay
+        options["headers"] = {REPLAY_HEADER: replays}
     try:
-        raise task.retry(exc=exc, countdown=countdown)
+        raise task.retry(exc=exc, countdown=countdown, **options)
     except Reject as reject:
         if reject.requeue:
             raise

@@ -115,6 +115,28 @@ async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | 
     return str(ingested.product_id)
 
 
+def _replayable_record(args: list[Any], kwargs: dict[str, Any]) -> str | None:
+    """What ``aura dlq replay`` checks of an ingest letter, as the gateway would have:
+    the record's size and a tenant id that is one."""
+    from aura.gateway.bodies import MAX_RECORD_BYTES
+
+    raw = args[0] if args else kwargs.get("raw")
+    tenant = args[1] if len(args) > 1 else kwargs.get("tenant_id")
+    if not isinstance(raw, str):
+        return "its record is not text"
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_RECORD_BYTES:
+        return f"oversized: its record is {size} bytes, the gateway takes {MAX_RECORD_BYTES}"
+    try:
+        uuid.UUID(str(tenant))
+    except ValueError:
+        return "its tenant id is not a tenant's"
+    return None
+
+
+ingest_product.aura_replay_check = _replayable_record
+
+
 def _prompt(product: PromptFacts) -> list[dict[str, str]]:
     facts: dict[str, Any] = {
         "title": product.title,
