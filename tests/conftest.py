@@ -26,11 +26,19 @@ _AURA_VARIABLES = (
 )
 
 
-@pytest.fixture(scope="session")
-def dlq_store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+@pytest.fixture(scope="session", autouse=True)
+def dlq_store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The run's own DLQ store (SQLite in the run's temporary directory): a test that
-    reads the DLQ without naming a store never writes the embedded ``.aura/`` file."""
-    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('dlq-store') / 'dlq.db'}"
+    reads the DLQ without naming a store never writes the embedded ``.aura/`` file. Set
+    for the whole session, so the environment a module's worker or CLI copies has it."""
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('dlq-store') / 'dlq.db'}"
+    previous = os.environ.get("DLQ_DATABASE_URL")
+    os.environ["DLQ_DATABASE_URL"] = url
+    yield url
+    if previous is None:
+        os.environ.pop("DLQ_DATABASE_URL", None)
+    else:
+        os.environ["DLQ_DATABASE_URL"] = previous
 
 
 @pytest.fixture(autouse=True)

@@ -112,15 +112,10 @@ def test_completion_script() -> None:
 
 def test_copied_names_match_their_sources() -> None:
     from aura.cli import names
-    from aura.messaging.dlq import MAX_SCAN
     from aura.messaging.retry import KEY_PREFIX
     from aura.messaging.task import DEFER_PREFIX
 
-    assert (names.RETRY_PREFIX, names.DEFER_PREFIX, names.DLQ_MAX_SCAN) == (
-        KEY_PREFIX,
-        DEFER_PREFIX,
-        MAX_SCAN,
-    )
+    assert (names.RETRY_PREFIX, names.DEFER_PREFIX) == (KEY_PREFIX, DEFER_PREFIX)
 
 
 _LOG_PROBE = """

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 from kombu.message import Message
-from structlog.testing import capture_logs
 
 from aura.events import DeadLetterReason
 from aura.messaging.dlq import (
@@ -242,13 +241,16 @@ def test_the_reader_shows_a_malformed_original_as_it_came(connection: Connection
     assert shown.task == "x.y"
     assert shown.reason is DeadLetterReason.MALFORMED_MESSAGE
     assert shown.original is not None
-    assert shown.original.model_dump() == OriginalMessage(
-        body="caf\u00e9",
-        size=5,
-        content_type="text/plain",
-        content_encoding="utf-8",
-        headers={"id": "m-5", "task": "x.y", "compression": "zlib"},
-    ).model_dump()
+    assert (
+        shown.original.model_dump()
+        == OriginalMessage(
+            body="caf\u00e9",
+            size=5,
+            content_type="text/plain",
+            content_encoding="utf-8",
+            headers={"id": "m-5", "task": "x.y", "compression": "zlib"},
+        ).model_dump()
+    )
     assert shown.original.raw() == "caf\u00e9".encode()
 
 
@@ -383,9 +385,8 @@ def test_replay_needs_a_target_and_sends_only_what_matches(connection: Connectio
     assert connection.default_channel.basic_get("pins_q", no_ack=True) is None
 
     refused = replay(reader, reason="poison_pill", to_queue="no_such_queue")
-    assert [why for _, why in refused.refused] == [
-        refused.refused[0][1]
-    ] and "no_such_queue" in refused.refused[0][1]
+    assert len(refused.refused) == 1
+    assert "no_such_queue" in refused.refused[0][1]
     assert [x.message_id for x in reader.list()] == ["m1"]  # refused: it stays
 
 

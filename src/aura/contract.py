@@ -11,7 +11,7 @@ A name is part of every message already queued: renaming one strands those messa
 
 from __future__ import annotations
 
-__all__ = ["BULK_QUEUE", "ENRICH_TASK", "INGEST_TASK", "REALTIME_QUEUE"]
+__all__ = ["BULK_QUEUE", "ENRICH_TASK", "INGEST_TASK", "MAX_RECORD_BYTES", "REALTIME_QUEUE"]
 
 INGEST_TASK = "aura.ingest_product"
 ENRICH_TASK = "aura.enrich_product"
@@ -19,3 +19,6 @@ REALTIME_QUEUE = "realtime_queue"
 """Interactive work (enrichment); also ``aura.messaging.configure``'s default queue."""
 BULK_QUEUE = "bulk_queue"
 """Batch work (catalog imports)."""
+MAX_RECORD_BYTES = 256 * 1024
+"""The largest product record the gateway takes (one product body, one import record);
+``aura dlq replay`` refuses an ingest letter whose record is larger."""

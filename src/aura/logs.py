@@ -15,16 +15,17 @@ of it, because redaction can no longer recognise it. Exceptions passed as fields
 rendered (``repr``) here, so they are bounded and redacted like strings.
 
 Redaction, second: values under secret-looking keys become ``***``; inside every string,
-URL passwords, ``Bearer`` tokens and any value registered with ``register_secret`` (the
-LLM API key, at configuration) are masked. ``redact_text`` keeps the whole text (the DLQ
-stores whole arguments) and runs in time linear in its length, 10 MB in well under a
-second whatever the text. Each pattern opens with a literal (``://``, ``bearer``) that
-the regex engine finds with a fast scan, checks what precedes it with a fixed-width
-lookbehind, and then repeats possessively (no backtracking) over runs that end at a
-delimiter the next match must begin after, so no character is read by more than a
-constant number of attempts. Lengths are not capped: a cap would let a long password
-through unmasked. (The earlier ``[a-z][a-z0-9+.-]*://`` was tried at every letter and
-scanned to the end of the run each time: 11 s for 30,000 letters, hours for a megabyte.)
+URL passwords, ``Bearer`` tokens, ``password=...``-style pairs and any value registered
+with ``register_secret`` (the LLM API key, at configuration) are masked. ``redact_text``
+keeps the whole text (the DLQ stores whole arguments) and runs in time linear in its
+length, 10 MB in well under a second whatever the text. Each pattern opens with a
+literal (``://``, ``bearer``) that the regex engine finds with a fast scan, checks what
+precedes it with a fixed-width lookbehind, and then repeats possessively (no
+backtracking) over runs that end at a delimiter the next match must begin after, so no
+character is read by more than a constant number of attempts. Lengths are not capped: a
+cap would let a long password through unmasked. (The earlier ``[a-z][a-z0-9+.-]*://``
+was tried at every letter and scanned to the end of the run each time: 11 s for 30,000
+letters, hours for a megabyte.)
 A URL password is masked when ``://`` follows a scheme character, which masks a little
 more than RFC 3986 schemes (``1://u:p@h``), never less.
 """
@@ -67,6 +68,12 @@ _URL_HEAD = r"(://(?<=[A-Za-z0-9+.\-]://)[^:/@\s]*+:)()"
 _URL_PASSWORD = re.compile(_URL_HEAD + r"[^@\s/]++(?=@)")
 _CUT_URL_PASSWORD = re.compile(_URL_HEAD + r"[^@\s/]++\Z")  # a cut took the "@" away
 _BEARER = re.compile(r"([Bb][Ee][Aa][Rr][Ee][Rr](?<!\w......)\s++)()[^\s,;\"']++")
+# "password=...", "api_key: ..." inside a text (a header name, a query string, an error)
+_KEY_VALUE = re.compile(
+    r"((?:pass(?:word|wd)?|secret|token|api[_-]?key)[\"']?[ \t]?[=:][ \t]?[\"']?)()"
+    r"[^\s,;&\"'}\]]++",
+    re.I,
+)
 _MIN_SECRET_LENGTH = 4  # shorter "secrets" would mask ordinary words
 _MAX_DEPTH = 8
 _MAX_LOG_NODES = 2000  # values per event in all: 100 per level over 8 levels is no bound
@@ -88,6 +95,7 @@ def redact_text(text: str) -> str:
     Linear in ``len(text)`` (see the module docstring)."""
     text = _mask_after_head(_URL_PASSWORD, text)
     text = _mask_after_head(_BEARER, text)
+    text = _mask_after_head(_KEY_VALUE, text)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)

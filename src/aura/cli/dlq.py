@@ -66,7 +66,7 @@ def _when(text: str | None, name: str) -> datetime | None:
 
 
 @contextmanager
-def _reader() -> Iterator[DeadLetterQueue]:
+def _reader(celery_app: Any = None) -> Iterator[DeadLetterQueue]:
     from kombu.connection import Connection
 
     from aura.config import get_settings
@@ -81,7 +81,9 @@ def _reader() -> Iterator[DeadLetterQueue]:
         settings.celery_broker_url, transport_options={"confirm_publish": True}
     ) as connection:
         connection.ensure_connection(max_retries=3)
-        yield DeadLetterQueue(connection)
+        if celery_app is None:
+            celery_app = _load_app(_PLATFORM_APP)
+        yield DeadLetterQueue(connection, app=celery_app)
 
 
 def literal(text: str) -> str:
@@ -234,37 +236,6 @@ def _load_app(spec: str) -> Any:
         ) from None
 
 
-def app_check(celery_app: Any) -> Any:
-    """The replay checks an app's tasks bring: the arguments bind to the task, the tenant
-    in them is the one the letter is filed under, and the task's own
-    ``aura_replay_check(args, kwargs)`` (the platform's ingest: the gateway's record size
-    limit)."""
-
-    def check(letter: DeadLetter) -> str | None:
-        task = celery_app.tasks.get(letter.task)
-        if task is None:
-            return None  # not this app's: the generic checks only
-        signature = getattr(task, "aura_signature", None)
-        if signature is not None:
-            try:
-                bound = signature.bind(*letter.task_args, **letter.task_kwargs)
-            except TypeError as exc:
-                return f"its arguments do not fit {letter.task}: {exc}"
-            tenant = bound.arguments.get("tenant_id")
-            if tenant is not None and str(tenant) != (letter.tenant_id or str(tenant)):
-                return (
-                    f"forged: filed under tenant {letter.tenant_id!r} but its arguments "
-                    f"are for tenant {str(tenant)[:64]!r}"
-                )
-        own = getattr(task, "aura_replay_check", None)
-        if callable(own):
-            found: str | None = own(letter.task_args, letter.task_kwargs)
-            return found
-        return None
-
-    return check
-
-
 @dlq_app.command("replay")
 def replay_command(
     letter_id: str | None = typer.Argument(None, help="The dead letter to replay."),
@@ -279,15 +250,12 @@ def replay_command(
     if (letter_id is None) == (reason is None):
         raise InvalidInputError("give either a dead letter id or --reason, not both", field="id")
     _check_reason(reason)
-    check = app_check(_load_app(celery_app))
-    with _reader() as reader:
+    with _reader(_load_app(celery_app)) as reader:
         if letter_id is not None and reader.show(letter_id) is None:
             raise InvalidInputError(
                 f"no dead letter with id {literal(letter_id[:80])!r}", field="id"
             )
-        report = reader.replay(
-            letter_id=letter_id, reason=reason, to_queue=to, operator=by or "", check=check
-        )
+        report = reader.replay(letter_id=letter_id, reason=reason, to_queue=to, operator=by or "")
     _reset_budgets([letter.message_id for letter in report.replayed])
     for letter in report.replayed:
         typer.echo(

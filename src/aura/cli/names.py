@@ -6,4 +6,3 @@ from __future__ import annotations
 
 RETRY_PREFIX = "retry_count:"  # aura.messaging.retry.KEY_PREFIX
 DEFER_PREFIX = "defer_count:"  # aura.messaging.task.DEFER_PREFIX
-DLQ_MAX_SCAN = 100_000  # aura.messaging.dlq.MAX_SCAN

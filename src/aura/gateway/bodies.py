@@ -32,6 +32,7 @@ from aura.catalog.storable import (
     load_json,
     storable_problems,
 )
+from aura.contract import MAX_RECORD_BYTES
 from aura.errors import InvalidInputError
 
 __all__ = [
@@ -53,8 +54,7 @@ __all__ = [
     "spool_lines",
 ]
 
-MAX_PRODUCT_BYTES = 256 * 1024
-MAX_RECORD_BYTES = MAX_PRODUCT_BYTES  # one import record is one product
+MAX_PRODUCT_BYTES = MAX_RECORD_BYTES  # aura.contract: one product, one import record
 MAX_IMPORT_BYTES = 16 * 1024 * 1024
 MAX_IMPORT_RECORDS = 1_000_000  # the default of IMPORT_MAX_RECORDS
 MAX_STREAMED_BYTES = 1024**3  # the default of IMPORT_MAX_BYTES (JSON lines)

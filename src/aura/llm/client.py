@@ -73,6 +73,7 @@ from aura.events import (
 from aura.llm.breaker import CircuitBreaker
 from aura.llm.protocol import Completion, StreamAssembler, Usage, parse_completion
 from aura.llm.ratelimit import RateLimit, RateLimiter, estimate_tokens
+from aura.logs import bounded_text
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
@@ -120,7 +121,7 @@ def _error_text(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         message = None
     text = str(message or response.reason_phrase or "no reason given")
-    return " ".join(text.split())[:_MAX_ERROR_TEXT]
+    return bounded_text(" ".join(text.split()), _MAX_ERROR_TEXT)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -158,7 +159,7 @@ def _transport_error(exc: httpx.RequestError | aiohttp.ClientError) -> LLMError:
         cause, timed_out = exc, isinstance(exc, httpx.TimeoutException)
     if timed_out:  # httpx's name tells the phase (ReadTimeout, ConnectTimeout, PoolTimeout)
         return LLMTimeoutError(f"{type(exc).__name__} talking to the LLM provider")
-    return LLMConnectionError(f"{type(cause).__name__}: {cause}"[:_MAX_ERROR_TEXT])
+    return LLMConnectionError(bounded_text(f"{type(cause).__name__}: {cause}", _MAX_ERROR_TEXT))
 
 
 def _aiohttp_error(exc: aiohttp.ClientError) -> LLMError:
@@ -167,7 +168,7 @@ def _aiohttp_error(exc: aiohttp.ClientError) -> LLMError:
         return LLMTimeoutError("ReadTimeout talking to the LLM provider")
     if isinstance(exc, aiohttp.ServerTimeoutError):  # connecting, or waiting for the pool
         return LLMTimeoutError("ConnectTimeout talking to the LLM provider")
-    return LLMConnectionError(f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_TEXT])
+    return LLMConnectionError(bounded_text(f"{type(exc).__name__}: {exc}", _MAX_ERROR_TEXT))
 
 
 _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (

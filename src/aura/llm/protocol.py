@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aura.errors import LLMConnectionError, LLMMalformedResponseError
+from aura.logs import bounded_text
 
 __all__ = [
     "Choice",
@@ -87,7 +88,9 @@ class Completion:
 def _malformed(what: str, exc: BaseException | None = None) -> LLMMalformedResponseError:
     detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
     return LLMMalformedResponseError(
-        f"the provider's answer is not a chat completion: {what}{detail}"[:_MAX_ERROR_TEXT]
+        bounded_text(
+            f"the provider's answer is not a chat completion: {what}{detail}", _MAX_ERROR_TEXT
+        )
     )
 
 
@@ -207,7 +210,7 @@ class StreamAssembler:
                 error = chunk["error"]
                 message = error.get("message") if isinstance(error, dict) else error
                 raise LLMConnectionError(
-                    f"the provider failed mid-stream: {message}"[:_MAX_ERROR_TEXT]
+                    bounded_text(f"the provider failed mid-stream: {message}", _MAX_ERROR_TEXT)
                 )
             return self._chunk(chunk)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as exc:

@@ -55,8 +55,12 @@ def _zlib(data: bytes, limit: int) -> bytes:
 
 def _checked(out: bytearray, limit: int, codec: str, finished: bool) -> bytes:
     if len(out) > limit:
+        # kombu keeps the exception (message.errors), and with it these frames: free the
+        # output first, or each refused bomb would hold the bound in memory
+        out.clear()
         raise InflateLimitError(codec, limit)
     if not finished:
+        out.clear()
         raise ValueError(f"{codec} body is truncated")
     return bytes(out)
 

@@ -104,6 +104,7 @@ __all__ = [
     "route_to_dlq",
     "source_of",
     "store_url",
+    "task_checks",
 ]
 
 T = TypeVar("T")
@@ -538,14 +539,12 @@ def _landed(raw: Any) -> _Landed:
     )
 
 
-def _argument_tenant(task: str, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+def _argument_tenant(app: Any, task: str, args: list[Any], kwargs: dict[str, Any]) -> str | None:
     """The tenant the arguments are for: ``tenant_id`` by name, or by position where the
-    task (registered in the current Celery app) takes a ``tenant_id`` parameter."""
+    task (registered in ``app``) takes a ``tenant_id`` parameter."""
     value = kwargs.get("tenant_id")
     if value is None:
-        from celery import current_app
-
-        registered = current_app.tasks.get(task) if task else None
+        registered = _registered(app, task)
         signature = getattr(registered, "aura_signature", None)
         if signature is not None:
             try:
@@ -556,7 +555,16 @@ def _argument_tenant(task: str, args: list[Any], kwargs: dict[str, Any]) -> str 
     return str(value) if value is not None else None
 
 
-def _to_row(landed: _Landed) -> LandedLetter:
+def _registered(app: Any, name: str) -> Any:
+    """``app``'s task ``name``, if registered; never finalizes the app (``app.tasks``
+    would, binding every shared task of the process to it)."""
+    if app is None or not name:
+        return None
+    registry = app.tasks if app.finalized else getattr(app, "_tasks", {})
+    return registry.get(name)
+
+
+def _to_row(landed: _Landed, app: Any = None) -> LandedLetter:
     letter, kind = _from_message(landed)
     record = letter.model_dump(mode="json", exclude={"original"})
     record["task"] = bounded_text(letter.task, 200)
@@ -569,7 +577,7 @@ def _to_row(landed: _Landed) -> LandedLetter:
             "fix its producer and send it again"
         )
     else:
-        found = _argument_tenant(letter.task, letter.task_args, letter.task_kwargs)
+        found = _argument_tenant(app, letter.task, letter.task_args, letter.task_kwargs)
         if found is not None and tenant is not None and found != tenant:
             refusal = (
                 f"forged: filed under tenant {bounded_text(tenant, 64)!r} but its "
@@ -577,8 +585,10 @@ def _to_row(landed: _Landed) -> LandedLetter:
             )
         tenant = found if found is not None else tenant
         record["tenant_id"] = tenant
-        record["task_args"] = redact(record["task_args"])
-        record["task_kwargs"] = redact(record["task_kwargs"])
+        # views get the arguments redacted and bounded; replay reads them whole from the
+        # letter's bytes
+        record["task_args"] = _view(redact(record["task_args"]))
+        record["task_kwargs"] = _view(redact(record["task_kwargs"]))
     record["error"] = bounded_text(letter.error, _MAX_ERROR)
     return LandedLetter(
         letter_id=letter.id,
@@ -604,6 +614,24 @@ def _to_row(landed: _Landed) -> LandedLetter:
             "headers": _json_safe(landed.headers),
         },
     )
+
+
+_VIEW_ITEMS = 1000
+
+
+def _view(value: Any, depth: int = 0) -> Any:
+    """``value`` as views may show it: every string redacted, then cut to
+    ``MAX_SHOWN_BODY`` characters; at most ``_VIEW_ITEMS`` items a list or mapping."""
+    if depth > _MAX_HEADER_DEPTH:
+        return "<nested too deep>"
+    if isinstance(value, str):
+        return bounded_text(value, MAX_SHOWN_BODY)
+    if isinstance(value, dict):
+        items = list(value.items())[:_VIEW_ITEMS]
+        return {bounded_text(str(k), _MAX_NAME): _view(v, depth + 1) for k, v in items}
+    if isinstance(value, list):
+        return [_view(v, depth + 1) for v in value[:_VIEW_ITEMS]]
+    return value
 
 
 def _letter_of(row: Any) -> DeadLetter:
@@ -694,7 +722,10 @@ class DeadLetterQueue:
     header or order, however often it runs.
 
     ``database`` is the store's URL (or a ``Database``, whose URL is used); by default
-    ``store_url(connection)``. ``source`` names this broker in the store (its vhost)."""
+    ``store_url(connection)``. ``source`` names this broker in the store (its vhost).
+    ``app`` is the Celery app whose tasks the letters are for (default: the one
+    ``aura.messaging.configure`` made the default): filing finds each letter's tenant in its arguments by the task's parameters,
+    and replay applies its tasks' checks (``task_checks``)."""
 
     def __init__(
         self,
@@ -703,8 +734,14 @@ class DeadLetterQueue:
         *,
         source: str | None = None,
         batch: int = 500,
+        app: Any = None,
     ) -> None:
         bound_compression()
+        if app is None:  # not celery.current_app: making one would bind every shared task
+            from aura.messaging.app import configured_app
+
+            app = configured_app()
+        self.app = app
         self.connection = connection
         if isinstance(database, Database):
             database = database.url
@@ -743,7 +780,7 @@ class DeadLetterQueue:
                     batch.append(_landed(raw))
                 if not batch:
                     break
-                rows = [_to_row(landed) for landed in batch]
+                rows = [_to_row(landed, self.app) for landed in batch]
                 async with database.engine.begin() as connection:
                     written += await file_letters(connection, database.dialect, self.source, rows)
                 for landed in batch:  # committed: now they may leave the broker
@@ -974,7 +1011,18 @@ class DeadLetterQueue:
                 return  # another operator replayed it first
             letter = _letter_of(row)
             queue = to_queue or letter.queue
-            refusal = row.refusal or _replay_refusal(letter, queue, row.body_size, check)
+            try:
+                args, kwargs = _replayed_arguments(row)
+            except Exception as exc:
+                args, kwargs = [], {}
+                letter.replay_refusal = f"its arguments cannot be read: {type(exc).__name__}"
+            letter.task_args, letter.task_kwargs = args, kwargs  # checks see them whole
+            checks = check if check is not None else task_checks(self.app)
+            refusal = (
+                row.refusal
+                or letter.replay_refusal
+                or _replay_refusal(letter, queue, row.body_size, checks)
+            )
             if refusal is None:
                 refusal = self._queue_missing(queue)
             if refusal is not None:
@@ -982,7 +1030,6 @@ class DeadLetterQueue:
                 report.refused.append((letter, refusal))
                 return
             count = letter.replay_count + 1
-            args, kwargs = _replayed_arguments(letter, row)
             await asyncio.to_thread(
                 publish_replay, self.connection, letter, queue, args, kwargs, count
             )
@@ -1011,6 +1058,38 @@ class DeadLetterQueue:
         return None
 
 
+def task_checks(app: Any) -> ReplayCheck:
+    """The replay checks ``app``'s tasks bring: the arguments bind to the task, the tenant
+    in them is the one the letter is filed under, and the task's own
+    ``aura_replay_check(args, kwargs)`` (the platform's ingest: the gateway's record size
+    limit). A task ``app`` does not know gets the generic checks only."""
+
+    def check(letter: DeadLetter) -> str | None:
+        task = _registered(app, letter.task)
+        if task is None:
+            return None
+        signature = getattr(task, "aura_signature", None)
+        if signature is not None:
+            try:
+                bound = signature.bind(*letter.task_args, **letter.task_kwargs)
+            except TypeError as exc:
+                return f"its arguments do not fit {letter.task}: {bounded_text(str(exc), 200)}"
+            tenant = bound.arguments.get("tenant_id")
+            filed = letter.tenant_id
+            if tenant is not None and filed is not None and str(tenant) != filed:
+                return (
+                    f"forged: filed under tenant {bounded_text(filed, 64)!r} "
+                    f"but its arguments are for tenant {bounded_text(str(tenant), 64)!r}"
+                )
+        own = getattr(task, "aura_replay_check", None)
+        if callable(own):
+            found = own(list(letter.task_args), dict(letter.task_kwargs))
+            return str(found) if found else None
+        return None
+
+    return check
+
+
 def _operator() -> str:
     try:
         return getpass.getuser()
@@ -1036,13 +1115,15 @@ def _replay_refusal(
     return check(letter) if check is not None else None
 
 
-def _replayed_arguments(letter: DeadLetter, row: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The arguments to send: a broker-dead-lettered message's own body (Aura never
-    rewrote it), else the letter's (redacted when it was written)."""
+def _replayed_arguments(row: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments to send, whole, from the bytes that landed: a broker-dead-lettered
+    message's own body (Aura never rewrote it), else the letter's (redacted when it was
+    written)."""
     if row.kind == "broker":
         args, kwargs, _embed = json.loads(bytes(row.body))
         return list(args), dict(kwargs)
-    return list(letter.task_args), dict(letter.task_kwargs)
+    written = DeadLetter.model_validate_json(bytes(row.body))
+    return list(written.task_args), dict(written.task_kwargs)
 
 
 def publish_replay(

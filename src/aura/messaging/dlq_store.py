@@ -268,12 +268,16 @@ async def _file_one(
         values["letter_id"] = uuid.uuid4().hex
         await connection.execute(_insert(dialect).values(**values))
         return 1
-    if existing.status == REPLAYED and letter.replay_count >= existing.replay_count:
-        # replayed, and it failed again: dead again, newest, with its replay count (the
-        # old row's id is kept, so what an operator noted still finds it)
+    newer = letter.replay_count > existing.replay_count
+    if existing.status == REPLAYED or newer:
+        # Replayed, and it failed again (a replay's retry may have lost its count: any
+        # landing after a replay is that replay's fate), or a later replay's letter: dead
+        # again, newest, with its replay count; the row's id is kept, so what an operator
+        # noted still finds it.
         kept_id = (await connection.execute(select(c.letter_id).where(key))).scalar_one()
         await connection.execute(delete(dead_letters).where(key))
         values["letter_id"] = kept_id
+        values["replay_count"] = max(letter.replay_count, existing.replay_count)
         await connection.execute(_insert(dialect).values(**values))
         return 1
     return 0  # a second copy of a letter already filed

@@ -709,7 +709,7 @@ def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
     ``aura chaos partition-broker``). Requeued, it is delivered again and the inbox
     dedupes; the queue's delivery limit bounds how often."""
     options: dict[str, Any] = {}
-    replays = replay_count_of(task.request)
+    replays = replay_count_of(getattr(task, "request", None))
     if replays:  # a replayed message's retries are still that replay
         options["headers"] = {REPLAY_HEADER: replays}
     try:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from aura.catalog import parse_record
 from aura.config import get_settings
-from aura.contract import ENRICH_TASK, INGEST_TASK
+from aura.contract import ENRICH_TASK, INGEST_TASK, MAX_RECORD_BYTES
 from aura.db import Database, DatabaseInbox, mark_record
 from aura.db.pipeline import PromptFacts, ingest_record, read_for_prompt, store_enrichment
 from aura.errors import LLMMalformedResponseError, NotFoundError
@@ -118,8 +118,6 @@ async def ingest_product(self: Task, raw: str, tenant_id: str, import_id: str | 
 def _replayable_record(args: list[Any], kwargs: dict[str, Any]) -> str | None:
     """What ``aura dlq replay`` checks of an ingest letter, as the gateway would have:
     the record's size and a tenant id that is one."""
-    from aura.gateway.bodies import MAX_RECORD_BYTES
-
     raw = args[0] if args else kwargs.get("raw")
     tenant = args[1] if len(args) > 1 else kwargs.get("tenant_id")
     if not isinstance(raw, str):
