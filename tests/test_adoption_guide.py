@@ -4,10 +4,16 @@ is sent a poison pill, which must land in the DLQ."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aura.db import Database
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "adoption.md"
 
@@ -50,3 +56,71 @@ def test_the_guides_code_runs_as_written(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.strip().endswith("guide ok")
+
+
+def _service_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARIABLES)}
+    return {**kept, "PYTHONPATH": str(tmp_path), "AURA_ENV_FILE": "", **values}
+
+
+_SERVICE_VARIABLES = ("CELERY_", "DATABASE_", "REDIS_", "LLM_", "WORKER_")
+
+
+def _python(env: dict[str, str], cwd: Path, code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_the_guides_app_on_a_real_worker_with_one_replay(
+    tmp_path: Path, amqp_url: str, pg_url: str, pg_database: Database, redis_url: str
+) -> None:
+    """The guide's code as the module ``shop`` (its sending line left out: a worker
+    imports the module), a real ``celery -A shop worker``, a poison pill, and the guide's
+    ``replay_poison_pills``: the letter goes back to shop_orders and, the bug unfixed,
+    lands in the DLQ again with replay count 1."""
+    from kombu.connection import Connection
+
+    from aura.messaging import DeadLetterQueue
+    from aura.worker.process import start_worker_process, stop_worker_process
+    from tests.helpers import wait_for
+
+    blocks = re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), flags=re.M | re.S)
+    (tmp_path / "shop.py").write_text("\n".join(b for b in blocks if ".delay(" not in b))
+    env = _service_env(
+        tmp_path, CELERY_BROKER_URL=amqp_url, DATABASE_URL=pg_url, REDIS_URL=redis_url,
+        WORKER_METRICS_PORT="0", LOG_LEVEL="WARNING",
+    )  # fmt: skip
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        worker = start_worker_process(
+            "shop", env, output, queues=["shop_orders", "shop_mail"], cwd=tmp_path
+        )
+    try:
+        message_id = _python(
+            env, tmp_path, "import shop; print(shop.describe.delay('{not json').id)"
+        ).strip()
+        with Connection(amqp_url) as connection:
+            dlq = DeadLetterQueue(connection)
+
+            def mine() -> list[Any]:
+                found = dlq.list(task="shop.describe", limit=1000)
+                return [x for x in found if x.message_id == message_id]
+
+            wait_for(lambda: len(mine()) == 1, within=90)
+            (first,) = mine()
+            assert (first.reason.value, first.queue, first.replay_count) == (
+                "poison_pill", "shop_orders", 0,
+            )  # fmt: skip
+            shown = _python(env, tmp_path, "import shop; print(shop.replay_poison_pills())")
+            assert shown.strip().splitlines()[-1] == "1"
+            wait_for(lambda: [x.replay_count for x in mine()] == [1], within=90)
+            assert mine()[0].id == first.id
+            assert [r["operator"] for r in dlq.replays(first.id)] == ["shop-oncall"]
+    finally:
+        stop_worker_process(worker, timeout=30)
+    assert worker.returncode == 0, log.read_text()[-3000:]

@@ -226,6 +226,12 @@ def _reset_budgets(message_ids: list[str]) -> None:
 
 
 def _load_app(spec: str) -> Any:
+    """``module:attribute`` (Celery's ``-A``), imported from the working directory too."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -240,6 +246,9 @@ def _load_app(spec: str) -> Any:
 def replay_command(
     letter_id: str | None = typer.Argument(None, help="The dead letter to replay."),
     reason: str | None = typer.Option(None, help="Replay every dead letter with this reason."),
+    task: str | None = typer.Option(None, help="... of this task (with --reason, or alone)."),
+    queue: str | None = typer.Option(None, help="... from this queue."),
+    tenant: str | None = typer.Option(None, help="... of this tenant."),
     to: str | None = typer.Option(None, "--to", help="Send to this queue instead of its own."),
     celery_app: str = typer.Option(
         _PLATFORM_APP, "--app", "-A", help="Your Celery app (module:attribute), for its checks."
@@ -247,8 +256,12 @@ def replay_command(
     by: str | None = typer.Option(None, help="Who replays (recorded; default: your user)."),
 ) -> None:
     """Send dead letters back to the queue each came from, with a fresh retry budget."""
-    if (letter_id is None) == (reason is None):
-        raise InvalidInputError("give either a dead letter id or --reason, not both", field="id")
+    selecting = any(value is not None for value in (reason, task, queue, tenant))
+    if (letter_id is None) == (not selecting):
+        raise InvalidInputError(
+            "give either a dead letter id or filters (--reason, --task, --queue, --tenant)",
+            field="id",
+        )
     _check_reason(reason)
     with _reader(_load_app(celery_app)) as reader:
         if letter_id is not None and reader.show(letter_id) is None:

@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from aura.db.dead_letters import add_dead_letter_tables
 from aura.message_id import MESSAGE_ID_MAX_LENGTH
 
 __all__ = [
@@ -169,3 +170,8 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(32))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# The DLQ store's tables (aura.db.dead_letters), so that Alembic's view of the models is
+# the migrations' (0006).
+add_dead_letter_tables(Base.metadata)

@@ -1,12 +1,13 @@
-"""Aura's inbox table in your own SQLAlchemy metadata (and so in your Alembic history).
+"""Aura's tables in your own SQLAlchemy metadata (and so in your Alembic history).
 
     from sqlalchemy.orm import DeclarativeBase
-    from aura.db.tables import add_inbox_table
+    from aura.db.tables import add_dead_letter_tables, add_inbox_table
 
     class Base(DeclarativeBase): ...
-    add_inbox_table(Base.metadata)      # processed_messages, as Aura's migrations make it
+    add_inbox_table(Base.metadata)         # processed_messages, as Aura's migrations make it
+    add_dead_letter_tables(Base.metadata)  # the DLQ store: aura_dead_letters, its replays
 
-``Base.metadata.create_all`` then creates it with your tables, and Alembic's
+``Base.metadata.create_all`` then creates them with your tables, and Alembic's
 ``--autogenerate`` (``target_metadata = Base.metadata`` in your ``env.py``) writes its
 migration into your history; do not also run ``aura db upgrade`` on that database (it
 would make Aura's platform tables and its own ``alembic_version``). ``claim_message`` and
@@ -22,7 +23,16 @@ from sqlalchemy import MetaData, Table
 
 from aura.db.models import ProcessedMessage
 
-__all__ = ["INBOX_TABLE", "add_inbox_table"]
+
+def add_dead_letter_tables(metadata: MetaData) -> tuple[Table, Table]:
+    """The DLQ store's two tables (``aura_dead_letters``, ``aura_dead_letter_replays``) in
+    ``metadata``. Optional: a DLQ reader creates them where they are missing."""
+    from aura.db.dead_letters import add_dead_letter_tables as add
+
+    return add(metadata)
+
+
+__all__ = ["INBOX_TABLE", "add_dead_letter_tables", "add_inbox_table"]
 
 INBOX_TABLE = "processed_messages"
 

@@ -724,8 +724,9 @@ class DeadLetterQueue:
     ``database`` is the store's URL (or a ``Database``, whose URL is used); by default
     ``store_url(connection)``. ``source`` names this broker in the store (its vhost).
     ``app`` is the Celery app whose tasks the letters are for (default: the one
-    ``aura.messaging.configure`` made the default): filing finds each letter's tenant in its arguments by the task's parameters,
-    and replay applies its tasks' checks (``task_checks``)."""
+    ``aura.messaging.configure`` made the default): filing finds each letter's tenant in
+    its arguments by the task's parameters, and replay applies its tasks' checks
+    (``task_checks``)."""
 
     def __init__(
         self,
@@ -956,23 +957,30 @@ class DeadLetterQueue:
         *,
         letter_id: str | None = None,
         reason: str | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        tenant: str | None = None,
         to_queue: str | None = None,
         operator: str = "",
         check: ReplayCheck | None = None,
         limit: int = 10_000,
     ) -> ReplayReport:
         """Send dead letters back to the queue each came from (``to_queue`` overrides),
-        with a fresh retry budget and their replay count. A letter is claimed in the store
-        (one operator wins), published with a confirm, and marked replayed in the same
-        transaction: replaying twice, or from two places at once, enqueues it once.
-        Refused (with the reason, the letter stays): a malformed original, a forged or
-        oversized letter, an unknown origin, a queue that does not exist, or what
-        ``check`` says."""
-        if (letter_id is None) == (reason is None):
+        with a fresh retry budget and their replay count: the one ``letter_id`` names, or
+        those the filters select (``reason``, ``task``, ``queue``, ``tenant``; at least
+        one). A letter is claimed in the store (one operator wins), published with a
+        confirm, and marked replayed in the same transaction: replaying twice, or from two
+        places at once, enqueues it once. Refused (with the reason, the letter stays): a
+        malformed original, a forged or oversized letter, an unknown origin, a queue that
+        does not exist, or what ``check`` says (default: ``task_checks(app)``)."""
+        selected = (reason, task, queue, tenant)
+        if (letter_id is None) == all(value is None for value in selected):
             raise ValueError("replay needs a dead letter id or a reason, not both")
         c = dead_letters.c
-        where = [c.source == self.source, c.status == DEAD]
-        where.append(c.letter_id == letter_id if letter_id is not None else c.reason == reason)
+        if letter_id is not None:
+            where = [c.source == self.source, c.status == DEAD, c.letter_id == letter_id]
+        else:
+            where = Filter(reason, task, queue, tenant).clauses(self.source)
         report = ReplayReport()
 
         async def run(database: Database) -> ReplayReport:
@@ -1188,19 +1196,9 @@ def queue_of(delivery_info: dict[str, Any] | None) -> str:
     return routing_key[found.end() :] if found else routing_key
 
 
-def replay(
-    reader: DeadLetterQueue,
-    *,
-    letter_id: str | None = None,
-    reason: str | None = None,
-    to_queue: str | None = None,
-    operator: str = "",
-    check: ReplayCheck | None = None,
-) -> ReplayReport:
-    """``reader.replay``: see ``DeadLetterQueue.replay``."""
-    return reader.replay(
-        letter_id=letter_id, reason=reason, to_queue=to_queue, operator=operator, check=check
-    )
+def replay(reader: DeadLetterQueue, **options: Any) -> ReplayReport:
+    """``reader.replay(**options)``: see ``DeadLetterQueue.replay``."""
+    return reader.replay(**options)
 
 
 def purge(reader: DeadLetterQueue, *, reason: str) -> int:
