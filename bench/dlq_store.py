@@ -104,6 +104,7 @@ def old_reader() -> Any:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_dlq"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

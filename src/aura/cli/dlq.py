@@ -124,14 +124,41 @@ def _table(letters: list[DeadLetter], width: int) -> list[str]:
     return lines
 
 
+# The filters every read takes (typer options: one object each, shared by the commands).
+_REASON = typer.Option(None, help=f"Only this reason: {', '.join(_REASONS)}.")
+_TASK = typer.Option(None, help="Only this task name.")
+_QUEUE = typer.Option(None, help="Only letters from this queue.")
+_TENANT = typer.Option(None, help="Only this tenant id.")
+_SINCE = typer.Option(None, help="Dead-lettered at or after (ISO 8601).")
+_UNTIL = typer.Option(None, help="Dead-lettered before (ISO 8601).")
+
+
+def _filters(
+    reason: str | None,
+    task: str | None,
+    queue: str | None,
+    tenant: str | None,
+    since: str | None,
+    until: str | None,
+) -> dict[str, Any]:
+    return {
+        "reason": _check_reason(reason),
+        "task": task,
+        "queue": queue,
+        "tenant": tenant,
+        "since": _when(since, "since"),
+        "until": _when(until, "until"),
+    }
+
+
 @dlq_app.command("ls")
 def ls_command(
-    reason: str | None = typer.Option(None, help=f"Only this reason: {', '.join(_REASONS)}."),
-    task: str | None = typer.Option(None, help="Only this task name."),
-    queue: str | None = typer.Option(None, help="Only letters from this queue."),
-    tenant: str | None = typer.Option(None, help="Only this tenant id."),
-    since: str | None = typer.Option(None, help="Dead-lettered at or after (ISO 8601)."),
-    until: str | None = typer.Option(None, help="Dead-lettered before (ISO 8601)."),
+    reason: str | None = _REASON,
+    task: str | None = _TASK,
+    queue: str | None = _QUEUE,
+    tenant: str | None = _TENANT,
+    since: str | None = _SINCE,
+    until: str | None = _UNTIL,
     limit: int = typer.Option(50, min=1, max=_LIMIT_MAX, help="Show at most this many."),
     after: int | None = typer.Option(None, min=0, help="The next page: the last SEQ shown."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
@@ -139,14 +166,7 @@ def ls_command(
     """List dead letters, oldest first and newest last (filters combine)."""
     with _reader() as reader:
         letters = reader.list(
-            reason=_check_reason(reason),
-            task=task,
-            queue=queue,
-            tenant=tenant,
-            since=_when(since, "since"),
-            until=_when(until, "until"),
-            limit=limit,
-            after=after,
+            **_filters(reason, task, queue, tenant, since, until), limit=limit, after=after
         )
     if as_json:
         for letter in letters:
@@ -162,22 +182,15 @@ def ls_command(
 
 @dlq_app.command("count")
 def count_command(
-    reason: str | None = typer.Option(None, help=f"Only this reason: {', '.join(_REASONS)}."),
-    task: str | None = typer.Option(None, help="Only this task name."),
-    queue: str | None = typer.Option(None, help="Only letters from this queue."),
-    tenant: str | None = typer.Option(None, help="Only this tenant id."),
-    since: str | None = typer.Option(None, help="Dead-lettered at or after (ISO 8601)."),
-    until: str | None = typer.Option(None, help="Dead-lettered before (ISO 8601)."),
+    reason: str | None = _REASON,
+    task: str | None = _TASK,
+    queue: str | None = _QUEUE,
+    tenant: str | None = _TENANT,
+    since: str | None = _SINCE,
+    until: str | None = _UNTIL,
 ) -> None:
     """Count dead letters (filters combine); without filters, by reason too."""
-    filters: dict[str, Any] = {
-        "reason": _check_reason(reason),
-        "task": task,
-        "queue": queue,
-        "tenant": tenant,
-        "since": _when(since, "since"),
-        "until": _when(until, "until"),
-    }
+    filters = _filters(reason, task, queue, tenant, since, until)
     with _reader() as reader:
         total = reader.count(**filters)
         by_reason = reader.count_by_reason() if not any(filters.values()) else {}

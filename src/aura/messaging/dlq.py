@@ -788,6 +788,8 @@ class DeadLetterQueue:
                     channel.basic_ack(landed.delivery_tag)
                 if len(batch) < self.batch:
                     break
+            if not written and settings.dlq_retention_days <= 0:
+                return 0  # nothing new: the count bound has nothing new to bound
             async with database.engine.begin() as connection:
                 dropped = await enforce_retention(
                     connection,
