@@ -378,7 +378,7 @@ async def test_past_capacity_requests_are_shed_with_503_and_retry_after(
     is past its bound they keep them, and a third is shed, writing nothing."""
     tenant_id, key = await tenant(pg_database)
     held = HeldPublisher()
-    gateway = Gateway(pg_database, held, {}, max_in_flight=2, max_wait=0)  # type: ignore[arg-type]
+    gateway = Gateway(pg_database, held, {}, max_in_flight=2, max_wait=0, tenant_share=1.0)  # type: ignore[arg-type]
     if congested:
         gateway.outbox.max_backlog = 0  # every request finds the publisher congested
     app = create_app(gateway)

@@ -170,6 +170,24 @@ class Settings(BaseSettings):
     # long one more may wait for a slot before it is answered 503 with Retry-After.
     gateway_max_in_flight: int = Field(default=64, ge=1, le=10_000)
     gateway_max_wait: float = Field(default=1.0, ge=0.0, le=60.0)
+    # ... the share of those slots one tenant may hold (so no tenant can take them all)
+    gateway_tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    # The gateway's reads (aura.gateway.server): a request's headers must arrive within
+    # GATEWAY_HEADER_TIMEOUT seconds of its first byte and fit GATEWAY_MAX_HEADER_BYTES; a
+    # body must keep arriving at GATEWAY_BODY_MIN_RATE bytes/s (after a grace of
+    # GATEWAY_BODY_GRACE s) and never pause GATEWAY_BODY_IDLE_TIMEOUT s; an idle
+    # keep-alive connection is closed after GATEWAY_KEEP_ALIVE_TIMEOUT s; at most
+    # GATEWAY_MAX_CONNECTIONS connections are served at once (beyond: 503).
+    gateway_header_timeout: PositiveFloat = 10.0
+    gateway_max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    gateway_body_min_rate: float = Field(default=1024.0, ge=0.0)
+    gateway_body_grace: float = Field(default=10.0, ge=0.0)
+    gateway_body_idle_timeout: PositiveFloat = 30.0
+    gateway_keep_alive_timeout: PositiveFloat = 5.0
+    gateway_max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Authentication before admission: a client address may fail (or look up an unknown
+    # key) this many times a second, in bursts of twice that; past it, 429 + Retry-After.
+    gateway_auth_failures_per_second: float = Field(default=20.0, gt=0.0)
     # Imports (not in the seed): records per import and bytes per body. A JSON array is
     # read whole (at most IMPORT_MAX_JSON_BYTES); JSON lines are streamed.
     import_max_records: int = Field(default=1_000_000, ge=1, le=100_000_000)

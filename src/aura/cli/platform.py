@@ -46,11 +46,10 @@ def gateway_command(
     """Serve the API gateway (uvicorn). Needs RabbitMQ (CELERY_BROKER_URL) and workers on
     it: without them, imports would wait on an in-process broker no worker can reach.
     `aura demo` runs an embedded gateway with its own worker."""
-    import uvicorn
-
     from aura.cli.failures import check_broker, check_database
     from aura.config import get_settings
     from aura.gateway import create_app
+    from aura.gateway.server import serve
 
     settings = get_settings()
     broker = settings.celery_broker_url
@@ -62,7 +61,7 @@ def gateway_command(
         )
     check_broker(broker)
     asyncio.run(check_database(settings))
-    uvicorn.run(create_app(), host=host, port=port, log_config=None)
+    serve(create_app(), host=host, port=port, settings=settings)
 
 
 @app.command("worker")

@@ -71,6 +71,7 @@ from aura.errors import (
     ServiceUnavailableError,
 )
 from aura.gateway.auth import KeyCache
+from aura.gateway.authn import Authenticator
 from aura.gateway.bodies import (
     JSON_TYPES,
     MAX_IMPORT_BYTES,
@@ -86,17 +87,21 @@ from aura.gateway.bodies import (
     read_body,
     split_import,
     spool_lines,
+    unencoded,
 )
 from aura.gateway.guard import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_WAIT,
+    DEFAULT_TENANT_SHARE,
     RETRY_AFTER_SECONDS,
+    TENANT_SCOPE_KEY,
     ErrorGuard,
     LoadShedder,
     release_slot,
 )
 from aura.gateway.openapi import IMPORT_BODY, PRODUCT_BODY, build_openapi
 from aura.gateway.outbox import DEFAULT_LEASE, OutboxPublisher, relay_forever, staging_lease
+from aura.gateway.readiness import ReadinessProbe
 from aura.gateway.request_context import RequestContext
 from aura.gateway.schemas import (
     ERROR_RESPONSES,
@@ -143,6 +148,8 @@ class Gateway:
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     # How long one more may wait for a slot before it is shed (GATEWAY_MAX_WAIT).
     max_wait: float = DEFAULT_MAX_WAIT
+    # The share of those slots one tenant may hold (GATEWAY_TENANT_SHARE).
+    tenant_share: float = DEFAULT_TENANT_SHARE
     # IMPORT_MAX_RECORDS, IMPORT_MAX_BYTES (JSON lines; an array is at most MAX_IMPORT_BYTES).
     import_max_records: int = MAX_IMPORT_RECORDS
     import_max_bytes: int = MAX_STREAMED_BYTES
@@ -151,13 +158,33 @@ class Gateway:
     # (``aura gateway`` gives an AmqpSender: a batch on the event loop, confirmed at once).
     sender: Sender | None = None
     outbox: OutboxPublisher = field(init=False)
+    readiness: ReadinessProbe = field(init=False)
 
     def __post_init__(self) -> None:
+        self.readiness = ReadinessProbe(functools.partial(_probe, self.database, self.ready_checks))
         self.outbox = OutboxPublisher(
             self.database,
             self.sender if self.sender is not None else sender_for(self.publisher),
             lease=self.outbox_lease,
         )
+
+
+async def _probe(database: Database, ready_checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
+    """One look at the database (a pooled connection), Redis and the broker."""
+    checks: dict[str, str] = {}
+    try:
+        async with database.reader.connect() as connection:
+            await connection.execute(text("select 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # report, never raise: this is the health answer
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    for name, check in ready_checks.items():
+        try:
+            await check()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    return checks
 
 
 def _error(
@@ -232,6 +259,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             outbox_lease=current.outbox_relay_min_age,
             max_in_flight=current.gateway_max_in_flight,
             max_wait=current.gateway_max_wait,
+            tenant_share=current.gateway_tenant_share,
             import_max_records=current.import_max_records,
             import_max_bytes=current.import_max_bytes,
             sender=sender,
@@ -257,13 +285,18 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan)
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
+    configured = settings or get_settings()
     if gateway is not None:
-        limit, wait = gateway.max_in_flight, gateway.max_wait
+        limit, wait, share = gateway.max_in_flight, gateway.max_wait, gateway.tenant_share
     else:
-        configured = settings or get_settings()
         limit, wait = configured.gateway_max_in_flight, configured.gateway_max_wait
-    # Wait or shed before anything else runs.
-    app.add_middleware(LoadShedder, limit=limit, max_wait=wait)
+        share = configured.gateway_tenant_share
+    # Wait or shed before anything else runs, but after authentication: a request with a
+    # wrong key never takes a tenant's slot (aura.gateway.authn).
+    app.add_middleware(LoadShedder, limit=limit, max_wait=wait, tenant_share=share)
+    app.add_middleware(
+        Authenticator, failures_per_second=configured.gateway_auth_failures_per_second
+    )
     app.add_middleware(RequestContext)  # outermost: every line of a request has its id
     if gateway is not None:
         app.state.gateway = gateway
@@ -321,6 +354,8 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
 
     async def authorize(request: Request, tenant_id: uuid.UUID) -> Gateway:
         gw = state(request)
+        if request.scope.get(TENANT_SCOPE_KEY) == tenant_id:  # Authenticator checked it
+            return gw
         key = request.headers.get("x-api-key")
         if not key:
             raise _Unauthorized("missing X-API-Key header")
@@ -350,6 +385,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def post_product(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
         media_type(request.headers.get("content-type", ""), JSON_TYPES)
+        unencoded(request.headers.get("content-encoding"))
         raw = await read_body(
             request.stream(), request.headers.get("content-length"), MAX_PRODUCT_BYTES
         )
@@ -422,6 +458,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
     async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
         gw = await authorize(request, tenant_id)
         kind = media_type(request.headers.get("content-type", ""), JSON_TYPES | NDJSON_TYPES)
+        unencoded(request.headers.get("content-encoding"))
         declared = request.headers.get("content-length")
         records: list[str] | SpooledRecords
         if kind in JSON_TYPES:  # an array is parsed whole: MAX_IMPORT_BYTES at most
@@ -486,20 +523,7 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         summary="The database, Redis and the broker answer",
     )
     async def readyz(request: Request) -> JSONResponse:
-        gw = state(request)
-        checks: dict[str, str] = {}
-        async with gw.database.session() as session:
-            try:
-                await session.execute(text("select 1"))
-                checks["database"] = "ok"
-            except Exception as exc:  # report, never raise: this is the health answer
-                checks["database"] = f"unavailable: {type(exc).__name__}"
-        for name, check in gw.ready_checks.items():
-            try:
-                await check()
-                checks[name] = "ok"
-            except Exception as exc:
-                checks[name] = f"unavailable: {type(exc).__name__}"
+        checks = await state(request).readiness.checks()
         ready = all(value == "ok" for value in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

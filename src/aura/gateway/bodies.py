@@ -46,12 +46,14 @@ __all__ = [
     "SPOOL_MEMORY_BYTES",
     "BodyTooLarge",
     "SpooledRecords",
+    "UnsupportedEncoding",
     "UnsupportedMediaType",
     "media_type",
     "product_document",
     "read_body",
     "split_import",
     "spool_lines",
+    "unencoded",
 ]
 
 MAX_PRODUCT_BYTES = MAX_RECORD_BYTES  # aura.contract: one product, one import record
@@ -89,6 +91,27 @@ class UnsupportedMediaType(Exception):
             f"content type {shown!r} is not accepted here; send {' or '.join(sorted(accepted))}"
         )
         self.accepted = accepted
+
+
+class UnsupportedEncoding(UnsupportedMediaType):
+    """A Content-Encoding the gateway does not decode (answered 415): read as if plain, a
+    gzip body would be taken for its bytes."""
+
+    def __init__(self, got: str) -> None:
+        Exception.__init__(
+            self,
+            f"content encoding {got[:40]!r} is not accepted here; send the body unencoded",
+        )
+        self.accepted = frozenset({"identity"})
+
+
+def unencoded(content_encoding: str | None) -> None:
+    """Refuse (``UnsupportedEncoding``) any Content-Encoding but none or ``identity``."""
+    if content_encoding is not None and content_encoding.strip().lower() not in {
+        "",
+        "identity",
+    }:
+        raise UnsupportedEncoding(content_encoding)
 
 
 def media_type(content_type: str, accepted: frozenset[str]) -> str:
@@ -262,12 +285,28 @@ def _array_records(raw: bytes) -> tuple[list[str], list[tuple[str, str]], int]:
         raise InvalidInputError("the import must be a JSON array of records", field="body")
     problems: list[tuple[str, str]] = []
     refused = 0
+    records: list[str] = []
     for index, item in enumerate(value):
-        found = storable_problems(item, prefix=f"records.{index}", allow_surrogates=True)
+        field = f"records.{index}"
+        found = _record_problems(item, field)
+        text = json.dumps(item) if not found else ""
+        if not found and len(text.encode("utf-8", "surrogatepass")) > MAX_RECORD_BYTES:
+            # the same limit as a JSON line's and a product's (one record is one product)
+            size = len(text.encode("utf-8", "surrogatepass"))
+            found = [(field, f"record is {size} bytes, over the {MAX_RECORD_BYTES} limit")]
         if found:
             refused += 1
             problems += found[: MAX_REPORTED_PROBLEMS - len(problems)]
-    return [json.dumps(item) for item in value] if not refused else [], problems, refused
+        elif not refused:
+            records.append(text)
+    return records if not refused else [], problems, refused
+
+
+def _record_problems(value: Any, field: str) -> list[tuple[str, str]]:
+    """A record must be a JSON object, storable field by field."""
+    if not isinstance(value, dict):
+        return [(field, f"a record must be a JSON object, got {type(value).__name__}")]
+    return storable_problems(value, prefix=field, allow_surrogates=True)
 
 
 def _line_records(raw: bytes) -> tuple[list[str], list[tuple[str, str]], int]:
@@ -305,4 +344,4 @@ def _line_problems(line: bytes, field: str) -> str | list[tuple[str, str]] | Non
         return [(field, f"nested deeper than {MAX_JSON_DEPTH} levels")]
     except InvalidInputError:
         return text  # not JSON: the worker's poison pill, dead-lettered with its reason
-    return storable_problems(value, prefix=field, allow_surrogates=True) or text
+    return _record_problems(value, field) or text

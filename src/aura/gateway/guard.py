@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ from aura.errors import cause_chain
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_WAIT",
+    "DEFAULT_TENANT_SHARE",
     "RETRY_AFTER_SECONDS",
     "ErrorGuard",
     "LoadShedder",
@@ -38,8 +40,11 @@ __all__ = [
 RETRY_AFTER_SECONDS = 1
 # The scope key of an admitted request's "give my slot back now" (``release_slot``).
 RELEASE_SLOT = "aura.release_slot"
+# The scope key where ``Authenticator`` puts an authenticated request's tenant.
+TENANT_SCOPE_KEY = "aura.tenant"
 DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_MAX_WAIT = 1.0
+DEFAULT_TENANT_SHARE = 0.5  # GATEWAY_TENANT_SHARE's default
 _log = structlog.get_logger("aura.gateway")
 
 
@@ -120,17 +125,22 @@ class ErrorGuard:
 
 
 class LoadShedder:
-    """At most ``limit`` tenant requests at once. The next ones wait, in order, for at most
+    """At most ``limit`` tenant requests at once, and at most ``tenant_share`` of them
+    (rounded up) for any one tenant. The next ones wait, in order, for at most
     ``max_wait`` seconds and at most ``max_waiting`` of them; past either bound a request
     is ``503 overloaded`` with ``Retry-After``, before it holds a database connection or
-    reads a byte of its body.
+    reads a byte of its body. A tenant at its share waits for its own slots: a freed slot
+    goes to the longest waiter whose tenant is below its share, so one tenant's slow or
+    heavy requests delay only that tenant.
 
     Past its capacity a gateway otherwise queues requests on the database pool until
     latency runs away and they time out. Answering 503 at once is no better under clients
     that retry at once (load generators, naive retry loops): the gateway then spends its
     time refusing, and what it serves collapses. A short, bounded wait absorbs a burst,
     paces such clients to the rate the gateway serves, and bounds every answer's latency
-    by ``max_wait`` plus the time to serve it. Health, readiness and metrics never wait.
+    by ``max_wait`` plus the time to serve it. Health, readiness and metrics never wait;
+    nor does a request that failed authentication (``Authenticator`` runs first and puts
+    the tenant in the scope).
 
     A request may give its slot back early (``release_slot``): a write waiting for the
     broker's confirm of its committed message holds no connection, and holding slots
@@ -145,19 +155,23 @@ class LoadShedder:
         *,
         max_wait: float = DEFAULT_MAX_WAIT,
         max_waiting: int | None = None,
+        tenant_share: float = 1.0,
     ) -> None:
         self.app = app
         self.limit = limit
         self.max_wait = max_wait
         self.max_waiting = 4 * limit if max_waiting is None else max_waiting
+        self.per_tenant = max(1, math.ceil(limit * tenant_share))
         self.in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.by_tenant: collections.Counter[object] = collections.Counter()
+        self._waiters: collections.deque[tuple[object, asyncio.Future[None]]] = collections.deque()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        if not await self._admitted():
+        tenant = scope.get(TENANT_SCOPE_KEY)
+        if not await self._admitted(tenant):
             await _overloaded(send)
             return
         held = True
@@ -166,7 +180,7 @@ class LoadShedder:
             nonlocal held
             if held:
                 held = False
-                self._release()
+                self._release(tenant)
 
         scope[RELEASE_SLOT] = release
         try:
@@ -174,15 +188,23 @@ class LoadShedder:
         finally:
             release()
 
-    async def _admitted(self) -> bool:
-        if self.in_flight < self.limit:  # then no one waits (only cancelled waiters remain)
-            self._waiters.clear()
-            self.in_flight += 1
+    def _eligible(self, tenant: object) -> bool:
+        return self.in_flight < self.limit and self.by_tenant[tenant] < self.per_tenant
+
+    def _take(self, tenant: object) -> None:
+        self.in_flight += 1
+        self.by_tenant[tenant] += 1
+
+    async def _admitted(self, tenant: object) -> bool:
+        # Waiters only ever wait for a reason (the gateway is full, or their tenant is at
+        # its share): a request that is eligible now passes none that could go first.
+        if self._eligible(tenant):
+            self._take(tenant)
             return True
         if len(self._waiters) >= self.max_waiting or self.max_wait <= 0:
             return False
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((tenant, waiter))
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.max_wait)
         except TimeoutError:
@@ -192,20 +214,29 @@ class LoadShedder:
             return False
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot, then cancelled: pass it on
+                self._release(tenant)  # handed a slot, then cancelled: pass it on
             else:
                 waiter.cancel()
             raise
         return True
 
-    def _release(self) -> None:
-        """Hand the slot to the longest waiter still waiting, or free it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # in_flight is unchanged: the slot moves over
-                return
+    def _release(self, tenant: object) -> None:
+        """Free the slot, then hand slots to the longest waiters that may take one."""
         self.in_flight -= 1
+        self.by_tenant[tenant] -= 1
+        if self.by_tenant[tenant] <= 0:
+            del self.by_tenant[tenant]
+        kept: collections.deque[tuple[object, asyncio.Future[None]]] = collections.deque()
+        while self._waiters:
+            waiting, waiter = self._waiters.popleft()
+            if waiter.done():
+                continue  # timed out or cancelled
+            if self._eligible(waiting):
+                self._take(waiting)  # counted now: the waiter owns it when it wakes
+                waiter.set_result(None)
+            else:
+                kept.append((waiting, waiter))
+        self._waiters = kept
 
 
 def release_slot(scope: Scope) -> None:
