@@ -59,16 +59,34 @@ _SECRET_VARIABLES = frozenset({"LLM_API_KEY"})
 _MAX_SHOWN_VALUE = 40
 
 
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (the rest kept for debugging)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with its password replaced by ``***`` wherever it is: ``user:pw@`` and a
+    query's ``password=`` (asyncpg, redis-py and kombu all read one), ``token=``, ...; the
+    rest kept for debugging."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable as a URL: mask what looks like a secret in it
+        from aura.logs import redact_text
+
+        return redact_text(url)
+    if password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        parts = parts._replace(
+            query="&".join(
+                f"{name}{sep}***" if name.lower() in _SECRET_QUERY_KEYS and sep else name + sep + v
+                for name, sep, v in pairs
+            )
+        )
+    return urlunsplit(parts)
 
 
 _URL_SCHEMES["DLQ_DATABASE_URL"] = _URL_SCHEMES["DATABASE_URL"]

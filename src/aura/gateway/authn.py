@@ -16,15 +16,17 @@ it reads ``X-API-Key`` and decides, in order:
     unknown: looked up (one session)      valid: cached, on; wrong: cached wrong, 401
     valid for another tenant              404 unknown tenant
 
-A key valid in the last ``recent_ttl`` seconds (5 minutes) is never limited, so a flood
-of bad keys from the address a tenant shares (a NAT, a proxy) does not lock the tenant
-out when its cache entry expires. The tenant goes in the scope (``TENANT_SCOPE_KEY``):
-the admission's fair share is per tenant, and the route does not look the key up again.
+A key valid in the last ``recent_ttl`` seconds (5 minutes) is never limited nor queued
+behind unknown keys' lookups, so a flood of bad keys from the address a tenant shares (a
+NAT, a proxy) does not lock the tenant out when its cache entry expires. The tenant goes
+in the scope (``TENANT_SCOPE_KEY``): the admission's fair share is per tenant, and the
+route does not look the key up again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -159,12 +161,16 @@ class Authenticator:
             if digest in self.wrong or not _well_formed(key):
                 self.limiter.spend(address)
                 return _unauthorized("invalid API key")
-            if digest not in self.recent and not self.limiter.allowed(address):
+            known = digest in self.recent  # valid lately: its refresh is never limited
+            if not known and not self.limiter.allowed(address):
                 return _limited(self.limiter.retry_after(address))
-            if self.lookups.locked():
+            if not known and self.lookups.locked():
                 return _limited(1)
             try:
-                async with self.lookups, gateway.database.session() as session:
+                async with contextlib.AsyncExitStack() as stack:
+                    if not known:  # unknown keys share a few lookups; known ones go by
+                        await stack.enter_async_context(self.lookups)
+                    session = await stack.enter_async_context(gateway.database.session())
                     owner = await gateway.keys.tenant_for_key(session, key)
             except Exception as exc:
                 if not is_unavailable(exc):
