@@ -6,7 +6,10 @@ FastAPI + asyncpg endpoint doing the same insert (bench/bare_gateway.py), in one
 
 Prints, for each: requests, those served (2xx) per second, p50/p99 over all answers (ms),
 errors by status (503: shed), and the peak RSS; then the ratio of served throughput
-(target >= 0.5x the bare endpoint, no errors but 503).
+(target >= 0.5x the bare endpoint, no errors but 503). With ``--hostile`` the gateway's
+load runs a second time beside ``bench/hostile_clients.py`` (a bad-key flood, slow
+uploads, idle half-sent requests): the valid tenant's throughput and p99 with and
+without it (target >= 0.8x).
 The database must exist (it is migrated here); the vhost's work queues are purged after.
 """
 
@@ -39,7 +42,8 @@ def free_port() -> int:
     return port
 
 
-async def prepare(database_url: str) -> tuple[str, str]:
+async def prepare(database_url: str) -> tuple[str, str, str, str]:
+    """Two tenants: the load's, and the one whose uploads the hostile mix trickles."""
     from aura.db import Database, upgrade
     from aura.gateway import create_tenant_with_key
 
@@ -47,9 +51,10 @@ async def prepare(database_url: str) -> tuple[str, str]:
     await upgrade(database)
     async with database.session() as session:
         tenant, key = await create_tenant_with_key(session, f"load-{uuid.uuid4().hex[:8]}")
+        slow, slow_key = await create_tenant_with_key(session, f"slow-{uuid.uuid4().hex[:8]}")
         await session.commit()
     await database.dispose()
-    return str(tenant.id), key
+    return str(tenant.id), key, str(slow.id), slow_key
 
 
 def rss_mib(pid: int) -> float:
@@ -121,8 +126,13 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="also run the gateway's load beside a hostile mix (bench/hostile_clients.py)",
+    )
     options = parser.parse_args()
-    tenant_id, key = asyncio.run(prepare(options.database_url))
+    tenant_id, key, slow_id, slow_key = asyncio.run(prepare(options.database_url))
     base = {
         k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH"}
     }
@@ -151,6 +161,29 @@ def main() -> None:
         results.append(
             load("aura gateway", port, users_env, options.users, options.seconds, gateway.pid)
         )
+        if options.hostile:
+            hostile = subprocess.Popen(
+                [
+                    sys.executable, str(ROOT / "bench" / "hostile_clients.py"),
+                    "--port", str(port), "--tenant", tenant_id, "--slow-tenant", slow_id,
+                    "--slow-key", slow_key, "--seconds", str(options.seconds + 5),
+                ],
+                env=base,
+            )  # fmt: skip
+            time.sleep(3)  # the mix is on before the load starts
+            try:
+                results.append(
+                    load(
+                        "aura gateway + hostile",
+                        port,
+                        users_env,
+                        options.users,
+                        options.seconds,
+                        gateway.pid,
+                    )
+                )
+            finally:
+                hostile.wait(60)
     finally:
         gateway.terminate()
         gateway.wait(30)
@@ -194,8 +227,14 @@ def main() -> None:
             f"p50 {r['p50']} ms  p99 {r['p99']} ms  errors {r['errors']}  "
             f"RSS {r['rss_start']:.0f} -> peak {r['rss_peak']:.0f} MiB"
         )
-    gateway_rps, bare_rps = float(results[0]["rps"]), float(results[1]["rps"])  # type: ignore[arg-type]
+    gateway_rps, bare_rps = float(results[0]["rps"]), float(results[-1]["rps"])  # type: ignore[arg-type]
     print(f"  throughput ratio gateway / bare: {gateway_rps / bare_rps:.2f} (target >= 0.5)")
+    if options.hostile:
+        hostile_rps = float(results[1]["rps"])  # type: ignore[arg-type]
+        print(
+            f"  throughput ratio with the hostile mix / without: "
+            f"{hostile_rps / gateway_rps:.2f} (target >= 0.8)"
+        )
 
     from kombu.connection import Connection
 

@@ -58,9 +58,10 @@ class KeyCache:
         self.ttl, self.size, self.clock = ttl, size, clock
         self._found: OrderedDict[str, tuple[uuid.UUID, float]] = OrderedDict()
 
-    def cached(self, key: str) -> uuid.UUID | None:
-        """The key's tenant if it was found valid within ``ttl``; no database round trip."""
-        hit = self._found.get(hash_key(key))
+    def cached(self, key: str, digest: str | None = None) -> uuid.UUID | None:
+        """The key's tenant if it was found valid within ``ttl``; no database round trip
+        (``digest``: the key's ``hash_key``, if the caller has it)."""
+        hit = self._found.get(digest or hash_key(key))
         if hit is not None and hit[1] > self.clock():
             return hit[0]
         return None
