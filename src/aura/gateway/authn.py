@@ -143,6 +143,9 @@ class Authenticator:
         except ValueError:
             await self.app(scope, receive, send)  # the route answers it (422)
             return
+        if not _routed(scope):  # OPTIONS, 404, 405: the router's answers need no key
+            await self.app(scope, receive, send)
+            return
         answer = await self._authenticate(scope, tenant_id)
         if answer is not None:
             await _answer(send, *answer)
@@ -231,6 +234,15 @@ class Authenticator:
         retry_after = self.limiter.retry_after(address)
         await asyncio.sleep(self.tarpit)
         return _limited(retry_after)
+
+
+def _routed(scope: Scope) -> bool:
+    """A route takes this method on this path (what the router would run)."""
+    from starlette.routing import Match
+
+    router = getattr(scope.get("app"), "router", None)
+    routes = getattr(router, "routes", ())
+    return any(route.matches(scope)[0] is Match.FULL for route in routes)
 
 
 def _well_formed(key: str) -> bool:

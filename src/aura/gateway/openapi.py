@@ -36,13 +36,18 @@ IMPORT_BODY = _body(
         "application/json": {
             "schema": {
                 "type": "array",
-                "items": {},
+                "items": {
+                    "type": "object",
+                    "description": "A record: a JSON object of at most 256 KiB, meant to "
+                    "be a ProductIn",
+                },
                 "minItems": 1,
                 "maxItems": MAX_IMPORT_RECORDS,
                 "description": "Records, each meant to be a ProductIn. A record that is "
-                "not a valid product is accepted and dead-lettered by the worker with its "
-                "reason; a record PostgreSQL could not hold (a NUL character, nesting deeper "
-                "than 32) is refused here.",
+                "an object but not a valid product is accepted and dead-lettered by the "
+                "worker with its reason; a record that is not an object, is over 256 KiB, "
+                "or that PostgreSQL could not hold (a NUL character, nesting deeper than "
+                "32) is refused here (422, naming records.N).",
             }
         },
         **{
