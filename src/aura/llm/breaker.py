@@ -47,10 +47,17 @@ that fails 200 calls at once costs a process two transactions, not 200 contendin
 The open path rejects without a coroutine of its own and ``CircuitOpenError`` formats its
 message only when asked (bench/llm_breaker.py: both paths, one caller and 200).
 
-If Redis is unreachable the breaker carries on with its cached record as local state,
-logs that once (and once again when Redis is back), and retries Redis every
-``redis_retry_interval`` seconds. Time comes from the injected ``clock`` (epoch seconds,
-shared across hosts), so tests drive a fake one.
+If Redis cannot help (unreachable, or refusing: any redis-py error) the breaker carries
+on with its cached record as local state, logs that once (and once again when Redis is
+back), and retries Redis every ``redis_retry_interval`` seconds.
+
+One clock. Every time in the shared record (opened at, open until, the trial lease, the
+failures' window) is on Redis's clock: each read fetches ``TIME`` with the record (one
+pipelined round trip) and the process keeps its offset to it, so a host whose wall clock
+is 600 s ahead reads "open until" as the others do (it took the trial deadline 607 s into
+the future for the others, and trials came 1.0-1.2 s apart instead of the 2 s reset
+timeout). Between reads the offset stands (the clock's rate is trusted, not its value).
+An injected ``clock`` (tests drive a fake one) is used as it is.
 """
 
 from __future__ import annotations
@@ -204,6 +211,7 @@ class CircuitBreaker:
         refresh_interval: float = 1.0,
         redis_retry_interval: float = 5.0,
         failure_window: float = 60.0,
+        redis_time: bool | None = None,
     ) -> None:
         if fail_max < 1 or reset_timeout <= 0 or trial_lease <= 0 or failure_window <= 0:
             raise ValueError(
@@ -217,6 +225,13 @@ class CircuitBreaker:
         self.key = f"aura:circuit_breaker:{name}"
         self._redis = redis
         self._clock = clock
+        # Shared time is Redis's (TIME), not this process's wall clock: the offset to it,
+        # measured with every read. An injected clock (tests) is taken as it is, unless
+        # ``redis_time`` says otherwise.
+        if redis_time is None:
+            redis_time = clock is time.time
+        self._redis_clock = redis is not None and redis_time
+        self._offset = 0.0
         self._is_failure = is_failure
         self._trial_lease = trial_lease
         self._refresh_interval = refresh_interval
@@ -248,9 +263,13 @@ class CircuitBreaker:
         """True while the state is shared through Redis (False: local only or fallback)."""
         return self._redis is not None and not self._redis_down
 
+    def _now(self) -> float:
+        """Shared time: this process's clock, corrected to Redis's when shared."""
+        return self._clock() + self._offset
+
     async def call(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run ``await fn(*args, **kwargs)`` under the breaker."""
-        now = self._clock()
+        now = self._now()
         record = self._record
         if now < self._fresh_until and record.state is _CLOSED:
             # The hot path: closed and fresh. No Redis, no lock, no allocation.
@@ -260,7 +279,7 @@ class CircuitBreaker:
                 await self._after_failure(exc, trial=False)
                 raise
             if self._record.failures:  # this process knows of failures: tell Redis now
-                await self._report_success(self._clock())
+                await self._report_success(self._now())
             else:
                 self._unrecorded_success = now  # told to Redis with the next refresh
             return result
@@ -280,6 +299,7 @@ class CircuitBreaker:
     ) -> T:
         if now >= self._fresh_until:
             await self._refresh(now)
+            now = self._now()  # the read may have corrected the clock
         record = self._record
         decision = _ALLOW
         if record.state is not _CLOSED:
@@ -293,7 +313,7 @@ class CircuitBreaker:
             finally:
                 self._acquiring = False
             if not decision.allowed:
-                raise CircuitOpenError(self.name, self._retry_after(self._clock()))
+                raise CircuitOpenError(self.name, self._retry_after(self._now()))
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -302,7 +322,7 @@ class CircuitBreaker:
         if decision.trial:
             await self._apply("trial_success")
         elif self._record.failures:
-            await self._report_success(self._clock())
+            await self._report_success(self._now())
         else:
             self._unrecorded_success = now
         return result
@@ -322,11 +342,11 @@ class CircuitBreaker:
             if trial:
                 await self._apply("trial_failure")
             else:
-                await self._report_failure(self._clock())
+                await self._report_failure(self._now())
         elif trial:  # the provider answered (a 4xx): it is up, whatever the request did
             await self._apply("trial_success")
         elif self._record.failures:
-            await self._report_success(self._clock())
+            await self._report_success(self._now())
 
     async def _report_failure(self, at: float) -> None:
         """Record a failure, fleet-wide. Failures that come while this process's report
@@ -365,7 +385,7 @@ class CircuitBreaker:
             self._reporting_success = False
 
     async def _apply(self, event: str, at: float | None = None) -> Decision:
-        return await self._apply_all([(event, self._clock() if at is None else at)])
+        return await self._apply_all([(event, self._now() if at is None else at)])
 
     async def _apply_all(self, changes: list[tuple[str, float]]) -> Decision:
         """Apply events in order, atomically (one transaction when shared)."""
@@ -425,7 +445,7 @@ class CircuitBreaker:
 
         await self._redis.transaction(atomically, self.key)
         self._loaded = True
-        self._fresh_until = self._clock() + self._refresh_interval
+        self._fresh_until = self._now() + self._refresh_interval
         return outcome[0]
 
     async def _refresh(self, now: float) -> None:
@@ -446,7 +466,15 @@ class CircuitBreaker:
     async def _read(self, now: float) -> None:
         assert self._redis is not None
         try:
-            raw = await self._redis.hgetall(self.key)
+            if self._redis_clock:  # Redis's clock with the record: one round trip
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.time()
+                    pipe.hgetall(self.key)
+                    (seconds, micros), raw = await pipe.execute()
+                self._offset = float(seconds) + float(micros) / 1e6 - self._clock()
+                now = self._now()
+            else:
+                raw = await self._redis.hgetall(self.key)
             if not self._registered:  # once per process: ``aura breaker status`` lists it
                 await self._redis.zadd(REGISTRY_KEY, {self.name: now})
                 self._registered = True
@@ -457,7 +485,10 @@ class CircuitBreaker:
             self._redis_down = False
             _log.warning("circuit breaker state shared through Redis again", breaker=self.name)
         self._loaded = True
-        self._fresh_until = max(self._fresh_until, now + self._refresh_interval)
+        if self._redis_clock:  # the claim was made on the clock before this correction
+            self._fresh_until = now + self._refresh_interval
+        else:
+            self._fresh_until = max(self._fresh_until, now + self._refresh_interval)
         self._adopt(BreakerRecord.from_redis(raw))
         await self._report_success()  # a success other processes missed, if any
 
