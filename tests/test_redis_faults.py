@@ -251,3 +251,30 @@ async def test_two_processes_whose_clocks_disagree_share_one_on_redis(own_redis:
     finally:
         await ahead_client.aclose()
         await on_time_client.aclose()
+
+
+async def test_rate_limiters_whose_clocks_disagree_pace_on_redis_time(own_redis: str) -> None:
+    """A process 600 s ahead reserves a slot; the one on time is paced by one interval,
+    not refused for ten minutes (each used to put its own wall clock in the shared TAT)."""
+    import time
+
+    slept: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    name = f"skew-{uuid.uuid4().hex[:6]}"
+    limit = RateLimit(rpm=60, burst_s=1.0, adaptive=False)
+    clients = [aioredis.from_url(own_redis) for _ in range(2)]
+    ahead = RateLimiter(
+        name, limit, redis=clients[0], clock=lambda: time.time() + 600, sleep=no_sleep,
+        redis_time=True,
+    )  # fmt: skip
+    on_time = RateLimiter(name, limit, redis=clients[1], sleep=no_sleep)
+    try:
+        assert await ahead.acquire(1, max_wait=5.0) == 0.0
+        waited = await on_time.acquire(1, max_wait=5.0)  # one interval (1 s) at most
+        assert 0.0 < waited <= 1.0
+    finally:
+        for client in clients:
+            await client.aclose()

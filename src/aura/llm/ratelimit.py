@@ -50,8 +50,14 @@ the adaptive limit helps calls that arrive over time, as a worker's do, and not 
 burst (bench/RESULTS.md). Keep LLM_RATE_LIMIT_MAX_WAIT short: it bounds that backlog.
 
 Failure accepted: a reserved slot whose call is then cancelled is wasted (the fleet runs a
-little under the limit, never over). If Redis cannot be reached, calls go unlimited (the
-provider's 429s and the breaker still guard), logged once.
+little under the limit, never over). If Redis cannot help (unreachable, or refusing: any
+redis-py error), calls go unlimited (the provider's 429s and the breaker still guard),
+logged once.
+
+One clock: the theoretical arrival times and the share's timestamps in Redis are on
+Redis's clock. The GCRA script takes ``TIME`` itself and returns it, and the process keeps
+its offset to it for the hold-off and the decrease (a process 600 s ahead put its own
+wall clock into the shared TAT, and the processes on time were refused for ten minutes).
 """
 
 from __future__ import annotations
@@ -80,10 +86,15 @@ _MAX_CONCURRENT_ROUND_TRIPS = 32
 _log = structlog.get_logger("aura.llm.ratelimit")
 
 # KEYS: request TAT, token TAT, adaptive share (hash: base, at).
-# ARGV: now, rpm, tpm, tokens, burst seconds, max wait, recovery seconds (0: not adaptive).
-# A limit of 0 means no limit of that kind. Returns {allowed, wait, share}.
+# ARGV: now, rpm, tpm, tokens, burst seconds, max wait, recovery seconds (0: not adaptive),
+# and "1" to take Redis's clock (TIME) for now instead of ARGV[1].
+# A limit of 0 means no limit of that kind. Returns {allowed, wait, share, now}.
 _GCRA = """
 local now = tonumber(ARGV[1])
+if ARGV[8] == '1' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local tokens = tonumber(ARGV[4])
 local burst = tonumber(ARGV[5])
 local max_wait = tonumber(ARGV[6])
@@ -109,8 +120,9 @@ for i = 1, 2 do
   end
 end
 -- %.17g: Lua's tostring keeps 14 digits, a tenth of a millisecond of an epoch time
+local at = string.format('%.17g', now)
 if wait > max_wait then
-  return {0, string.format('%.17g', wait), string.format('%.17g', share)}
+  return {0, string.format('%.17g', wait), string.format('%.17g', share), at}
 end
 for i = 1, 2 do
   if tats[i] then
@@ -118,7 +130,7 @@ for i = 1, 2 do
     redis.call('SET', KEYS[i], string.format('%.17g', tats[i]), 'PX', ttl)
   end
 end
-return {1, string.format('%.17g', wait), string.format('%.17g', share)}
+return {1, string.format('%.17g', wait), string.format('%.17g', share), at}
 """
 
 # KEYS: adaptive share. ARGV: now, the signalling call's send time, factor, min share,
@@ -212,11 +224,16 @@ class RateLimiter:
         redis: Redis | None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        redis_time: bool | None = None,
     ) -> None:
         self.name = name
         self.limit = limit
         self._redis = redis
         self._clock = clock
+        # Shared time is Redis's: the GCRA takes TIME itself and tells its offset, which
+        # the hold-off and the share's decrease then apply (an injected clock, as is).
+        self._redis_time = (clock is time.time) if redis_time is None else redis_time
+        self._offset = 0.0
         self._sleep = sleep
         self._keys = [f"{KEY_PREFIX}{name}:requests", f"{KEY_PREFIX}{name}:tokens"]
         self._share_key = f"{KEY_PREFIX}{name}:share"
@@ -250,10 +267,13 @@ class RateLimiter:
                     repr(limit.burst_s),
                     repr(max(max_wait, 0.0)),
                     repr(limit.recovery_s if limit.adaptive else 0.0),
+                    "1" if self._redis_time else "0",
                 ]
-                allowed, wait_text, share_text = await self._gcra(
+                allowed, wait_text, share_text, at_text = await self._gcra(
                     keys=[*self._keys, self._share_key], args=args
                 )
+                if self._redis_time:
+                    self._offset = float(at_text) - now
         except REDIS_UNREACHABLE as exc:
             self._unreachable(exc)
             return 0.0
@@ -281,7 +301,8 @@ class RateLimiter:
             return False
         factor = (1 + limit.decrease) / 2 if gently else limit.decrease
         now = self._clock()
-        args = [repr(now), repr(sent_at), repr(factor), repr(limit.min_share)]
+        shared = [now + self._offset, sent_at + self._offset]  # on Redis's clock
+        args = [repr(shared[0]), repr(shared[1]), repr(factor), repr(limit.min_share)]
         try:
             decreased, share_text = await self._decrease(
                 keys=[self._share_key],
@@ -322,8 +343,9 @@ class RateLimiter:
                     (self._token_interval, self._token_interval),
                 )
             ]
+        shared = [now + self._offset, *(tat + self._offset if tat else 0.0 for tat in tats)]
         try:
-            await self._hold(keys=self._keys, args=[repr(now), *map(repr, tats)])
+            await self._hold(keys=self._keys, args=[*map(repr, shared)])
         except REDIS_UNREACHABLE as exc:
             self._unreachable(exc)
 
