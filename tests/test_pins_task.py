@@ -482,7 +482,9 @@ class CountingInbox(FakeInbox):
         self.lookups += 1
         if self.fails:
             self.fails -= 1
-            raise ConnectionError("inbox down " + "x" * 1000)
+            # not an outage (tests/test_db_outage_deferral.py has those): an inbox that
+            # cannot be read for a reason of its own
+            raise RuntimeError("inbox down " + "x" * 1000)
         return await super().lookup(message_id)
 
 
@@ -586,7 +588,7 @@ def test_a_redelivery_that_cannot_be_counted_runs(
     runtime = process_runtime(app)
     runs: list[int] = []
 
-    @resilient_task(app=app, name=unique("uncounted"), max_retries=0)
+    @resilient_task(app=app, name=unique("uncounted"), max_retries=1)
     def effect(self: object) -> str:
         runs.append(1)
         return "ran"
@@ -598,9 +600,10 @@ def test_a_redelivery_that_cannot_be_counted_runs(
     with capture_logs() as logs:
         assert run_redelivered(effect, f"m-{uuid.uuid4().hex}") == "ran"
     assert runs == [1]
-    (warning,) = [e for e in logs if e["event"].startswith("could not count")]
-    assert warning["event"] == "could not count a redelivery; running it"
-    assert len(warning["error"]) == 300
+    # Redis refusing (OOM) is Redis unable to help, like Redis down: the delivery's own
+    # count stands in (aura.redis_errors), and within the budget it runs
+    (warning,) = [e for e in logs if "cannot reach Redis" in e["event"]]
+    assert "OOM" in warning["error"]
 
 
 class LateInbox(CountingInbox):
@@ -616,8 +619,8 @@ class LateInbox(CountingInbox):
         self.lookups += 1
         if self.lookups == 1:
             return None
-        if self.fail_late:
-            raise ConnectionError("inbox down")
+        if self.fail_late:  # not an outage (those are put off before the run)
+            raise RuntimeError("inbox down")
         return self.entry
 
 
@@ -789,7 +792,9 @@ def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
             self.lookups += 1
             if self.lookups == 1:
                 return None
-            raise ConnectionError("inbox down " + "x" * 1000)
+            # not an outage (tests/test_db_outage_deferral.py has those): an inbox that
+            # cannot be read for a reason of its own
+            raise RuntimeError("inbox down " + "x" * 1000)
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise redis.exceptions.ResponseError("OOM")

@@ -71,6 +71,26 @@ def is_network_error(exc: BaseException) -> bool:
     return False
 
 
+# SQLSTATE classes that mean "the server cannot take this now": connection exceptions,
+# insufficient resources (53300 too many connections, disk full, out of memory) and
+# operator intervention (shutting down, starting up, backend terminated).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is down or saturated (retry later), not a bug: a network error, a
+    pool or connect timeout, or a SQLSTATE of class 08, 53 or 57P ("too many clients")."""
+    if is_network_error(exc):
+        return True
+    for link in cause_chain(exc):
+        if isinstance(link, sa_exc.TimeoutError | OSError | TimeoutError):
+            return True
+        code = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+    return False
+
+
 def describe_error(exc: BaseException) -> str:
     """The driver's first line, without SQLAlchemy's statement and parameters."""
     original = getattr(exc, "orig", None) or exc

@@ -18,12 +18,10 @@ import math
 from typing import Any
 
 import structlog
-from sqlalchemy import exc as sa_exc
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aura.db.transactional import is_network_error
-from aura.errors import cause_chain
+from aura.db.transactional import is_unavailable as _db_unavailable
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -55,23 +53,10 @@ def error_body(code: str, message: str, fields: list[dict[str, str]] | None = No
     return json.dumps({"error": body}).encode()
 
 
-# SQLSTATE classes that mean "the server cannot take this now": connection exceptions,
-# insufficient resources (53300 too many connections, disk full, out of memory) and
-# operator intervention (shutting down, starting up, backend terminated).
-_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
-
-
 def is_unavailable(exc: BaseException) -> bool:
-    """A dependency is down or saturated (retry later), not a bug."""
-    if is_network_error(exc):
-        return True
-    for link in cause_chain(exc):
-        if isinstance(link, sa_exc.TimeoutError | OSError | TimeoutError):
-            return True
-        code = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
-        if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
-            return True
-    return False
+    """A dependency is down or saturated (retry later), not a bug
+    (``aura.db.transactional.is_unavailable``)."""
+    return _db_unavailable(exc)
 
 
 class ErrorGuard:

@@ -62,6 +62,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from aura import events
 from aura.config import get_settings
+from aura.db.transactional import is_unavailable
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
@@ -359,6 +360,9 @@ def _settled_by_inbox(
     try:
         entry = _lookup(runtime, policy, request.id)
     except Exception as exc:
+        if is_unavailable(exc):  # an outage, not this message: no LLM call, no budget
+            _put_off_for_database(task, runtime, policy, exc, args, kwargs)
+            return True  # dead-lettered: its deferrals were spent (else it raised Retry)
         _log.warning(
             "inbox lookup failed; the delivery runs and its claim decides",
             task=task.name,
@@ -577,9 +581,66 @@ def _committed_entry(
             message_id=request.id,
             error=text,
         )
-        countdown = max(backoff_delay(1, base=1.0, cap=10.0, rng=runtime.rng), _MIN_COUNTDOWN)
-        _retry(task, exc, countdown)
+        _retry(task, exc, _outage_countdown(task, runtime))
     return entry
+
+
+_OUTAGE_BACKOFF_CAP = 10.0  # seconds: a deferred delivery resumes within this of recovery
+
+
+def _outage_countdown(task: Task, runtime: _ProcessRuntime) -> float:
+    """Exponential backoff, half jittered, by the delivery's own retries (a wrong address
+    made 34 deliveries in 56 s at a flat second each), capped so that work resumes within
+    ``_OUTAGE_BACKOFF_CAP`` seconds of the dependency answering."""
+    attempt = int(getattr(task.request, "retries", 0) or 0) + 1
+    delay = backoff_delay(attempt, base=1.0, cap=_OUTAGE_BACKOFF_CAP, rng=runtime.rng)
+    return max(delay, _MIN_COUNTDOWN)
+
+
+def _put_off_for_database(
+    task: Task,
+    runtime: _ProcessRuntime,
+    policy: _Policy,
+    exc: BaseException,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """The database cannot be reached before the delivery runs: put it off (deferral
+    budget, exponential backoff) without running it -- no LLM call, no retry spent -- or,
+    the deferrals spent, dead-letter it (``max_deferrals_exceeded``)."""
+    request = task.request
+    deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
+    try:
+        spent = runtime.run(
+            deferrals.increment_and_check(request.id, fallback_count=request.retries)
+        )
+    except Exception:  # Redis refusing too: Celery's own count bounds the wait
+        spent = request.retries >= policy.max_deferrals
+    text = describe_exception(exc, 300)
+    if spent:
+        _log.error("the database stayed unavailable past the deferrals; dead-lettering", error=text)
+        _dead_letter(
+            task,
+            runtime,
+            policy,
+            DeadLetterReason.MAX_DEFERRALS_EXCEEDED,
+            exc,
+            args,
+            kwargs,
+            request.retries,
+            check_inbox=False,
+        )
+        return
+    countdown = _outage_countdown(task, runtime)
+    events.emit(TaskRetried(task.name, RetryKind.DEFERRAL))
+    _log.warning(
+        "the database is unavailable; put off before running",
+        task=task.name,
+        message_id=request.id,
+        countdown=round(countdown, 3),
+        error=text,
+    )
+    _retry(task, exc, countdown)
 
 
 def _tenant_finder(

@@ -1,0 +1,92 @@
+"""A database outage is a deferral, not a failure: when the inbox cannot be read because
+the database is unavailable (refused, too many clients, a wrong address), the delivery
+is put off before it runs -- no LLM call, no retry budget -- with exponential backoff,
+and dead-lettered ``max_deferrals_exceeded`` only once that budget is spent. A database
+that answers again lets it run. With an app of the test's own (eager: retries inline)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+from structlog.testing import capture_logs
+
+from aura.config import load_settings
+from aura.messaging import DeadLetterQueue, resilient_task
+from aura.messaging.idempotency import InboxEntry
+from aura.worker.celery_app import make_celery_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
+
+
+class TooManyClients(Exception):
+    sqlstate = "53300"  # asyncpg's TooManyConnectionsError says so
+
+
+class OutageInbox:
+    """An inbox whose database is down for the first ``down`` lookups."""
+
+    def __init__(self, down: int, error: BaseException) -> None:
+        self.down, self.error, self.lookups = down, error, 0
+
+    async def lookup(self, message_id: str) -> InboxEntry | None:
+        self.lookups += 1
+        if self.lookups <= self.down:
+            raise self.error
+        return None
+
+
+@pytest.fixture
+def app() -> Celery:
+    app = make_celery_app(load_settings())
+    app.conf.task_always_eager = True
+    return app
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionRefusedError(111, "Connect call failed"), TooManyClients("too many clients")],
+    ids=["refused", "too-many-clients"],
+)
+def test_an_outage_defers_without_running_then_the_delivery_runs(
+    app: Celery, error: BaseException
+) -> None:
+    ran: list[str] = []
+    inbox = OutageInbox(down=4, error=error)
+
+    @resilient_task(app=app, name=f"tests.outage.{uuid.uuid4().hex[:8]}", inbox=inbox)  # type: ignore[arg-type]
+    def describe(self: Any) -> str:
+        ran.append(self.request.id)  # stands for the LLM call
+        return "described"
+
+    with capture_logs() as logs:
+        assert describe.apply(task_id=f"outage-{uuid.uuid4().hex[:6]}").get() == "described"
+    put_off = [
+        e for e in logs if e["event"] == "the database is unavailable; put off before running"
+    ]
+    assert len(put_off) == 4
+    assert len(ran) == 1  # not once while the database was down
+    countdowns = [e["countdown"] for e in put_off]
+    assert all(b >= a * 0.5 for a, b in itertools.pairwise(countdowns))
+    assert max(countdowns) <= 10.0  # resumes within the backoff cap of recovery
+    assert countdowns[-1] > 1.0  # it backs off, not a flat second
+
+
+def test_an_outage_past_the_deferrals_is_dead_lettered_with_that_reason(app: Celery) -> None:
+    ran: list[str] = []
+    inbox = OutageInbox(down=1_000, error=ConnectionRefusedError(111, "Connect call failed"))
+    name = f"tests.outage.{uuid.uuid4().hex[:8]}"
+
+    @resilient_task(app=app, name=name, inbox=inbox, max_deferrals=3)  # type: ignore[arg-type]
+    def describe(self: Any) -> None:
+        ran.append(self.request.id)
+
+    describe.apply(task_id=f"outage-{uuid.uuid4().hex[:6]}")
+    assert ran == []
+    with app.connection_for_write() as connection:
+        (letter,) = [x for x in DeadLetterQueue(connection).list(limit=1000) if x.task == name]
+    assert letter.reason.value == "max_deferrals_exceeded"
+    assert "Connect call failed" in letter.error
