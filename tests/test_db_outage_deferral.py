@@ -90,3 +90,35 @@ def test_an_outage_past_the_deferrals_is_dead_lettered_with_that_reason(app: Cel
         (letter,) = [x for x in DeadLetterQueue(connection).list(limit=1000) if x.task == name]
     assert letter.reason.value == "max_deferrals_exceeded"
     assert "Connect call failed" in letter.error
+
+
+def test_a_wrong_database_url_is_one_line_at_start_up(pg_url: str) -> None:
+    from aura.config import Settings
+    from aura.messaging.app import check_database
+
+    wrong = Settings(database_url="postgresql://shop:s3cret-pw@127.0.0.1:1/shop")
+    with capture_logs() as logs:
+        assert not check_database(wrong, timeout=3.0)
+        assert check_database(Settings(database_url=pg_url), timeout=10.0)
+    (line,) = [e for e in logs if e["log_level"] == "error"]
+    assert line["event"].startswith("DATABASE_URL postgresql+asyncpg://shop:***@127.0.0.1:1/shop")
+    assert "s3cret-pw" not in line["event"]
+    assert "cannot be reached" in line["event"]
+
+
+def test_the_hook_after_a_fate_is_tried_again_while_the_database_is_out(app: Celery) -> None:
+    marked: list[str] = []
+    failures = [TooManyClients("too many clients already")] * 3
+
+    async def mark(letter: Any) -> None:  # the platform's import-record status update
+        if failures:
+            raise failures.pop()
+        marked.append(letter.message_id)
+
+    @resilient_task(app=app, name=f"tests.hook.{uuid.uuid4().hex[:8]}", on_dead_letter=mark)
+    def poison(self: Any) -> None:
+        raise KeyError("missing")
+
+    message_id = f"hook-{uuid.uuid4().hex[:6]}"
+    poison.apply(task_id=message_id)
+    assert marked == [message_id]  # no record left pending

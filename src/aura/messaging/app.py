@@ -128,6 +128,7 @@ def configure(
     def declare_dead_letter_queue(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             declare_topology(app)
+            check_database(settings)
 
     signals.worker_init.connect(declare_dead_letter_queue, weak=False)
     # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
@@ -139,6 +140,55 @@ def configure(
     if make_default:
         _default = app
     return app
+
+
+def check_database(settings: Settings, timeout: float = 5.0) -> bool:
+    """At a worker's start: can ``DATABASE_URL`` (when set) be reached? If not, one ERROR
+    line that says so, with the address (password masked) and the driver's reason: a
+    wrong address used to surface only as each message's deferrals. The worker still
+    starts (the database may come up later; deliveries that need it are put off)."""
+    if settings.database_url is None:
+        return True
+    import asyncio
+
+    import structlog
+
+    from aura.config import mask_url
+    from aura.db.engine import Database
+    from aura.db.transactional import describe_error
+
+    async def probe() -> None:
+        database = Database(settings.database_url or "", pool_size=1, max_overflow=0)
+        try:
+            async with database.engine.connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
+        finally:
+            await database.dispose()
+
+    def run() -> None:
+        asyncio.run(asyncio.wait_for(probe(), timeout))
+
+    import threading
+
+    failure: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=guarded, name="aura-db-check", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    if not failure and not thread.is_alive():
+        return True
+    reason = describe_error(failure[0]) if failure else f"no answer within {timeout:g} s"
+    structlog.get_logger("aura.messaging").error(
+        f"DATABASE_URL {mask_url(settings.database_url)} cannot be reached: {reason}; "
+        "deliveries that need it are put off until it answers",
+    )
+    return False
 
 
 def declare_topology(app: Celery) -> None:

@@ -531,7 +531,7 @@ def _dead_letter(
         )
     if policy.on_dead_letter is not None:
         try:
-            runtime.run(policy.on_dead_letter(letter))
+            runtime.run(_hook_with_retries(policy.on_dead_letter, letter))
         except Exception:  # the dead letter is safe; a failing hook must not undo that
             _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
     _forget_counts(runtime, request.id)  # its fate is the DLQ: no count outlives it
@@ -544,6 +544,31 @@ def _dead_letter(
         dead_letter=letter.id,
         replay_count=letter.replay_count,
     )
+
+
+_HOOK_PAUSES = (0.25, 0.5, 1.0, 2.0)  # seconds between tries of a failing hook
+
+
+async def _hook_with_retries(
+    hook: Callable[[DeadLetter], Coroutine[Any, Any, None]], letter: DeadLetter
+) -> None:
+    """The hook after a fate, tried again while what it needs is unavailable (a database
+    out of connections left import records ``pending`` forever: the hook failed once and
+    was never tried again); other errors are the hook's own and raise at once."""
+    for pause in (*_HOOK_PAUSES, None):
+        try:
+            await hook(letter)
+            return
+        except Exception as exc:
+            if pause is None or not is_unavailable(exc):
+                raise
+            _log.warning(
+                "on_dead_letter hook failed; trying again",
+                message_id=letter.message_id,
+                pause=pause,
+                error=describe_exception(exc, 300),
+            )
+            await asyncio.sleep(pause)
 
 
 def replay_count_of(request: Any) -> int:
