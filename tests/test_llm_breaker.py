@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aura.errors import CircuitOpenError
 from aura.events import CircuitState
@@ -33,7 +36,9 @@ def test_three_failures_open_the_breaker_once() -> None:
     assert (record.state, record.failures, first.opened, second.opened) == (CLOSED, 2, False, False)
     record, third = transition(record, "failure", 102.0, **POLICY)
     assert third.opened
-    assert record == BreakerRecord(OPEN, 3, 162.0, 0.0, first_failure=100.0, last_failure=102.0)
+    assert record == BreakerRecord(
+        OPEN, 3, 162.0, 0.0, first_failure=100.0, last_failure=102.0, recent=(100.0, 101.0, 102.0)
+    )
     record, straggler = transition(record, "failure", 103.0, **POLICY)
     assert not straggler.opened  # a late failure elsewhere does not open it again
     assert record.open_until == 162.0
@@ -45,16 +50,54 @@ def test_a_success_resets_consecutive_failures() -> None:
     assert record == BreakerRecord()
 
 
-def test_failures_further_apart_than_the_window_start_a_new_run() -> None:
+def test_the_failure_window_slides_over_the_runs_failures() -> None:
     policy = POLICY | {"failure_window": 10.0}
     record, _ = transition(BreakerRecord(), "failure", 100.0, **policy)
     record, _ = transition(record, "failure", 105.0, **policy)
     record, late = transition(record, "failure", 110.5, **policy)  # 10.5 s after the first
-    assert not late.opened
-    assert (record.failures, record.first_failure, record.last_failure) == (1, 110.5, 110.5)
-    record, _ = transition(record, "failure", 115.0, **policy)
-    record, third = transition(record, "failure", 120.5, **policy)  # exactly 10 s: one run
+    assert not late.opened  # the first has slid out of the window; two remain
+    assert (record.failures, record.first_failure, record.last_failure) == (2, 105.0, 110.5)
+    record, third = transition(record, "failure", 115.0, **policy)  # 105-115: three in 10 s
     assert third.opened
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=40.0), min_size=1, max_size=12),
+    fail_max=st.integers(min_value=1, max_value=4),
+)
+def test_it_opens_at_the_first_failure_that_ends_fail_max_within_the_window(
+    gaps: list[float], fail_max: int
+) -> None:
+    """The rule the README states, for any failure times: open at the first failure whose
+    fail_max - 1 predecessors are all within the window of it, never before."""
+    policy = POLICY | {"fail_max": fail_max, "failure_window": 60.0}
+    times = list(itertools.accumulate(gaps))
+    record, opened_at = BreakerRecord(), None
+    for index, at in enumerate(times):
+        record, decision = transition(record, "failure", at, **policy)
+        if decision.opened:
+            opened_at = index
+            break
+    expected = next(
+        (
+            i
+            for i in range(len(times))
+            if i + 1 >= fail_max and times[i] - times[i + 1 - fail_max] <= 60.0
+        ),
+        None,
+    )
+    assert opened_at == expected
+
+
+def test_the_readmes_example_failures_at_0_50_100_105_open_a_60_s_window() -> None:
+    policy = POLICY | {"failure_window": 60.0}
+    record = BreakerRecord()
+    opened = []
+    for at in (0.0, 50.0, 100.0, 105.0):
+        record, decision = transition(record, "failure", at, **policy)
+        opened.append(decision.opened)
+    assert opened == [False, False, False, True]  # 50, 100, 105: three within 60 s
 
 
 def test_a_success_older_than_the_latest_failure_does_not_break_the_run() -> None:

@@ -180,7 +180,7 @@ def test_the_trial_lease_and_abandonment() -> None:
 
 
 def test_records_cross_redis_as_text_and_back() -> None:
-    record = BreakerRecord(HALF_OPEN, 4, 1.5, 2.25, 0.125, 0.75)
+    record = BreakerRecord(HALF_OPEN, 4, 1.5, 2.25, 0.125, 0.75, (0.125, 0.5, 0.75))
     raw = record.to_redis()
     assert raw == {
         "state": "half_open",
@@ -189,6 +189,7 @@ def test_records_cross_redis_as_text_and_back() -> None:
         "trial_until": "2.25",
         "first_failure": "0.125",
         "last_failure": "0.75",
+        "recent": "0.125 0.5 0.75",
     }
     as_bytes = {k.encode(): v.encode() for k, v in raw.items()}
     assert BreakerRecord.from_redis(as_bytes) == record

@@ -100,6 +100,9 @@ class BreakerRecord:
     trial_until: float = 0.0  # lease of the running trial call (half-open)
     first_failure: float = 0.0  # when the current run of failures began
     last_failure: float = 0.0  # when its latest failure was recorded
+    # the run's failure times within the window, oldest first (at most fail_max): the
+    # window slides over them
+    recent: tuple[float, ...] = ()
 
     def to_redis(self) -> dict[str, str]:
         return {
@@ -109,6 +112,7 @@ class BreakerRecord:
             "trial_until": repr(self.trial_until),
             "first_failure": repr(self.first_failure),
             "last_failure": repr(self.last_failure),
+            "recent": " ".join(repr(at) for at in self.recent),
         }
 
     @classmethod
@@ -124,7 +128,19 @@ class BreakerRecord:
             trial_until=float(fields["trial_until"]),
             first_failure=float(fields.get("first_failure", 0.0)),  # absent before issue 16
             last_failure=float(fields.get("last_failure", 0.0)),
+            recent=tuple(float(at) for at in fields.get("recent", "").split()),  # issue 26
         )
+
+
+def _run_times(record: BreakerRecord) -> tuple[float, ...]:
+    """The current run's failure times (a record written before they were kept: its
+    first and last, the ones between taken as the first)."""
+    if not record.failures:
+        return ()
+    if record.recent:
+        return record.recent
+    middle = (record.first_failure,) * max(record.failures - 2, 0)
+    return (record.first_failure, *middle, record.last_failure)[: record.failures]
 
 
 def _text(value: bytes | str) -> str:
@@ -173,15 +189,24 @@ def transition(
     if event == "failure":
         if record.state is not _CLOSED:
             return record, _ALLOW  # already open: a straggler's failure changes nothing
-        run_goes_on = record.failures and now - record.first_failure <= failure_window
-        failures, first = (record.failures + 1, record.first_failure) if run_goes_on else (1, now)
+        # The window slides: the failures of the run within ``failure_window`` of this one
+        # count (failures at 0, 50, 100 and 105 s open a 60 s window at 105 s).
+        recent = sorted((*_run_times(record), now))
+        recent = [at for at in recent if now - at <= failure_window][-fail_max:]
+        failures, first = len(recent), recent[0]
         if failures >= fail_max:
-            opened = BreakerRecord(_OPEN, failures, now + reset_timeout, 0.0, first, now)
+            opened = BreakerRecord(
+                _OPEN, failures, now + reset_timeout, 0.0, first, now, tuple(recent)
+            )
             return opened, Decision(opened=True)
-        return replace(record, failures=failures, first_failure=first, last_failure=now), _ALLOW
+        changed = replace(
+            record, failures=failures, first_failure=first, last_failure=now, recent=tuple(recent)
+        )
+        return changed, _ALLOW
     if event == "success":
         if record.state is _CLOSED and record.failures and now >= record.last_failure:
-            return replace(record, failures=0, first_failure=0.0, last_failure=0.0), _ALLOW
+            cleared = replace(record, failures=0, first_failure=0.0, last_failure=0.0, recent=())
+            return cleared, _ALLOW
         return record, _ALLOW
     if event == "trial_failure":
         reopened = replace(record, state=_OPEN, open_until=now + reset_timeout, trial_until=0.0)
