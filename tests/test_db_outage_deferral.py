@@ -122,3 +122,23 @@ def test_the_hook_after_a_fate_is_tried_again_while_the_database_is_out(app: Cel
     message_id = f"hook-{uuid.uuid4().hex[:6]}"
     poison.apply(task_id=message_id)
     assert marked == [message_id]  # no record left pending
+
+
+def test_two_workers_on_one_host_each_get_a_metrics_port() -> None:
+    import socket
+
+    import httpx
+
+    from aura.messaging.observability import serve_metrics
+    from tests.services import free_port
+
+    port = free_port()
+    with socket.socket() as taken:  # the first worker's endpoint
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with capture_logs() as logs:
+            got = serve_metrics(port)
+    assert got is not None
+    assert got != port
+    assert httpx.get(f"http://127.0.0.1:{got}/metrics", timeout=5).status_code == 200
+    assert any(e.get("port") == got for e in logs)

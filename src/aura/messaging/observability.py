@@ -61,6 +61,36 @@ def _poll_queues(app: Celery, settings: Settings, stop: threading.Event) -> None
             _log.warning("cannot read queue depths", error=f"{type(exc).__name__}: {exc}")
 
 
+METRICS_PORTS_TRIED = 16
+
+
+def serve_metrics(port: int, tries: int = METRICS_PORTS_TRIED) -> int | None:
+    """Start the worker's /metrics on ``port``, or, where another worker on this host has
+    it, on the next free one of ``tries`` ports (9100, 9101, ...; two workers on a host
+    clashed on 9100 and the second had none); the port it took, logged, or None."""
+    last: OSError | None = None
+    for candidate in range(port, min(port + tries, 65536)):
+        try:
+            start_http_server(candidate, registry=exposition_registry())
+        except OSError as exc:
+            last = exc
+            continue
+        if candidate != port:
+            _log.warning(
+                "worker metrics endpoint on another port: the configured one is taken",
+                configured=port,
+                port=candidate,
+            )
+        return candidate
+    _log.warning(
+        "worker metrics endpoint not started: no free port",
+        first=port,
+        tried=tries,
+        error=str(last),
+    )
+    return None
+
+
 def install(app: Celery, settings: Settings) -> None:
     """Connect the worker signals that start the endpoint and the queue poller."""
     from celery import signals
@@ -71,14 +101,7 @@ def install(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is not app:
             return
         if settings.worker_metrics_port:
-            try:
-                start_http_server(settings.worker_metrics_port, registry=exposition_registry())
-            except OSError as exc:  # another worker on this host has it: no endpoint here
-                _log.warning(
-                    "worker metrics endpoint not started",
-                    port=settings.worker_metrics_port,
-                    error=str(exc),
-                )
+            serve_metrics(settings.worker_metrics_port)
         if settings.celery_broker_url and not settings.celery_broker_url.startswith("memory"):
             threading.Thread(
                 target=_poll_queues, args=(app, settings, stop), name="queue-depth", daemon=True
