@@ -142,3 +142,21 @@ def test_two_workers_on_one_host_each_get_a_metrics_port() -> None:
     assert got != port
     assert httpx.get(f"http://127.0.0.1:{got}/metrics", timeout=5).status_code == 200
     assert any(e.get("port") == got for e in logs)
+
+
+def test_a_statement_the_database_refuses_is_no_outage(app: Celery) -> None:
+    """SQLite's "no such table" is an OperationalError, as are connection failures: it is
+    a bug to report, not an outage to wait out -- the delivery runs and its claim decides."""
+    from sqlalchemy.exc import OperationalError
+
+    ran: list[str] = []
+    inbox = OutageInbox(down=1, error=OperationalError("SELECT", {}, Exception("no such table")))
+
+    @resilient_task(app=app, name=f"tests.outage.{uuid.uuid4().hex[:8]}", inbox=inbox)  # type: ignore[arg-type]
+    def describe(self: Any) -> str:
+        ran.append(self.request.id)
+        return "described"
+
+    assert describe.apply().get() == "described"
+    assert len(ran) == 1
+    assert inbox.lookups == 1  # not put off

@@ -91,6 +91,35 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+_OUTAGE_CLASSES = {
+    "ConnectionDoesNotExistError",
+    "CannotConnectNowError",
+    "AdminShutdownError",
+    "TooManyConnectionsError",
+    "ConnectionFailureError",
+}
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The database cannot be reached or take a connection now -- refused, dropped,
+    timed out, "too many clients", shutting down -- as opposed to a statement it refused
+    (``is_unavailable`` also counts every ``OperationalError``, which for SQLite includes
+    "no such table": a bug to report, not an outage to wait out)."""
+    for link in cause_chain(exc):
+        if isinstance(link, OSError | TimeoutError | sa_exc.TimeoutError):
+            return True
+        if isinstance(link, sa_exc.DisconnectionError):
+            return True
+        if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
+            return True
+        if type(link).__name__ in _OUTAGE_CLASSES:
+            return True
+        code = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+    return False
+
+
 def describe_error(exc: BaseException) -> str:
     """The driver's first line, without SQLAlchemy's statement and parameters."""
     original = getattr(exc, "orig", None) or exc

@@ -62,7 +62,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from aura import events
 from aura.config import get_settings
-from aura.db.transactional import is_unavailable
+from aura.db.transactional import is_outage
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
@@ -360,7 +360,7 @@ def _settled_by_inbox(
     try:
         entry = _lookup(runtime, policy, request.id)
     except Exception as exc:
-        if is_unavailable(exc):  # an outage, not this message: no LLM call, no budget
+        if is_outage(exc):  # an outage, not this message: no LLM call, no budget
             _put_off_for_database(task, runtime, policy, exc, args, kwargs)
             return True  # dead-lettered: its deferrals were spent (else it raised Retry)
         _log.warning(
@@ -560,7 +560,7 @@ async def _hook_with_retries(
             await hook(letter)
             return
         except Exception as exc:
-            if pause is None or not is_unavailable(exc):
+            if pause is None or not is_outage(exc):
                 raise
             _log.warning(
                 "on_dead_letter hook failed; trying again",
