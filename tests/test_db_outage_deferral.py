@@ -122,6 +122,9 @@ def test_the_hook_after_a_fate_is_tried_again_while_the_database_is_out(app: Cel
     message_id = f"hook-{uuid.uuid4().hex[:6]}"
     poison.apply(task_id=message_id)
     assert marked == [message_id]  # no record left pending
+    with app.connection_for_write() as connection:  # and its letter is in the DLQ
+        letters = DeadLetterQueue(connection).list(limit=1000)
+    assert [x.reason.value for x in letters if x.message_id == message_id] == ["poison_pill"]
 
 
 def test_two_workers_on_one_host_each_get_a_metrics_port() -> None:
