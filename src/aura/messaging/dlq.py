@@ -760,7 +760,8 @@ class DeadLetterQueue:
         if self.url not in _ensured:
             await ensure_tables(database)
             _ensured.add(self.url)
-        async with database.engine.connect() as connection:  # reachable before any get
+        # reachable before any get; autocommit: a probe holds no transaction open
+        async with database.reader.connect() as connection:
             await connection.execute(select(1))
 
     async def _file(self, database: Database) -> int:
