@@ -389,20 +389,23 @@ def test_compression_bombs_are_malformed_letters_with_their_bytes_and_cost_no_me
     pid = app_worker["process"].pid
     dlq = reader(connection, pg_url)
     payload = b"[" + b" " * (300 * 1024 * 1024) + b"]"
-    bombs = {
-        "application/x-brotli": brotli.compress(payload, quality=11),
-        "application/x-gzip": zlib.compress(payload, 9),
-    }
-    assert len(bombs["application/x-brotli"]) < 1000
+    small = b"[" + b" " * 600_000 + b"]"  # 600 KB from ~600 bytes: legal size, bomb ratio
+    bombs = [
+        ("application/x-brotli", brotli.compress(payload, quality=11)),
+        ("application/x-gzip", zlib.compress(payload, 9)),
+        ("application/x-gzip", zlib.compress(small, 9)),
+    ]
+    assert len(bombs[0][1]) < 1000
+    assert len(bombs[2][1]) < 1000
     warm = str(uuid.uuid4())  # the malformed-message path once, so its imports are counted
     publish_raw(connection, b"{not json", {"lang": "py", "task": TASK, "id": warm},
                 routing_key=QUEUE, content_type="application/json")  # fmt: skip
     wait_for(lambda: any(x.message_id == warm for x in dlq.list(limit=1000)), within=60)
     before = rss_kib(pid)
-    sent: dict[str, str] = {}
-    for codec, body in bombs.items():
+    sent: dict[str, tuple[str, bytes]] = {}
+    for codec, body in bombs:
         message_id = str(uuid.uuid4())
-        sent[message_id] = codec
+        sent[message_id] = (codec, body)
         headers = {"lang": "py", "task": TASK, "id": message_id, "compression": codec}
         publish_raw(connection, body, headers, routing_key=QUEUE,
                     content_type="application/json", content_encoding="utf-8")  # fmt: skip
@@ -410,13 +413,14 @@ def test_compression_bombs_are_malformed_letters_with_their_bytes_and_cost_no_me
     def found() -> list[DeadLetter]:
         return [x for x in dlq.list(limit=1000, raw=True) if x.message_id in sent]
 
-    wait_for(lambda: len(found()) == 2, within=60)
+    wait_for(lambda: len(found()) == len(bombs), within=60)
     for bomb in found():
+        codec, body = sent[bomb.message_id]
         assert bomb.reason is DeadLetterReason.MALFORMED_MESSAGE
         assert bomb.error_type == "inflates_too_far"
         assert bomb.original is not None
-        assert bomb.original.raw() == bombs[sent[bomb.message_id]]  # byte for byte
-        assert bomb.original.headers["compression"] == sent[bomb.message_id]
+        assert bomb.original.raw() == body  # byte for byte
+        assert bomb.original.headers["compression"] == codec
     assert rss_kib(pid) - before < 50 * 1024
     assert app_worker["process"].poll() is None  # the worker lives on
 

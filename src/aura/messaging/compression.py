@@ -5,7 +5,8 @@ message, before any consumer code runs (``kombu.message.Message.__init__``): a 5
 brotli body inflating to 300 MiB took a worker from 122 to 723 MiB, again on every
 redelivery. ``bound_compression()`` replaces kombu's decoders (gzip/zlib, bz2, brotli,
 lzma/xz, zstd where installed) with incremental ones that stop once the output would pass
-``MAX_INFLATED_BYTES`` (the envelope's message size limit) and raise ``InflateLimitError``.
+``MAX_INFLATED_BYTES`` (the envelope's message size limit), or ``MAX_RATIO`` (500) times
+the compressed size past ``RATIO_FLOOR`` (256 KiB), and raise ``InflateLimitError``.
 kombu then keeps the body as it arrived (still compressed) and records the error; the
 envelope guard finds a body that is not JSON and dead-letters it as ``malformed_message``
 holding the original compressed bytes. Peak memory for any body is the bound plus one
@@ -23,10 +24,23 @@ from typing import Any
 
 from kombu import compression as kombu_compression
 
-__all__ = ["MAX_INFLATED_BYTES", "InflateLimitError", "bound_compression", "inflate"]
+__all__ = [
+    "MAX_INFLATED_BYTES",
+    "MAX_RATIO",
+    "RATIO_FLOOR",
+    "InflateLimitError",
+    "bound_compression",
+    "bound_for",
+    "inflate",
+]
 
 MAX_INFLATED_BYTES = 32 * 1024 * 1024
 """The most bytes a compressed body may inflate to (``MAX_MESSAGE_BYTES``)."""
+MAX_RATIO = 500
+"""... and at most this many times its compressed size, past ``RATIO_FLOOR``: a 600-byte
+zlib body can inflate to 600 KB (zlib's most, about 1,000x), legal by size, a bomb by
+ratio; JSON task messages compress 5-20x, repetitive ones a few hundred times."""
+RATIO_FLOOR = 256 * 1024
 _CHUNK = 256 * 1024
 _lock = threading.Lock()
 _installed = False
@@ -110,14 +124,21 @@ _CODECS: dict[str, Callable[[bytes, int], bytes]] = {
 }
 
 
+def bound_for(size: int, limit: int = MAX_INFLATED_BYTES) -> int:
+    """How far a ``size``-byte compressed body may inflate: ``limit``, and at most
+    ``MAX_RATIO`` times its size past ``RATIO_FLOOR``."""
+    return min(limit, max(RATIO_FLOOR, MAX_RATIO * size))
+
+
 def inflate(body: bytes, compression: str, limit: int = MAX_INFLATED_BYTES) -> bytes:
     """``body`` inflated with the codec ``compression`` names (a kombu name or alias);
-    ``InflateLimitError`` past ``limit`` bytes, ``ValueError`` for anything unreadable."""
+    ``InflateLimitError`` past its bound (``bound_for``), ``ValueError`` for anything
+    unreadable."""
     content_type = kombu_compression._aliases.get(compression, compression)
     codec = _CODECS.get(content_type)
     if codec is None:
         raise ValueError(f"unknown compression {compression[:40]!r}")
-    return codec(bytes(body), limit)
+    return codec(bytes(body), bound_for(len(body), limit))
 
 
 def bound_compression(limit: int = MAX_INFLATED_BYTES) -> None:
@@ -130,7 +151,7 @@ def bound_compression(limit: int = MAX_INFLATED_BYTES) -> None:
             if content_type in kombu_compression._decoders:
 
                 def bounded(body: bytes, codec: Callable[[bytes, int], bytes] = codec) -> bytes:
-                    return codec(bytes(body), limit)
+                    return codec(bytes(body), bound_for(len(body), limit))
 
                 kombu_compression._decoders[content_type] = bounded
         _installed = True
