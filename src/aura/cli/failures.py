@@ -15,10 +15,9 @@ request.
 
 from __future__ import annotations
 
-import asyncio
-
 from aura.config import Settings, mask_url
-from aura.db import Database, database_url
+from aura.db import database_url
+from aura.db.engine import reach
 from aura.errors import ServiceUnavailableError, cause_chain
 from aura.logs import bounded_text
 
@@ -88,13 +87,7 @@ def service_failure(exc: BaseException, settings: Settings) -> str | None:
 
 async def check_database(settings: Settings) -> None:
     """Connect once to DATABASE_URL (bounded by DB_CONNECT_TIMEOUT); raise if it fails."""
-    database = Database.from_settings(settings, pool_size=1, max_overflow=0)
-    try:
-        async with asyncio.timeout(settings.db_connect_timeout + 1):
-            async with database.engine.connect():
-                pass
-    finally:
-        await database.dispose()
+    await reach(settings)
 
 
 def check_broker(url: str, timeout: float = 5.0) -> None:

@@ -12,6 +12,7 @@ Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which k
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,16 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def reach(settings: Settings, within: float | None = None) -> None:
+    """Connect once to ``DATABASE_URL`` and let go; raise if that fails or takes longer
+    than ``within`` seconds (default ``DB_CONNECT_TIMEOUT`` + 1). A pre-flight check: the
+    gateway's before it serves, a worker's at start."""
+    database = Database.from_settings(settings, pool_size=1, max_overflow=0)
+    bound = settings.db_connect_timeout + 1 if within is None else within
+    try:
+        async with asyncio.timeout(bound), database.engine.connect():
+            pass
+    finally:
+        await database.dispose()

@@ -149,46 +149,22 @@ def check_database(settings: Settings, timeout: float = 5.0) -> bool:
     starts (the database may come up later; deliveries that need it are put off)."""
     if settings.database_url is None:
         return True
-    import asyncio
-
     import structlog
 
     from aura.config import mask_url
-    from aura.db.engine import Database
+    from aura.db.engine import reach
     from aura.db.transactional import describe_error
+    from aura.messaging.runtime import run_in_own_loop
 
-    async def probe() -> None:
-        database = Database(settings.database_url or "", pool_size=1, max_overflow=0)
-        try:
-            async with database.engine.connect() as connection:
-                await connection.exec_driver_sql("SELECT 1")
-        finally:
-            await database.dispose()
-
-    def run() -> None:
-        asyncio.run(asyncio.wait_for(probe(), timeout))
-
-    import threading
-
-    failure: list[BaseException] = []
-
-    def guarded() -> None:
-        try:
-            run()
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=guarded, name="aura-db-check", daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    if not failure and not thread.is_alive():
-        return True
-    reason = describe_error(failure[0]) if failure else f"no answer within {timeout:g} s"
-    structlog.get_logger("aura.messaging").error(
-        f"DATABASE_URL {mask_url(settings.database_url)} cannot be reached: {reason}; "
-        "deliveries that need it are put off until it answers",
-    )
-    return False
+    try:
+        run_in_own_loop(lambda: reach(settings, timeout), name="aura-db-check", timeout=timeout + 1)
+    except Exception as exc:
+        structlog.get_logger("aura.messaging").error(
+            f"DATABASE_URL {mask_url(settings.database_url)} cannot be reached: "
+            f"{describe_error(exc)}; deliveries that need it are put off until it answers",
+        )
+        return False
+    return True
 
 
 def declare_topology(app: Celery) -> None:

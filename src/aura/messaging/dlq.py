@@ -87,6 +87,7 @@ from aura.messaging.dlq_store import (
     mark_replayed,
     replays,
 )
+from aura.messaging.runtime import run_in_own_loop
 from aura.messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, dead_letter_queue
 
 __all__ = [
@@ -653,27 +654,6 @@ def _letter_of(row: Any) -> DeadLetter:
 # --- the reader -----------------------------------------------------------------------
 
 
-def _in_thread(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work()`` on a fresh event loop in a thread of its own: the reader is called
-    from plain code and from inside running loops alike."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, asyncio.run(work())))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="aura-dlq-store", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    result: T = value
-    return result
-
-
 _memory_stores: dict[str, str] = {}
 _memory_lock = threading.Lock()
 _ensured: set[str] = set()
@@ -808,7 +788,12 @@ class DeadLetterQueue:
                 channel.close()  # whatever was not acked goes back to the broker queue
         return written
 
-    def _session(self, work: Callable[[Database], Coroutine[Any, Any, T]]) -> T:
+    def _session(
+        self, work: Callable[[Database], Coroutine[Any, Any, T]], *, file_first: bool = True
+    ) -> T:
+        """Reach the store, file what has landed (unless ``work`` is the filing), run
+        ``work`` on its own loop and let the store go."""
+
         async def run() -> T:
             database = self._database()
             try:
@@ -821,25 +806,17 @@ class DeadLetterQueue:
                         f"the DLQ store at {mask_url(self.url)} cannot be reached: "
                         f"{describe_exception(exc)}"
                     ) from exc
-                await self._file(database)
+                if file_first:
+                    await self._file(database)
                 return await work(database)
             finally:
                 await database.dispose()
 
-        return _in_thread(run)
+        return run_in_own_loop(run)
 
     def file(self) -> int:
         """File what has landed; the number of new letters."""
-
-        async def run() -> int:
-            database = self._database()
-            try:
-                await self._ready(database)
-                return await self._file(database)
-            finally:
-                await database.dispose()
-
-        return _in_thread(run)
+        return self._session(self._file, file_first=False)
 
     # -- reads ------------------------------------------------------------------------
 

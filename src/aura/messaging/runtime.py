@@ -56,6 +56,7 @@ __all__ = [
     "ProcessRuntime",
     "process_runtime",
     "run_in_greenlet",
+    "run_in_own_loop",
     "start_threaded",
 ]
 
@@ -350,3 +351,33 @@ def start_threaded(app: Celery, concurrency: int) -> ProcessRuntime:
     if not runtime.threaded:
         runtime.start_loop_thread()
     return runtime
+
+
+def run_in_own_loop(
+    work: Callable[[], Coroutine[Any, Any, T]],
+    *,
+    name: str = "aura-own-loop",
+    timeout: float | None = None,
+) -> T:
+    """Run ``work()`` on a fresh event loop in a thread of its own and return what it
+    returns (or raise what it raised): for plain code that may also be called from
+    inside a running loop (the DLQ reader, a worker's start-up check). ``TimeoutError``
+    when it takes longer than ``timeout`` (the thread is left to finish on its own)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, asyncio.run(work())))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: T = value
+    return result

@@ -589,13 +589,7 @@ def _committed_entry(
     try:
         entry = _lookup(runtime, policy, request.id)
     except Exception as lookup_error:
-        deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
-        try:
-            spent = runtime.run(
-                deferrals.increment_and_check(request.id, fallback_count=request.retries)
-            )
-        except Exception:  # Redis refusing too: Celery's own count bounds the wait
-            spent = request.retries >= policy.max_deferrals
+        spent = _deferrals_spent(task, runtime, policy)
         text = describe_exception(lookup_error, 300)
         if spent:
             _log.error("inbox unreadable and deferrals spent; dead-lettering", error=text)
@@ -608,6 +602,19 @@ def _committed_entry(
         )
         _retry(task, exc, _outage_countdown(task, runtime))
     return entry
+
+
+def _deferrals_spent(task: Task, runtime: _ProcessRuntime, policy: _Policy) -> bool:
+    """Count one more deferral of this delivery; whether that spends ``max_deferrals``
+    (Redis unable to count: Celery's own count of the delivery's retries bounds it)."""
+    request = task.request
+    deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
+    try:
+        return bool(
+            runtime.run(deferrals.increment_and_check(request.id, fallback_count=request.retries))
+        )
+    except Exception:
+        return bool(request.retries >= policy.max_deferrals)
 
 
 _OUTAGE_BACKOFF_CAP = 10.0  # seconds: a deferred delivery resumes within this of recovery
@@ -634,13 +641,7 @@ def _put_off_for_database(
     budget, exponential backoff) without running it -- no LLM call, no retry spent -- or,
     the deferrals spent, dead-letter it (``max_deferrals_exceeded``)."""
     request = task.request
-    deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
-    try:
-        spent = runtime.run(
-            deferrals.increment_and_check(request.id, fallback_count=request.retries)
-        )
-    except Exception:  # Redis refusing too: Celery's own count bounds the wait
-        spent = request.retries >= policy.max_deferrals
+    spent = _deferrals_spent(task, runtime, policy)
     text = describe_exception(exc, 300)
     if spent:
         _log.error("the database stayed unavailable past the deferrals; dead-lettering", error=text)
@@ -763,11 +764,7 @@ def _defer(
     kwargs: dict[str, Any],
 ) -> None:
     request = task.request
-    deferrals = runtime.tracker(DEFER_PREFIX, policy.max_deferrals)
-    exhausted = runtime.run(
-        deferrals.increment_and_check(request.id, fallback_count=request.retries)
-    )
-    if exhausted:
+    if _deferrals_spent(task, runtime, policy):
         _dead_letter(
             task,
             runtime,
