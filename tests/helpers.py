@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import REGISTRY
@@ -69,3 +72,38 @@ def start_celery_worker(
 def stop_celery_worker(process: subprocess.Popen[bytes]) -> None:
     """Warm shutdown, bounded; killed if it does not stop in 30 s."""
     stop_worker_process(process, timeout=30)
+
+
+@contextlib.contextmanager
+def running_gateway(
+    env: dict[str, str], log: Path
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A real ``aura gateway`` process on a free loopback port with ``env`` (on top of
+    PATH, HOME, LANG and TMPDIR), logging to ``log``; yielded once /healthz answers
+    (its log's tail if it dies first), stopped (SIGTERM, bounded) after."""
+    import httpx
+
+    from tests.services import free_port
+
+    port = free_port()
+    kept = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "aura", "gateway", "--port", str(port)],
+            env={**kept, **env}, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(log.read_text()[-2000:])
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, within=30)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -18,45 +18,21 @@ import pytest
 
 from aura.db import Database
 from aura.gateway import Gateway, create_app, create_tenant_with_key
-from tests.helpers import wait_for
-from tests.services import free_port
+from tests.helpers import running_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def gateway(pg_url: str, amqp_url: str, redis_url: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}},
         "DATABASE_URL": pg_url,
         "CELERY_BROKER_URL": amqp_url,
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "WARNING",
     }
-    with (tmp_path / "gateway.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aura", "gateway", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError((tmp_path / "gateway.log").read_text()[-2000:])
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, within=30)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with running_gateway(env, tmp_path / "gateway.log") as (port, _):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.timeout(120)

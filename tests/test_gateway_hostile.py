@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,8 +24,7 @@ import pytest
 
 from aura.db import Database
 from aura.gateway import create_tenant_with_key
-from tests.helpers import wait_for
-from tests.services import free_port
+from tests.helpers import running_gateway, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 HEADER_TIMEOUT = 2.0
@@ -39,10 +35,8 @@ BODY_GRACE = 2.0
 def gateway(
     pg_url: str, amqp_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("hostile") / "gateway.log"
     env = {
-        **{k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR"}},
         "DATABASE_URL": pg_url,
         "CELERY_BROKER_URL": amqp_url,
         "REDIS_URL": redis_url,
@@ -54,27 +48,9 @@ def gateway(
         "GATEWAY_MAX_WAIT": "0.5",
         "AURA_ENV_FILE": "",
     }
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aura", "gateway", "--port", str(port)],
-            env=env, stdout=output, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(log.read_text()[-2000:])
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, within=30)
+    with running_gateway(env, log) as (port, process):
+        base = f"http://127.0.0.1:{port}"
         yield {"base": base, "port": port, "log": log, "process": process}
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
 
 
 async def new_tenant(database: Database) -> tuple[str, str]:
