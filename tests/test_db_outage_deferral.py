@@ -1,13 +1,16 @@
-"""A database outage is a deferral, not a failure: when the inbox cannot be read because
-the database is unavailable (refused, too many clients, a wrong address), the delivery
-is put off before it runs -- no LLM call, no retry budget -- with exponential backoff,
-and dead-lettered ``max_deferrals_exceeded`` only once that budget is spent. A database
-that answers again lets it run. With an app of the test's own (eager: retries inline)."""
+"""A database outage is a wait, then a deferral, never a failure: when the database cannot
+take a delivery (refused, too many clients, a wrong address), before or during its work,
+the process's outage gate closes and the delivery waits at it -- no LLM call, no retry
+budget -- while one trial at a time probes the database; it runs once the database
+answers. Held past ``aura_outage_hold`` it is deferred through the broker (exponential
+backoff) and dead-lettered ``max_deferrals_exceeded`` only once that budget is spent.
+With an app of the test's own (eager: retries inline)."""
 
 from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ from structlog.testing import capture_logs
 from aura.config import load_settings
 from aura.messaging import DeadLetterQueue, resilient_task
 from aura.messaging.idempotency import InboxEntry
+from aura.messaging.runtime import process_runtime
 from aura.worker.celery_app import make_celery_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
@@ -40,10 +44,12 @@ class OutageInbox:
 
 
 @pytest.fixture
-def app() -> Celery:
+def app() -> Iterator[Celery]:
     app = make_celery_app(load_settings())
     app.conf.task_always_eager = True
-    return app
+    app.conf.aura_outage_hold = 5.0  # seconds at the gate before a deferral (30 by default)
+    yield app
+    process_runtime(app).database_gate.succeeded()  # the process's gate, open for the next
 
 
 @pytest.mark.parametrize(
@@ -51,7 +57,7 @@ def app() -> Celery:
     [ConnectionRefusedError(111, "Connect call failed"), TooManyClients("too many clients")],
     ids=["refused", "too-many-clients"],
 )
-def test_an_outage_defers_without_running_then_the_delivery_runs(
+def test_an_outage_holds_the_delivery_at_the_gate_then_it_runs(
     app: Celery, error: BaseException
 ) -> None:
     ran: list[str] = []
@@ -62,20 +68,22 @@ def test_an_outage_defers_without_running_then_the_delivery_runs(
         ran.append(self.request.id)  # stands for the LLM call
         return "described"
 
+    message_id = f"outage-{uuid.uuid4().hex[:6]}"
     with capture_logs() as logs:
-        assert describe.apply(task_id=f"outage-{uuid.uuid4().hex[:6]}").get() == "described"
-    put_off = [
-        e for e in logs if e["event"] == "the database is unavailable; put off before running"
-    ]
-    assert len(put_off) == 4
+        assert describe.apply(task_id=message_id).get() == "described"
+    assert inbox.lookups == 5  # four trials into the outage, one at a time, then through
     assert len(ran) == 1  # not once while the database was down
-    countdowns = [e["countdown"] for e in put_off]
-    assert all(b >= a * 0.5 for a, b in itertools.pairwise(countdowns))
-    assert max(countdowns) <= 10.0  # resumes within the backoff cap of recovery
-    assert countdowns[-1] > 1.0  # it backs off, not a flat second
+    events_seen = [e["event"] for e in logs]
+    assert "the database is unavailable; put off before running" not in events_seen
+    assert not [e for e in logs if e["event"] == "task failed; retrying"]  # no budget spent
+    assert (
+        events_seen.count("the database is unavailable; holding deliveries until it answers") == 1
+    )
+    assert events_seen.count("the database answers again; releasing held deliveries") == 1
 
 
-def test_an_outage_past_the_deferrals_is_dead_lettered_with_that_reason(app: Celery) -> None:
+def test_an_outage_past_the_hold_is_deferred_then_dead_lettered(app: Celery) -> None:
+    app.conf.aura_outage_hold = 0.3
     ran: list[str] = []
     inbox = OutageInbox(down=1_000, error=ConnectionRefusedError(111, "Connect call failed"))
     name = f"tests.outage.{uuid.uuid4().hex[:8]}"
@@ -84,12 +92,38 @@ def test_an_outage_past_the_deferrals_is_dead_lettered_with_that_reason(app: Cel
     def describe(self: Any) -> None:
         ran.append(self.request.id)
 
-    describe.apply(task_id=f"outage-{uuid.uuid4().hex[:6]}")
+    with capture_logs() as logs:
+        describe.apply(task_id=f"outage-{uuid.uuid4().hex[:6]}")
     assert ran == []
+    put_off = [
+        e for e in logs if e["event"] == "the database is unavailable; put off before running"
+    ]
+    assert len(put_off) == 3  # held, then deferred through the broker: 3 deferrals
+    countdowns = [e["countdown"] for e in put_off]
+    assert all(b >= a * 0.5 for a, b in itertools.pairwise(countdowns))
+    assert max(countdowns) <= 10.0
     with app.connection_for_write() as connection:
         (letter,) = [x for x in DeadLetterQueue(connection).list(limit=1000) if x.task == name]
     assert letter.reason.value == "max_deferrals_exceeded"
-    assert "Connect call failed" in letter.error
+
+
+def test_an_outage_in_the_middle_of_a_task_is_held_not_retried(app: Celery) -> None:
+    """The inbox answered, then the task's own statement met "too many clients": the gate
+    closes and the delivery is tried again when it opens, its retry budget untouched."""
+    attempts: list[int] = []
+    inbox = OutageInbox(down=0, error=RuntimeError("unused"))
+
+    @resilient_task(app=app, name=f"tests.outage.{uuid.uuid4().hex[:8]}", inbox=inbox)  # type: ignore[arg-type]
+    def write(self: Any) -> str:
+        attempts.append(self.request.retries)
+        if len(attempts) < 3:
+            raise TooManyClients("sorry, too many clients already")
+        return "written"
+
+    with capture_logs() as logs:
+        assert write.apply(task_id=f"mid-{uuid.uuid4().hex[:6]}").get() == "written"
+    assert attempts == [0, 0, 0]  # held and run again in the same delivery: no retry
+    assert not [e for e in logs if e["event"] == "task failed; retrying"]
 
 
 def test_a_wrong_database_url_is_one_line_at_start_up(pg_url: str) -> None:

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "BrokerAckFailed",
     "CircuitBreakerOpened",
     "CircuitState",
     "CircuitStateChanged",
     "DeadLetterDepthObserved",
     "DeadLetterReason",
     "DeadLettersDropped",
+    "Dependency",
+    "DependencyGateChanged",
     "DuplicateDelivered",
     "DuplicateKind",
     "Event",
@@ -88,7 +91,7 @@ class LLMOutcome(StrEnum):
 
 class RetryKind(StrEnum):
     RETRY = "retry"  # a transient failure, retried with backoff (spends the retry budget)
-    DEFERRAL = "deferral"  # put off while the LLM circuit is open (spends no budget)
+    DEFERRAL = "deferral"  # put off: the LLM circuit open, the database out (no budget)
 
 
 class TimeoutKind(StrEnum):
@@ -101,6 +104,10 @@ class RateLimitOutcome(StrEnum):
     DEFERRED = "deferred"  # no slot within the call's wait: deferred, not called
     THROTTLED = "throttled"  # the provider answered 429: the fleet held off
     DECREASED = "decreased"  # the fleet's adaptive share of the limit shrank (AIMD)
+
+
+class Dependency(StrEnum):
+    DATABASE = "database"
 
 
 class CircuitState(StrEnum):
@@ -208,6 +215,20 @@ class DeadLetterDepthObserved:
     messages: int
 
 
+@dataclass(frozen=True, slots=True)
+class DependencyGateChanged:
+    """A worker process's outage gate (``aura.messaging.gate``) closed or opened."""
+
+    dependency: Dependency
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAckFailed:
+    """An ack or reject could not be sent (the broker connection was lost): the message
+    comes back to another delivery, which the inbox or the counters settle."""
+
+
 Event = (
     TransactionRolledBack
     | PoolConnectionsChanged
@@ -223,6 +244,8 @@ Event = (
     | DuplicateDelivered
     | QueueDepthObserved
     | DeadLetterDepthObserved
+    | DependencyGateChanged
+    | BrokerAckFailed
 )
 Hook = Callable[[Event], None]
 

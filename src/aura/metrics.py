@@ -36,6 +36,11 @@ Not in the seed, named in its style:
                                                    gateway, which routes none)
     aura_dlq_letters_dropped_total{reason}         dead letters the store's retention
                                                    bound removed (DLQ_RETENTION_*)
+    aura_dependency_available{dependency}          dependency: database; 0 while a worker
+                                                   process holds deliveries at its outage
+                                                   gate (``aura.messaging.gate``)
+    aura_broker_ack_failures_total                 acks lost with the broker connection
+                                                   (Celery's "Couldn't ack", a warning here)
 
 Metrics live in the default registry, so Prometheus multiprocess mode (a worker under
 prefork, ``PROMETHEUS_MULTIPROC_DIR`` set) works without changes here. Every labelled
@@ -52,12 +57,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from aura import events
 from aura.events import (
+    BrokerAckFailed,
     CircuitBreakerOpened,
     CircuitState,
     CircuitStateChanged,
     DeadLetterDepthObserved,
     DeadLetterReason,
     DeadLettersDropped,
+    Dependency,
+    DependencyGateChanged,
     DuplicateDelivered,
     DuplicateKind,
     Event,
@@ -196,6 +204,18 @@ AURA_LLM_RATE_LIMIT_TPM = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+AURA_DEPENDENCY_AVAILABLE = Gauge(
+    "aura_dependency_available",
+    "1 while a worker process's outage gate for the dependency is open, 0 while it holds "
+    "deliveries (the lowest process wins).",
+    ["dependency"],
+    multiprocess_mode="livemin",
+)
+AURA_BROKER_ACK_FAILURES = Counter(
+    "aura_broker_ack_failures_total",
+    "Acks or rejects lost with the broker connection (the message is redelivered).",
+)
+
 AURA_TASK_RETRIES = Counter(
     "aura_task_retries_total",
     "Task executions put off for another try: retry (transient) or deferral (open circuit).",
@@ -229,6 +249,8 @@ for _dlq_reason in DeadLetterReason:
     AURA_DLQ_LETTERS_DROPPED.labels(reason=_dlq_reason.value)
 for _queue in Queue:
     CELERY_TASKS_PENDING.labels(queue=_queue.value)
+for _dependency in Dependency:
+    AURA_DEPENDENCY_AVAILABLE.labels(dependency=_dependency.value).set(1)
 
 
 def prometheus_hook(event: Event) -> None:
@@ -273,6 +295,10 @@ def prometheus_hook(event: Event) -> None:
             CELERY_TASKS_PENDING.labels(queue=str(queue)).set(pending)
         case DeadLetterDepthObserved(messages=messages):
             AURA_DLQ_MESSAGES.set(messages)
+        case DependencyGateChanged(dependency=dependency, available=available):
+            AURA_DEPENDENCY_AVAILABLE.labels(dependency=dependency.value).set(int(available))
+        case BrokerAckFailed():
+            AURA_BROKER_ACK_FAILURES.inc()
 
 
 def exposition_registry() -> CollectorRegistry:

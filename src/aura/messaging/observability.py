@@ -8,10 +8,16 @@ thread in the main process keeps ``celery_tasks_pending{queue}`` current for eve
 of the app's ``task_queues`` (the user's own queue names, after
 ``aura.messaging.configure``) and ``aura_dlq_messages`` for the DLQ (a passive declare
 of each every ``WORKER_QUEUE_POLL_INTERVAL`` seconds).
+
+Celery logs an ack or reject lost with the broker connection at CRITICAL, with a
+traceback ("Couldn't ack ..."). It is not critical: the message comes back and the inbox
+or the counters settle it. ``AckLossFilter`` turns those lines into one WARNING each,
+without the traceback, and counts them (``aura_broker_ack_failures_total``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -25,6 +31,7 @@ from prometheus_client import start_http_server
 from aura import events
 from aura.config import Settings
 from aura.events import (
+    BrokerAckFailed,
     DeadLetterDepthObserved,
     Queue,
     QueueDepthObserved,
@@ -34,7 +41,7 @@ from aura.events import (
 from aura.messaging.topology import dead_letter_queue
 from aura.metrics import exposition_registry
 
-__all__ = ["install"]
+__all__ = ["AckLossFilter", "install"]
 
 _log = structlog.get_logger("aura.worker.observability")
 
@@ -91,9 +98,31 @@ def serve_metrics(port: int, tries: int = METRICS_PORTS_TRIED) -> int | None:
     return None
 
 
+class AckLossFilter(logging.Filter):
+    """Celery's "Couldn't ack/reject" CRITICAL lines: a WARNING, no traceback, counted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.CRITICAL and str(record.msg).startswith(
+            ("Couldn't ack", "Couldn't reject")
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+            record.msg = f"{record.msg} (the message is redelivered)"
+            events.emit(BrokerAckFailed())
+        return True
+
+
+_ACK_LOGGERS = ("celery.worker.request", "celery.worker.consumer.consumer", "kombu")
+
+
 def install(app: Celery, settings: Settings) -> None:
     """Connect the worker signals that start the endpoint and the queue poller."""
     from celery import signals
+
+    for name in _ACK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, AckLossFilter) for f in logger.filters):
+            logger.addFilter(AckLossFilter())
 
     stop = threading.Event()
 

@@ -23,6 +23,13 @@ Time limits, threaded (Celery enforces none there), per task:
     loop   a loop that does not answer for longer than the hard limit (a coroutine that
            blocks it) ends the process (exit 70): every message it held is redelivered
 
+Blocking calls the fate engine makes (a retry's or a dead letter's confirmed publish) run
+in a thread (``call_off_loop``), never on the loop's thread: a broker that blocks its
+publishers (a memory or disk alarm) holds that delivery's greenlet, bounded by
+``PUBLISH_BOUND`` and not by the task's hard limit (the task's own work is done), while
+every other task and the watchdog go on. The outage gate's wait (``aura.messaging.gate``)
+is outside the time limits too: they are re-armed when the delivery starts its work.
+
 The clients are sized for the concurrency: the Redis pool waits (bounded) for a free
 connection instead of failing, and a wait that runs out is a back-pressure error, never
 taken for "Redis unreachable".
@@ -48,12 +55,16 @@ from celery import Celery
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura.config import get_settings
+from aura.events import Dependency
+from aura.messaging.gate import OutageGate
 from aura.messaging.retry import RetryTracker
 
 __all__ = [
     "ContextStack",
     "HardTimeLimitExceeded",
     "ProcessRuntime",
+    "PublishTimeout",
+    "call_off_loop",
     "process_runtime",
     "run_in_greenlet",
     "run_in_own_loop",
@@ -65,6 +76,11 @@ _log = structlog.get_logger("aura.messaging.runtime")
 _REDIS_POOL_WAIT = 10.0  # seconds a coroutine waits for a free Redis connection
 _WATCHDOG_INTERVAL = 1.0
 EXIT_LOOP_BLOCKED = 70
+PUBLISH_BOUND = 300.0  # seconds a retry or dead-letter publish may wait (a blocked broker)
+
+
+class PublishTimeout(TimeoutError):
+    """A publish did not complete within its bound (its thread may still finish it)."""
 
 
 class HardTimeLimitExceeded(BaseException):
@@ -183,6 +199,7 @@ class ProcessRuntime:
         self._thread: threading.Thread | None = None
         self._publish_lock = threading.Lock()
         self.on_hard_limit: Callable[[], None] | None = None
+        self.database_gate = OutageGate(Dependency.DATABASE, rng=self.rng)
 
     @property
     def threaded(self) -> bool:
@@ -234,12 +251,23 @@ class ProcessRuntime:
         threading.Thread(target=watch, name="aura-loop-watchdog", daemon=True).start()
 
     # -- both modes ----------------------------------------------------------------------
-    def run(self, coroutine: Coroutine[Any, Any, T], *, soft_limited: bool = False) -> T:
+    def run(
+        self,
+        coroutine: Coroutine[Any, Any, T],
+        *,
+        soft_limited: bool = False,
+        hard_limited: bool = True,
+    ) -> T:
         """Run ``coroutine`` on this process's loop and return its result.
 
         ``soft_limited``: this is the task's own work, which its soft limit cancels
-        (threaded mode; inline, Celery's signal does it)."""
+        (threaded mode; inline, Celery's signal does it). ``hard_limited=False``: a wait
+        with a bound of its own (the outage gate, a publish), outside the task's limits."""
         if isinstance(greenlet.getcurrent(), _TaskGreenlet):
+            if not hard_limited:
+                return greenlet.getcurrent().parent.switch(  # type: ignore[no-any-return]
+                    _in_context(self.loop, coroutine, contextvars.copy_context())
+                )
             return self._run_from_greenlet(coroutine, soft_limited)
         if self._thread is None:
             return self._run_inline(coroutine)
@@ -283,6 +311,28 @@ class ProcessRuntime:
                         self.loop.run_until_complete(task)
                 raise
 
+    def call_off_loop(self, function: Callable[[], T], *, bound: float = PUBLISH_BOUND) -> T:
+        """``function()`` (blocking: a confirmed publish) in a thread, never on the loop's
+        thread; ``PublishTimeout`` after ``bound`` seconds (the thread may still finish).
+        Inline (prefork, solo: no loop shared with other tasks) it is called here. The
+        thread runs in a copy of this greenlet's context (the task's request)."""
+        if not isinstance(greenlet.getcurrent(), _TaskGreenlet):
+            return function()
+
+        async def in_thread() -> T:
+            try:
+                async with asyncio.timeout(bound):
+                    return await asyncio.to_thread(function)
+            except TimeoutError:
+                raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
+
+        return self.run(in_thread(), hard_limited=False)
+
+    def rearm_limits(self, held_s: float) -> None:
+        """The delivery waited ``held_s`` at the outage gate before its work: its time
+        limits start now (threaded mode; inline, Celery's timer has run meanwhile)."""
+        _LIMITS.set(tuple(None if at is None else at + held_s for at in _LIMITS.get()))  # type: ignore[arg-type]
+
     @contextlib.contextmanager
     def publishing(self) -> Iterator[Any]:
         """A broker connection to publish a dead letter on. Inline: this process's own,
@@ -299,6 +349,12 @@ class ProcessRuntime:
             yield connection
         finally:
             connection.release()
+
+
+async def _in_context(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T], context: contextvars.Context
+) -> T:
+    return await loop.create_task(coroutine, context=context)
 
 
 async def _soft_limited(coroutine: Coroutine[Any, Any, T], soft_at: float | None) -> T:
@@ -331,6 +387,15 @@ def _redis_client(url: str | None, concurrency: int) -> Redis:
 
 
 _runtimes: dict[int, ProcessRuntime] = {}
+
+
+def call_off_loop(function: Callable[[], T], *, bound: float = PUBLISH_BOUND) -> T:
+    """``ProcessRuntime.call_off_loop`` of this process's runtime, from a task greenlet;
+    anywhere else ``function()`` is called here (no loop of tasks to keep free)."""
+    runtime = _runtimes.get(os.getpid())
+    if runtime is None or not isinstance(greenlet.getcurrent(), _TaskGreenlet):
+        return function()
+    return runtime.call_off_loop(function, bound=bound)
 
 
 def process_runtime(app: Celery) -> ProcessRuntime:

@@ -51,6 +51,7 @@ import contextlib
 import functools
 import inspect
 import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, overload
@@ -66,7 +67,9 @@ from aura.db.transactional import is_outage
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
+    DatabaseTransactionError,
     LLMHTTPStatusError,
+    ServiceUnavailableError,
     cause_chain,
 )
 from aura.events import (
@@ -84,9 +87,12 @@ from aura.messaging.idempotency import Inbox, InboxEntry, message_fingerprint
 from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.retry import KEY_PREFIX
 from aura.messaging.runtime import (
+    PUBLISH_BOUND,
     ContextStack,
     HardTimeLimitExceeded,
     ProcessRuntime,
+    PublishTimeout,
+    call_off_loop,
     process_runtime,
 )
 
@@ -305,8 +311,74 @@ def _deliver(
     kwargs: dict[str, Any],
 ) -> Any:
     runtime = _runtime(task.app)
+    if policy.inbox is None:  # no database of Aura's in its path: no gate to wait at
+        return _deliver_once(task, function, is_async, bind, policy, args, kwargs, runtime)
+    gate = runtime.database_gate
+    deadline = time.monotonic() + _outage_hold(task)
+    while True:
+        trial = False
+        if not gate.is_open:
+            waited_from = time.monotonic()
+            entered = runtime.run(gate.admit(max(deadline - waited_from, 0.0)), hard_limited=False)
+            if entered is None:  # held past the bound: through the broker, a deferral
+                out = ServiceUnavailableError("the database stayed unavailable while held")
+                _put_off_for_database(task, runtime, policy, out, args, kwargs)
+                return None
+            trial = entered is False
+            runtime.rearm_limits(time.monotonic() - waited_from)
+        try:
+            return _deliver_once(task, function, is_async, bind, policy, args, kwargs, runtime)
+        except _DatabaseOut as out:  # no retry spent: held again, then tried again
+            gate.failed(describe_exception(out.error, 300))
+        finally:
+            if trial:
+                gate.released()  # settled without a word about the database: next trial
+
+
+class _DatabaseOut(Exception):  # a signal inside _deliver, never raised out of it
+    """The database could not be reached for this delivery (before or during its work)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_OUTAGE_HOLD = 30.0  # seconds a delivery may wait at the outage gate before a deferral
+
+
+def _outage_hold(task: Task) -> float:
+    """How long this delivery may wait at the gate: ``aura_outage_hold`` (30 s); inline
+    (prefork), within a third of the soft limit, whose timer runs meanwhile."""
+    hold = float(task.app.conf.get("aura_outage_hold") or _OUTAGE_HOLD)
+    if _runtime(task.app).threaded:
+        return hold
+    soft = task.soft_time_limit or task.app.conf.task_soft_time_limit
+    return min(hold, float(soft) / 3) if soft else hold
+
+
+def _database_out(exc: BaseException) -> bool:
+    """The database cannot take this delivery now (refused, too many clients, a pool
+    timeout): an outage to wait out. Not a transaction cut in flight (that one's outcome
+    is for the inbox and a retry to settle: ``DatabaseTransactionError``)."""
+    chain = cause_chain(exc)
+    if any(isinstance(link, DatabaseTransactionError) for link in chain):
+        return False
+    return is_outage(exc)
+
+
+def _deliver_once(
+    task: Task,
+    function: Callable[..., Any],
+    is_async: bool,
+    bind: bool,
+    policy: _Policy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    runtime: _ProcessRuntime,
+) -> Any:
     request = task.request
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    gate = runtime.database_gate
     if policy.inbox is not None:
         request.aura_fingerprint = message_fingerprint(task.name, args, kwargs)
         if policy.lookup_first and _settled_by_inbox(task, runtime, policy, args, kwargs):
@@ -324,9 +396,13 @@ def _deliver(
     except CircuitOpenError as exc:
         return _defer(task, runtime, policy, exc, args, kwargs)
     except Exception as exc:
+        if policy.inbox is not None and _database_out(exc):
+            raise _DatabaseOut(exc) from exc
         if isinstance(exc, SoftTimeLimitExceeded):
             events.emit(TaskTimedOut(task.name, TimeoutKind.SOFT))
         return _fail(task, runtime, policy, exc, args, kwargs)
+    if policy.inbox is not None and not gate.is_open:
+        gate.succeeded()  # its statements went through: the database answers
     if request.retries or redelivered:  # a failure or deferral was counted: clear it
         _forget_counts(runtime, request.id)
     return result
@@ -334,6 +410,14 @@ def _deliver(
 
 async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+async def _bounded(awaitable: Awaitable[T], bound: float) -> T:
+    try:
+        async with asyncio.timeout(bound):
+            return await awaitable
+    except TimeoutError:
+        raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
 
 
 def _fingerprint(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -361,8 +445,7 @@ def _settled_by_inbox(
         entry = _lookup(runtime, policy, request.id)
     except Exception as exc:
         if is_outage(exc):  # an outage, not this message: no LLM call, no budget
-            _put_off_for_database(task, runtime, policy, exc, args, kwargs)
-            return True  # dead-lettered: its deferrals were spent (else it raised Retry)
+            raise _DatabaseOut(exc) from exc  # held at the gate (``_deliver``)
         _log.warning(
             "inbox lookup failed; the delivery runs and its claim decides",
             task=task.name,
@@ -370,6 +453,8 @@ def _settled_by_inbox(
             error=describe_exception(exc, 300),
         )
         return False
+    if not runtime.database_gate.is_open:
+        runtime.database_gate.succeeded()  # it answered
     if entry is None:
         return False
     fingerprint = _fingerprint(task, args, kwargs)
@@ -511,9 +596,9 @@ def _dead_letter(
         )
         _forget_counts(runtime, request.id)
         return
-    with runtime.publishing() as connection:
-        letter = runtime.run(
-            route_to_dlq(
+    try:
+        with runtime.publishing() as connection:
+            routed = route_to_dlq(
                 request.id,
                 reason,
                 connection=connection,
@@ -528,12 +613,27 @@ def _dead_letter(
                 fingerprint=fingerprint,
                 replay_count=replay_count_of(request),
             )
+            # Off the loop, bounded by its own clock, not the task's (a blocked broker).
+            letter = runtime.run(_bounded(routed, PUBLISH_BOUND), hard_limited=False)
+    except Exception as publish_error:  # not in the DLQ: never acked, never rejected away
+        _log.warning(
+            "could not publish the dead letter; the message goes back to its queue",
+            task=task.name,
+            message_id=request.id,
+            reason=reason.value,
+            error=describe_exception(publish_error, 300),
         )
+        raise Reject("its dead letter could not be published", requeue=True) from publish_error
     if policy.on_dead_letter is not None:
         try:
-            runtime.run(_hook_with_retries(policy.on_dead_letter, letter))
-        except Exception:  # the dead letter is safe; a failing hook must not undo that
-            _log.exception("on_dead_letter hook failed", task=task.name, message_id=request.id)
+            runtime.run(_hook_with_retries(policy.on_dead_letter, letter), hard_limited=False)
+        except Exception as hook_error:  # the letter is safe; a failing hook must not undo it
+            _log.error(
+                "on_dead_letter hook failed",
+                task=task.name,
+                message_id=request.id,
+                error=describe_exception(hook_error, 300),
+            )
     _forget_counts(runtime, request.id)  # its fate is the DLQ: no count outlives it
     _log.error(
         "message sent to the dead-letter queue",
@@ -546,21 +646,28 @@ def _dead_letter(
     )
 
 
-_HOOK_PAUSES = (0.25, 0.5, 1.0, 2.0)  # seconds between tries of a failing hook
+_HOOK_BOUND = 60.0  # seconds a hook after a fate is tried again while the database is out
 
 
 async def _hook_with_retries(
-    hook: Callable[[DeadLetter], Coroutine[Any, Any, None]], letter: DeadLetter
+    hook: Callable[[DeadLetter], Coroutine[Any, Any, None]],
+    letter: DeadLetter,
+    *,
+    bound: float = _HOOK_BOUND,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """The hook after a fate, tried again while what it needs is unavailable (a database
     out of connections left import records ``pending`` forever: the hook failed once and
-    was never tried again); other errors are the hook's own and raise at once."""
-    for pause in (*_HOOK_PAUSES, None):
+    was never tried again): every 0.25 s doubling to 1 s, for ``bound`` seconds in all,
+    so it lands within a second of the database answering. Other errors are the hook's
+    own and raise at once."""
+    waited, pause = 0.0, 0.25
+    while True:
         try:
             await hook(letter)
             return
         except Exception as exc:
-            if pause is None or not is_outage(exc):
+            if waited >= bound or not is_outage(exc):
                 raise
             _log.warning(
                 "on_dead_letter hook failed; trying again",
@@ -568,7 +675,8 @@ async def _hook_with_retries(
                 pause=pause,
                 error=describe_exception(exc, 300),
             )
-            await asyncio.sleep(pause)
+            await sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 1.0)
 
 
 def replay_count_of(request: Any) -> int:
@@ -795,9 +903,16 @@ def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
     replays = replay_count_of(getattr(task, "request", None))
     if replays:  # a replayed message's retries are still that replay
         options["headers"] = {REPLAY_HEADER: replays}
-    try:
+
+    def publish() -> NoReturn:
         raise task.retry(exc=exc, countdown=countdown, **options)
+
+    try:  # off the loop's thread: a blocked broker holds this delivery, not every task
+        call_off_loop(publish)
     except Reject as reject:
         if reject.requeue:
             raise
         raise Reject(reject.reason, requeue=True) from exc
+    except PublishTimeout as timeout:
+        raise Reject(f"its retry could not be published: {timeout}", requeue=True) from exc
+    raise AssertionError("unreachable")  # pragma: no cover - publish() always raises
