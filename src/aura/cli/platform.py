@@ -85,9 +85,16 @@ def worker_command(
     hostname: str = typer.Option(
         "", help="Celery node name (default celery@%h; with --processes: auraN@%h each)."
     ),
+    restart: bool = typer.Option(
+        True,
+        "--restart/--no-restart",
+        help="Restart a worker process that exits (a crash, a recycle); --no-restart when "
+        "something else (systemd, Kubernetes) already does.",
+    ),
 ) -> None:
     """Run the intelligence worker (async pool by default: hundreds of LLM calls in
-    flight per process; --processes to use every core)."""
+    flight per process; --processes to use every core; a process that exits is
+    restarted unless --no-restart)."""
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = set(chosen) - {REALTIME_QUEUE, BULK_QUEUE}
     if not chosen or unknown:
@@ -104,8 +111,8 @@ def worker_command(
         raise InvalidInputError(f"--pool takes async or prefork, got {pool!r}", field="pool")
     if not concurrency:
         concurrency = settings.worker_concurrency if pool == "async" else 2
-    if processes > 1:
-        raise typer.Exit(_supervise(chosen, pool, concurrency, processes, settings))
+    if processes > 1 or restart:
+        raise typer.Exit(_supervise(chosen, pool, concurrency, processes, settings, hostname))
 
     from aura.worker.celery_app import ASYNC_POOL
     from aura.worker.process import run_worker
@@ -130,9 +137,10 @@ def worker_command(
 
 
 def _supervise(
-    queues: list[str], pool: str, concurrency: int, processes: int, settings: Any
+    queues: list[str], pool: str, concurrency: int, processes: int, settings: Any, hostname: str
 ) -> int:
-    """``processes`` single-process workers under a supervisor; /metrics served here."""
+    """``processes`` single-process workers under a supervisor that restarts one that
+    exits; with several, /metrics is served here."""
     import os
     import sys
 
@@ -140,6 +148,10 @@ def _supervise(
 
     command = [sys.executable, "-m", "aura", "worker", "--queues", ",".join(queues)]
     command += ["--pool", pool, "--concurrency", str(concurrency), "--processes", "1"]
+    command += ["--no-restart"]
+    if processes == 1:  # one process: its own endpoint and node name, as without us
+        per_one = ["--hostname", hostname] if hostname else []
+        return Supervisor(command, dict(os.environ), 1, per_process=lambda _: per_one).run()
     env = {**os.environ, "WORKER_METRICS_PORT": "0"}  # one endpoint for the node: ours
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server

@@ -109,7 +109,9 @@ class Supervisor:
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # Our own interpreter and arguments, no shell.
         command = [*self.command, *self.per_process(index)]
-        return subprocess.Popen(command, env=self.env)  # noqa: S603
+        # A session of its own: a Ctrl-C at the terminal reaches us alone, and we pass it on
+        # once (twice, Celery would take it for "stop now, abandon the tasks").
+        return subprocess.Popen(command, env=self.env, start_new_session=True)  # noqa: S603
 
     def _may_restart(self) -> bool:
         now = self.clock()
