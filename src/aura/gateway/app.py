@@ -15,7 +15,9 @@ Every tenant route needs ``X-API-Key``; a key sees only its own tenant (anything
 Messages go through the outbox (``aura.db.outbox``): the product or the import's records
 and the messages they need are committed together, then published; if the broker is
 down the request still succeeds and the relay (every OUTBOX_RELAY_INTERVAL seconds)
-publishes what was left.
+publishes what was left. While the broker blocks publishing (a resource alarm) new
+writes are 503 with Retry-After and ``/readyz`` says the broker is blocked; writes already
+committed are answered at once and published when the alarm clears.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ from aura.gateway.schemas import (
     Readiness,
     error_responses,
 )
-from aura.gateway.senders import AmqpSender, Sender, sender_for
+from aura.gateway.senders import AmqpSender, Sender, is_blocked, sender_for
 from aura.logs import describe_exception
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.metrics import exposition_registry
@@ -161,15 +163,30 @@ class Gateway:
     readiness: ReadinessProbe = field(init=False)
 
     def __post_init__(self) -> None:
-        self.readiness = ReadinessProbe(functools.partial(_probe, self.database, self.ready_checks))
+        self.readiness = ReadinessProbe(
+            functools.partial(_probe, self.database, self.ready_checks, self.broker_blocked)
+        )
         self.outbox = OutboxPublisher(
             self.database,
             self.sender if self.sender is not None else sender_for(self.publisher),
             lease=self.outbox_lease,
         )
 
+    def broker_blocked(self) -> bool:
+        """The broker blocks the gateway's publishing (a resource alarm)."""
+        return is_blocked(self.outbox.sender)
 
-async def _probe(database: Database, ready_checks: dict[str, Callable[[], Any]]) -> dict[str, str]:
+
+def _writes_blocked(app: FastAPI) -> bool:
+    gateway: Gateway | None = getattr(app.state, "gateway", None)
+    return gateway is not None and gateway.broker_blocked()
+
+
+async def _probe(
+    database: Database,
+    ready_checks: dict[str, Callable[[], Any]],
+    broker_blocked: Callable[[], bool] = lambda: False,
+) -> dict[str, str]:
     """One look at the database (a pooled connection), Redis and the broker."""
     checks: dict[str, str] = {}
     try:
@@ -184,6 +201,8 @@ async def _probe(database: Database, ready_checks: dict[str, Callable[[], Any]])
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
+    if broker_blocked():  # it answers, but takes no message: not ready to accept writes
+        checks["broker"] = "blocked: a resource alarm; publishing waits until it clears"
     return checks
 
 
@@ -293,7 +312,13 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
         share = configured.gateway_tenant_share
     # Wait or shed before anything else runs, but after authentication: a request with a
     # wrong key never takes a tenant's slot (aura.gateway.authn).
-    app.add_middleware(LoadShedder, limit=limit, max_wait=wait, tenant_share=share)
+    app.add_middleware(
+        LoadShedder,
+        limit=limit,
+        max_wait=wait,
+        tenant_share=share,
+        writes_blocked=functools.partial(_writes_blocked, app),
+    )
     app.add_middleware(
         Authenticator, failures_per_second=configured.gateway_auth_failures_per_second
     )
@@ -661,9 +686,9 @@ async def _publish_after_commit(
     """Publish what was just committed. Never raises: the request's data is committed, so
     its answer is success; what could not be published or cleared is the relay's. A large
     import is published in the background, read back from the outbox a part at a time.
-    While the publisher keeps up, the request gives its admission slot back before it
-    waits for the broker; when it is congested the request keeps it, so admission slows
-    new writes to the broker's pace."""
+    The wait is bounded (``OutboxPublisher.publish``). While the publisher keeps up, the
+    request gives its admission slot back before it waits for the broker; when it is
+    congested the request keeps it, so admission slows new writes to the broker's pace."""
     if not gw.outbox.congested:
         release_slot(request.scope)
     try:

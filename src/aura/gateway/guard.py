@@ -7,6 +7,10 @@ that: a dependency that went away (the database connection dropped, a full pool,
 refused connect) is ``503 unavailable`` with ``Retry-After``; anything else is a bug,
 logged once with its traceback and answered ``500 internal`` in our format. Either way the
 connection stays open for the client's next request.
+
+``LoadShedder`` admits tenant requests (its docstring), and holds new writes while the
+broker blocks publishing: ``503 unavailable`` with ``Retry-After`` once its admission wait
+ran out, before anything is staged.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import collections
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -43,6 +48,7 @@ TENANT_SCOPE_KEY = "aura.tenant"
 DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_MAX_WAIT = 1.0
 DEFAULT_TENANT_SHARE = 0.5  # GATEWAY_TENANT_SHARE's default
+_UNBLOCK_POLL = 0.05  # how often a held write looks whether the broker takes writes again
 _log = structlog.get_logger("aura.gateway")
 
 
@@ -131,6 +137,11 @@ class LoadShedder:
     broker's confirm of its committed message holds no connection, and holding slots
     through the broker's fsync made the confirm latency, not the gateway's CPU, the
     bound on what it served.
+
+    While ``writes_blocked()`` (the broker blocks publishing: a resource alarm) a write
+    (POST) waits up to ``max_wait`` for it to clear, holding no slot, then is ``503
+    unavailable`` with ``Retry-After``: it is refused before it stages anything, where it
+    used to be accepted and then wait out the broker's 30 s confirm timeout.
     """
 
     def __init__(
@@ -141,8 +152,10 @@ class LoadShedder:
         max_wait: float = DEFAULT_MAX_WAIT,
         max_waiting: int | None = None,
         tenant_share: float = 1.0,
+        writes_blocked: Callable[[], bool] | None = None,
     ) -> None:
         self.app = app
+        self.writes_blocked = writes_blocked
         self.limit = limit
         self.max_wait = max_wait
         self.max_waiting = 4 * limit if max_waiting is None else max_waiting
@@ -155,9 +168,14 @@ class LoadShedder:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        if scope.get("method") == "POST" and not await self._writes_taken():
+            await _refuse(
+                send, "unavailable", "the broker is blocking new messages (a resource alarm)"
+            )
+            return
         tenant = scope.get(TENANT_SCOPE_KEY)
         if not await self._admitted(tenant):
-            await _overloaded(send)
+            await _refuse(send, "overloaded", "the gateway is at capacity")
             return
         held = True
 
@@ -172,6 +190,19 @@ class LoadShedder:
             await self.app(scope, receive, send)
         finally:
             release()
+
+    async def _writes_taken(self) -> bool:
+        """Whether the broker takes writes, or does again within ``max_wait``."""
+        if self.writes_blocked is None:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while self.writes_blocked():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, _UNBLOCK_POLL))
+        return True
 
     def _eligible(self, tenant: object) -> bool:
         return self.in_flight < self.limit and self.by_tenant[tenant] < self.per_tenant
@@ -233,8 +264,9 @@ def release_slot(scope: Scope) -> None:
         release()
 
 
-async def _overloaded(send: Send) -> None:
-    body = error_body("overloaded", "the gateway is at capacity; retry later")
+async def _refuse(send: Send, code: str, reason: str) -> None:
+    """503 in our format, with ``Retry-After``."""
+    body = error_body(code, f"{reason}; retry later")
     await send(
         {
             "type": "http.response.start",

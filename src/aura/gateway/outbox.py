@@ -5,7 +5,14 @@ transactions at about the same time share one publish: the first starts a batch,
 join it, and one batch costs one broker round trip (its confirms awaited together) and one
 DELETE, however many requests it carries. A request waits for its batch and is answered as
 committed whatever happens to it: a broker failure lets the batch's rows go to the relay at
-once, a database failure leaves them held until their lease runs out.
+once, a database failure leaves them held until their lease runs out. Its wait is bounded:
+at most ``max_answer_wait`` (5 s), and it ends at once when the broker blocks the sender
+(a resource alarm); the batch carries on without it, and its rows stay in the outbox until
+the broker confirmed them. While the sender is blocked a new batch fails at once and its
+rows go to the relay, which waits for the block to clear (it would publish nothing). An
+alarm longer than the confirm timeout (30 s) fails the batch in flight and its rows go to
+the relay too (RabbitMQ 3.10 dropped such a message with its connection; one it kept
+would be published twice, harmless).
 
 ``publish_claimed`` sends messages its publisher holds a claim on (``aura.db.outbox``) and
 deletes each one the broker confirmed. Before each batch it renews its claim and sends only
@@ -53,11 +60,12 @@ from aura.db.outbox import (
     renew_claim,
     take_held,
 )
-from aura.gateway.senders import Sender, sender_for
+from aura.gateway.senders import Sender, is_blocked, sender_for
 from aura.logs import describe_exception
 
 __all__ = [
     "DEFAULT_LEASE",
+    "MAX_ANSWER_WAIT",
     "MIN_LEASE",
     "STAGED_HOLD",
     "OutboxPublisher",
@@ -74,6 +82,8 @@ _BATCH = 500
 MIN_LEASE = 10.0
 _DELETES_AT_ONCE = 4
 _SENDS_AT_ONCE = 4
+MAX_ANSWER_WAIT = 5.0  # the longest a request waits for its batch's confirms
+_BLOCKED_POLL = 0.05  # how often a batch in flight looks whether the broker blocked it
 _log = structlog.get_logger("aura.gateway.outbox")
 
 
@@ -239,13 +249,14 @@ class _Waiting:
     messages: list[Staged]
     claim: Claim
     origin: str
-    done: asyncio.Future[None]
+    done: asyncio.Future[None]  # the request may be answered
+    settled: bool = False  # its batch is over (counted out of the backlog)
 
 
 class OutboxPublisher:
     """Publishes what requests just committed, many requests per batch (see the module's
-    docstring). ``publish`` never raises; it returns once its messages were sent and
-    deleted, or were left to the relay."""
+    docstring). ``publish`` never raises; it returns once its messages were sent, or were
+    left to the relay, or the broker blocked them, or ``max_answer_wait`` passed."""
 
     def __init__(
         self,
@@ -256,9 +267,11 @@ class OutboxPublisher:
         max_batch: int = _BATCH,
         max_sends: int = _SENDS_AT_ONCE,
         now: Callable[[], datetime] = _utcnow,
+        max_answer_wait: float = MAX_ANSWER_WAIT,
     ) -> None:
         self.database = database
         self.sender = sender
+        self.max_answer_wait = max_answer_wait
         self.lease = max(lease, MIN_LEASE)
         self.max_batch = max_batch
         self.now = now
@@ -310,8 +323,9 @@ class OutboxPublisher:
         self._waiting.append(waiting)
         self.backlog += len(waiting.messages)
         self._pump()
-        # A cancelled request leaves its messages to the batch (or to the relay).
-        await asyncio.shield(waiting.done)
+        # A request that stops waiting (cancelled, or past the bound) leaves its messages
+        # to the batch, or to the relay: they are committed in the outbox either way.
+        await asyncio.wait({waiting.done}, timeout=self.max_answer_wait)
 
     def _pump(self) -> None:
         """Start a batch of what waits while fewer than ``max_sends`` are in flight."""
@@ -382,7 +396,7 @@ class OutboxPublisher:
         messages = [m for w in live for m in w.messages]
         if not messages:
             return
-        sent, failure = await self.sender.send(messages)
+        sent, failure = await self._send_answering(live, messages)
         if failure is None:
             for item in live:  # the broker has them: answer now, delete after
                 self._settle(item)
@@ -405,14 +419,36 @@ class OutboxPublisher:
             error=describe_exception(failure),
         )
 
+    async def _send_answering(
+        self, live: list[_Waiting], messages: list[Staged]
+    ) -> tuple[list[str], BaseException | None]:
+        """The sender's ``send``; if the broker blocks it meanwhile, ``live``'s requests are
+        answered at once (their confirms may be a whole alarm away) and the send goes on."""
+        send = asyncio.ensure_future(self.sender.send(messages))
+        try:
+            while not send.done():
+                await asyncio.wait({send}, timeout=_BLOCKED_POLL)
+                if not send.done() and is_blocked(self.sender):
+                    for item in live:
+                        self._answer(item)
+        except BaseException:
+            send.cancel()  # the batch was cancelled: so is its send, as before
+            raise
+        return send.result()
+
     @property
     def congested(self) -> bool:
         """More messages wait to be published than a few batches: the broker is slow."""
         return self.backlog >= self.max_backlog
 
-    def _settle(self, item: _Waiting) -> None:
+    def _answer(self, item: _Waiting) -> None:
         if not item.done.done():
             item.done.set_result(None)
+
+    def _settle(self, item: _Waiting) -> None:
+        self._answer(item)
+        if not item.settled:
+            item.settled = True
             self.backlog -= len(item.messages)
 
     async def _delete(self, sent: Sequence[str], gate: asyncio.Semaphore) -> None:
@@ -479,11 +515,12 @@ async def relay_once(
 async def relay_forever(
     database: Database, publisher: Celery | Sender, *, interval: float, min_age: float
 ) -> None:
-    """``relay_once`` every ``interval`` seconds until cancelled; failures are logged."""
+    """``relay_once`` every ``interval`` seconds until cancelled (not while the broker blocks
+    ``publisher``: nothing would be sent); failures are logged."""
     sender = sender_for(publisher)
     while True:
         try:
-            while await relay_once(database, sender, min_age=min_age) > 0:
+            while not is_blocked(sender) and await relay_once(database, sender, min_age=min_age):
                 pass  # a backlog: keep going while the broker takes it
         except Exception as exc:
             _log.warning("outbox relay failed; trying again later", error=describe_exception(exc))

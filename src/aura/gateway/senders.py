@@ -15,6 +15,13 @@ properties and the body, serialized as JSON the way kombu does; the work queues 
 declared as Celery declares them (``aura.messaging.topology``), so a message is routed even
 before a worker has started. A message the broker refuses (nack: a full queue with
 ``x-overflow: reject-publish``) or cannot route is not sent: it stays in the outbox.
+
+A blocked broker (a memory or disk alarm: RabbitMQ stops reading what a publishing
+connection sends and tells it ``connection.blocked``) is ``AmqpSender.blocked``. While it
+is, ``send`` publishes nothing and fails at once (``BrokerBlockedError``: the rows stay in
+the outbox for the relay); a send already in flight when the block came waits for its
+confirms, at most ``confirm_timeout``. The broker tells only a connection that publishes,
+so the sender learns of an alarm with its first publish under it.
 """
 
 from __future__ import annotations
@@ -30,12 +37,20 @@ from kombu.serialization import dumps
 from starlette.concurrency import run_in_threadpool
 
 from aura.db.outbox import Staged
+from aura.errors import ServiceUnavailableError
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
 
 if TYPE_CHECKING:
     import aio_pika
 
-__all__ = ["AmqpSender", "CelerySender", "Sender", "sender_for"]
+__all__ = [
+    "AmqpSender",
+    "BrokerBlockedError",
+    "CelerySender",
+    "Sender",
+    "is_blocked",
+    "sender_for",
+]
 
 _CONFIRM_TIMEOUT = 30.0
 
@@ -48,6 +63,16 @@ class Sender(Protocol):
     ) -> tuple[list[str], BaseException | None]: ...
 
     async def close(self) -> None: ...
+
+
+class BrokerBlockedError(ServiceUnavailableError):
+    """The broker blocks this connection's publishing (a resource alarm): nothing was sent."""
+
+
+def is_blocked(sender: object) -> bool:
+    """Whether ``sender`` says the broker blocks its publishing; a sender that cannot tell
+    (``CelerySender``, a test double) never is."""
+    return bool(getattr(sender, "blocked", False))
 
 
 def sender_for(publisher: Any) -> Sender:
@@ -108,6 +133,12 @@ class AmqpSender:
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def blocked(self) -> bool:
+        """The broker has blocked this sender's connection (``connection.blocked``, until
+        ``connection.unblocked``): publishing waits until a resource alarm clears."""
+        return _connection_blocked(self._connection)
 
     async def _ready(self) -> aio_pika.abc.AbstractExchange:
         import aio_pika
@@ -174,6 +205,8 @@ class AmqpSender:
     ) -> tuple[list[str], BaseException | None]:
         if not messages:
             return [], None
+        if self.blocked:  # what it sent would wait unread until the alarm clears
+            return [], BrokerBlockedError("the broker blocks publishing (a resource alarm)")
         try:
             exchange = await self._ready()
         except Exception as exc:
@@ -198,6 +231,22 @@ class AmqpSender:
     async def close(self) -> None:
         async with self._lock:
             await self._drop()
+
+
+def _connection_blocked(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+    """Whether the broker told ``connection`` it is blocked and not yet that it is not.
+
+    aio-pika 10.2 and aiormq 7.2 have no property or callback for it: aiormq handles the
+    ``connection.blocked`` and ``connection.unblocked`` frames itself and keeps the state
+    only in a private event, ``aiormq.connection.Connection.__connection_unblocked``
+    (cleared on Blocked, set on Unblocked and when the connection's reader starts), whose
+    one public use is ``await Connection.ready()``. It is read here, and only here; an
+    aiormq without it reads as never blocked (``tests/test_broker_blocked.py`` pins it)."""
+    transport = None if connection is None or connection.is_closed else connection.transport
+    if transport is None or not transport.connection.is_opened:
+        return False
+    unblocked = getattr(transport.connection, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
 
 def _confirmed(result: object) -> bool:
