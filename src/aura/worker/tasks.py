@@ -30,11 +30,12 @@ from typing import Any
 
 from celery import Task
 from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog import parse_record
 from aura.config import get_settings
 from aura.contract import ENRICH_TASK, INGEST_TASK, MAX_RECORD_BYTES
-from aura.db import Database, DatabaseInbox, mark_record
+from aura.db import Database, DatabaseInbox, mark_record, transactional
 from aura.db.pipeline import PromptFacts, ingest_record, read_for_prompt, store_enrichment
 from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.events import DeadLetterReason
@@ -69,13 +70,17 @@ class _EnrichmentAnswer(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=20)
 
 
+@transactional  # a connection lost on the way is counted and logged as every write's is
+async def _mark_record_dead(session: AsyncSession, message_id: str) -> None:
+    await mark_record(session, message_id, "dead_lettered")
+
+
 async def _mark_dead(letter: DeadLetter) -> None:
     if letter.reason is DeadLetterReason.CONFLICTING_MESSAGE_ID:
         return  # the id's import record belongs to the payload committed under it
     database, _ = _process_resources()
     async with database.session() as session:
-        await mark_record(session, letter.message_id, "dead_lettered")
-        await session.commit()
+        await _mark_record_dead(session, letter.message_id)
 
 
 async def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None:
