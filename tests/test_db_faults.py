@@ -214,3 +214,43 @@ async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outco
     async with pg_database.session() as session:  # no other test's relay may send it
         await session.execute(text("DELETE FROM outbox WHERE tenant_id = :t"), {"t": tenant_id})
         await session.commit()
+
+
+async def test_a_one_statement_write_waits_out_a_connection_blip(pg_url: str) -> None:
+    """Every connection cut and new ones refused for a moment (aura chaos net-cut): a
+    statement that has not been sent waits for a connection (``CONNECT_PATIENCE``)
+    instead of failing its task after the LLM call is made; past it, the outage is
+    raised as it came (for the worker's outage gate), and nothing was counted as a
+    rollback, since nothing was sent."""
+    from aura.chaos.proxy import NetworkProxies, proxied_url
+    from aura.db.statement import execute_atomically
+    from aura.db.transactional import is_outage
+
+    with NetworkProxies() as hub:
+        proxy = hub.add("postgres", pg_url, postgres=True)
+        database = Database(proxied_url(pg_url, proxy.port), pool_size=2, connect_timeout=2)
+        try:
+            assert await execute_atomically(database, "probe", "SELECT 1") is not None
+            before = metric("database_transaction_rollbacks_total", reason="network_error")
+            await asyncio.to_thread(proxy.cut)  # open connections reset, new ones refused
+
+            async def heal_soon() -> None:
+                await asyncio.sleep(0.6)
+                await asyncio.to_thread(proxy.heal)
+
+            healing = asyncio.create_task(heal_soon())
+            row = await execute_atomically(database, "blip", "SELECT 42")
+            await healing
+            assert row is not None
+            assert row[0] == 42
+            assert metric("database_transaction_rollbacks_total", reason="network_error") == before
+
+            await database.engine.dispose()  # no pooled connection: each must be made
+            await asyncio.to_thread(proxy.cut)
+            with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's own error
+                await execute_atomically(database, "outage", "SELECT 1")
+            assert is_outage(caught.value)
+            assert not isinstance(caught.value, DatabaseTransactionError)
+        finally:
+            await asyncio.to_thread(proxy.heal)
+            await database.dispose()

@@ -20,8 +20,9 @@ statement and COMMIT cost 0.70 ms of CPU; the same on the pool's asyncpg connect
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura import events
 from aura.db.engine import Database
-from aura.db.transactional import describe_error, is_network_error
+from aura.db.transactional import describe_error, is_network_error, is_outage
 from aura.errors import DatabaseTransactionError
 from aura.events import RollbackReason, TransactionRolledBack
 
@@ -84,12 +85,44 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
             raise
 
 
+CONNECT_PATIENCE = 5.0  # seconds a statement waits for a connection through a blip
+
+
 @contextlib.asynccontextmanager
-async def _driver(database: Database) -> AsyncIterator[tuple[AsyncConnection, Any]]:
-    """A pooled connection and its asyncpg connection under it (no transaction begun)."""
-    async with database.engine.connect() as connection:
+async def _driver(
+    database: Database,
+    *,
+    patience: float = CONNECT_PATIENCE,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+    """A pooled connection and its asyncpg connection under it (no transaction begun).
+
+    A connection that cannot be had because the database is out (refused, "too many
+    clients", a connect timeout) is tried again for ``patience`` seconds (0.1 s doubling
+    to 1 s) before the error is raised: nothing was sent, so nothing is rolled back, and
+    a task whose LLM call is done need not make it again for a blip (``aura chaos net-cut``
+    counted such calls as extra). Past it the outage is raised as it came, for the
+    worker's outage gate."""
+    waited, pause = 0.0, 0.1
+    while True:
+        try:
+            connection = await database.engine.connect()
+            break
+        except Exception as exc:
+            if waited >= patience or not is_outage(exc):
+                raise
+            _log.warning(
+                "no database connection for a statement; trying again",
+                pause=pause,
+                error=describe_error(exc),
+            )
+            await sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 1.0)
+    try:
         raw = await connection.get_raw_connection()
         yield connection, raw.driver_connection
+    finally:
+        await asyncio.shield(connection.close())  # as ``async with`` closes it
 
 
 def _connection_broken(exc: Exception) -> bool:
