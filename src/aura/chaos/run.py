@@ -3,6 +3,7 @@
     1. the run's own stack (``aura.chaos.resources``): database, vhost, Redis server
     2. the tenant; ``before_load`` (a scenario may publish its own messages here)
     3. the worker under a supervisor (``aura.chaos.supervisor``) that restarts it on exit
+       (``workers`` of them, each under its own, for a scenario that needs a fleet)
     4. the records go in through the gateway (outbox, relay)
     5. once the worker consumes (a first record reached its fate), the fault window
        (``fault``, bounded by the scenario), then ``heal`` (restart what it stopped)
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import random
 import time
 import uuid
@@ -59,6 +62,9 @@ class ChaosRun(ImportRun):
     # prefork children (to SIGKILL one, or a def task past the hard limit) say prefork.
     worker_pool: ClassVar[str] = "async"
     worker_slots: ClassVar[int] = 20
+    # Worker processes on the run's stack, each under its own supervisor; a scenario
+    # gives one its own environment with ``worker_environment``.
+    workers: ClassVar[int] = 1
     stall_s: ClassVar[float] = 90.0
     # Services the worker reaches through a proxy the run owns (``aura.chaos.proxy``):
     # any of postgres, rabbitmq, redis, llm. The outbox relay (the gateway's publisher)
@@ -91,8 +97,10 @@ class ChaosRun(ImportRun):
         self.rng = random.Random(seed)
         self.details: dict[str, Any] = {}
         self.sent: list[Sent] = []
-        self.supervisor: WorkerSupervisor | None = None
+        self.supervisor: WorkerSupervisor | None = None  # worker 0's
+        self.supervisors: list[WorkerSupervisor] = []
         self.metric_dirs: list[Path] = []
+        self._launches = itertools.count()  # supervisors relaunch from their own threads
         self.letters_seen: list[DeadLetter] = []
         default_slots = self.worker_slots if self.worker_pool == "async" else 2
         self.concurrency = concurrency or default_slots
@@ -127,24 +135,42 @@ class ChaosRun(ImportRun):
         """True while a message the scenario sent itself has no dead letter yet."""
         return not all(_has_letter(s, letters) for s in self.sent)
 
+    def worker_environment(self, index: int) -> dict[str, str]:
+        """What worker ``index`` (0 to ``workers`` - 1) adds to its environment."""
+        return {}
+
     # -- the run -------------------------------------------------------------------------
     @property
     def worker_pid(self) -> int | None:
         return None if self.supervisor is None else self.supervisor.pid
 
-    def _launch(self) -> Any:
+    @property
+    def worker_restarts(self) -> int:
+        return sum(supervisor.restarts for supervisor in self.supervisors)
+
+    def _launch(self, index: int = 0) -> Any:
         import os
 
         from aura.worker.process import start_worker_process
 
         # A directory per launch: a worker clears the metric files it finds at its start.
-        directory = self.metrics_dir / f"launch-{len(self.metric_dirs)}"
+        directory = self.metrics_dir / f"worker-{index}-launch-{next(self._launches)}"
         directory.mkdir(parents=True)
         self.metric_dirs.append(directory)
-        env = {**os.environ, **self._worker_urls, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        env = {
+            **os.environ,
+            **self._worker_urls,
+            **self.worker_environment(index),
+            "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        }
         with self.log_path.open("ab") as log:
             return start_worker_process(
-                self.worker_module, env, log, concurrency=self.concurrency, pool=self.worker_pool
+                self.worker_module,
+                env,
+                log,
+                concurrency=self.concurrency,
+                pool=self.worker_pool,
+                hostname=f"chaos{index}@%h" if index else None,  # Celery's node names differ
             )
 
     def _start_proxies(self) -> None:
@@ -207,8 +233,13 @@ class ChaosRun(ImportRun):
                 )
                 relay_database = Database.from_settings(relayed)
                 relay_publisher = make_celery_app(relayed)
-            self.supervisor = WorkerSupervisor(self._launch)
-            self.supervisor.start()
+            self.supervisors = [
+                WorkerSupervisor(functools.partial(self._launch, index))
+                for index in range(self.workers)
+            ]
+            self.supervisor = self.supervisors[0]
+            for supervisor in self.supervisors:
+                supervisor.start()
             started = time.monotonic()
             relay = asyncio.create_task(
                 relay_forever(
@@ -230,15 +261,20 @@ class ChaosRun(ImportRun):
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
-                await asyncio.to_thread(self.supervisor.stop)
+                # Together: a worker stopping first would hand its deliveries to another.
+                await asyncio.gather(
+                    *(asyncio.to_thread(supervisor.stop) for supervisor in self.supervisors)
+                )
                 if relay_database is not database:
                     await relay_database.dispose()
                 self._stop_proxies()
             elapsed = time.monotonic() - started
             self.details["elapsed_s"] = round(elapsed, 2)
             await self._performance(database, elapsed)
-            self.details["worker_restarts"] = self.supervisor.restarts
-            self.details["worker_exit_codes"] = self.supervisor.exit_codes[:10]
+            self.details["worker_restarts"] = self.worker_restarts
+            self.details["worker_exit_codes"] = [
+                code for supervisor in self.supervisors for code in supervisor.exit_codes
+            ][:10]
             await self.before_count(database)
             broker = await asyncio.to_thread(
                 read_broker, self.stack.broker_url, self.stack.vhost, self.stack.database_url
@@ -268,7 +304,7 @@ class ChaosRun(ImportRun):
         self.details["records_per_s"] = round(counts.enriched / elapsed, 1) if elapsed else 0.0
         self.details["latency_p50_s"] = round(_percentile(latencies, 50), 3)
         self.details["latency_p99_s"] = round(_percentile(latencies, 99), 3)
-        cpu = self.supervisor.cpu_s
+        cpu = sum(supervisor.cpu_s for supervisor in self.supervisors)
         self.details["worker_cpu_s"] = round(cpu, 2)
         self.details["worker_cpu_ms_per_record"] = (
             round(1000 * cpu / counts.enriched, 2) if counts.enriched else None
@@ -307,7 +343,7 @@ class ChaosRun(ImportRun):
                 if counts is not None:
                     moved = (
                         counts.done, counts.dead_lettered, counts.enriched, len(letters),
-                        self.simulator.requests, self.supervisor.restarts,
+                        self.simulator.requests, self.worker_restarts,
                     )  # fmt: skip
                     if moved != signature:
                         signature, last_move = moved, now
@@ -340,7 +376,7 @@ class ChaosRun(ImportRun):
                             return
                         if queued != last_queued:
                             last_queued, last_move = queued, now
-                if self.supervisor.gave_up:
+                if any(supervisor.gave_up for supervisor in self.supervisors):
                     self.details["drain"] = "the worker kept exiting: the supervisor gave up"
                     return
                 if now - last_move > self.stall_s or now > ceiling:

@@ -6,7 +6,8 @@ supervisor) ingest and enrich them against the LLM simulator, injects its fault 
 worker consumes, heals, drains, and counts every message (``aura.chaos.accounting``).
 It passes only when nothing is lost, stranded, doubled or both committed and
 dead-lettered, and every message met the fate the scenario expects (``expected_fates``,
-the README's table). The network scenarios are in ``aura.chaos.network``.
+the README's table). The network scenarios are in ``aura.chaos.network``; those on what
+the fleet shares through Redis (its memory, its clock) in ``aura.chaos.shared_state``.
 
 Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
 its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
@@ -42,6 +43,7 @@ from aura.chaos.network import (
 )
 from aura.chaos.resources import owned_stack, run_tool
 from aura.chaos.run import ChaosRun, _all_committed, _expect_letters, _extra_calls
+from aura.chaos.shared_state import ClockSkew, RedisOutOfMemory
 from aura.config import get_settings
 from aura.demo.runner import _environment, _logs_to, catalog_records
 from aura.errors import ConfigurationError, InvalidInputError
@@ -653,6 +655,8 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         ConnectionsCut,
         SlowNetwork,
         CommitReplyCut,
+        RedisOutOfMemory,
+        ClockSkew,
     )
 }
 
