@@ -17,7 +17,7 @@ from aura.messaging import configure, resilient_task
 
 QUEUE = "blocked_jobs"
 app = Celery("blocked_shop")
-configure(app, queues=[QUEUE])
+configure(app, queues=[QUEUE], make_default=False)  # not the default of other tests
 configure_logging("WARNING", cache=False)
 
 

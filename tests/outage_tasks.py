@@ -21,7 +21,7 @@ from aura.messaging import configure, delivery_fingerprint, resilient_task
 QUEUE = "outage_orders"
 TASK = "tests.outage_tasks.place_order"
 app = Celery("outage_shop")
-configure(app, queues=[QUEUE])
+configure(app, queues=[QUEUE], make_default=False)  # not the default of other tests
 configure_logging("WARNING", cache=False)
 _databases: dict[int, Database] = {}
 
@@ -37,7 +37,7 @@ async def _commit(session: AsyncSession, message_id: str, fingerprint: str, run:
     if not await claim_message(session, message_id, task=TASK, fingerprint=fingerprint):
         return
     await session.execute(
-        text("INSERT INTO outage_orders (message_id, run) VALUES (:m, :r)"),
+        text("INSERT INTO aura_outage_tests.orders (message_id, run) VALUES (:m, :r)"),
         {"m": message_id, "r": run},
     )
 

@@ -97,7 +97,7 @@ def test_one_row_per_seed_layer_in_order(dashboard: dict[str, Any]) -> None:
 
 def test_each_layers_metrics_sit_in_its_row(dashboard: dict[str, Any]) -> None:
     prefixes = {
-        "Database": ("database_", "sqlalchemy_"),
+        "Database": ("database_", "sqlalchemy_", "aura_dependency_"),
         "LLM": ("llm_", "aura_llm_"),
         "Message processing": (
             "messages_",
@@ -105,6 +105,7 @@ def test_each_layers_metrics_sit_in_its_row(dashboard: dict[str, Any]) -> None:
             "aura_task_",
             "aura_duplicate_",
             "aura_dlq_",
+            "aura_broker_",
         ),
     }
     for title, panels in panels_by_row(dashboard).items():

@@ -48,8 +48,13 @@ async def limited_role(pg_url: str) -> AsyncIterator[tuple[str, str]]:
         f"CREATE ROLE {role} LOGIN",
         f'GRANT ALL ON DATABASE "{name}" TO {role}',
         f"GRANT ALL ON SCHEMA public TO {role}",
-        "CREATE TABLE IF NOT EXISTS outage_orders (message_id TEXT NOT NULL, run TEXT NOT NULL)",
         f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        # The test's own table, in a schema of its own (not the models' migrations).
+        "CREATE SCHEMA IF NOT EXISTS aura_outage_tests",
+        "CREATE TABLE IF NOT EXISTS aura_outage_tests.orders "
+        "(message_id TEXT NOT NULL, run TEXT NOT NULL)",
+        f"GRANT ALL ON SCHEMA aura_outage_tests TO {role}",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA aura_outage_tests TO {role}",
         f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
     )
     async with admin.connect() as connection:
@@ -64,6 +69,7 @@ async def limited_role(pg_url: str) -> AsyncIterator[tuple[str, str]]:
                 {"r": role},
             )
             await connection.execute(text(f"DROP OWNED BY {role}"))
+            await connection.execute(text("DROP SCHEMA IF EXISTS aura_outage_tests CASCADE"))
             await connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
         await admin.dispose()
 
@@ -121,7 +127,9 @@ async def test_every_slot_taken_holds_deliveries_then_each_commits_once(
         recovered = time.monotonic()
 
         async def committed() -> int:
-            rows = await _sql(admin_url, f"SELECT count(*) FROM outage_orders WHERE run = '{run}'")
+            rows = await _sql(
+                admin_url, f"SELECT count(*) FROM aura_outage_tests.orders WHERE run = '{run}'"
+            )
             return int(rows[0][0])  # type: ignore[call-overload]
 
         while await committed() < MESSAGES:
@@ -130,7 +138,8 @@ async def test_every_slot_taken_holds_deliveries_then_each_commits_once(
         print(f"\nall {MESSAGES} committed {time.monotonic() - recovered:.2f} s after recovery")
         rows = await _sql(
             admin_url,
-            f"SELECT message_id, count(*) FROM outage_orders WHERE run = '{run}' GROUP BY 1",
+            "SELECT message_id, count(*) FROM aura_outage_tests.orders "
+            f"WHERE run = '{run}' GROUP BY 1",
         )
         assert sorted(str(m) for m, _ in rows) == sorted(ids)
         assert {int(n) for _, n in rows} == {1}  # type: ignore[call-overload]
