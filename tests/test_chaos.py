@@ -63,12 +63,7 @@ SCALED = {
 # the suite stays within its time budget on a 2-core machine.
 IN_SUITE = {"db-kill", "reused-id", "commit-cut"}
 # Strict xfail where they run (in the suite, or with AURA_CHAOS_ALL=1).
-KNOWN_FAILURES: dict[str, str] = {
-    "clock-skew": (
-        "a worker 600 s ahead stamps its retries' Celery eta on its own wall clock; a worker "
-        "on time holds each such delivery until then (DESIGN.md invariant 11)"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def test_every_scenario_is_scaled_here() -> None:
@@ -208,12 +203,8 @@ class _RedisOutOfMemoryScaled(RedisOutOfMemory):
     window_s = 8.0  # the scenario's 20 s runs with AURA_CHAOS_ALL=1
 
 
-class _ClockSkewOfTimeAlone(ClockSkew):
-    skew_datetime = False  # Celery's eta (datetime.now) on time: see KNOWN_FAILURES
-
-
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("scenario", [_RedisOutOfMemoryScaled, _ClockSkewOfTimeAlone])
+@pytest.mark.parametrize("scenario", [_RedisOutOfMemoryScaled, ClockSkew])
 def test_shared_state_scenario_passes_scaled_down(
     scenario: type[ChaosRun],
     pg_url: str,
@@ -221,8 +212,8 @@ def test_shared_state_scenario_passes_scaled_down(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """redis-oom with its window shortened; clock-skew with the skewed worker's
-    ``time.time`` alone 600 s ahead (what the breaker and the rate limiter read)."""
+    """redis-oom with its window shortened; clock-skew whole (the skewed worker's
+    ``time.time`` and ``datetime.now`` 600 s ahead: its retries' Celery eta too)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("CELERY_BROKER_URL", amqp_url)

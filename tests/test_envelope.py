@@ -192,3 +192,21 @@ def test_the_guard_never_raises_anything_but_its_verdict_and_is_deterministic(
         )
     )
     assert first == second
+
+
+def test_an_eta_the_broker_has_waited_out_is_dropped_one_the_broker_has_not_is_kept() -> None:
+    """A retry's eta is the sender's wall clock plus the countdown; delayed by the broker
+    (the 28 delay bits of kombu's native delayed delivery), it must not be waited for
+    again on the receiver's clock (a sender 600 s ahead stranded retries 600 s)."""
+    from types import SimpleNamespace
+
+    from aura.messaging.envelope import _forget_the_senders_clock
+
+    delayed = "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.1.1.shop.orders"
+    eta = "2026-12-07T11:00:00+00:00"
+    waited = SimpleNamespace(headers={"eta": eta}, delivery_info={"routing_key": delayed})
+    _forget_the_senders_clock(waited)
+    assert waited.headers["eta"] is None
+    direct = SimpleNamespace(headers={"eta": eta}, delivery_info={"routing_key": "shop.orders"})
+    _forget_the_senders_clock(direct)
+    assert direct.headers["eta"] == eta

@@ -1168,6 +1168,12 @@ def publish_replay(
 _DELAY_BITS = re.compile(r"(?:[01]\.){28}")  # kombu's native delayed delivery's prefix
 
 
+def delayed_by_broker(delivery_info: dict[str, Any] | None) -> bool:
+    """Whether this delivery came through kombu's native delayed delivery (its routing key
+    starts with the 28 delay bits): the broker has already held it for its countdown."""
+    return _DELAY_BITS.match(str((delivery_info or {}).get("routing_key", ""))) is not None
+
+
 def queue_of(delivery_info: dict[str, Any] | None) -> str:
     """The work queue a delivery came from: its routing key, less the 28 delay bits a
     delayed retry's routing key starts with (a queue name may hold dots itself)."""

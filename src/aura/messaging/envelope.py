@@ -30,6 +30,12 @@ headers: ``dead_letter_original``) with the kind and a sentence that says what i
 and is acked only after the broker confirmed the dead letter. If that publish fails the
 message is requeued (the queue's delivery limit bounds how often). Connection errors are
 never taken for malformed messages: they go up to Celery, which reconnects.
+
+One clock: a retry's ``eta`` header is the sending worker's wall clock plus the countdown.
+On a quorum queue the broker itself holds the message for the countdown (kombu's native
+delayed delivery: its routing key starts with the delay bits), so the guard drops that
+``eta`` before Celery sees it. Kept, a worker whose clock ran 600 s ahead made every other
+worker hold its retries 600 s more (``aura chaos clock-skew``: 20 enrichments stranded).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from celery.worker.consumer import Consumer
 from aura.logs import bounded_text, describe_exception
 from aura.message_id import validate_message_id
 from aura.messaging.compression import InflateLimitError, bound_compression
-from aura.messaging.dlq import dead_letter_original, queue_of
+from aura.messaging.dlq import dead_letter_original, delayed_by_broker, queue_of
 
 __all__ = [
     "MAX_BODY_DEPTH",
@@ -219,6 +225,17 @@ def _signature_of(task: Any) -> inspect.Signature | None:
         return None
 
 
+def _forget_the_senders_clock(message: Any) -> None:
+    """Drop the ``eta`` of a message the broker has already delayed (the module doc)."""
+    headers = message.headers
+    if (
+        isinstance(headers, dict)
+        and headers.get("eta") is not None
+        and delayed_by_broker(message.delivery_info)
+    ):
+        headers["eta"] = None
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer with ``check_envelope`` in front of every task message, and a
     DLQ letter instead of a lost or looping message wherever Celery would give up."""
@@ -236,6 +253,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
                 return self._dead_letter(message, exc.kind, str(exc))
             except Exception as exc:  # the guard itself must never stop the worker
                 return self._dead_letter(message, "rejected", describe_exception(exc))
+            _forget_the_senders_clock(message)
             try:
                 return celery_handler(message)
             except self.connection_errors:
