@@ -278,3 +278,36 @@ async def test_rate_limiters_whose_clocks_disagree_pace_on_redis_time(own_redis:
     finally:
         for client in clients:
             await client.aclose()
+
+
+def test_deferrals_do_not_spend_the_retry_budget_when_redis_cannot_count(
+    app: Celery, own_redis: str
+) -> None:
+    """Redis refusing (OOM): the failure count falls back to the message's own
+    ``aura_failures`` header, not Celery's retries (deferrals count there too: a message
+    put off three times by an open breaker was dead-lettered on its first failure)."""
+    from aura.messaging.runtime import process_runtime
+
+    runtime = process_runtime(app)
+    real = runtime.redis
+    runtime.redis = failing_client(own_redis, ERRORS[0])
+    runtime._trackers.clear()
+    attempts: list[str] = []
+    name = f"tests.redisfaults.budget.{uuid.uuid4().hex[:8]}"
+
+    @resilient_task(app=app, name=name, max_retries=1, backoff_base=1.0, backoff_max=1.0)
+    def describe(self: Any) -> str:
+        attempts.append("call")
+        if len(attempts) <= 3:
+            raise CircuitOpenError("llm", 0.0)  # deferred: no failure
+        if len(attempts) == 4:
+            raise ConnectionError("the provider is flaky")  # the first failure: retried
+        return "described"
+
+    try:
+        assert describe.apply(task_id=f"{name}-1").get() == "described"
+    finally:
+        runtime.run(runtime.redis.aclose())
+        runtime.redis = real
+        runtime._trackers.clear()
+    assert len(attempts) == 5

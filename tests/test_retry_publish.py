@@ -29,7 +29,7 @@ def test_a_retry_whose_publish_failed_is_requeued_not_dead_lettered() -> None:
         _retry(task, cause, 2.0)  # type: ignore[arg-type]
     assert raised.value.requeue is True
     assert raised.value.__cause__ is cause
-    assert task.calls == [{"exc": cause, "countdown": 2.0}]
+    assert task.calls == [{"exc": cause, "countdown": 2.0, "headers": {"aura_failures": 0}}]
 
 
 def test_a_published_retry_and_a_requeue_pass_through() -> None:

@@ -107,6 +107,10 @@ __all__ = [
 T = TypeVar("T")
 _log = structlog.get_logger("aura.messaging.task")
 DEFER_PREFIX = "defer_count:"
+# A retried message carries its failures so far: with Redis unable to count, the budget
+# is kept from this, not Celery's request.retries (which counts deferrals too: a message
+# put off 3 times by an open breaker was dead-lettered on its first real failure).
+FAILURES_HEADER = "aura_failures"
 # RabbitMQ's native delayed delivery (how Celery delays retries on quorum queues) counts
 # whole seconds, and refuses a countdown below one.
 _MIN_COUNTDOWN = 1.0
@@ -544,7 +548,9 @@ def _crash_budget_spent(
     request = task.request
     tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
     try:
-        spent = runtime.run(tracker.increment_and_check(request.id, fallback_count=request.retries))
+        spent = runtime.run(
+            tracker.increment_and_check(request.id, fallback_count=failures_so_far(request))
+        )
     except Exception as exc:  # Redis refusing (a full pool, say): run it; the broker's
         _log.warning(  # delivery limit still bounds a message that kills every run
             "could not count a redelivery; running it",
@@ -677,6 +683,17 @@ async def _hook_with_retries(
             )
             await sleep(pause)
             waited, pause = waited + pause, min(pause * 2, 1.0)
+
+
+def failures_so_far(request: Any) -> int:
+    """The failures this message met before this delivery (its ``aura_failures`` header;
+    a message retried by an older worker has none: Celery's retries stand in)."""
+    value = getattr(request, FAILURES_HEADER, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(FAILURES_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return int(getattr(request, "retries", 0) or 0)
 
 
 def replay_count_of(request: Any) -> int:
@@ -830,7 +847,7 @@ def _fail(
     tracker = runtime.tracker(KEY_PREFIX, policy.max_retries)
     # The failures so far, this one included. Not request.retries: that also counts the
     # deferrals, and a task put off five times by an open breaker is on its first failure.
-    failures = runtime.run(tracker.increment(request.id, fallback_count=request.retries))
+    failures = runtime.run(tracker.increment(request.id, fallback_count=failures_so_far(request)))
     if failures > policy.max_retries:
         if not policy.dlq_routing:
             raise exc
@@ -860,7 +877,7 @@ def _fail(
         countdown=round(countdown, 3),
         error=describe_exception(exc),
     )
-    _retry(task, exc, countdown)
+    _retry(task, exc, countdown, failures=failures)
 
 
 def _defer(
@@ -890,7 +907,9 @@ def _defer(
     _retry(task, exc, countdown)
 
 
-def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
+def _retry(
+    task: Task, exc: BaseException, countdown: float, *, failures: int | None = None
+) -> NoReturn:
     """``task.retry``, except that a retry which cannot be published puts the message back.
 
     Celery answers a failed retry publish (the broker unreachable) with
@@ -899,10 +918,14 @@ def _retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
     (an ingest whose enrichment publish failed: its enrichment was then lost; seen in
     ``aura chaos partition-broker``). Requeued, it is delivered again and the inbox
     dedupes; the queue's delivery limit bounds how often."""
-    options: dict[str, Any] = {}
-    replays = replay_count_of(getattr(task, "request", None))
+    request = getattr(task, "request", None)
+    headers: dict[str, Any] = {
+        FAILURES_HEADER: failures_so_far(request) if failures is None else failures
+    }
+    replays = replay_count_of(request)
     if replays:  # a replayed message's retries are still that replay
-        options["headers"] = {REPLAY_HEADER: replays}
+        headers[REPLAY_HEADER] = replays
+    options: dict[str, Any] = {"headers": headers}
 
     def publish() -> NoReturn:
         raise task.retry(exc=exc, countdown=countdown, **options)
