@@ -32,7 +32,6 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg  # type: ignore[import-untyped]
@@ -82,10 +81,13 @@ class _Claim:
 # Both writes open with the inbox claim ($1 message id, $2 task, $3 tenant, $4 fingerprint,
 # $5 now) and answer with it: claimed, or what is committed under the id. (The f-strings
 # below join these constants only: every value is a bind parameter.)
+# Times are the database's (statement_timestamp()), never a worker's wall clock: a worker
+# 600 s ahead wrote its products 10 minutes into the future (their listing order, and the
+# chaos run's latencies, followed its clock).
 _CLAIM = """
     WITH claim AS (
         INSERT INTO processed_messages (message_id, task, tenant_id, fingerprint, processed_at)
-        VALUES ($1, $2, $3::uuid, $4, $5::timestamptz)
+        VALUES ($1, $2, $3::uuid, $4, statement_timestamp())
         ON CONFLICT (message_id) DO NOTHING
         RETURNING message_id
     )"""
@@ -93,17 +95,18 @@ _STORED_FINGERPRINT = "(SELECT fingerprint FROM processed_messages WHERE message
 _STORED_PRODUCT = "(SELECT product_id FROM import_records WHERE message_id = $1) AS made"
 _INGEST = f"""{_CLAIM}, product AS (
         INSERT INTO products (id, tenant_id, title, description, brand, category, created_at)
-        SELECT $6::uuid, $3::uuid, $7::text, $8::text, $9::text, $10::text, $5::timestamptz
+        SELECT $5::uuid, $3::uuid, $6::text, $7::text, $8::text, $9::text, statement_timestamp()
         FROM claim
         RETURNING id
     ), variants AS (
         INSERT INTO variants (id, tenant_id, product_id, sku, price, currency, attributes)
         SELECT v.id, $3::uuid, product.id, v.sku, v.price, v.currency, v.attributes
         FROM product,
-             unnest($11::uuid[], $12::text[], $13::numeric[], $14::text[], $15::json[])
+             unnest($10::uuid[], $11::text[], $12::numeric[], $13::text[], $14::json[])
                 AS v(id, sku, price, currency, attributes)
     ), record AS (
-        UPDATE import_records SET status = 'done', product_id = product.id, updated_at = $5
+        UPDATE import_records
+        SET status = 'done', product_id = product.id, updated_at = statement_timestamp()
         FROM product WHERE import_records.message_id = $1
     )
     SELECT EXISTS (SELECT 1 FROM claim) AS claimed, {_STORED_FINGERPRINT}, {_STORED_PRODUCT}
@@ -111,7 +114,7 @@ _INGEST = f"""{_CLAIM}, product AS (
 _STORED = f"SELECT false AS claimed, {_STORED_FINGERPRINT}, {_STORED_PRODUCT}"
 _ENRICH = f"""{_CLAIM}, enrichment AS (
         INSERT INTO enrichments (product_id, tenant_id, description, tags, model, created_at)
-        SELECT $6::uuid, $3::uuid, $7::text, $8::json, $9::text, $5::timestamptz FROM claim
+        SELECT $5::uuid, $3::uuid, $6::text, $7::json, $8::text, statement_timestamp() FROM claim
         ON CONFLICT (product_id) DO UPDATE
             SET description = excluded.description, tags = excluded.tags,
                 model = excluded.model
@@ -153,7 +156,6 @@ async def ingest_record(
         task,
         tenant_id,
         fingerprint,
-        datetime.now(UTC),
         product_id,
         product.title,
         product.description,
@@ -234,7 +236,6 @@ async def store_enrichment(
         task,
         tenant_id,
         fingerprint,
-        datetime.now(UTC),
         product_id,
         description,
         json.dumps(list(tags)),
