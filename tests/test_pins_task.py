@@ -15,7 +15,12 @@ from celery import Celery
 from structlog.testing import capture_logs
 
 from aura.config import load_settings
-from aura.errors import CircuitOpenError, ConflictingMessageIdError, LLMHTTPStatusError
+from aura.errors import (
+    CircuitOpenError,
+    ConflictingMessageIdError,
+    DeadLettered,
+    LLMHTTPStatusError,
+)
 from aura.message_id import InboxEntry
 from aura.messaging import DeadLetter, DeadLetterQueue, resilient_task
 from aura.messaging.task import DEFER_PREFIX, backoff_delay
@@ -88,7 +93,9 @@ def test_the_default_budget_is_three_retries_then_the_dlq(app: Celery) -> None:
         raise ConnectionError("down")
 
     with capture_logs() as logs:
-        always_fails.apply(args=("t-7",), kwargs={"n": 1}, task_id="m-exhausted").get()
+        always_fails.apply(args=("t-7",), kwargs={"n": 1}, task_id="m-exhausted").get(
+            propagate=False
+        )
     assert len(runs) == 4  # max_retries + 1 executions
     assert [e["attempt"] for e in retried(logs)] == [1, 2, 3]
     (letter,) = letters(app, name)
@@ -113,7 +120,7 @@ def test_max_retries_zero_dead_letters_the_first_failure(app: Celery) -> None:
         runs.append(1)
         raise ConnectionError("down")
 
-    once.apply(kwargs={"tenant_id": "t-kw"}).get()
+    once.apply(kwargs={"tenant_id": "t-kw"}).get(propagate=False)
     assert len(runs) == 1
     (letter,) = letters(app, name)
     assert (letter.retries, letter.tenant_id) == (0, "t-kw")
@@ -128,7 +135,7 @@ def test_a_poison_pill_goes_to_the_dlq_at_once_with_its_reason(app: Celery) -> N
         runs.append(1)
         json.loads(body)
 
-    parse.apply(args=("{not json",)).get()
+    parse.apply(args=("{not json",)).get(propagate=False)
     assert len(runs) == 1
     (letter,) = letters(app, name)
     assert letter.reason.value == "poison_pill"
@@ -146,7 +153,7 @@ def test_without_poison_detection_a_value_error_is_retried(app: Celery) -> None:
         runs.append(1)
         raise ValueError("bad")
 
-    parse.apply().get()
+    parse.apply().get(propagate=False)
     assert len(runs) == 2
     (letter,) = letters(app, name)
     assert letter.reason.value == "max_retries_exceeded"
@@ -185,7 +192,7 @@ def test_retry_after_is_honoured_and_the_floor_is_one_second(app: Celery) -> Non
         return "ok"
 
     with capture_logs() as logs:
-        assert limited.apply().get() == "ok"
+        assert limited.apply().get(propagate=False) == "ok"
     assert [e["countdown"] for e in retried(logs)] == [30.0, 1.0]
 
 
@@ -200,7 +207,7 @@ def test_an_open_circuit_defers_within_its_own_budget(app: Celery) -> None:
         raise CircuitOpenError("llm", retry_after=5.0)
 
     with capture_logs() as logs:
-        needs_llm.apply(task_id="m-deferred").get()
+        needs_llm.apply(task_id="m-deferred").get(propagate=False)
     assert len(runs) == 3  # put off twice, no retry budget spent, then the DLQ
     assert retried(logs) == []
     (letter,) = letters(app, name)
@@ -219,7 +226,7 @@ def test_a_conflicting_message_id_is_dead_lettered_without_retries(app: Celery) 
         except ConflictingMessageIdError as exc:
             raise RuntimeError("the effect failed") from exc
 
-    claims.apply().get()
+    claims.apply().get(propagate=False)
     (letter,) = letters(app, name)
     assert (letter.reason.value, letter.retries) == ("conflicting_message_id", 0)
 
@@ -236,8 +243,8 @@ def test_one_letter_per_fate_and_the_hook_sees_each(app: Celery) -> None:
         data["missing"]
 
     with capture_logs() as logs:
-        poison.apply(args=({"a": 1},), task_id="m-marker").get()
-        poison.apply(args=({"a": 1},), task_id="m-marker").get()  # a redelivery
+        poison.apply(args=({"a": 1},), task_id="m-marker").get(propagate=False)
+        poison.apply(args=({"a": 1},), task_id="m-marker").get(propagate=False)  # a redelivery
     assert len(letters(app, name)) == 1
     assert [x.message_id for x in hooked] == ["m-marker", "m-marker"]
     assert hooked[0].error == "missing required key 'missing'"
@@ -261,7 +268,7 @@ def test_a_failing_hook_is_logged_and_changes_nothing(app: Celery) -> None:
         raise TypeError("wrong")
 
     with capture_logs() as logs:
-        poison.apply().get()
+        poison.apply().get(propagate=False)
     assert len(letters(app, name)) == 1
     assert [e["log_level"] for e in logs if e["event"] == "on_dead_letter hook failed"] == ["error"]
 
@@ -289,17 +296,19 @@ def test_the_inbox_settles_committed_twins_and_conflicts_before_they_run(app: Ce
         runs.append(n)
         return "ran"
 
-    assert effect.apply(args=(1,), task_id="m-new").get() == "ran"
+    assert effect.apply(args=(1,), task_id="m-new").get(propagate=False) == "ran"
     inbox.entries["m-twin"] = InboxEntry(fingerprint=None)  # committed, any payload
     with capture_logs() as logs:
-        assert effect.apply(args=(2,), task_id="m-twin").get() is None
+        assert effect.apply(args=(2,), task_id="m-twin").get(propagate=False) is None
     assert runs == [1]
     assert duplicates == [(2,)]
     assert [e["event"] for e in logs] == [
         "effect already committed; delivery acked without running"
     ]
     inbox.entries["m-other"] = InboxEntry(fingerprint="another payload's")
-    assert effect.apply(args=(3,), task_id="m-other").get() is None
+    conflict = effect.apply(args=(3,), task_id="m-other").get(propagate=False)
+    assert isinstance(conflict, DeadLettered)  # Celery's FAILURE: never "succeeded"
+    assert conflict.reason == "conflicting_message_id"
     assert runs == [1]
     (letter,) = letters(app, name)
     assert (letter.message_id, letter.reason.value) == ("m-other", "conflicting_message_id")
@@ -325,7 +334,7 @@ def test_the_default_backoff_doubles_from_one_second_to_sixty(
         raise ConnectionError("down")
 
     with capture_logs() as logs:
-        always_fails.apply().get()
+        always_fails.apply().get(propagate=False)
     countdowns = [e["countdown"] for e in retried(logs)]
     assert countdowns == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert backoff_delay(3, base=1.0, cap=60.0, rng=UpperRng()) == 4.0  # type: ignore[arg-type]
@@ -340,7 +349,7 @@ def test_thirty_deferrals_by_default(app: Celery) -> None:
         runs.append(1)
         raise CircuitOpenError("llm", retry_after=0.0)
 
-    needs_llm.apply().get()
+    needs_llm.apply().get(propagate=False)
     assert len(runs) == 31
     (letter,) = letters(app, name)
     assert letter.reason.value == "max_deferrals_exceeded"
@@ -355,14 +364,14 @@ def test_registration_binding_and_signature(app: Celery) -> None:
     assert bound.name == name
     assert name in app.tasks
     assert list(bound.aura_signature.parameters) == ["n", "tenant_id"]
-    assert bound.apply(args=(1,), task_id="m-bound").get() == "m-bound"
+    assert bound.apply(args=(1,), task_id="m-bound").get(propagate=False) == "m-bound"
 
     @resilient_task(app=app, bind=False, name=unique("unbound"))
     def unbound(n: int) -> int:
         return n + 1
 
     assert list(unbound.aura_signature.parameters) == ["n"]
-    assert unbound.apply(args=(1,)).get() == 2
+    assert unbound.apply(args=(1,)).get(propagate=False) == 2
 
 
 def test_past_the_hard_time_limit_the_message_is_requeued(app: Celery) -> None:
@@ -413,7 +422,7 @@ def test_an_async_task_runs_on_the_process_loop(app: Celery) -> None:
         assert asyncio.get_running_loop() is process_loop(app)
         return n * 2
 
-    assert coroutine.apply(args=(21,)).get() == 42
+    assert coroutine.apply(args=(21,)).get(propagate=False) == 42
 
 
 def test_a_soft_time_limit_is_counted_and_retried(app: Celery) -> None:
@@ -429,7 +438,7 @@ def test_a_soft_time_limit_is_counted_and_retried(app: Celery) -> None:
         return "done"
 
     before = metric("celery_task_timeouts_total", kind="soft")
-    assert slow.apply().get() == "done"
+    assert slow.apply().get(propagate=False) == "done"
     assert metric("celery_task_timeouts_total", kind="soft") == before + 1
 
 
@@ -461,7 +470,8 @@ def test_a_redelivery_counts_against_the_budget(app: Celery) -> None:
     assert runtime.run(runtime.redis.exists(KEY_PREFIX + message_id)) == 0  # cleared
 
     runtime.run(runtime.redis.set(KEY_PREFIX + message_id, 1))  # one failure counted
-    assert run_redelivered(effect, message_id) is None  # the crash spends the budget
+    with pytest.raises(DeadLettered):  # the crash spends the budget
+        run_redelivered(effect, message_id)
     assert runs == [1]
     (letter,) = letters(app, name)
     assert (letter.reason.value, letter.retries, letter.error_type) == (
@@ -498,7 +508,7 @@ def test_an_unreadable_inbox_lets_the_delivery_run(app: Celery) -> None:
         return "ran"
 
     with capture_logs() as logs:
-        assert effect.apply().get() == "ran"
+        assert effect.apply().get(propagate=False) == "ran"
     assert runs == [1]
     (warning,) = [e for e in logs if e["event"].startswith("inbox lookup failed")]
     assert warning["event"] == "inbox lookup failed; the delivery runs and its claim decides"
@@ -513,7 +523,7 @@ def test_a_conflict_found_by_the_inbox_costs_one_lookup(app: Celery) -> None:
     def effect(self: object) -> None:
         raise AssertionError("never runs")
 
-    assert effect.apply(task_id="m-c").get() is None
+    assert isinstance(effect.apply(task_id="m-c").get(propagate=False), DeadLettered)
     assert inbox.lookups == 1
     (letter,) = letters(app, name)
     assert (letter.reason.value, letter.retries) == ("conflicting_message_id", 0)
@@ -540,7 +550,7 @@ def test_a_committed_twin_clears_counters_and_a_failed_recovery_is_retried(app: 
     runtime.run(runtime.redis.set(DEFER_PREFIX + "m-twin2", 3))
     before = metric("aura_duplicate_deliveries_total", kind="committed")
     with capture_logs() as logs:
-        assert effect.apply(task_id="m-twin2").get() is None
+        assert effect.apply(task_id="m-twin2").get(propagate=False) is None
     assert recoveries == [1, 1]  # the failed recovery step was retried, then done
     assert [e["attempt"] for e in retried(logs)] == [1]
     assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
@@ -564,7 +574,7 @@ def test_counters_are_cleared_after_a_success_and_redis_failing_there_is_only_lo
             raise ConnectionError("reset")
         return "done"
 
-    assert flaky.apply(task_id="m-clears").get() == "done"
+    assert flaky.apply(task_id="m-clears").get(propagate=False) == "done"
     assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-clears")) == 0
 
     async def refuse(*keys: str) -> int:
@@ -572,7 +582,7 @@ def test_counters_are_cleared_after_a_success_and_redis_failing_there_is_only_lo
 
     monkeypatch.setattr(runtime.redis, "delete", refuse)
     with capture_logs() as logs:
-        assert flaky.apply(task_id="m-clears-2").get() == "done"
+        assert flaky.apply(task_id="m-clears-2").get(propagate=False) == "done"
     (warning,) = [e for e in logs if e["event"].startswith("could not clear")]
     assert warning["event"] == "could not clear the retry counters; their TTL ends them"
     assert len(warning["error"]) == 300
@@ -638,7 +648,7 @@ def test_no_dead_letter_for_an_effect_the_inbox_shows_committed(app: Celery) -> 
     runtime.run(runtime.redis.set(KEY_PREFIX + "m-late", 2))
     before = metric("aura_duplicate_deliveries_total", kind="committed")
     with capture_logs() as logs:
-        assert effect.apply(task_id="m-late").get() is None
+        assert effect.apply(task_id="m-late").get(propagate=False) is None
     assert letters(app, name) == []
     assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
     assert [e["event"] for e in logs] == ["effect already committed; acked, not dead-lettered"]
@@ -651,7 +661,7 @@ def test_no_dead_letter_for_an_effect_the_inbox_shows_committed(app: Celery) -> 
     def uncommitted(self: object) -> None:
         raise KeyError("poison")
 
-    uncommitted.apply(task_id="m-late-none").get()
+    uncommitted.apply(task_id="m-late-none").get(propagate=False)
     assert [x.reason.value for x in letters(app, other)] == ["poison_pill"]
 
 
@@ -667,7 +677,7 @@ def test_an_unreadable_inbox_puts_a_dead_letter_off_within_the_deferral_budget(
         raise KeyError("poison")
 
     with capture_logs() as logs:
-        effect.apply(task_id=f"m-{uuid.uuid4().hex}").get()
+        effect.apply(task_id=f"m-{uuid.uuid4().hex}").get(propagate=False)
     assert len(runs) == 2  # put off once, then dead-lettered
     events_said = [e["event"] for e in logs if "inbox" in e["event"]]
     assert events_said == [
@@ -690,9 +700,9 @@ def test_no_redis_marker_decides_a_letter(app: Celery) -> None:
     def poison(self: object, n: int) -> None:
         raise KeyError("k")
 
-    poison.apply(args=(1,), task_id="m-mark").get()
+    poison.apply(args=(1,), task_id="m-mark").get(propagate=False)
     assert runtime.run(runtime.redis.keys("dlq_written:*")) == []
-    poison.apply(args=(1,), task_id="m-mark", headers={"aura_replay_count": 1}).get()
+    poison.apply(args=(1,), task_id="m-mark", headers={"aura_replay_count": 1}).get(propagate=False)
     (letter,) = letters(app, name)
     assert letter.replay_count == 1  # the replayed failure, newest, with its count
 
@@ -732,8 +742,8 @@ def test_retries_and_deferrals_are_counted_and_counters_cleared_at_the_dlq(
         raise CircuitOpenError("llm", retry_after=0.0)
 
     with capture_logs() as logs:
-        fails.apply(task_id="m-counted").get()
-    deferred.apply().get()
+        fails.apply(task_id="m-counted").get(propagate=False)
+    deferred.apply().get(propagate=False)
     assert metric("aura_task_retries_total", kind="retry") == retries + 2
     assert metric("aura_task_retries_total", kind="deferral") == deferrals + 3
     assert runtime.run(runtime.redis.exists(KEY_PREFIX + "m-counted")) == 0
@@ -759,7 +769,7 @@ def test_a_marker_redis_cannot_read_means_the_letter_is_written(
     def poison(self: object) -> None:
         raise KeyError("k")
 
-    poison.apply().get()
+    poison.apply().get(propagate=False)
     assert len(letters(app, name)) == 1
 
 
@@ -771,7 +781,7 @@ def test_a_conflict_raised_by_the_claim_asks_the_inbox_no_more(app: Celery) -> N
     def claims(self: object) -> None:
         raise ConflictingMessageIdError("committed for another payload")
 
-    claims.apply().get()
+    claims.apply().get(propagate=False)
     assert inbox.lookups == 1  # the settling lookup only
     assert [x.reason.value for x in letters(app, name)] == ["conflicting_message_id"]
 
@@ -806,7 +816,7 @@ def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
 
     monkeypatch.setattr(runtime.redis, "pipeline", refuse)
     with capture_logs() as logs:
-        effect.apply().get()
+        effect.apply().get(propagate=False)
     assert len(runs) == 2  # put off once (Celery's retries: 0 < 1), then dead-lettered
     (spent,) = [e for e in logs if e["event"].endswith("deferrals spent; dead-lettering")]
     assert len(spent["error"]) == 300
@@ -833,8 +843,8 @@ def test_lookup_first_false_runs_without_reading_the_inbox_and_the_claim_decides
 
     before = metric("aura_duplicate_deliveries_total", kind="committed")
     with capture_logs() as logs:
-        assert claims.apply(args=(False,), task_id="m-claims-1").get() == "ok"
-        assert claims.apply(args=(True,), task_id="m-claims-2").get() == "ok"
+        assert claims.apply(args=(False,), task_id="m-claims-1").get(propagate=False) == "ok"
+        assert claims.apply(args=(True,), task_id="m-claims-2").get(propagate=False) == "ok"
     assert (inbox.lookups, runs) == (0, ["m-claims-1", "m-claims-2"])
     assert metric("aura_duplicate_deliveries_total", kind="committed") == before + 1
     (twin,) = [e for e in logs if e["event"].startswith("effect already committed")]
@@ -850,8 +860,8 @@ def test_lookup_first_false_runs_without_reading_the_inbox_and_the_claim_decides
     def poisoned(self: object) -> None:
         raise KeyError("poison under an id committed for another payload")
 
-    poisoned.apply(task_id="m-reused").get()
-    poisoned.apply(task_id="m-fresh").get()
+    poisoned.apply(task_id="m-reused").get(propagate=False)
+    poisoned.apply(task_id="m-fresh").get(propagate=False)
     assert conflicted.lookups == 2  # before each dead letter, never before a run
     reasons = {x.message_id: x.reason.value for x in letters(app, name)}
     assert reasons == {"m-reused": "conflicting_message_id", "m-fresh": "poison_pill"}

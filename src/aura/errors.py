@@ -16,7 +16,9 @@
     │   ├── LLMConnectionError        could not connect, or the connection dropped (transient)
     │   ├── LLMHTTPStatusError        non-2xx answer; ``status_code``, ``retry_after``
     │   └── LLMMalformedResponseError the answer is not a chat completion (transient)
-    └── CircuitOpenError              the breaker rejects calls; ``retry_after`` (transient)
+    ├── CircuitOpenError              the breaker rejects calls; ``retry_after`` (transient)
+    └── DeadLettered                  a delivery's fate was the DLQ (its letter is safe):
+                                      Celery's FAILURE for it, the message acked
 
 ``transient`` is what the retry policy reads: a transient error is retried with backoff; a
 non-transient one is not. The poison-pill detector never treats a transient Aura error as
@@ -34,6 +36,7 @@ __all__ = [
     "ConflictError",
     "ConflictingMessageIdError",
     "DatabaseTransactionError",
+    "DeadLettered",
     "InvalidInputError",
     "LLMConnectionError",
     "LLMError",
@@ -182,3 +185,21 @@ class CircuitOpenError(AuraError):
 
     def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
         return type(self), (self.name, self.retry_after)
+
+
+class DeadLettered(AuraError):
+    """Raised by a resilient task once its delivery's dead letter is confirmed in the DLQ,
+    so Celery records what happened: state FAILURE, ``task_failure``, a ``task-failed``
+    event, the worker's log line "raised expected" -- never "succeeded". The message is
+    acked, not rejected (``aura.messaging.request``): rejected, the broker would
+    dead-letter it a second time, without the reason."""
+
+    transient = False
+
+    def __init__(self, message: str, reason: str = "", letter_id: str = "") -> None:
+        super().__init__(message, reason, letter_id)
+        self.reason = reason
+        self.letter_id = letter_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -43,6 +43,9 @@ __all__ = [
     "RateLimitOutcome",
     "RetryKind",
     "RollbackReason",
+    "TaskFinished",
+    "TaskOutcome",
+    "TaskRedelivered",
     "TaskRetried",
     "TaskTimedOut",
     "TimeoutKind",
@@ -92,6 +95,16 @@ class LLMOutcome(StrEnum):
 class RetryKind(StrEnum):
     RETRY = "retry"  # a transient failure, retried with backoff (spends the retry budget)
     DEFERRAL = "deferral"  # put off: the LLM circuit open, the database out (no budget)
+
+
+class TaskOutcome(StrEnum):
+    SUCCESS = "success"  # the task ran and returned
+    RETRY = "retry"  # a transient failure: retried with backoff (spends the budget)
+    DEFERRED = "deferred"  # put off (an open breaker, the database out): no budget spent
+    DEAD_LETTERED = "dead_lettered"  # in the DLQ (the reason is its own label)
+    DUPLICATE = "duplicate"  # its effect was already committed: acked without running
+    REQUEUED = "requeued"  # put back on its queue (a retry that could not be published)
+    FAILED = "failed"  # an error escaped the fate engine (a bug): rejected
 
 
 class TimeoutKind(StrEnum):
@@ -197,6 +210,24 @@ class TaskRetried:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskFinished:
+    """One delivery of a resilient task ended (``reason``: the dead letter's, else "")."""
+
+    task: str
+    outcome: TaskOutcome
+    duration_s: float
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRedelivered:
+    """A delivery whose last run never finished (its worker was killed, or lost the
+    broker connection before its ack)."""
+
+    task: str
+
+
+@dataclass(frozen=True, slots=True)
 class TaskTimedOut:
     task: str
     kind: TimeoutKind
@@ -241,6 +272,8 @@ Event = (
     | MessageDeadLettered
     | DeadLettersDropped
     | TaskRetried
+    | TaskFinished
+    | TaskRedelivered
     | DuplicateDelivered
     | QueueDepthObserved
     | DeadLetterDepthObserved

@@ -39,6 +39,14 @@ Not in the seed, named in its style:
     aura_dependency_available{dependency}          dependency: database; 0 while a worker
                                                    process holds deliveries at its outage
                                                    gate (``aura.messaging.gate``)
+    aura_task_outcomes_total{task,outcome,reason}  every delivery of a resilient task: outcome
+                                                   success | retry | deferred | dead_lettered
+                                                   | duplicate | requeued | failed; reason:
+                                                   the dead letter's (else ""); task: the
+                                                   app's registered names (from code)
+    aura_task_duration_seconds{task}               a delivery's time, outage holds included
+    aura_task_redeliveries_total{task}             deliveries whose last run never finished
+                                                   (worker killed, connection lost)
     aura_broker_ack_failures_total                 acks lost with the broker connection
                                                    (Celery's "Couldn't ack", a warning here)
 
@@ -80,6 +88,8 @@ from aura.events import (
     RateLimitOutcome,
     RetryKind,
     RollbackReason,
+    TaskFinished,
+    TaskRedelivered,
     TaskRetried,
     TaskTimedOut,
     TimeoutKind,
@@ -216,6 +226,23 @@ AURA_BROKER_ACK_FAILURES = Counter(
     "Acks or rejects lost with the broker connection (the message is redelivered).",
 )
 
+AURA_TASK_OUTCOMES = Counter(
+    "aura_task_outcomes_total",
+    "Deliveries of resilient tasks by task and outcome (reason: the dead letter's).",
+    ["task", "outcome", "reason"],
+)
+AURA_TASK_DURATION = Histogram(
+    "aura_task_duration_seconds",
+    "Time of one delivery of a resilient task, from its start to its fate.",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+AURA_TASK_REDELIVERIES = Counter(
+    "aura_task_redeliveries_total",
+    "Deliveries whose last run never finished (its worker killed, or the connection lost).",
+    ["task"],
+)
+
 AURA_TASK_RETRIES = Counter(
     "aura_task_retries_total",
     "Task executions put off for another try: retry (transient) or deferral (open circuit).",
@@ -297,6 +324,11 @@ def prometheus_hook(event: Event) -> None:
             AURA_DLQ_MESSAGES.set(messages)
         case DependencyGateChanged(dependency=dependency, available=available):
             AURA_DEPENDENCY_AVAILABLE.labels(dependency=dependency.value).set(int(available))
+        case TaskFinished(task=task, outcome=finished, duration_s=duration_s, reason=why):
+            AURA_TASK_OUTCOMES.labels(task=task, outcome=finished.value, reason=why).inc()
+            AURA_TASK_DURATION.labels(task=task).observe(duration_s)
+        case TaskRedelivered(task=task):
+            AURA_TASK_REDELIVERIES.labels(task=task).inc()
         case BrokerAckFailed():
             AURA_BROKER_ACK_FAILURES.inc()
 

@@ -27,7 +27,8 @@ what makes "nothing lost" true):
     worker_prefetch_multiplier 1: a worker holds one message per task slot, no more
     worker_pool                WORKER_POOL: async (default; aura.messaging.pool.AsyncPool,
                                WORKER_CONCURRENCY tasks in flight on one event loop, with
-                               per-task time limits) or prefork (one task per child)
+                               per-task time limits) or prefork (one task per child); a
+                               worker's ``-P``/``--pool`` wins (``-P prefork`` included)
     aura_priority_queues       ``priority_queues`` (realtime_queue): the async pool's free
                                slots go to their tasks first
     JSON only                  no pickle crosses the broker
@@ -47,6 +48,7 @@ another).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +59,14 @@ from aura.config import Settings, get_settings
 from aura.errors import ConfigurationError
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE, work_queues
 
-__all__ = ["ASYNC_POOL", "configure", "configured_app", "declare_topology", "default_app"]
+__all__ = [
+    "ASYNC_POOL",
+    "configure",
+    "configured_app",
+    "declare_topology",
+    "default_app",
+    "pool_on_the_command_line",
+]
 
 ASYNC_POOL = "aura.messaging.pool:AsyncPool"
 
@@ -90,7 +99,8 @@ def configure(
         raise ConfigurationError(f"default_queue {default_queue!r} is not one of {names}")
     if not app.conf.broker_url and settings.celery_broker_url:
         app.conf.broker_url = settings.celery_broker_url
-    async_pool = settings.worker_pool == "async"
+    named = pool_on_the_command_line(sys.argv)  # ``celery worker -P prefork``: it wins
+    async_pool = named in ("async", ASYNC_POOL) if named else settings.worker_pool == "async"
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -173,6 +183,24 @@ def declare_topology(app: Celery) -> None:
 
     with app.connection_for_write() as connection:
         dead_letter_queue()(connection.default_channel).declare()
+
+
+def pool_on_the_command_line(argv: Sequence[str]) -> str | None:
+    """The pool a ``celery ... worker`` command line names (``-P X``, ``-PX``, ``--pool X``,
+    ``--pool=X``), if any. Celery cannot tell ``-P prefork`` from its own default when an
+    app configures ``worker_pool`` (``celery/bin/worker.py``, ``WorkersPool.convert``): it
+    took the app's async pool and said nothing. So the app's pool follows the command line,
+    and ``WORKER_POOL`` is only the default."""
+    if "worker" not in argv:
+        return None
+    for index, argument in enumerate(argv):
+        if argument in ("-P", "--pool") and index + 1 < len(argv):
+            return argv[index + 1]
+        if argument.startswith("--pool="):
+            return argument.split("=", 1)[1]
+        if argument.startswith("-P") and len(argument) > 2:
+            return argument[2:]
+    return None
 
 
 def configured_app() -> Celery | None:

@@ -68,6 +68,7 @@ from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
     DatabaseTransactionError,
+    DeadLettered,
     LLMHTTPStatusError,
     ServiceUnavailableError,
     cause_chain,
@@ -77,6 +78,9 @@ from aura.events import (
     DuplicateDelivered,
     DuplicateKind,
     RetryKind,
+    TaskFinished,
+    TaskOutcome,
+    TaskRedelivered,
     TaskRetried,
     TaskTimedOut,
     TimeoutKind,
@@ -234,12 +238,31 @@ def resilient_task(
 
         @functools.wraps(function)
         def run(self: Task, *args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            outcome, reason = TaskOutcome.FAILED, ""
             try:
                 with _log_context(self, policy, args, kwargs):
-                    return _deliver(self, function, is_async, bind, policy, args, kwargs)
+                    result = _deliver(self, function, is_async, bind, policy, args, kwargs)
+                duplicate = getattr(self.request, "aura_duplicate", False)
+                outcome = TaskOutcome.DUPLICATE if duplicate else TaskOutcome.SUCCESS
+                return result
+            except DeadLettered as exc:
+                outcome, reason = TaskOutcome.DEAD_LETTERED, exc.reason
+                raise
+            except Retry:
+                deferred = getattr(self.request, "aura_deferred", False)
+                outcome = TaskOutcome.DEFERRED if deferred else TaskOutcome.RETRY
+                raise
+            except Reject as exc:
+                outcome = TaskOutcome.REQUEUED if exc.requeue else TaskOutcome.FAILED
+                raise
             except HardTimeLimitExceeded:  # AsyncPool: as after prefork's kill at the hard
                 events.emit(TaskTimedOut(self.name, TimeoutKind.HARD))  # limit, the message
-                raise Reject("past the hard time limit", requeue=True) from None  # comes back
+                outcome = TaskOutcome.REQUEUED  # comes back
+                raise Reject("past the hard time limit", requeue=True) from None
+            finally:
+                duration = time.monotonic() - started
+                events.emit(TaskFinished(self.name, outcome, duration, reason))
 
         options = {
             "name": f"{function.__module__}.{function.__qualname__}",
@@ -257,7 +280,12 @@ def resilient_task(
 
 class _ResilientTask(Task):  # type: ignore[misc]
     """Its request stack lives in a context variable: ``self.request`` inside an ``async
-    def`` task running on the shared loop (AsyncPool) is its own (see ContextStack)."""
+    def`` task running on the shared loop (AsyncPool) is its own (see ContextStack). A
+    delivery that ends in the DLQ raises ``DeadLettered``: an expected failure (logged
+    without a traceback), whose message ``ResilientRequest`` acks."""
+
+    Request = "aura.messaging.request:ResilientRequest"
+    throws = (DeadLettered,)
 
     @classmethod
     def bind(cls, app: Celery) -> Any:
@@ -387,8 +415,16 @@ def _deliver_once(
         request.aura_fingerprint = message_fingerprint(task.name, args, kwargs)
         if policy.lookup_first and _settled_by_inbox(task, runtime, policy, args, kwargs):
             return None
-    if redelivered and _crash_budget_spent(task, runtime, policy, args, kwargs):
-        return None
+    if redelivered:  # its last run never finished: say so, whatever comes of it
+        events.emit(TaskRedelivered(task.name))
+        _log.warning(
+            "redelivered: its last delivery never finished (its worker was killed, or lost "
+            "the broker connection before the ack)",
+            task=task.name,
+            message_id=request.id,
+        )
+        if _crash_budget_spent(task, runtime, policy, args, kwargs):
+            return None
     call_args = (task, *args) if bind else args
     try:
         if is_async:
@@ -501,6 +537,7 @@ def _acknowledge_duplicate(
             _fail(task, runtime, policy, exc, args, kwargs)  # never dead-lettered: committed
             return
     _forget_counts(runtime, request.id)
+    request.aura_duplicate = True
     events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
     _log.info(
         "effect already committed; delivery acked without running",
@@ -513,6 +550,7 @@ def report_duplicate(task: Task) -> None:
     """For a ``lookup_first=False`` task: its own claim found this delivery's effect
     committed (nothing was written). Counted (``duplicate_deliveries``) and logged as the
     inbox read's twins are."""
+    task.request.aura_duplicate = True
     events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
     _log.info(
         "effect already committed; the delivery's claim found it",
@@ -593,6 +631,7 @@ def _dead_letter(
         # fate (a task that does not read the inbox first learns it only here).
         reason = DeadLetterReason.CONFLICTING_MESSAGE_ID
     elif entry is not None:
+        request.aura_duplicate = True
         events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
         _log.warning(
             "effect already committed; acked, not dead-lettered",
@@ -650,6 +689,7 @@ def _dead_letter(
         dead_letter=letter.id,
         replay_count=letter.replay_count,
     )
+    raise DeadLettered(f"dead-lettered ({reason.value}): {letter.error}", reason.value, letter.id)
 
 
 _HOOK_BOUND = 60.0  # seconds a hook after a fate is tried again while the database is out
@@ -725,7 +765,7 @@ def _committed_entry(
             message_id=request.id,
             error=text,
         )
-        _retry(task, exc, _outage_countdown(task, runtime))
+        _retry(task, exc, _outage_countdown(task, runtime), deferral=True)
     return entry
 
 
@@ -791,7 +831,7 @@ def _put_off_for_database(
         countdown=round(countdown, 3),
         error=text,
     )
-    _retry(task, exc, countdown)
+    _retry(task, exc, countdown, deferral=True)
 
 
 def _tenant_finder(
@@ -904,11 +944,16 @@ def _defer(
     # Spread the fleet's trials over a second past the moment the breaker may allow one.
     countdown = max(exc.retry_after + runtime.rng.uniform(0, 1.0), _MIN_COUNTDOWN)
     events.emit(TaskRetried(task.name, RetryKind.DEFERRAL))
-    _retry(task, exc, countdown)
+    _retry(task, exc, countdown, deferral=True)
 
 
 def _retry(
-    task: Task, exc: BaseException, countdown: float, *, failures: int | None = None
+    task: Task,
+    exc: BaseException,
+    countdown: float,
+    *,
+    failures: int | None = None,
+    deferral: bool = False,
 ) -> NoReturn:
     """``task.retry``, except that a retry which cannot be published puts the message back.
 
@@ -919,6 +964,8 @@ def _retry(
     ``aura chaos partition-broker``). Requeued, it is delivered again and the inbox
     dedupes; the queue's delivery limit bounds how often."""
     request = getattr(task, "request", None)
+    if deferral and request is not None:
+        request.aura_deferred = True  # its outcome: deferred, no budget spent
     headers: dict[str, Any] = {
         FAILURES_HEADER: failures_so_far(request) if failures is None else failures
     }

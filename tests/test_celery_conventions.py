@@ -1,0 +1,134 @@
+"""A team's own Celery app under a real ``celery -A`` worker keeps Celery's meanings: the
+pool the command line names is the pool; a dead-lettered delivery is a failure in Celery's
+log line, signal and state (never "succeeded"), and its message is acked, not rejected
+into a second, reasonless letter; every delivery's outcome is counted per task."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection
+
+from aura.messaging import DeadLetterQueue
+from aura.messaging.app import pool_on_the_command_line
+from tests.helpers import stop_celery_worker, wait_for
+from tests.outcome_tasks import QUEUE, app
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["celery", "-A", "shop", "worker", "-P", "prefork"], "prefork"),
+        (["celery", "-A", "shop", "worker", "-Pthreads"], "threads"),
+        (["celery", "-A", "shop", "worker", "--pool=solo", "-c", "1"], "solo"),
+        (["celery", "-A", "shop", "worker", "--pool", "prefork"], "prefork"),
+        (["celery", "-A", "shop", "worker", "--pool-restarts"], None),
+        (["celery", "-A", "shop", "inspect", "-P", "x"], None),
+        (["celery", "-A", "shop", "worker"], None),
+    ],
+)
+def test_the_pool_named_on_the_command_line_is_found(argv: list[str], named: str | None) -> None:
+    assert pool_on_the_command_line(argv) == named
+
+
+class Worker:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, metrics_port: int) -> None:
+        self.process, self.log, self.metrics_port = process, log, metrics_port
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return str(answer.read().decode())
+
+
+def _start(amqp_url: str, redis_url: str, tmp_path: Path, *pool: str) -> Worker:
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "REDIS_"))},
+        "CELERY_BROKER_URL": amqp_url,
+        "REDIS_URL": redis_url,
+        "WORKER_METRICS_PORT": str(port),
+        "RETRY_TRACKER_MAX_RETRIES": "3",
+    }
+    log = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", *pool]
+    command += ["-c", "2", "-Q", QUEUE, "-l", "INFO", "--without-gossip", "--without-mingle"]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    return Worker(process, log, port)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+@pytest.mark.parametrize("pool", [(), ("-P", "prefork")], ids=["async-default", "P-prefork"])
+def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counted(
+    amqp_url: str,
+    redis_url: str,
+    client: redis.Redis,
+    tmp_path: Path,
+    pool: tuple[str, ...],
+) -> None:
+    worker = _start(amqp_url, redis_url, tmp_path, *pool)
+    app.conf.broker_url = amqp_url
+    run = uuid.uuid4().hex
+    try:
+        ok = app.send_task("outcome.ok", args=[run], queue=QUEUE).id
+        poison = app.send_task("outcome.poison", args=[run], queue=QUEUE).id
+        flaky = app.send_task("outcome.flaky", args=[run], queue=QUEUE).id
+        wait_for(lambda: client.sismember("signals:task_failure", poison), within=60)
+        wait_for(lambda: client.sismember("signals:task_success", flaky), within=60)
+        assert client.sismember("signals:task_success", ok)
+        assert not client.sismember("signals:task_success", poison)
+
+        text = worker.log.read_text()
+        banner = text.split("[queues]")[0]  # Celery's: the pool's module in brackets
+        expected = "concurrency: 2 (prefork)" if pool else "concurrency: 2 (pool)"
+        assert expected in banner, banner
+        assert f"outcome.poison[{poison}] succeeded" not in text
+        assert f"outcome.poison[{poison}] raised expected: DeadLettered" in text, text[-3000:]
+
+        def counted() -> bool:
+            scraped = worker.metrics()
+            return all(
+                line in scraped
+                for line in (
+                    'aura_task_outcomes_total{outcome="success",reason="",task="outcome.ok"} 1.0',
+                    'aura_task_outcomes_total{outcome="dead_lettered",reason="poison_pill",'
+                    'task="outcome.poison"} 1.0',
+                    'aura_task_outcomes_total{outcome="retry",reason="",task="outcome.flaky"} 1.0',
+                    'aura_task_outcomes_total{outcome="success",reason="",task="outcome.flaky"}'
+                    " 1.0",
+                )
+            )
+
+        if not pool:  # prefork's children count in their own processes (issue 27, left)
+            wait_for(counted, within=30)
+        with Connection(amqp_url) as connection:
+            letters = DeadLetterQueue(connection, app=app).list(limit=1000)
+        mine = [x for x in letters if x.message_id in (ok, poison, flaky)]
+        assert [(x.message_id, x.reason.value) for x in mine] == [(poison, "poison_pill")]
+    finally:
+        stop_celery_worker(worker.process)
+    assert worker.process.returncode == 0, worker.log.read_text()[-3000:]
