@@ -87,7 +87,9 @@ class BrokerView:
     depths: dict[str, int]
 
 
-def read_broker(broker_url: str, vhost: str, store_url: str | None = None) -> BrokerView:
+def read_broker(
+    broker_url: str, vhost: str, store_url: str | None = None, *, node: str | None = None
+) -> BrokerView:
     """Browse every queue of ``vhost`` (messages are read, never taken: closing the
     channel puts them back) and read the DLQ.
 
@@ -99,11 +101,12 @@ def read_broker(broker_url: str, vhost: str, store_url: str | None = None) -> Br
     a second apart until the delayed queues are empty and two polls agree (bounded by
     ``_SETTLE_S``), and only then is the vhost browsed, once: a browsed message of a
     quorum queue comes back with its delivery count raised, and enough browses would
-    push it past the work queue's delivery limit into the DLQ."""
+    push it past the work queue's delivery limit into the DLQ. ``node``: the RabbitMQ
+    node holding ``vhost`` when it is the run's own (``queue_depths``)."""
     deadline = time.monotonic() + _SETTLE_S
     previous: dict[str, int] | None = None
     while True:
-        depths = queue_depths(vhost)
+        depths = queue_depths(vhost, node)
         delayed = sum(n for name, n in depths.items() if name.startswith("celery_delayed_"))
         if (depths == previous and not delayed) or time.monotonic() > deadline:
             break
@@ -115,10 +118,12 @@ def read_broker(broker_url: str, vhost: str, store_url: str | None = None) -> Br
     return BrokerView(queued, letters, depths)
 
 
-def queue_depths(vhost: str) -> dict[str, int]:
-    """Every queue of ``vhost`` and its message count (read-only: rabbitmqctl)."""
+def queue_depths(vhost: str, node: str | None = None) -> dict[str, int]:
+    """Every queue of ``vhost`` and its message count (read-only: rabbitmqctl), on
+    ``node`` (a run's own RabbitMQ node) or the machine's."""
+    named = ("-n", node) if node else ()
     listing = run_tool(
-        "rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "--quiet",
+        "rabbitmqctl", *named, "list_queues", "-p", vhost, "name", "messages", "--quiet",
         "--no-table-headers",
     )  # fmt: skip
     return {

@@ -9,6 +9,11 @@ A scenario breaks things. It may only break what it made, so every run makes its
                       on the broker CELERY_BROKER_URL names
     Redis             a private ``redis-server`` on a free      the process is stopped
                       loopback port (never the configured one)
+    RabbitMQ node     with ``own_broker``: a ``PrivateRabbitMQ``  the node is killed, its
+                      node (the vhost is made there, not on the   directory removed
+                      configured broker: an alarm is node-wide)
+    PostgreSQL roles  a scenario's LOGIN roles (``add_role``),   DROP ROLE, after the
+                      on the configured server                    database
 
 They are removed also after Ctrl-C (the run's ``finally``), and a run's leftovers (a
 queue that did not drain) can never be counted by the next run. The configured servers
@@ -24,7 +29,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -32,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.errors import ConfigurationError
 
 __all__ = ["OwnedStack", "PrivateRedis", "owned_stack", "run_tool"]
@@ -124,10 +130,24 @@ class OwnedStack:
     redis: PrivateRedis
     database: str
     vhost: str
+    rabbitmq: PrivateRabbitMQ | None = None  # the run's own node (``own_broker``)
+    roles: list[str] = field(default_factory=list)  # dropped at the end (``add_role``)
 
     @property
     def redis_url(self) -> str:
         return self.redis.url
+
+    @property
+    def rabbitmq_node(self) -> str | None:
+        """The node ``rabbitmqctl -n`` names for the run's vhost (None: the configured one)."""
+        return None if self.rabbitmq is None else self.rabbitmq.node
+
+    def add_role(self, suffix: str) -> str:
+        """A name for a role of the run's own, ``<database>_<suffix>``; from now on it is
+        dropped at the end of the run (make it after this, so Ctrl-C cannot leave it)."""
+        role = self.database[: _NAME_LIMIT - len(suffix) - 1] + f"_{suffix}"
+        self.roles.append(role)
+        return role
 
 
 def _owned_name(configured: str, token: str) -> str:
@@ -164,33 +184,50 @@ def _broker_parts(broker_url: str) -> tuple[str, str]:
 
 @contextlib.asynccontextmanager
 async def owned_stack(
-    database_url: str, broker_url: str, scratch: Path, *, token: str | None = None
+    database_url: str,
+    broker_url: str,
+    scratch: Path,
+    *,
+    token: str | None = None,
+    own_broker: bool = False,
 ) -> AsyncIterator[OwnedStack]:
-    """Make the run's database, vhost and Redis server; remove all three at the end."""
+    """Make the run's database, vhost and Redis server; remove all three at the end. With
+    ``own_broker`` the vhost is on a RabbitMQ node the run starts (and kills at the end)."""
     token = token or secrets.token_hex(4)
     configured_db = urlsplit(database_url).path.lstrip("/") or "aura"
     database = _owned_name(configured_db, token)
     configured_vhost, user = _broker_parts(broker_url)
     vhost = _owned_name("aura" if configured_vhost == "/" else configured_vhost, token)
     redis = PrivateRedis(scratch)
+    node = PrivateRabbitMQ() if own_broker else None
+    if node is not None:
+        broker_url, user = node.url, "guest"
     stack = OwnedStack(
         database_url=_with_path(database_url, f"/{database}"),
         broker_url=_with_path(broker_url, f"/{quote(vhost, safe='')}"),
         redis=redis,
         database=database,
         vhost=vhost,
+        rabbitmq=node,
     )
     made: list[str] = []
     try:
         await _admin_execute(database_url, f'CREATE DATABASE "{database}"')
         made.append("database")
-        run_tool("rabbitmqctl", "add_vhost", vhost)
-        made.append("vhost")
-        run_tool("rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        if node is not None:
+            node.start()
+            node.ctl("add_vhost", vhost)
+            node.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        else:
+            run_tool("rabbitmqctl", "add_vhost", vhost)
+            made.append("vhost")
+            run_tool("rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
         redis.start()
         yield stack
     finally:
         redis.stop()
+        if node is not None:  # the vhost goes with it
+            node.stop()
         # Each removal on its own: one failing must not keep the others.
         if "vhost" in made:
             with contextlib.suppress(ConfigurationError, subprocess.TimeoutExpired):
@@ -200,3 +237,6 @@ async def owned_stack(
                 await _admin_execute(
                     database_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
                 )
+        for role in stack.roles:  # after its database: the grants went with it
+            with contextlib.suppress(ConfigurationError):
+                await _admin_execute(database_url, f'DROP ROLE IF EXISTS "{role}"')

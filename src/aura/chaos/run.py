@@ -71,6 +71,12 @@ class ChaosRun(ImportRun):
     # reaches PostgreSQL and RabbitMQ through them too; the gateway's HTTP side and the
     # run's own bookkeeping stay direct (they must see the truth through any fault).
     proxied: ClassVar[tuple[str, ...]] = ()
+    # The run's broker is a RabbitMQ node it starts (``PrivateRabbitMQ``), for a fault that
+    # is node-wide (a memory alarm); else a vhost on the configured broker.
+    own_broker: ClassVar[bool] = False
+    # The gateway publishes as ``aura gateway`` does (``AmqpSender``, on the event loop:
+    # it sees a blocked broker), and so does the relay; else Celery's ``send_task``.
+    amqp_gateway: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -205,6 +211,7 @@ class ChaosRun(ImportRun):
 
         from aura.gateway import Gateway, create_app, create_tenant_with_key
         from aura.gateway.outbox import relay_forever
+        from aura.gateway.senders import AmqpSender, Sender
         from aura.worker.celery_app import make_celery_app
 
         database = Database.from_settings(self.settings)
@@ -233,6 +240,11 @@ class ChaosRun(ImportRun):
                 )
                 relay_database = Database.from_settings(relayed)
                 relay_publisher = make_celery_app(relayed)
+            sender: Sender | None = None
+            if self.amqp_gateway:
+                sender = AmqpSender(self.publisher)
+                if relay_publisher is self.publisher:
+                    relay_publisher = sender
             self.supervisors = [
                 WorkerSupervisor(functools.partial(self._launch, index))
                 for index in range(self.workers)
@@ -249,7 +261,8 @@ class ChaosRun(ImportRun):
                     min_age=self.settings.outbox_relay_min_age,
                 )
             )
-            app = create_app(Gateway(database, self.publisher, {}))
+            gateway = Gateway(database, self.publisher, {}, sender=sender)
+            app = create_app(gateway)
             try:
                 async with httpx.AsyncClient(
                     transport=httpx.ASGITransport(app=app), base_url="http://aura-gateway"
@@ -261,6 +274,9 @@ class ChaosRun(ImportRun):
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await relay
+                if sender is not None:
+                    with contextlib.suppress(Exception):
+                        await gateway.outbox.aclose()
                 # Together: a worker stopping first would hand its deliveries to another.
                 await asyncio.gather(
                     *(asyncio.to_thread(supervisor.stop) for supervisor in self.supervisors)
@@ -277,7 +293,10 @@ class ChaosRun(ImportRun):
             ][:10]
             await self.before_count(database)
             broker = await asyncio.to_thread(
-                read_broker, self.stack.broker_url, self.stack.vhost, self.stack.database_url
+                functools.partial(read_broker, node=self.stack.rabbitmq_node),
+                self.stack.broker_url,
+                self.stack.vhost,
+                self.stack.database_url,
             )
             async with database.session() as session:
                 accounting = await account(
@@ -392,7 +411,7 @@ class ChaosRun(ImportRun):
 
     def _queued_at_broker(self) -> int:
         """Messages in the run's vhost beyond the DLQ: work and delayed-retry queues."""
-        depths = queue_depths(self.stack.vhost)
+        depths = queue_depths(self.stack.vhost, self.stack.rabbitmq_node)
         return sum(count for name, count in depths.items() if name != DEAD_LETTER_QUEUE)
 
     def _read_letters(self) -> list[DeadLetter]:

@@ -7,7 +7,9 @@ worker consumes, heals, drains, and counts every message (``aura.chaos.accountin
 It passes only when nothing is lost, stranded, doubled or both committed and
 dead-lettered, and every message met the fate the scenario expects (``expected_fates``,
 the README's table). The network scenarios are in ``aura.chaos.network``; those on what
-the fleet shares through Redis (its memory, its clock) in ``aura.chaos.shared_state``.
+the fleet shares through Redis (its memory, its clock) in ``aura.chaos.shared_state``;
+a dependency running out (database connections, broker memory) in
+``aura.chaos.dependency_faults``.
 
 Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
 its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
@@ -34,6 +36,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aura.catalog import parse_product
 from aura.chaos.accounting import Accounting, Sent
+from aura.chaos.dependency_faults import BrokerBlocked, DatabaseExhausted
 from aura.chaos.network import (
     CommitReplyCut,
     ConnectionsCut,
@@ -657,6 +660,8 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         CommitReplyCut,
         RedisOutOfMemory,
         ClockSkew,
+        DatabaseExhausted,
+        BrokerBlocked,
     )
 }
 
@@ -724,7 +729,10 @@ async def _run(
 ) -> ChaosResult:
     (scratch / "redis").mkdir()
     async with owned_stack(
-        str(settings.database_url), str(settings.celery_broker_url), scratch / "redis"
+        str(settings.database_url),
+        str(settings.celery_broker_url),
+        scratch / "redis",
+        own_broker=scenario.own_broker,
     ) as stack:
         environment = {
             **BASE_ENVIRONMENT,
