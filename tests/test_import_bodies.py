@@ -115,3 +115,13 @@ async def test_limits_are_checked_as_the_body_arrives() -> None:
         await spool_lines(chunked(b"{}\n" * 4, []), None, max_records=3)
     with pytest.raises(InvalidInputError, match="no records"):
         await spool_lines(chunked(b"\n \n", []), None)
+
+
+def test_a_json_line_that_is_no_object_is_the_workers_poison_pill_not_a_refusal() -> None:
+    """As a line that is not JSON at all: the gateway stores it as it came and the worker
+    dead-letters it with its reason (``aura demo``'s sample catalog has such lines)."""
+    from aura.gateway.bodies import _line_problems
+
+    assert _line_problems(b'["an", "array"]', "lines.1") == '["an", "array"]'
+    assert _line_problems(b'"just a string"', "lines.2") == '"just a string"'
+    assert _line_problems(b"not json {", "lines.3") == "not json {"

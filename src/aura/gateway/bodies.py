@@ -344,4 +344,6 @@ def _line_problems(line: bytes, field: str) -> str | list[tuple[str, str]] | Non
         return [(field, f"nested deeper than {MAX_JSON_DEPTH} levels")]
     except InvalidInputError:
         return text  # not JSON: the worker's poison pill, dead-lettered with its reason
+    if not isinstance(value, dict):  # JSON, but no record: the worker's poison pill too
+        return text  # (``aura demo``'s catalog has such lines; refusing them failed it)
     return _record_problems(value, field) or text
