@@ -103,7 +103,7 @@ def test_bad_input_and_missing_redis_are_one_line() -> None:
     env = {"REDIS_URL": "redis://127.0.0.1:1/0"}
     unreachable = run_aura("breaker", "status", env=env)
     assert unreachable.returncode == 2
-    assert unreachable.stderr.startswith("aura: cannot reach Redis at REDIS_URL")
+    assert unreachable.stderr.startswith("aura: cannot use Redis at redis://127.0.0.1:1/0: ")
     bad_kind = run_aura("retries", "ls", "--kind", "maybe", env=env)
     assert bad_kind.returncode == 2
     assert "--kind must be retry or defer" in bad_kind.stderr

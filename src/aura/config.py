@@ -261,6 +261,23 @@ class Settings(BaseSettings):
             else:
                 yield name, value
 
+    def sources(self) -> dict[str, str]:
+        """Where each setting came from, by environment name: ``environment``, the env file
+        (``.env``, or the file ``AURA_ENV_FILE`` names) or ``default``. A value set and not in
+        the environment came from the file: ``load_settings`` passes no arguments, and the
+        environment wins over the file."""
+        environment = {name.upper() for name in os.environ}
+        given = {name.upper() for name in self.model_fields_set}
+        env_file = self.model_config.get("env_file")
+        from_file = str(env_file) if isinstance(env_file, str | os.PathLike) else "env file"
+
+        def source(variable: str) -> str:
+            if variable not in given:
+                return "default"
+            return "environment" if variable in environment else from_file
+
+        return {name.upper(): source(name.upper()) for name in type(self).model_fields}
+
     def as_display(self) -> dict[str, str]:
         """Effective settings by environment name, secrets and URL passwords masked."""
         shown: dict[str, str] = {}

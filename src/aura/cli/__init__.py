@@ -3,8 +3,9 @@
 Settings are validated once, before any command runs: a bad value prints one line naming
 the variable and exits 2. A service that cannot be used (PostgreSQL, RabbitMQ, Redis:
 unreachable, refused credentials, no such database or vhost) is one line naming it and its
-URL, password masked, exit 2 (``aura.cli.failures``). Any other Aura error is one line too
-(exit 2 for bad input or configuration, 1 otherwise); tracebacks are for bugs only.
+URL, password masked, exit 2 (``aura.cli.failures``); so is a command whose extra is not
+installed (``aura.cli.extras``). Any other Aura error is one line too (exit 2 for bad input
+or configuration, 1 otherwise); tracebacks are for bugs only.
 
 Starting is cheap: the command modules import what a command needs inside it, so ``aura
 --help`` (and shell completion, which runs the program) loads typer and little else
@@ -115,13 +116,13 @@ def config_command(
     if as_json:
         typer.echo(json.dumps(shown, indent=2))
         return
-    explicit = {name.upper() for name in settings.model_fields_set}
+    sources = settings.sources()
     table = Table(title="Aura settings")
     table.add_column("variable")
     table.add_column("value")
     table.add_column("from")
     for variable, value in shown.items():
-        table.add_row(variable, value, "environment" if variable in explicit else "default")
+        table.add_row(variable, value, sources[variable])
     Console().print(table)
 
 
@@ -143,10 +144,11 @@ def main() -> None:
         print(f"aura: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
+        from aura.cli.extras import missing_extra
         from aura.cli.failures import service_failure
         from aura.config import get_settings
 
-        line = service_failure(exc, get_settings())
+        line = missing_extra(exc) or service_failure(exc, get_settings())
         if line is not None:
             print(f"aura: {line}", file=sys.stderr)
             sys.exit(2)

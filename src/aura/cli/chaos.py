@@ -12,6 +12,7 @@ from types import FrameType
 import typer
 
 from aura.cli import app
+from aura.cli.extras import needs_extra
 from aura.errors import AuraError, InvalidInputError
 
 
@@ -25,6 +26,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 @app.command("chaos")
+@needs_extra("chaos")
 def chaos_command(
     name: str = typer.Argument("", help="A scenario (see --list), or all."),
     list_them: bool = typer.Option(False, "--list", help="List the scenarios and stop."),

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from aura.cli import app
+from aura.cli.extras import needs_extra
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 
 @app.command("demo")
+@needs_extra("demo")
 def demo_command(
     products: int = typer.Option(1200, help="How many catalog records to import (max 20,000)."),
     faults: str = typer.Option("default", help="LLM faults to inject: off, default or heavy."),
@@ -40,8 +42,15 @@ def demo_command(
         TimeElapsedColumn,
     )
 
+    from aura.cli.failures import check_broker
+    from aura.config import get_settings
     from aura.demo import DemoOptions, run_demo
 
+    settings = get_settings()
+    if settings.database_url and settings.redis_url and settings.celery_broker_url:
+        # On the real services: a broker that is down is one line now, not a run that
+        # waits on it for ever (its gateway keeps the imports in the outbox, retrying).
+        check_broker(settings.celery_broker_url)
     console = Console(stderr=as_json)
     progress = Progress(
         TextColumn("{task.description:<10}"),

@@ -67,8 +67,7 @@ def _when(text: str | None, name: str) -> datetime | None:
 
 @contextmanager
 def _reader(celery_app: Any = None) -> Iterator[DeadLetterQueue]:
-    from kombu.connection import Connection
-
+    from aura.cli.failures import connect_broker
     from aura.config import get_settings
     from aura.messaging.dlq import DeadLetterQueue
 
@@ -77,10 +76,10 @@ def _reader(celery_app: Any = None) -> Iterator[DeadLetterQueue]:
         raise ConfigurationError(
             "CELERY_BROKER_URL must point at RabbitMQ to read the DLQ (it is unset or memory://)"
         )
-    with Connection(
+    # One connect, bounded: a broker that is down is one line in 2 s, not 13 s of retries.
+    with connect_broker(
         settings.celery_broker_url, transport_options={"confirm_publish": True}
     ) as connection:
-        connection.ensure_connection(max_retries=3)
         if celery_app is None:
             celery_app = _load_app(_PLATFORM_APP)
         yield DeadLetterQueue(connection, app=celery_app)

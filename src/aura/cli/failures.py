@@ -7,21 +7,29 @@ anywhere in the exception's chain (asyncpg / SQLAlchemy / sqlite3, py-amqp / kom
 redis-py, or a refused or timed-out socket under one of them) and returns the line, or
 None for anything else (a bug keeps its traceback).
 
-``check_database`` and ``check_broker`` are the pre-flight checks of the long-running
-commands (``aura gateway``, ``aura outbox relay``): one connect, bounded by the connect
-timeout, so a misconfigured service stops the command at once instead of at the first
-request.
+``check_database`` and ``check_broker`` are the pre-flight checks of the commands that
+need the service (``aura gateway``, ``aura outbox relay``, ``aura demo`` on the real
+services; ``aura dlq`` connects the same way): one connect, no retry, so a
+misconfigured or stopped service stops the command at once instead of at the first
+request. The broker's and Redis's connect is bounded by ``CONNECT_TIMEOUT`` (2 s: a
+command typed at a terminal; a broker that takes longer is down for it), the database's
+by ``DB_CONNECT_TIMEOUT``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aura.config import Settings, mask_url
-from aura.db import database_url
-from aura.db.engine import reach
 from aura.errors import ServiceUnavailableError, cause_chain
 from aura.logs import bounded_text
 
-__all__ = ["check_broker", "check_database", "service_failure"]
+if TYPE_CHECKING:
+    from kombu.connection import Connection
+
+__all__ = ["CONNECT_TIMEOUT", "check_broker", "check_database", "connect_broker", "service_failure"]
+
+CONNECT_TIMEOUT = 2.0
 
 _MAX_FRAMES = 200
 
@@ -75,6 +83,8 @@ def service_failure(exc: BaseException, settings: Settings) -> str | None:
         return None
     service = found[0]  # the deepest driver that raised
     if service in {"PostgreSQL", "SQLite", "the database"}:
+        from aura.db import database_url
+
         url = database_url(settings)
         service = "SQLite" if url.startswith("sqlite") else "PostgreSQL"
     elif service == "RabbitMQ":
@@ -87,12 +97,26 @@ def service_failure(exc: BaseException, settings: Settings) -> str | None:
 
 async def check_database(settings: Settings) -> None:
     """Connect once to DATABASE_URL (bounded by DB_CONNECT_TIMEOUT); raise if it fails."""
+    from aura.db.engine import reach
+
     await reach(settings)
 
 
-def check_broker(url: str, timeout: float = 5.0) -> None:
-    """Connect once to the broker (no retries, bounded by ``timeout``); raise if it fails."""
+def connect_broker(url: str, timeout: float = CONNECT_TIMEOUT, **options: object) -> Connection:
+    """A connection to the broker, tried once and bounded by ``timeout`` (kombu's
+    ``connect()`` tries again after 2 s, its retries wait 2, 4, 6 s...); raise if it
+    fails. The caller closes it."""
     from kombu.connection import Connection
 
-    with Connection(url, connect_timeout=timeout) as connection:  # type: ignore[no-untyped-call]
-        connection.connect()
+    connection = Connection(url, connect_timeout=timeout, **options)  # type: ignore[no-untyped-call]
+    try:
+        connection.ensure_connection(max_retries=0)  # type: ignore[no-untyped-call]
+    except BaseException:
+        connection.release()  # type: ignore[no-untyped-call]
+        raise
+    return connection
+
+
+def check_broker(url: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Connect once to the broker (no retry, bounded by ``timeout``); raise if it fails."""
+    connect_broker(url, timeout).release()  # type: ignore[no-untyped-call]

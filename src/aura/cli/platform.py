@@ -8,14 +8,18 @@ from typing import Any
 import typer
 
 from aura.cli import app
+from aura.cli.extras import needs_extra, with_extra
 from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 from aura.errors import ConfigurationError, InvalidInputError
 
-tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+tenant_app = typer.Typer(
+    help=with_extra("Tenants and their API keys.", "gateway"), no_args_is_help=True
+)
 app.add_typer(tenant_app, name="tenant")
 
 
 @tenant_app.command("create")
+@needs_extra("gateway")
 def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name.")) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
     from aura.config import get_settings
@@ -39,6 +43,7 @@ def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name
 
 
 @app.command("gateway")
+@needs_extra("gateway")
 def gateway_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
@@ -48,8 +53,6 @@ def gateway_command(
     `aura demo` runs an embedded gateway with its own worker."""
     from aura.cli.failures import check_broker, check_database
     from aura.config import get_settings
-    from aura.gateway import create_app
-    from aura.gateway.server import serve
 
     settings = get_settings()
     broker = settings.celery_broker_url
@@ -59,8 +62,11 @@ def gateway_command(
             f"it is {'unset' if broker is None else broker}, so nothing it accepted would "
             "ever be processed; `aura demo` runs the embedded gateway with its own worker"
         )
-    check_broker(broker)
+    check_broker(broker)  # first: a service that is down is one line in 2 s
     asyncio.run(check_database(settings))
+    from aura.gateway import create_app
+    from aura.gateway.server import serve
+
     serve(create_app(), host=host, port=port, settings=settings)
 
 
@@ -166,11 +172,15 @@ def _supervise(
     ).run()
 
 
-outbox_app = typer.Typer(help="The gateway's outbox of unpublished messages.", no_args_is_help=True)
+outbox_app = typer.Typer(
+    help=with_extra("The gateway's outbox of unpublished messages.", "gateway"),
+    no_args_is_help=True,
+)
 app.add_typer(outbox_app, name="outbox")
 
 
 @outbox_app.command("relay")
+@needs_extra("gateway")
 def outbox_relay(
     min_age: float = typer.Option(
         0.0, min=0.0, help="Only messages staged at least this many seconds ago."
@@ -178,18 +188,18 @@ def outbox_relay(
 ) -> None:
     """Publish what the outbox holds (the gateway also does this on its own, every
     OUTBOX_RELAY_INTERVAL seconds) and print how many messages were sent and are left."""
-    from sqlalchemy import func, select
-
     from aura.cli.failures import check_broker
     from aura.config import get_settings
-    from aura.db import Database, OutboxMessage
-    from aura.gateway.outbox import relay_once
-    from aura.worker.celery_app import make_celery_app
 
     settings = get_settings()
     if settings.celery_broker_url is None or settings.celery_broker_url.startswith("memory"):
         raise ConfigurationError("CELERY_BROKER_URL must point at RabbitMQ to relay the outbox")
-    check_broker(settings.celery_broker_url)
+    check_broker(settings.celery_broker_url)  # first: a broker that is down is one line in 2 s
+    from sqlalchemy import func, select
+
+    from aura.db import Database, OutboxMessage
+    from aura.gateway.outbox import relay_once
+    from aura.worker.celery_app import make_celery_app
 
     async def relay() -> tuple[int, int]:
         database = Database.from_settings(settings)

@@ -51,17 +51,15 @@ _SCAN_MAX = 1_000_000
 def _redis() -> Iterator[redis.Redis]:
     import redis
 
+    from aura.cli.failures import CONNECT_TIMEOUT
     from aura.config import get_settings
 
     url = get_settings().redis_url
     if url is None:
         raise ConfigurationError("REDIS_URL must be set: the shared state lives in Redis")
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=CONNECT_TIMEOUT)
     try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        raise ConfigurationError(f"cannot reach Redis at REDIS_URL: {exc}") from exc
-    try:
+        client.ping()  # failing: one line naming Redis and its URL, masked (aura.cli.failures)
         yield client
     finally:
         client.close()
