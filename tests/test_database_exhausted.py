@@ -97,6 +97,9 @@ async def test_every_slot_taken_holds_deliveries_then_each_commits_once(
         "REDIS_URL": redis_url,
         "DATABASE_URL": role_url,
         "DB_CONNECT_TIMEOUT": "2",
+        # Shorter than the outage: a held delivery's limits start when it may run
+        "CELERY_TASK_SOFT_TIME_LIMIT": "4",
+        "CELERY_TASK_HARD_TIME_LIMIT": "6",
     }
     log = tmp_path / "worker.log"
     with log.open("wb") as output:

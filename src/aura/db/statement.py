@@ -76,8 +76,8 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
     """One read (PostgreSQL only) on the pool's asyncpg connection, in autocommit: its
     first row, or None. A connection left unusable (cut, or cancelled mid-read) is
     discarded; the driver's error is raised as it came (a transient one: asyncpg's)."""
-    async with _driver(database) as (connection, driver):
-        try:
+    async with _driver(database, patience=0.0) as (connection, driver):  # reads fail fast:
+        try:  # the inbox's read before a delivery is the outage gate's probe
             return await driver.fetchrow(statement, *arguments)
         except BaseException as exc:
             if not isinstance(exc, asyncpg.PostgresError):
@@ -86,6 +86,7 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
 
 
 CONNECT_PATIENCE = 5.0  # seconds a statement waits for a connection through a blip
+CHECKOUT_BOUND = 3.0  # seconds one checkout may take (a connect, or a wait for the pool)
 
 
 @contextlib.asynccontextmanager
@@ -97,8 +98,8 @@ async def _driver(
 ) -> AsyncIterator[tuple[AsyncConnection, Any]]:
     """A pooled connection and its asyncpg connection under it (no transaction begun).
 
-    A connection that cannot be had because the database is out (refused, "too many
-    clients", a connect timeout) is tried again for ``patience`` seconds (0.1 s doubling
+    For a write, a connection that cannot be had because the database is out (refused, "too
+    many clients", a connect timeout) is tried again for ``patience`` seconds (0.1 s doubling
     to 1 s) before the error is raised: nothing was sent, so nothing is rolled back, and
     a task whose LLM call is done need not make it again for a blip (``aura chaos net-cut``
     counted such calls as extra). Past it the outage is raised as it came, for the
@@ -106,7 +107,12 @@ async def _driver(
     waited, pause = 0.0, 0.1
     while True:
         try:
-            connection = await database.engine.connect()
+            # Bounded: SQLAlchemy's pool wakes a waiter only when a connection comes back,
+            # so while every connect fails (too many clients) a checkout waited the whole
+            # pool timeout (30 s) and its task met its time limit there (aura chaos
+            # db-exhausted: retries spent, a process recycled). Past it: an outage.
+            async with asyncio.timeout(CHECKOUT_BOUND):
+                connection = await database.engine.connect()
             break
         except Exception as exc:
             if waited >= patience or not is_outage(exc):
