@@ -66,13 +66,7 @@ SCALED = {
 # the suite stays within its time budget on a 2-core machine.
 IN_SUITE = {"db-kill", "reused-id", "commit-cut"}
 # Strict xfail where they run (in the suite, or with AURA_CHAOS_ALL=1).
-KNOWN_FAILURES: dict[str, str] = {
-    "db-exhausted": (
-        "deliveries held at the outage gate past the soft time limit (10 s here) are "
-        "retried with SoftTimeLimitExceeded as the gate releases them: retries spent in a "
-        "database outage (DESIGN.md invariant 10)"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def test_every_scenario_is_scaled_here() -> None:

@@ -63,7 +63,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from aura.chaos.accounting import Accounting
-from aura.chaos.run import ChaosRun, _all_committed
+from aura.chaos.run import ChaosRun, _all_committed, _extra_calls
 from aura.chaos.shared_state import broker_dead_lettered
 from aura.db import Database, ImportRecord
 from aura.db.models import ProcessedMessage
@@ -230,11 +230,21 @@ class DatabaseExhausted(ChaosRun):
                 f"{calls} LLM calls while no connection slot was free "
                 f"(at most {self.concurrency}: the calls in flight)"
             )
-        if metrics["retries"]:  # an outage defers work: DESIGN.md invariant 10
+        # An outage defers work (DESIGN.md invariant 10): no retry is spent on it. Only a
+        # connection the scenario itself terminated may cost one -- a statement already on
+        # it when it died is a cut connection, whose outcome a retry and the inbox settle
+        # -- and no time limit may pass while deliveries are held.
+        killed = int(self.details.get("idle_backends_terminated", 0))
+        if metrics["retries"] > killed or metrics["soft_timeouts"] or metrics["hard_timeouts"]:
             failures.append(
-                f"{metrics['retries']} retries spent in the database outage "
-                f"({metrics['soft_timeouts']} soft time limits, {metrics['hard_timeouts']} hard)"
+                f"{metrics['retries']} retries spent in the database outage (at most {killed}, "
+                f"one per terminated connection; {metrics['soft_timeouts']} soft time limits, "
+                f"{metrics['hard_timeouts']} hard)"
             )
+        # A delivery whose LLM call was made when its write met the outage makes it again
+        # once the gate opens: at most one per task in flight, plus one per killed
+        # connection.
+        failures += _extra_calls(accounting, self.concurrency + killed)
         pending = self.details.get("import_records", {}).get("pending", 0)
         if pending:
             failures.append(f"{pending} import records still pending after the drain")
