@@ -1,5 +1,6 @@
 """A Celery app of the test's own for tests/test_celery_conventions.py (loaded with -A):
-its own queue ``outcome_jobs`` and tasks with every fate. Each ``task_failure`` and
+its own queues ``outcome_jobs`` (consumed) and ``outcome_mail`` (not), and tasks with
+every fate. Each ``task_failure`` and
 ``task_success`` signal the worker sends is recorded in Redis, as a user's handler would."""
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from aura.logs import configure_logging
 from aura.messaging import configure, resilient_task
 
 QUEUE = "outcome_jobs"
+OTHER_QUEUE = "outcome_mail"  # the app's second queue: no worker of the test consumes it
 app = Celery("outcome_shop")
-configure(app, queues=[QUEUE], make_default=False)
+configure(app, queues=[QUEUE, OTHER_QUEUE], make_default=False)
 configure_logging("INFO", cache=False)
 _FAST = {"backoff_base": 1.0, "backoff_max": 1.0}
 

@@ -1,7 +1,9 @@
 """A team's own Celery app under a real ``celery -A`` worker keeps Celery's meanings: the
 pool the command line names is the pool; a dead-lettered delivery is a failure in Celery's
 log line, signal and state (never "succeeded"), and its message is acked, not rejected
-into a second, reasonless letter; every delivery's outcome is counted per task."""
+into a second, reasonless letter; every delivery's outcome is counted per task; a worker
+on one queue of a two-queue app sets up native delayed delivery (its countdown retry
+comes back)."""
 
 from __future__ import annotations
 
@@ -107,6 +109,9 @@ def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counte
         expected = "concurrency: 2 (prefork)" if pool else "concurrency: 2 (pool)"
         assert expected in banner, banner
         assert f"outcome.poison[{poison}] succeeded" not in text
+        # The app's other queue is declared too: Celery's delayed delivery binds them all
+        assert "Native delayed delivery will not be available" not in text
+        assert "Failed to bind" not in text
         assert f"outcome.poison[{poison}] raised expected: DeadLettered" in text, text[-3000:]
 
         def counted() -> bool:

@@ -554,3 +554,81 @@ def test_the_open_error_is_cheap_to_make_and_still_says_everything() -> None:
     assert str(error) == "circuit breaker 'llm:host/model' is open; trial call in 12.3s"
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.name, copy.retry_after, str(copy)) == (error.name, 12.34, str(error))
+
+
+async def _refused_during_a_trial(
+    clock: FakeClock, breaker: CircuitBreaker, trial: Callable[[], Awaitable[str]]
+) -> asyncio.Task[str]:
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await breaker.call(boom)
+    clock.advance(60)
+    started = asyncio.Event()
+
+    async def the_trial() -> str:
+        started.set()
+        return await trial()
+
+    running = asyncio.create_task(breaker.call(the_trial))
+    await started.wait()
+    with pytest.raises(CircuitOpenError) as refused:  # a caller that came meanwhile
+        await breaker.call(ok)
+    assert refused.value.retry_after > 30  # the trial's lease: what it was deferred by
+    assert breaker.state is HALF_OPEN
+    return running
+
+
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+async def test_a_caller_refused_during_a_trial_learns_its_outcome_within_a_refresh(
+    make_breaker: tuple[FakeClock, CircuitBreaker], outcome: str
+) -> None:
+    """The trial's outcome is a second or so away, not its lease (35 s more were seen)."""
+    clock, breaker = make_breaker
+    done = asyncio.Event()
+
+    async def trial() -> str:
+        await done.wait()
+        if outcome == "fails":
+            raise Boom("still down")
+        return "ok"
+
+    running = await _refused_during_a_trial(clock, breaker, trial)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the trial ends during the first look
+        slept.append(seconds)
+        clock.advance(seconds)
+        done.set()
+        await asyncio.sleep(0)
+
+    closed = await breaker.wait_for_trial(5.0, sleep=sleep)
+    assert closed is (outcome == "succeeds")
+    assert sum(slept) <= 1.0  # one refresh interval
+    if closed:
+        assert await breaker.call(ok) == "ok"
+        assert await running == "ok"
+    else:
+        with pytest.raises(Boom):
+            await running
+
+
+async def test_waiting_for_a_trial_is_bounded(
+    make_breaker: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    clock, breaker = make_breaker
+    never = asyncio.Event()
+
+    async def trial() -> str:
+        await never.wait()
+        return "ok"
+
+    running = await _refused_during_a_trial(clock, breaker, trial)
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        await asyncio.sleep(0)
+
+    assert await breaker.wait_for_trial(3.0, sleep=sleep) is False
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running

@@ -97,11 +97,11 @@ async def test_half_open_runs_exactly_one_trial_across_both_processes(
 ) -> None:
     redis, breaker = shared
     go_key = f"{breaker}:go"
-    reset = {"CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5"}
+    reset = {"CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5", "LLM_TRIAL_WAIT": "0"}  # refused: counted
     async with (
         LLMSimulator(Faults(error_rate=1.0, error_statuses=(500,))) as sim,
         ResilientLLMClient(
-            settings=Settings(circuit_breaker_reset_timeout=0.5),
+            settings=Settings(circuit_breaker_reset_timeout=0.5, llm_trial_wait=0),
             base_url=sim.base_url,
             redis=redis,
             breaker_name=breaker,
@@ -135,11 +135,15 @@ async def test_exactly_one_half_open_trial_per_model_across_both_processes(
     go_key = f"{breaker}:go"
     models = ("model-a", "model-b")
     failing = {m: Faults(error_rate=1.0, error_statuses=(500,)) for m in models}
-    reset = {"CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5", "PEER_MODELS": ",".join(models)}
+    reset = {
+        "CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5",
+        "LLM_TRIAL_WAIT": "0",
+        "PEER_MODELS": ",".join(models),
+    }
     async with (
         LLMSimulator(model_faults=failing) as sim,
         ResilientLLMClient(
-            settings=Settings(circuit_breaker_reset_timeout=0.5),
+            settings=Settings(circuit_breaker_reset_timeout=0.5, llm_trial_wait=0),
             base_url=sim.base_url,
             redis=redis,
             breaker_name=breaker,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import structlog
+import structlog.testing
 from prometheus_client import REGISTRY, generate_latest
 
 from aura import events
@@ -28,6 +30,9 @@ def sample(name: str, **labels: str) -> float:
 
 
 def test_every_seed_metric_is_exposed_with_the_seeds_labels() -> None:
+    from aura.worker.celery_app import make_celery_app
+
+    make_celery_app()  # the platform's app: its queues' celery_tasks_pending series
     exposition = generate_latest(REGISTRY).decode()
     for name in SEED_METRIC_NAMES:
         assert f"# TYPE {name.removesuffix('_total')}" in exposition, name
@@ -69,21 +74,24 @@ def test_events_move_their_metrics() -> None:
     assert sample("sqlalchemy_pool_connections_active") == before_pool
 
 
-def test_a_failing_hook_is_logged_and_never_breaks_the_caller(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_failing_hook_is_logged_and_never_breaks_the_caller() -> None:
     seen: list[events.Event] = []
 
     def broken(_: events.Event) -> None:
         raise RuntimeError("hook bug")
 
     before = sample("llm_circuit_breaker_opens_total")
-    with events.temporary_hook(broken), events.temporary_hook(seen.append):
+    with (
+        structlog.testing.capture_logs() as logged,
+        events.temporary_hook(broken),
+        events.temporary_hook(seen.append),
+    ):
         events.emit(CircuitBreakerOpened("llm"))  # must not raise
     assert seen == [CircuitBreakerOpened("llm")]  # hooks after the broken one still ran
     assert sample("llm_circuit_breaker_opens_total") == before + 1
     assert broken not in events.hooks()
-    assert any("instrumentation hook failed" in r.getMessage() for r in caplog.records)
+    # (structlog's own capture: caplog saw it only once another test set up logging)
+    assert any(e["event"] == "instrumentation hook failed" for e in logged)
 
 
 def test_label_values_come_from_fixed_sets() -> None:
@@ -101,3 +109,25 @@ def test_the_dlq_depth_and_a_users_queue_depth_are_gauges() -> None:
     assert sample("celery_tasks_pending", queue="shop_orders") == 3
     events.emit(DeadLetterDepthObserved(0))
     assert sample("aura_dlq_messages") == 0
+
+
+def test_a_users_app_shows_its_own_queues_and_not_the_platforms() -> None:
+    """``configure(app, queues=[...])`` shows the app's queues in celery_tasks_pending; the
+    platform's realtime_queue and bulk_queue appear only where the platform runs."""
+    import subprocess
+    import sys
+
+    script = (
+        "from celery import Celery\n"
+        "from aura.messaging import configure\n"
+        "configure(Celery('shop'), queues=['shop_orders', 'shop_emails'])\n"
+        "from prometheus_client import REGISTRY, generate_latest\n"
+        "print(generate_latest(REGISTRY).decode())\n"
+    )
+    exposition = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert 'celery_tasks_pending{queue="shop_orders"} 0.0' in exposition
+    assert 'celery_tasks_pending{queue="shop_emails"} 0.0' in exposition
+    assert "realtime_queue" not in exposition
+    assert "bulk_queue" not in exposition

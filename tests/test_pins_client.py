@@ -395,11 +395,16 @@ async def test_the_trial_lease_is_the_deadline_and_five_seconds() -> None:
         clock.advance(60)
         trial = asyncio.create_task(client.complete(MESSAGES))
         await asyncio.wait_for(trial_started.wait(), 10)
-        with pytest.raises(CircuitOpenError) as rejected:
-            await client.complete(MESSAGES)
+        with pytest.raises(CircuitOpenError) as rejected:  # the breaker refuses meanwhile
+            await client.circuit_breaker.call(trial_started.wait)
         assert rejected.value.retry_after == pytest.approx(9.0)
+        # ... and the client waits for the trial's outcome instead of deferring by its lease
+        waiting = asyncio.create_task(client.complete(MESSAGES))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
         release.set()
         assert (await trial).text == "hi"
+        assert (await asyncio.wait_for(waiting, 10)).text == "hi"
 
 
 def slow_stream(*chunks: bytes, hold: asyncio.Event | None = None) -> Any:

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     llm_pool_timeout: PositiveFloat = 5.0
     llm_call_deadline: PositiveFloat = 30.0  # whole call; the read timeout is per read
     llm_first_token_timeout: PositiveFloat = 10.0  # streaming: until the first chunk
+    # A call refused while the breaker's trial runs waits this long for its outcome
+    llm_trial_wait: float = Field(default=5.0, ge=0)
     # aiohttp under httpx.AsyncClient (bench/llm_transport.py), or httpx's own pool
     llm_http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     llm_max_connections: PositiveInt = 500  # sized for the calls a process keeps in flight

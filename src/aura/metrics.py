@@ -60,6 +60,7 @@ event. Code never touches these objects directly: it emits ``aura.events`` and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -83,7 +84,6 @@ from aura.events import (
     LLMRequestFinished,
     MessageDeadLettered,
     PoolConnectionsChanged,
-    Queue,
     QueueDepthObserved,
     RateLimitOutcome,
     RetryKind,
@@ -110,6 +110,7 @@ __all__ = [
     "MESSAGES_SENT_TO_DLQ",
     "SEED_METRIC_NAMES",
     "SQLALCHEMY_POOL_CONNECTIONS_ACTIVE",
+    "expect_queues",
     "prometheus_hook",
 ]
 
@@ -274,10 +275,16 @@ for _outcome in LLMOutcome:
 for _dlq_reason in DeadLetterReason:
     MESSAGES_SENT_TO_DLQ.labels(reason=_dlq_reason.value)
     AURA_DLQ_LETTERS_DROPPED.labels(reason=_dlq_reason.value)
-for _queue in Queue:
-    CELERY_TASKS_PENDING.labels(queue=_queue.value)
 for _dependency in Dependency:
     AURA_DEPENDENCY_AVAILABLE.labels(dependency=_dependency.value).set(1)
+
+
+def expect_queues(names: Iterable[str]) -> None:
+    """Show ``celery_tasks_pending`` for these queues (0 until read) from now on: an app's
+    own queues (``aura.messaging.configure``), never another app's; the platform names
+    realtime_queue and bulk_queue (a user's app listed them although it had neither)."""
+    for name in names:
+        CELERY_TASKS_PENDING.labels(queue=str(name))
 
 
 def prometheus_hook(event: Event) -> None:

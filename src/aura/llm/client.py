@@ -272,6 +272,7 @@ class ResilientLLMClient:
         self._breaker_key = settings.circuit_breaker_key
         self._fail_max = fail_max or settings.circuit_breaker_fail_max
         self._reset_timeout = reset_timeout or settings.circuit_breaker_reset_timeout
+        self._trial_wait = settings.llm_trial_wait
         self._failure_window = settings.circuit_breaker_failure_window
         self.rate_limit = rate_limit or RateLimit(
             settings.llm_rate_limit_rpm,
@@ -429,14 +430,32 @@ class ResilientLLMClient:
                     if limiter.limit.enabled:
                         tokens = estimate_tokens(body, self._tokens_estimate)
                         await limiter.acquire(tokens, self._rate_limit_max_wait)
-                if stream:
-                    return await breaker.call(self._stream, body, on_delta)
-                return await breaker.call(self._request, body)
+                try:
+                    return await self._call(breaker, body, stream, on_delta)
+                except CircuitOpenError:
+                    # A trial is running: its outcome is a second or so away, not the
+                    # trial's lease. Wait for it (bounded), and go on if it closed.
+                    if breaker.state is not CircuitState.HALF_OPEN or not (
+                        await breaker.wait_for_trial(self._trial_wait)
+                    ):
+                        raise
+                    return await self._call(breaker, body, stream, on_delta)
             except CircuitOpenError as exc:
                 if refused is None or exc.retry_after < refused.retry_after:
                     refused = exc
         assert refused is not None
         raise refused
+
+    async def _call(
+        self,
+        breaker: CircuitBreaker,
+        body: dict[str, Any],
+        stream: bool,
+        on_delta: DeltaHook | None,
+    ) -> Completion:
+        if stream:
+            return await breaker.call(self._stream, body, on_delta)
+        return await breaker.call(self._request, body)
 
     async def _request(self, body: dict[str, Any]) -> Completion:
         started = time.perf_counter()

@@ -178,11 +178,18 @@ def check_database(settings: Settings, timeout: float = 5.0) -> bool:
 
 
 def declare_topology(app: Celery) -> None:
-    """Declare the DLQ and its exchange (workers declare only the queues they consume)."""
+    """Declare the DLQ and its exchange, and every queue of the app (with its exchange and
+    binding), whichever queues this worker consumes: Celery's native delayed delivery binds
+    all of the app's queues at start-up, and one never declared on the vhost made it log a
+    binding ERROR and CRITICAL "Native delayed delivery will not be available" (a
+    countdown retry then had no way back to its queue)."""
     from aura.messaging.topology import dead_letter_queue
 
     with app.connection_for_write() as connection:
-        dead_letter_queue()(connection.default_channel).declare()
+        channel = connection.default_channel
+        dead_letter_queue()(channel).declare()
+        for queue in app.conf.task_queues or ():
+            queue(channel).declare()
 
 
 def pool_on_the_command_line(argv: Sequence[str]) -> str | None:

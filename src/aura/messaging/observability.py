@@ -39,7 +39,7 @@ from aura.events import (
     TimeoutKind,
 )
 from aura.messaging.topology import dead_letter_queue
-from aura.metrics import exposition_registry
+from aura.metrics import expect_queues, exposition_registry
 
 __all__ = ["AckLossFilter", "install"]
 
@@ -98,6 +98,13 @@ def serve_metrics(port: int, tries: int = METRICS_PORTS_TRIED) -> int | None:
     return None
 
 
+def _forks_children(worker: Any) -> bool:
+    """Whether this worker runs its tasks in child processes (prefork)."""
+    pool = getattr(worker, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return "prefork" in str(name)
+
+
 class AckLossFilter(logging.Filter):
     """Celery's "Couldn't ack/reject" CRITICAL lines: a WARNING, no traceback, counted."""
 
@@ -119,6 +126,7 @@ def install(app: Celery, settings: Settings) -> None:
     """Connect the worker signals that start the endpoint and the queue poller."""
     from celery import signals
 
+    expect_queues(queue.name for queue in app.conf.task_queues or ())
     for name in _ACK_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, AckLossFilter) for f in logger.filters):
@@ -155,7 +163,16 @@ def install(app: Celery, settings: Settings) -> None:
         # restarted in the same pod keeps its emptyDir) would be summed in: start clean,
         # as prometheus_client asks, before any child is forked.
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if getattr(sender, "app", None) is app and directory and os.path.isdir(directory):
+        if getattr(sender, "app", None) is not app:
+            return
+        if not directory and _forks_children(sender) and settings.worker_metrics_port:
+            _log.error(  # one line at start-up, where the counts of every task would read 0
+                "prefork pool without PROMETHEUS_MULTIPROC_DIR: what the child processes "
+                "count (every task's metrics) never reaches /metrics; set it to an empty "
+                "directory of this worker's own (prometheus_client's multiprocess mode)",
+                port=settings.worker_metrics_port,
+            )
+        if directory and os.path.isdir(directory):
             mine = f"_{os.getpid()}.db"  # this process's own files are already open
             for stale in Path(directory).glob("*.db"):
                 if not stale.name.endswith(mine):
