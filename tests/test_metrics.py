@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import structlog
 import structlog.testing
 from prometheus_client import REGISTRY, generate_latest
