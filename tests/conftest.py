@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import get_settings
 from aura.db import Database, upgrade
 from tests import services
@@ -146,3 +147,20 @@ def database(request: pytest.FixtureRequest) -> Database:
     fixture = "pg_database" if request.param == "postgresql" else "sqlite_database"
     found: Database = request.getfixturevalue(fixture)
     return found
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of the run's own (``aura.chaos.broker_node.PrivateRabbitMQ``), for
+    the tests that must break a broker (a memory alarm is node-wide: never the machine's)."""
+    from aura.errors import ConfigurationError
+
+    node = PrivateRabbitMQ()
+    try:
+        node.start()
+    except ConfigurationError as exc:
+        pytest.fail(f"a private RabbitMQ node did not start: {exc}", pytrace=False)
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -45,6 +45,8 @@ async def flaky(self: Any, run: str) -> str:
 
 @signals.task_failure.connect
 def _failed(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    if getattr(sender, "app", None) is not app:  # the suite imports this module too
+        return
     client = _redis()
     try:
         client.sadd("signals:task_failure", str(task_id))
@@ -54,6 +56,8 @@ def _failed(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
 
 @signals.task_success.connect
 def _succeeded(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "app", None) is not app:
+        return
     client = _redis()
     try:
         client.sadd("signals:task_success", str(sender.request.id))

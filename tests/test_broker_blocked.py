@@ -28,7 +28,6 @@ from aura.contract import ENRICH_TASK
 from aura.db import Database
 from aura.db.models import OutboxMessage
 from aura.db.outbox import Claim, Staged, stage_messages
-from aura.errors import ConfigurationError
 from aura.gateway import create_tenant_with_key
 from aura.gateway.outbox import OutboxPublisher, relay_once, staging_lease
 from aura.gateway.senders import AmqpSender, BrokerBlockedError
@@ -38,19 +37,6 @@ from tests.helpers import running_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 ANSWER_BOUND = 10.0  # seconds: generous; a write under the alarm used to take 30+
-
-
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[PrivateRabbitMQ]:
-    node = PrivateRabbitMQ()
-    try:
-        node.start()
-    except ConfigurationError as exc:
-        pytest.fail(f"a private RabbitMQ node did not start: {exc}", pytrace=False)
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")

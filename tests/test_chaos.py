@@ -224,7 +224,20 @@ class _RedisOutOfMemoryScaled(RedisOutOfMemory):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("scenario", [_RedisOutOfMemoryScaled, ClockSkew])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(
+            _RedisOutOfMemoryScaled,
+            marks=pytest.mark.skipif(
+                os.environ.get("AURA_CHAOS_ALL") != "1",
+                reason="AURA_CHAOS_ALL=1 runs it (suite time budget; tests/test_redis_faults.py "
+                "drives a real Redis refusing writes at every call site)",
+            ),
+        ),
+        ClockSkew,
+    ],
+)
 def test_shared_state_scenario_passes_scaled_down(
     scenario: type[ChaosRun],
     pg_url: str,

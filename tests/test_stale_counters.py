@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from aura.config import load_settings
-from aura.errors import CircuitOpenError
+from aura.errors import CircuitOpenError, DeadLettered
 from aura.messaging import resilient_task
 from aura.messaging.retry import KEY_PREFIX
 from aura.messaging.runtime import process_runtime
@@ -62,7 +62,8 @@ def test_a_message_dead_lettered_after_its_deferrals_leaves_no_counter() -> None
         raise CircuitOpenError("llm", retry_after=0.0)
 
     message_id = str(uuid.uuid4())
-    assert always_open.apply(task_id=message_id).get() is None  # dead-lettered, acked
+    # dead-lettered, acked: Celery's FAILURE with DeadLettered, never "succeeded"
+    assert isinstance(always_open.apply(task_id=message_id).get(propagate=False), DeadLettered)
     assert [DEFER_PREFIX + message_id] in seen  # it was counted while put off
     assert _counters(app, message_id) == []
 
@@ -80,6 +81,6 @@ def test_a_message_dead_lettered_after_its_retries_leaves_no_counter() -> None:
         raise ConnectionError("reset")
 
     message_id = str(uuid.uuid4())
-    assert always_failing.apply(task_id=message_id).get() is None
+    assert isinstance(always_failing.apply(task_id=message_id).get(propagate=False), DeadLettered)
     assert [KEY_PREFIX + message_id] in seen
     assert _counters(app, message_id) == []

@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from aura.chaos.broker_node import PrivateRabbitMQ
-from aura.errors import ConfigurationError
 from aura.messaging.observability import AckLossFilter
 from aura.worker.process import start_worker_process
 from tests.blocked_tasks import QUEUE, app
@@ -25,17 +23,9 @@ pytestmark = pytest.mark.timeout(240)
 MESSAGES = 20
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[PrivateRabbitMQ]:
-    rabbit = PrivateRabbitMQ()
-    try:
-        rabbit.start()
-    except ConfigurationError as exc:
-        pytest.fail(f"a private RabbitMQ node did not start: {exc}", pytrace=False)
-    try:
-        yield rabbit
-    finally:
-        rabbit.stop()
+@pytest.fixture
+def node(rabbit: PrivateRabbitMQ) -> PrivateRabbitMQ:
+    return rabbit  # the run's own RabbitMQ node (tests/conftest.py)
 
 
 def test_a_blocked_broker_holds_retries_off_the_loop_and_nothing_exits(
@@ -46,8 +36,8 @@ def test_a_blocked_broker_holds_retries_off_the_loop_and_nothing_exits(
         **{k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "REDIS_"))},
         "CELERY_BROKER_URL": node.url,
         "REDIS_URL": redis_url,
-        "CELERY_TASK_SOFT_TIME_LIMIT": "6",
-        "CELERY_TASK_HARD_TIME_LIMIT": "8",  # the loop watchdog's bound too
+        "CELERY_TASK_SOFT_TIME_LIMIT": "4",
+        "CELERY_TASK_HARD_TIME_LIMIT": "5",  # the loop watchdog's bound too
         "WORKER_METRICS_PORT": "0",
     }
     log = tmp_path / "worker.log"
@@ -67,7 +57,7 @@ def test_a_blocked_broker_holds_retries_off_the_loop_and_nothing_exits(
         node.block_publishers()  # every task's retry is published under the alarm
         blocked = True
         wait_for(lambda: log.read_text().count("task failed; retrying") == MESSAGES, within=30)
-        held_until = time.monotonic() + 12.0  # past the 8 s hard limit and loop watchdog
+        held_until = time.monotonic() + 8.0  # past the 5 s hard limit and loop watchdog
         while time.monotonic() < held_until:
             assert worker.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
