@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura import events
 from aura.db.engine import Database
-from aura.db.transactional import describe_error, is_network_error, is_outage
+from aura.db.transactional import describe_error, is_network_error, while_out
 from aura.errors import DatabaseTransactionError
 from aura.events import RollbackReason, TransactionRolledBack
 
@@ -104,26 +104,25 @@ async def _driver(
     a task whose LLM call is done need not make it again for a blip (``aura chaos net-cut``
     counted such calls as extra). Past it the outage is raised as it came, for the
     worker's outage gate."""
-    waited, pause = 0.0, 0.1
-    while True:
-        try:
-            # Bounded: SQLAlchemy's pool wakes a waiter only when a connection comes back,
-            # so while every connect fails (too many clients) a checkout waited the whole
-            # pool timeout (30 s) and its task met its time limit there (aura chaos
-            # db-exhausted: retries spent, a process recycled). Past it: an outage.
-            async with asyncio.timeout(CHECKOUT_BOUND):
-                connection = await database.engine.connect()
-            break
-        except Exception as exc:
-            if waited >= patience or not is_outage(exc):
-                raise
-            _log.warning(
-                "no database connection for a statement; trying again",
-                pause=pause,
-                error=describe_error(exc),
-            )
-            await sleep(pause)
-            waited, pause = waited + pause, min(pause * 2, 1.0)
+
+    async def checkout() -> AsyncConnection:
+        # Bounded: SQLAlchemy's pool wakes a waiter only when a connection comes back, so
+        # while every connect fails (too many clients) a checkout waited the whole pool
+        # timeout (30 s) and its task met its time limit there (aura chaos db-exhausted:
+        # retries spent, a process recycled). Past it: an outage.
+        async with asyncio.timeout(CHECKOUT_BOUND):
+            return await database.engine.connect()
+
+    def tell(exc: BaseException, pause: float) -> None:
+        _log.warning(
+            "no database connection for a statement; trying again",
+            pause=pause,
+            error=describe_error(exc),
+        )
+
+    connection = await while_out(
+        checkout, patience=patience, first_pause=0.1, on_retry=tell, sleep=sleep
+    )
     try:
         raw = await connection.get_raw_connection()
         yield connection, raw.driver_connection

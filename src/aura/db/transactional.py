@@ -44,7 +44,7 @@ from aura.errors import (
 )
 from aura.events import RollbackReason, TransactionRolledBack
 
-__all__ = ["describe_error", "is_network_error", "transactional"]
+__all__ = ["describe_error", "is_network_error", "transactional", "while_out"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -118,6 +118,30 @@ def is_outage(exc: BaseException) -> bool:
         if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
             return True
     return False
+
+
+async def while_out(
+    attempt: Callable[[], Awaitable[R]],
+    *,
+    patience: float,
+    first_pause: float,
+    on_retry: Callable[[BaseException, float], None],
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> R:
+    """``attempt()``, tried again while it fails with an outage (``is_outage``) for at most
+    ``patience`` seconds, pausing ``first_pause`` doubling to 1 s (so it goes on within a
+    second of the database answering); ``on_retry(error, pause)`` before each pause. Any
+    other error, or an outage past the patience, is raised as it came."""
+    waited, pause = 0.0, first_pause
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if waited >= patience or not is_outage(exc):
+                raise
+            on_retry(exc, pause)
+            await sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 1.0)
 
 
 def describe_error(exc: BaseException) -> str:

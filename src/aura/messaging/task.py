@@ -63,7 +63,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from aura import events
 from aura.config import get_settings
-from aura.db.transactional import is_outage
+from aura.db.transactional import is_outage, while_out
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
@@ -707,22 +707,18 @@ async def _hook_with_retries(
     was never tried again): every 0.25 s doubling to 1 s, for ``bound`` seconds in all,
     so it lands within a second of the database answering. Other errors are the hook's
     own and raise at once."""
-    waited, pause = 0.0, 0.25
-    while True:
-        try:
-            await hook(letter)
-            return
-        except Exception as exc:
-            if waited >= bound or not is_outage(exc):
-                raise
-            _log.warning(
-                "on_dead_letter hook failed; trying again",
-                message_id=letter.message_id,
-                pause=pause,
-                error=describe_exception(exc, 300),
-            )
-            await sleep(pause)
-            waited, pause = waited + pause, min(pause * 2, 1.0)
+
+    def tell(exc: BaseException, pause: float) -> None:
+        _log.warning(
+            "on_dead_letter hook failed; trying again",
+            message_id=letter.message_id,
+            pause=pause,
+            error=describe_exception(exc, 300),
+        )
+
+    await while_out(
+        lambda: hook(letter), patience=bound, first_pause=0.25, on_retry=tell, sleep=sleep
+    )
 
 
 def failures_so_far(request: Any) -> int:
