@@ -11,14 +11,12 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from aura.logs import configure_logging
 from aura.messaging import configure, resilient_task
 
 QUEUE = "outcome_jobs"
 OTHER_QUEUE = "outcome_mail"  # the app's second queue: no worker of the test consumes it
 app = Celery("outcome_shop")
 configure(app, queues=[QUEUE, OTHER_QUEUE], make_default=False)
-configure_logging("INFO", cache=False)
 _FAST = {"backoff_base": 1.0, "backoff_max": 1.0}
 
 

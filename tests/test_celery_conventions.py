@@ -7,6 +7,7 @@ comes back)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -68,6 +69,7 @@ def _start(amqp_url: str, redis_url: str, tmp_path: Path, *pool: str) -> Worker:
         "REDIS_URL": redis_url,
         "WORKER_METRICS_PORT": str(port),
         "RETRY_TRACKER_MAX_RETRIES": "3",
+        "LOG_FORMAT": "json",  # the app sets up no logging of its own: configure does
     }
     log = tmp_path / "worker.log"
     command = [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", *pool]
@@ -105,6 +107,12 @@ def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counte
         assert not client.sismember("signals:task_success", poison)
 
         text = worker.log.read_text()
+        logged = text.split("[tasks]", 1)[1].split("\n\n", 1)[1]  # past Celery's banner
+        lines = [line for line in logged.splitlines() if line.strip()]
+        assert lines
+        for line in lines:  # one stream: Celery's lines and Aura's, each one JSON object
+            assert isinstance(json.loads(line), dict), line
+        assert "MainProcess]" not in text
         banner = text.split("[queues]")[0]  # Celery's: the pool's module in brackets
         expected = "concurrency: 2 (prefork)" if pool else "concurrency: 2 (pool)"
         assert expected in banner, banner
@@ -137,3 +145,20 @@ def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counte
     finally:
         stop_celery_worker(worker.process)
     assert worker.process.returncode == 0, worker.log.read_text()[-3000:]
+
+
+def test_a_bad_setting_under_celery_is_one_line_and_exit_2() -> None:
+    env = {**os.environ, "RETRY_TRACKER_MAX_RETRIES": "-3"}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", "-Q", QUEUE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert lines == [
+        "aura: invalid setting: RETRY_TRACKER_MAX_RETRIES='-3': expected a number >= 0"
+    ]

@@ -49,6 +49,7 @@ __all__ = [
     "bounded_text",
     "configure_logging",
     "describe_exception",
+    "logging_configured",
     "redact",
     "redact_text",
     "register_secret",
@@ -239,6 +240,11 @@ def _stringify_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> Ev
             None, "", {"exc_info": exc_info}
         ).get("exception", "")
     return event_dict
+
+
+def logging_configured() -> bool:
+    """Whether ``configure_logging`` has run in this process."""
+    return _configured
 
 
 def configure_logging(

@@ -90,7 +90,7 @@ def configure(
     ``make_default`` the app becomes ``@resilient_task``'s default.
     Anything you set on ``app.conf`` afterwards wins over what this sets."""
     global _default
-    settings = settings or get_settings()
+    settings = settings or _settings_or_exit()
     names = list(dict.fromkeys(queues))
     if not names:
         raise ConfigurationError("configure(app, queues=...) needs at least one queue name")
@@ -141,6 +141,9 @@ def configure(
             check_database(settings)
 
     signals.worker_init.connect(declare_dead_letter_queue, weak=False)
+    # One log stream: Celery's lines and Aura's in LOG_FORMAT (a receiver here, and
+    # Celery neither configures logging nor redirects stdout into its own format).
+    signals.setup_logging.connect(_one_log_stream, weak=False, dispatch_uid="aura.logs")
     # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
     # Aura chose not to, on purpose (see the module doc).
     warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced", category=Warning)
@@ -190,6 +193,34 @@ def declare_topology(app: Celery) -> None:
         dead_letter_queue()(channel).declare()
         for queue in app.conf.task_queues or ():
             queue(channel).declare()
+
+
+def _one_log_stream(loglevel: Any = None, **_: Any) -> None:
+    """Celery's ``setup_logging``: Aura's structured logging for every line of the worker,
+    Celery's own included, in LOG_FORMAT (JSON when asked), at the worker's ``-l`` level.
+    Without it Celery wrapped each of Aura's lines in its own format (two timestamps, two
+    levels that disagreed) and LOG_FORMAT changed nothing."""
+    import logging
+
+    from aura.logs import configure_logging, logging_configured
+
+    if logging_configured():  # the app (or ``aura worker``) set it up already: it stands
+        return
+    settings = get_settings()
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else settings.log_level
+    configure_logging(level if isinstance(level, str) else settings.log_level, settings.log_format)
+
+
+def _settings_or_exit() -> Settings:
+    """The settings; under ``celery ... worker`` a bad one is one line and exit 2 (it was a
+    37-line traceback out of the app's import), elsewhere the error is raised."""
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        if "worker" not in sys.argv:
+            raise
+        print(f"aura: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def pool_on_the_command_line(argv: Sequence[str]) -> str | None:
