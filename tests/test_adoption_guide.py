@@ -80,27 +80,48 @@ def test_the_guides_app_on_a_real_worker_with_one_replay(
     tmp_path: Path, amqp_url: str, pg_url: str, pg_database: Database, redis_url: str
 ) -> None:
     """The guide's code as the module ``shop`` (its sending line left out: a worker
-    imports the module), a real ``celery -A shop worker``, a poison pill, and the guide's
-    ``replay_poison_pills``: the letter goes back to shop_orders and, the bug unfixed,
-    lands in the DLQ again with replay count 1."""
+    imports the module), a real ``celery -A shop worker`` and the LLM simulator: the
+    guide's order gets its blurb (it ended in the DLQ: nothing made the order), a poison
+    pill, and the guide's ``replay_poison_pills``: the letter goes back to shop_orders
+    and, the bug unfixed, lands in the DLQ again with replay count 1."""
     from kombu.connection import Connection
 
+    from aura.llm import Faults, LLMSimulator
     from aura.messaging import DeadLetterQueue
     from aura.worker.process import start_worker_process, stop_worker_process
     from tests.helpers import wait_for
 
     blocks = re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), flags=re.M | re.S)
     (tmp_path / "shop.py").write_text("\n".join(b for b in blocks if ".delay(" not in b))
+    simulator = LLMSimulator(Faults(latency=0.01), seed=7).running_in_thread()
+    sim = simulator.__enter__()
     env = _service_env(
         tmp_path, CELERY_BROKER_URL=amqp_url, DATABASE_URL=pg_url, REDIS_URL=redis_url,
-        WORKER_METRICS_PORT="0", LOG_LEVEL="WARNING",
+        WORKER_METRICS_PORT="0", LOG_LEVEL="WARNING", LLM_BASE_URL=sim.base_url,
     )  # fmt: skip
+    # The guide's way without Alembic: its tables made once (the inbox is there already)
+    _python(env, tmp_path, _CREATE_ALL)
     log = tmp_path / "worker.log"
     with log.open("wb") as output:
         worker = start_worker_process(
             "shop", env, output, queues=["shop_orders", "shop_mail"], cwd=tmp_path
         )
     try:
+        order = _python(
+            env,
+            tmp_path,
+            "import json, shop; print(shop.describe.delay(json.dumps("
+            '{"order_id": "o-guide", "item": "trail shoe"})).id)',
+        ).strip()
+
+        def blurb() -> Any:
+            rows = _python(env, tmp_path, _READ_BLURB)
+            return rows.strip() or None
+
+        wait_for(lambda: blurb() is not None, within=90)
+        assert order
+        assert blurb() != "None"  # the LLM's answer, stored with the order it made
+
         message_id = _python(
             env, tmp_path, "import shop; print(shop.describe.delay('{not json').id)"
         ).strip()
@@ -123,4 +144,40 @@ def test_the_guides_app_on_a_real_worker_with_one_replay(
             assert [r["operator"] for r in dlq.replays(first.id)] == ["shop-oncall"]
     finally:
         stop_worker_process(worker, timeout=30)
+        simulator.__exit__(None, None, None)
+        _python(env, tmp_path, _DROP_ORDERS)  # the run's database is shared
     assert worker.returncode == 0, log.read_text()[-3000:]
+
+
+_CREATE_ALL = """
+import asyncio, os
+from sqlalchemy.ext.asyncio import create_async_engine
+import shop
+
+async def main():
+    engine = create_async_engine(os.environ["DATABASE_URL"])
+    async with engine.begin() as connection:
+        await connection.run_sync(shop.Base.metadata.create_all)
+    await engine.dispose()
+
+asyncio.run(main())
+"""
+_READ_BLURB = """
+import asyncio, os
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+async def main():
+    engine = create_async_engine(os.environ["DATABASE_URL"])
+    async with engine.connect() as connection:
+        row = (await connection.execute(
+            text("SELECT blurb FROM shop_orders WHERE id = 'o-guide'"))).first()
+    await engine.dispose()
+    print("" if row is None else row[0])
+
+asyncio.run(main())
+"""
+_DROP_ORDERS = _CREATE_ALL.replace(
+    "shop.Base.metadata.create_all",
+    'lambda sync: shop.Base.metadata.tables["shop_orders"].drop(sync, checkfirst=True)',
+)
