@@ -162,3 +162,18 @@ def test_a_bad_setting_under_celery_is_one_line_and_exit_2() -> None:
     assert lines == [
         "aura: invalid setting: RETRY_TRACKER_MAX_RETRIES='-3': expected a number >= 0"
     ]
+
+
+def test_autoscale_on_the_async_pool_is_refused_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker"]
+        + ["--autoscale=10,2", "-Q", QUEUE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert "--autoscale needs a pool of processes (-P prefork)" in lines[0]

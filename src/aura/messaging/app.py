@@ -101,6 +101,17 @@ def configure(
         app.conf.broker_url = settings.celery_broker_url
     named = pool_on_the_command_line(sys.argv)  # ``celery worker -P prefork``: it wins
     async_pool = named in ("async", ASYNC_POOL) if named else settings.worker_pool == "async"
+    if (
+        async_pool
+        and "worker" in sys.argv
+        and any(argument.startswith("--autoscale") for argument in sys.argv)
+    ):  # refused, never silently ignored: the async pool's slots are its concurrency
+        print(
+            "aura: --autoscale needs a pool of processes (-P prefork); the async pool holds "
+            "-c tasks in flight in one process",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
