@@ -166,8 +166,10 @@ def test_a_bad_setting_under_celery_is_one_line_and_exit_2() -> None:
 
 def test_autoscale_on_the_async_pool_is_refused_in_one_line() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker"]
-        + ["--autoscale=10,2", "-Q", QUEUE],
+        [
+            *(sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker"),
+            "--autoscale=10,2",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
