@@ -235,7 +235,14 @@ class _RedisOutOfMemoryScaled(RedisOutOfMemory):
                 "drives a real Redis refusing writes at every call site)",
             ),
         ),
-        ClockSkew,
+        pytest.param(
+            ClockSkew,
+            marks=pytest.mark.skipif(
+                os.environ.get("AURA_CHAOS_ALL") != "1",
+                reason="AURA_CHAOS_ALL=1 runs it (suite time budget; tests/test_envelope.py "
+                "and tests/test_redis_faults.py check the clocks it relies on)",
+            ),
+        ),
     ],
 )
 def test_shared_state_scenario_passes_scaled_down(
