@@ -229,10 +229,14 @@ async def test_a_one_statement_write_waits_out_a_connection_blip(pg_url: str) ->
     with NetworkProxies() as hub:
         proxy = hub.add("postgres", pg_url, postgres=True)
         database = Database(proxied_url(pg_url, proxy.port), pool_size=2, connect_timeout=2)
+        healing: asyncio.Task[None] | None = None
         try:
             assert await execute_atomically(database, "probe", "SELECT 1") is not None
             before = metric("database_transaction_rollbacks_total", reason="network_error")
-            await asyncio.to_thread(proxy.cut)  # open connections reset, new ones refused
+            # No pooled connection (a pooled one the cut resets mid-statement is a network
+            # rollback, another test's case): the statement must get a new one.
+            await database.engine.dispose()
+            await asyncio.to_thread(proxy.cut)  # new connections refused
 
             async def heal_soon() -> None:
                 await asyncio.sleep(0.6)
@@ -252,5 +256,7 @@ async def test_a_one_statement_write_waits_out_a_connection_blip(pg_url: str) ->
             assert is_outage(caught.value)
             assert not isinstance(caught.value, DatabaseTransactionError)
         finally:
+            if healing is not None and not healing.done():  # never left to a closed hub
+                await asyncio.wait({healing}, timeout=10)
             await asyncio.to_thread(proxy.heal)
             await database.dispose()
