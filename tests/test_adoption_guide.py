@@ -181,3 +181,65 @@ _DROP_ORDERS = _CREATE_ALL.replace(
     "shop.Base.metadata.create_all",
     'lambda sync: shop.Base.metadata.tables["shop_orders"].drop(sync, checkfirst=True)',
 )
+
+
+@pytest.mark.timeout(120)
+async def test_the_guides_alembic_steps_make_its_tables_in_a_database_of_their_own(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The guide's Alembic step as written: ``alembic init -t async``, env.py given the
+    models and DATABASE_URL, autogenerate, ``upgrade head`` -- on a database of the test's
+    own (the run's has the platform's tables) -- makes the app's table and the inbox."""
+    import asyncpg
+
+    from tests import services
+
+    blocks = re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), flags=re.M | re.S)
+    (tmp_path / "shop.py").write_text("\n".join(b for b in blocks if ".delay(" not in b))
+    name = f"{services.PG_TEST_DATABASE}_alembic"[:63]
+    admin = await asyncpg.connect(services.PG_ADMIN_DSN, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = pg_url.rsplit("/", 1)[0] + f"/{name}"
+        env = _service_env(tmp_path, DATABASE_URL=url, CELERY_BROKER_URL="memory://localhost/")
+
+        def alembic(*args: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "alembic", *args], cwd=tmp_path, env=env,
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+            return done.stdout + done.stderr
+
+        alembic("init", "-t", "async", "migrations")
+        env_py = tmp_path / "migrations" / "env.py"
+        text = env_py.read_text()
+        assert "target_metadata = None" in text  # the template the guide speaks of
+        text = text.replace(
+            "target_metadata = None", "from shop import Base\n\ntarget_metadata = Base.metadata"
+        )
+        text = text.replace(
+            "config = context.config",
+            "config = context.config\n"
+            'config.set_main_option("sqlalchemy.url", os.environ["DATABASE_URL"])',
+        )
+        env_py.write_text("import os\n" + text)
+        made = alembic("revision", "--autogenerate", "-m", "orders and the inbox")
+        assert "shop_orders" in made
+        assert "processed_messages" in made
+        alembic("upgrade", "head")
+        database = await asyncpg.connect(url.replace("+asyncpg", ""), timeout=10)
+        try:
+            tables = {
+                row["tablename"]
+                for row in await database.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                )
+            }
+        finally:
+            await database.close()
+        assert {"shop_orders", "processed_messages", "alembic_version"} <= tables
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
