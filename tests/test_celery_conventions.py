@@ -179,3 +179,27 @@ def test_autoscale_on_the_async_pool_is_refused_in_one_line() -> None:
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1
     assert "--autoscale needs a pool of processes (-P prefork)" in lines[0]
+
+
+def test_a_worker_without_redis_on_a_core_install_is_one_line(tmp_path: Path) -> None:
+    """No REDIS_URL and no fakeredis (the demo extra's stand-in): one line, exit 2 (it
+    was Celery's traceback of the missing module)."""
+    from tests.test_cli_install import _without
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("REDIS_")},
+        **_without(tmp_path, "fakeredis"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", "-Q", QUEUE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "REDIS_URL is not set" in lines[0]
+    assert "aura-platform[demo]" in lines[0]

@@ -48,6 +48,7 @@ another).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
@@ -222,16 +223,32 @@ def _one_log_stream(loglevel: Any = None, **_: Any) -> None:
     configure_logging(level if isinstance(level, str) else settings.log_level, settings.log_format)
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses it: as good as not installed
+        return False
+
+
 def _settings_or_exit() -> Settings:
     """The settings; under ``celery ... worker`` a bad one is one line and exit 2 (it was a
-    37-line traceback out of the app's import), elsewhere the error is raised."""
+    37-line traceback out of the app's import), elsewhere the error is raised. So is a
+    worker without REDIS_URL on a core install (its in-process stand-in is the demo
+    extra's: Celery's fakeredis traceback, seen)."""
     try:
-        return get_settings()
+        settings = get_settings()
+        worker = "worker" in sys.argv
+        if worker and settings.redis_url is None and not _installed("fakeredis"):
+            raise ConfigurationError(
+                "REDIS_URL is not set, and its in-process stand-in needs "
+                "aura-platform[demo]: set REDIS_URL"
+            )
     except ConfigurationError as exc:
         if "worker" not in sys.argv:
             raise
         print(f"aura: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    return settings
 
 
 def pool_on_the_command_line(argv: Sequence[str]) -> str | None:
