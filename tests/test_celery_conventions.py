@@ -136,8 +136,8 @@ def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counte
                 )
             )
 
-        if not pool:  # prefork's children count in their own processes (issue 27, left)
-            wait_for(counted, within=30)
+        # prefork's children count in files of their own: summed with nothing set
+        wait_for(counted, within=30)
         with Connection(amqp_url) as connection:
             letters = DeadLetterQueue(connection, app=app).list(limit=1000)
         mine = [x for x in letters if x.message_id in (ok, poison, flaky)]
@@ -203,3 +203,34 @@ def test_a_worker_without_redis_on_a_core_install_is_one_line(tmp_path: Path) ->
     assert len(lines) == 1, lines
     assert "REDIS_URL is not set" in lines[0]
     assert "aura-platform[demo]" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "imported", "made"),
+    [
+        (["celery", "-A", "shop", "worker", "-P", "prefork"], {}, frozenset(), True),
+        (["celery", "-A", "shop", "worker"], {"WORKER_POOL": "prefork"}, frozenset(), True),
+        (["celery", "-A", "shop", "worker"], {}, frozenset(), False),  # the async pool
+        (["celery", "-A", "shop", "worker", "-P", "threads"], {}, frozenset(), False),
+        (["celery", "-A", "shop", "inspect"], {"WORKER_POOL": "prefork"}, frozenset(), False),
+        (["celery", "-A", "shop", "worker", "-P", "prefork"], {"PROMETHEUS_MULTIPROC_DIR": "/d"},
+         frozenset(), False),  # the user's own
+        (["celery", "-A", "shop", "worker", "-P", "prefork"], {}, frozenset({"prometheus_client"}),
+         False),  # too late: its mode is chosen (the worker then says so in one line)
+    ],
+)  # fmt: skip
+def test_a_prefork_worker_gets_a_metrics_directory_unless_it_has_one(
+    argv: list[str], environ: dict[str, str], imported: frozenset[str], made: bool
+) -> None:
+    from aura.process_args import prepare_prefork_metrics
+
+    before = dict(environ)
+    directory = prepare_prefork_metrics(argv, environ, imported=imported)
+    assert (directory is not None) is made
+    if made:
+        assert directory is not None
+        assert environ["PROMETHEUS_MULTIPROC_DIR"] == directory
+        assert Path(directory).is_dir()
+        Path(directory).rmdir()
+    else:
+        assert environ == before

@@ -7,5 +7,11 @@ emitted (``aura.events.emit``) or when ``aura.metrics`` is imported, not by impo
 ``aura``: the ``aura`` command's help loads neither prometheus_client nor structlog.
 """
 
+from aura.process_args import prepare_prefork_metrics
+
 __all__ = ["__version__"]
 __version__ = "0.1.0"
+
+# A prefork worker's children count into files, which prometheus_client must know of
+# before it is first imported (``aura.process_args``).
+prepare_prefork_metrics()

@@ -59,6 +59,7 @@ from celery import Celery, signals
 from aura.config import Settings, get_settings
 from aura.errors import ConfigurationError
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE, work_queues
+from aura.process_args import pool_on_the_command_line
 
 __all__ = [
     "ASYNC_POOL",
@@ -249,24 +250,6 @@ def _settings_or_exit() -> Settings:
         print(f"aura: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings
-
-
-def pool_on_the_command_line(argv: Sequence[str]) -> str | None:
-    """The pool a ``celery ... worker`` command line names (``-P X``, ``-PX``, ``--pool X``,
-    ``--pool=X``), if any. Celery cannot tell ``-P prefork`` from its own default when an
-    app configures ``worker_pool`` (``celery/bin/worker.py``, ``WorkersPool.convert``): it
-    took the app's async pool and said nothing. So the app's pool follows the command line,
-    and ``WORKER_POOL`` is only the default."""
-    if "worker" not in argv:
-        return None
-    for index, argument in enumerate(argv):
-        if argument in ("-P", "--pool") and index + 1 < len(argv):
-            return argv[index + 1]
-        if argument.startswith("--pool="):
-            return argument.split("=", 1)[1]
-        if argument.startswith("-P") and len(argument) > 2:
-            return argument[2:]
-    return None
 
 
 def configured_app() -> Celery | None:
