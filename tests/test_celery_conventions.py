@@ -234,3 +234,52 @@ def test_a_prefork_worker_gets_a_metrics_directory_unless_it_has_one(
         Path(directory).rmdir()
     else:
         assert environ == before
+
+
+@pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
+def test_every_outcome_moves_its_counter_and_the_duration() -> None:
+    """Eager (retries inline), with an inbox that shows one id committed: success,
+    retry, deferred, dead_lettered with its reason and duplicate, each counted once."""
+    from aura.config import load_settings
+    from aura.errors import CircuitOpenError
+    from aura.message_id import InboxEntry
+    from aura.messaging import message_fingerprint, resilient_task
+    from aura.worker.celery_app import make_celery_app
+    from tests.helpers import metric
+
+    eager = make_celery_app(load_settings())
+    eager.conf.task_always_eager = True
+    name = f"tests.outcomes.{uuid.uuid4().hex[:8]}"
+    seen: dict[str, int] = {}
+
+    class Inbox:
+        async def lookup(self, message_id: str) -> InboxEntry | None:
+            if message_id == "m-twin":
+                return InboxEntry(fingerprint=message_fingerprint(name, ("twin",), {}))
+            return None
+
+    @resilient_task(app=eager, name=name, inbox=Inbox(), backoff_base=1.0, backoff_max=1.0)  # type: ignore[arg-type]
+    def job(self: object, kind: str) -> str:
+        seen[kind] = seen.get(kind, 0) + 1
+        if kind == "flaky" and seen[kind] == 1:
+            raise ConnectionError("once")
+        if kind == "deferred" and seen[kind] == 1:
+            raise CircuitOpenError("llm", 0.0)
+        if kind == "poison":
+            raise KeyError("no title")
+        return "done"
+
+    def count(outcome: str, reason: str = "") -> float:
+        return metric("aura_task_outcomes_total", task=name, outcome=outcome, reason=reason)
+
+    job.apply(args=("ok",), task_id="m-ok")
+    job.apply(args=("flaky",), task_id="m-flaky")
+    job.apply(args=("deferred",), task_id="m-deferred")
+    job.apply(args=("poison",), task_id="m-poison")
+    job.apply(args=("twin",), task_id="m-twin")
+    assert count("success") == 3  # ok, and flaky and deferred on their second run
+    assert count("retry") == 1
+    assert count("deferred") == 1
+    assert count("dead_lettered", "poison_pill") == 1
+    assert count("duplicate") == 1
+    assert metric("aura_task_duration_seconds_count", task=name) == 7

@@ -13,11 +13,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 from celery import Celery
 from structlog.testing import capture_logs
 
 from aura.config import load_settings
+from aura.errors import LLMTimeoutError
 from aura.messaging import DeadLetterQueue, resilient_task
 from aura.messaging.idempotency import InboxEntry
 from aura.messaging.runtime import process_runtime
@@ -116,8 +118,8 @@ def test_an_outage_in_the_middle_of_a_task_is_held_not_retried(app: Celery) -> N
     @resilient_task(app=app, name=f"tests.outage.{uuid.uuid4().hex[:8]}", inbox=inbox)  # type: ignore[arg-type]
     def write(self: Any) -> str:
         attempts.append(self.request.retries)
-        if len(attempts) < 3:
-            raise TooManyClients("sorry, too many clients already")
+        if len(attempts) < 3:  # the driver's own error, as the database sends it
+            raise asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already")
         return "written"
 
     with capture_logs() as logs:
@@ -197,3 +199,38 @@ def test_a_statement_the_database_refuses_is_no_outage(app: Celery) -> None:
     assert describe.apply().get() == "described"
     assert len(ran) == 1
     assert inbox.lookups == 1  # not put off
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionError("the shipping API refused"),  # the task's own: not the database
+        LLMTimeoutError("no answer within 30 s"),  # raised from asyncio's TimeoutError
+    ],
+    ids=["task-connection-error", "llm-timeout"],
+)
+def test_an_error_not_from_the_database_is_retried_not_held(
+    app: Celery, error: BaseException
+) -> None:
+    attempts: list[int] = []
+    inbox = OutageInbox(down=0, error=RuntimeError("unused"))
+
+    @resilient_task(  # type: ignore[arg-type]
+        app=app, name=f"tests.outage.{uuid.uuid4().hex[:8]}", inbox=inbox, backoff_max=1.0
+    )
+    def call(self: Any) -> str:
+        attempts.append(self.request.retries)
+        if len(attempts) == 1:
+            try:
+                raise TimeoutError("timed out")
+            except TimeoutError as cause:
+                raise error from cause
+        return "done"
+
+    with capture_logs() as logs:
+        assert call.apply(task_id=f"other-{uuid.uuid4().hex[:6]}").get() == "done"
+    assert attempts == [0, 1]  # a retry: the budget is spent, as for any failure
+    assert [e["event"] for e in logs].count("task failed; retrying") == 1
+    assert "the database is unavailable; holding deliveries until it answers" not in [
+        e["event"] for e in logs
+    ]

@@ -69,6 +69,7 @@ from aura.errors import (
     ConflictingMessageIdError,
     DatabaseTransactionError,
     DeadLettered,
+    LLMError,
     LLMHTTPStatusError,
     ServiceUnavailableError,
     cause_chain,
@@ -388,14 +389,33 @@ def _outage_hold(task: Task) -> float:
     return min(hold, float(soft) / 3) if soft else hold
 
 
+_DATABASE_MODULES = ("sqlalchemy", "asyncpg", "aura.db")
+
+
 def _database_out(exc: BaseException) -> bool:
     """The database cannot take this delivery now (refused, too many clients, a pool
-    timeout): an outage to wait out. Not a transaction cut in flight (that one's outcome
-    is for the inbox and a retry to settle: ``DatabaseTransactionError``)."""
+    timeout): an outage to wait out. Only an error that came from the database: a task's
+    own ConnectionError, or an LLM timeout raised from asyncio's, is an outage of
+    something else (a retry). Not a transaction cut in flight either (its outcome is for
+    the inbox and a retry to settle: ``DatabaseTransactionError``)."""
     chain = cause_chain(exc)
-    if any(isinstance(link, DatabaseTransactionError) for link in chain):
+    if any(
+        isinstance(link, DatabaseTransactionError | LLMError | CircuitOpenError) for link in chain
+    ):
         return False
-    return is_outage(exc)
+    return is_outage(exc) and any(_from_the_database(link) for link in chain)
+
+
+def _from_the_database(error: BaseException) -> bool:
+    """Raised by the database's driver or SQLAlchemy, or passed through their code."""
+    if type(error).__module__.startswith(_DATABASE_MODULES):
+        return True
+    frames = error.__traceback__
+    while frames is not None:
+        if str(frames.tb_frame.f_globals.get("__name__", "")).startswith(_DATABASE_MODULES):
+            return True
+        frames = frames.tb_next
+    return False
 
 
 def _deliver_once(
