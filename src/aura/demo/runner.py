@@ -154,7 +154,9 @@ def _logs_to(path: Path) -> Iterator[None]:
     """Send this process's logs to ``path`` for the run: the progress bar and the report
     stay readable, and every retry, deferral and dead letter is still written down."""
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
-    with path.open("w", encoding="utf-8") as stream:
+    path.write_text("", encoding="utf-8")  # a new run's log; appended to from here on,
+    with path.open("a", encoding="utf-8") as stream:  # as the workers' lines are (else
+        # this stream's own offset wrote over theirs: a chaos log kept none of them)
         saved = [handler.setStream(stream) for handler in handlers]
         try:
             yield
