@@ -147,38 +147,32 @@ def test_a_dead_letter_is_a_failure_in_celerys_terms_and_every_outcome_is_counte
     assert worker.process.returncode == 0, worker.log.read_text()[-3000:]
 
 
-def test_a_bad_setting_under_celery_is_one_line_and_exit_2() -> None:
-    env = {**os.environ, "RETRY_TRACKER_MAX_RETRIES": "-3"}
+def _refused_worker(*arguments: str, env: dict[str, str] | None = None) -> str:
+    """``celery -A tests.outcome_tasks worker ...`` that must stop at once: exit 2 and
+    exactly one line of output; that line."""
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", "-Q", QUEUE],
+        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", *arguments],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert done.returncode == 2
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert lines == [
-        "aura: invalid setting: RETRY_TRACKER_MAX_RETRIES='-3': expected a number >= 0"
-    ]
+    assert (done.returncode, len(lines)) == (2, 1), lines[-40:]
+    return lines[0]
+
+
+def test_a_bad_setting_under_celery_is_one_line_and_exit_2() -> None:
+    line = _refused_worker(
+        "-Q", QUEUE, env={**os.environ, "RETRY_TRACKER_MAX_RETRIES": "-3"}
+    )  # it was a 37-line traceback
+    assert line == "aura: invalid setting: RETRY_TRACKER_MAX_RETRIES='-3': expected a number >= 0"
 
 
 def test_autoscale_on_the_async_pool_is_refused_in_one_line() -> None:
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker"),
-            "--autoscale=10,2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1
-    assert "--autoscale needs a pool of processes (-P prefork)" in lines[0]
+    line = _refused_worker("--autoscale=10,2")
+    assert "--autoscale needs a pool of processes (-P prefork)" in line
 
 
 def test_a_worker_without_redis_on_a_core_install_is_one_line(tmp_path: Path) -> None:
@@ -190,19 +184,9 @@ def test_a_worker_without_redis_on_a_core_install_is_one_line(tmp_path: Path) ->
         **{k: v for k, v in os.environ.items() if not k.startswith("REDIS_")},
         **_without(tmp_path, "fakeredis"),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.outcome_tasks", "worker", "-Q", QUEUE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert "REDIS_URL is not set" in lines[0]
-    assert "aura-platform[demo]" in lines[0]
+    line = _refused_worker("-Q", QUEUE, env=env)
+    assert "REDIS_URL is not set" in line
+    assert "aura-platform[demo]" in line
 
 
 @pytest.mark.parametrize(

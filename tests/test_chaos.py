@@ -223,25 +223,26 @@ class _RedisOutOfMemoryScaled(RedisOutOfMemory):
     window_s = 8.0  # the scenario's 20 s runs with AURA_CHAOS_ALL=1
 
 
+def _with_chaos_all(scenario: type[ChaosRun], covered_by: str) -> Any:
+    return pytest.param(
+        scenario,
+        marks=pytest.mark.skipif(
+            os.environ.get("AURA_CHAOS_ALL") != "1",
+            reason=f"AURA_CHAOS_ALL=1 runs it (suite time budget; {covered_by})",
+        ),
+    )
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize(
     "scenario",
     [
-        pytest.param(
+        _with_chaos_all(
             _RedisOutOfMemoryScaled,
-            marks=pytest.mark.skipif(
-                os.environ.get("AURA_CHAOS_ALL") != "1",
-                reason="AURA_CHAOS_ALL=1 runs it (suite time budget; tests/test_redis_faults.py "
-                "drives a real Redis refusing writes at every call site)",
-            ),
+            "tests/test_redis_faults.py drives a real Redis refusing writes at every call site",
         ),
-        pytest.param(
-            ClockSkew,
-            marks=pytest.mark.skipif(
-                os.environ.get("AURA_CHAOS_ALL") != "1",
-                reason="AURA_CHAOS_ALL=1 runs it (suite time budget; tests/test_envelope.py "
-                "and tests/test_redis_faults.py check the clocks it relies on)",
-            ),
+        _with_chaos_all(
+            ClockSkew, "tests/test_envelope.py and tests/test_redis_faults.py check its clocks"
         ),
     ],
 )
