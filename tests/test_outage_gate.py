@@ -71,8 +71,24 @@ def test_a_released_trial_lets_the_next_waiter_try_at_once() -> None:
     g.failed()
     clock.advance(g.wait_hint())
     assert g.try_enter() is False
-    g.released()  # a poison pill: it said nothing about the database
+    g.released(g.trial_out_since)  # a poison pill: it said nothing about the database
     assert g.try_enter() is False
+
+
+def test_a_trial_gives_back_only_its_own_turn() -> None:
+    clock = FakeClock()
+    g = gate(clock)
+    g.failed()
+    clock.advance(g.wait_hint())
+    assert g.try_enter() is False
+    first = g.trial_out_since
+    g.succeeded()  # the first trial worked; much later the database is out again
+    clock.advance(10)
+    g.failed()
+    clock.advance(g.wait_hint())
+    assert g.try_enter() is False  # a second trial
+    g.released(first)  # the first delivery ends only now: not its turn to give back
+    assert g.try_enter() is None  # one trial at a time still
 
 
 async def test_waiters_are_released_together_when_a_trial_works() -> None:
@@ -125,7 +141,7 @@ def test_at_most_one_trial_and_never_a_trial_before_its_time(
             g.succeeded()
             trial_since = None
         elif kind == "released":
-            g.released()
+            g.released(g.trial_out_since)
             trial_since = None
         else:
             was_open, due = g.is_open, g.trial_at

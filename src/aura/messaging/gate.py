@@ -106,9 +106,12 @@ class OutageGate:
         self.trial_out_since = None
         self._wake()
 
-    def released(self) -> None:
-        """A trial settled without telling (poison, say): the next waiter may try."""
-        if self.trial_out_since is not None:
+    def released(self, since: float | None) -> None:
+        """The trial that went at ``since`` (``trial_out_since`` when it was let in)
+        settled without telling (poison, say): the next waiter may try. A later trial's
+        turn is not its to give back (a long delivery released another's, seen in review:
+        two trials at once)."""
+        if since is not None and self.trial_out_since == since:
             self.trial_out_since = None
             self._wake()
 

@@ -349,7 +349,7 @@ def _deliver(
     gate = runtime.database_gate
     deadline = time.monotonic() + _outage_hold(task)
     while True:
-        trial = False
+        trial_since: float | None = None  # when this delivery's trial went, if it is one
         if not gate.is_open:
             waited_from = time.monotonic()
             entered = runtime.run(gate.admit(max(deadline - waited_from, 0.0)), hard_limited=False)
@@ -357,15 +357,15 @@ def _deliver(
                 out = ServiceUnavailableError("the database stayed unavailable while held")
                 _put_off_for_database(task, runtime, policy, out, args, kwargs)
                 return None
-            trial = entered is False
+            if entered is False:
+                trial_since = gate.trial_out_since
             runtime.rearm_limits(time.monotonic() - waited_from)
         try:
             return _deliver_once(task, function, is_async, bind, policy, args, kwargs, runtime)
         except _DatabaseOut as out:  # no retry spent: held again, then tried again
             gate.failed(describe_exception(out.error, 300))
-        finally:
-            if trial:
-                gate.released()  # settled without a word about the database: next trial
+        finally:  # settled without a word about the database: the next may try
+            gate.released(trial_since)
 
 
 class _DatabaseOut(Exception):  # a signal inside _deliver, never raised out of it
