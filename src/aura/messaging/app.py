@@ -220,8 +220,9 @@ def _one_log_stream(loglevel: Any = None, **_: Any) -> None:
     if logging_configured():  # the app (or ``aura worker``) set it up already: it stands
         return
     settings = get_settings()
-    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else settings.log_level
-    configure_logging(level if isinstance(level, str) else settings.log_level, settings.log_format)
+    named = logging.getLevelName(loglevel) if isinstance(loglevel, int) else None
+    level = named if named in logging.getLevelNamesMapping() else settings.log_level
+    configure_logging(level, settings.log_format)
 
 
 def _installed(module: str) -> bool:

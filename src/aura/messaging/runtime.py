@@ -45,7 +45,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import greenlet
@@ -66,6 +66,7 @@ __all__ = [
     "PublishTimeout",
     "call_off_loop",
     "process_runtime",
+    "publish_within",
     "run_in_greenlet",
     "run_in_own_loop",
     "start_threaded",
@@ -319,14 +320,7 @@ class ProcessRuntime:
         if not isinstance(greenlet.getcurrent(), _TaskGreenlet):
             return function()
 
-        async def in_thread() -> T:
-            try:
-                async with asyncio.timeout(bound):
-                    return await asyncio.to_thread(function)
-            except TimeoutError:
-                raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
-
-        return self.run(in_thread(), hard_limited=False)
+        return self.run(publish_within(asyncio.to_thread(function), bound), hard_limited=False)
 
     def rearm_limits(self, held_s: float) -> None:
         """The delivery waited ``held_s`` at the outage gate before its work: its time
@@ -349,6 +343,15 @@ class ProcessRuntime:
             yield connection
         finally:
             connection.release()
+
+
+async def publish_within(publish: Awaitable[T], bound: float) -> T:
+    """``publish`` awaited at most ``bound`` seconds, else ``PublishTimeout``."""
+    try:
+        async with asyncio.timeout(bound):
+            return await publish
+    except TimeoutError:
+        raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
 
 
 async def _in_context(

@@ -99,6 +99,7 @@ from aura.messaging.runtime import (
     PublishTimeout,
     call_off_loop,
     process_runtime,
+    publish_within,
 )
 
 __all__ = [
@@ -472,14 +473,6 @@ async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-async def _bounded(awaitable: Awaitable[T], bound: float) -> T:
-    try:
-        async with asyncio.timeout(bound):
-            return await awaitable
-    except TimeoutError:
-        raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
-
-
 def _fingerprint(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     known = getattr(task.request, "aura_fingerprint", None)
     return known if isinstance(known, str) else message_fingerprint(task.name, args, kwargs)
@@ -679,7 +672,7 @@ def _dead_letter(
                 replay_count=replay_count_of(request),
             )
             # Off the loop, bounded by its own clock, not the task's (a blocked broker).
-            letter = runtime.run(_bounded(routed, PUBLISH_BOUND), hard_limited=False)
+            letter = runtime.run(publish_within(routed, PUBLISH_BOUND), hard_limited=False)
     except Exception as publish_error:  # not in the DLQ: never acked, never rejected away
         _log.warning(
             "could not publish the dead letter; the message goes back to its queue",
