@@ -36,6 +36,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from aura import events
+from aura.backoff import Backoff
 from aura.errors import (
     DatabaseTransactionError,
     InvalidInputError,
@@ -132,16 +133,19 @@ async def while_out(
     ``patience`` seconds, pausing ``first_pause`` doubling to 1 s (so it goes on within a
     second of the database answering); ``on_retry(error, pause)`` before each pause. Any
     other error, or an outage past the patience, is raised as it came."""
-    waited, pause = 0.0, first_pause
+    pauses = Backoff(base=first_pause, cap=1.0, jitter=False)
+    waited, tries = 0.0, 0
     while True:
         try:
             return await attempt()
         except Exception as exc:
             if waited >= patience or not is_outage(exc):
                 raise
+            tries += 1
+            pause = pauses.delay(tries)
             on_retry(exc, pause)
             await sleep(pause)
-            waited, pause = waited + pause, min(pause * 2, 1.0)
+            waited += pause
 
 
 def describe_error(exc: BaseException) -> str:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import structlog
 
 from aura import events
+from aura.backoff import Backoff
 from aura.events import Dependency, DependencyGateChanged
 
 __all__ = ["OutageGate"]
@@ -57,8 +58,7 @@ class OutageGate:
         rng: random.Random | None = None,
     ) -> None:
         self.dependency = dependency
-        self.first_pause = first_pause
-        self.max_pause = max_pause
+        self.pauses = Backoff(base=first_pause, cap=max_pause)
         self.trial_lease = trial_lease
         self.clock = clock
         self.rng = rng or random.Random()
@@ -86,8 +86,7 @@ class OutageGate:
             )
             events.emit(DependencyGateChanged(self.dependency, available=False))
         self.failures += 1
-        ceiling = min(self.max_pause, self.first_pause * 2.0 ** min(self.failures - 1, 32))
-        self.trial_at = now + ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+        self.trial_at = now + self.pauses.delay(self.failures, self.rng)
         self.trial_out_since = None
         self._wake()
 
