@@ -20,8 +20,6 @@ from aura.messaging.dlq import (
     DeadLetter,
     DeadLetterQueue,
     OriginalMessage,
-    _error_text,
-    _json_safe,
     dead_letter_original,
     publish_dead_letter,
     purge,
@@ -29,6 +27,8 @@ from aura.messaging.dlq import (
     replay,
     route_to_dlq,
 )
+from aura.messaging.dlq._decode import json_safe as _json_safe
+from aura.messaging.dlq._letter import error_text as _error_text
 from aura.messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, dead_letter_queue
 from tests.helpers import metric
 
