@@ -69,7 +69,7 @@ def test_the_failure_window_slides_over_the_runs_failures() -> None:
 def test_it_opens_at_the_first_failure_that_ends_fail_max_within_the_window(
     gaps: list[float], fail_max: int
 ) -> None:
-    """The rule the README states, for any failure times: open at the first failure whose
+    """The rule docs/patterns/llm.md states, for any failure times: open at the first failure whose
     fail_max - 1 predecessors are all within the window of it, never before."""
     policy = POLICY | {"fail_max": fail_max, "failure_window": 60.0}
     times = list(itertools.accumulate(gaps))
