@@ -195,7 +195,7 @@ async def under_load(calls: int, callers: int, redis_url: str) -> None:
         return time.process_time() - started
 
     closed = CircuitBreaker("load-closed", redis=redis, fail_max=10**9)
-    client = ResilientLLMClient(
+    client = ResilientLLMClient.from_settings(
         settings=Settings(), base_url="http://127.0.0.1:1/v1", redis=redis, breaker_name="load"
     )
     flaky = CircuitBreaker("load-flaky", redis=redis, fail_max=10**9)

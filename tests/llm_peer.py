@@ -54,7 +54,7 @@ async def later(delay: float, call: Awaitable[str]) -> str:
 async def main(mode: str, base_url: str, redis_url: str, breaker: str, n: int, *rest: str) -> None:
     configure_logging("ERROR")  # logs to stderr; stdout carries the result
     redis = aioredis.from_url(redis_url)
-    client = ResilientLLMClient(
+    client = ResilientLLMClient.from_settings(
         settings=Settings(), base_url=base_url, redis=redis, breaker_name=breaker
     )
     listed = os.environ.get("PEER_MODELS")

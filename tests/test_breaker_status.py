@@ -31,7 +31,7 @@ async def test_status_lists_every_breaker_used_failed_or_not(
     down = {failing: Faults(error_rate=1.0, error_statuses=(503,), retry_after=None)}
     async with (
         LLMSimulator(model_faults=down) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(), base_url=sim.base_url, redis=shared, fail_max=2
         ) as client,
     ):

@@ -22,7 +22,7 @@ async def test_breaker_status_lists_each_model_of_each_provider(redis_url: str) 
     failing = {"sick-model": Faults(error_rate=1.0, error_statuses=(502,))}
     async with (
         LLMSimulator(model_faults=failing) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(), base_url=sim.base_url, redis=redis, breaker_name=prefix
         ) as client,
     ):

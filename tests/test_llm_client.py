@@ -41,7 +41,7 @@ def client_for(sim: LLMSimulator, **overrides: Any) -> ResilientLLMClient:
         "clock": FakeClock(),
         "timeout": httpx.Timeout(connect=1.0, read=0.5, write=1.0, pool=1.0),
     }
-    return ResilientLLMClient(**(options | overrides))
+    return ResilientLLMClient.from_settings(**(options | overrides))
 
 
 async def test_a_completion_returns_the_assistants_text(simulator: LLMSimulator) -> None:
@@ -65,7 +65,7 @@ async def test_answers_are_deterministic(simulator: LLMSimulator) -> None:
 
 
 def test_defaults_come_from_settings() -> None:
-    client = ResilientLLMClient(settings=Settings())
+    client = ResilientLLMClient.from_settings(settings=Settings())
     timeout = client.http_client.timeout
     assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == (5.0, 10.0, 5.0, 5.0)
     assert client.circuit_breaker.fail_max == 3
@@ -171,7 +171,9 @@ async def test_connection_resets_and_malformed_answers_trip(simulator: LLMSimula
 
 
 async def test_an_unreachable_provider_is_a_connection_error() -> None:
-    async with ResilientLLMClient(base_url="http://127.0.0.1:1/v1", clock=FakeClock()) as client:
+    async with ResilientLLMClient.from_settings(
+        base_url="http://127.0.0.1:1/v1", clock=FakeClock()
+    ) as client:
         with pytest.raises(LLMConnectionError):
             await client.complete(MESSAGES)
 

@@ -67,7 +67,7 @@ async def test_an_open_in_one_process_fails_the_other_fast_within_a_second(
     clock = FakeClock(time.time() + 30)  # this process's calls come after the peer's
     async with (
         LLMSimulator() as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(),
             base_url=sim.base_url,
             redis=redis,
@@ -100,7 +100,7 @@ async def test_half_open_runs_exactly_one_trial_across_both_processes(
     reset = {"CIRCUIT_BREAKER_RESET_TIMEOUT": "0.5", "LLM_TRIAL_WAIT": "0"}  # refused: counted
     async with (
         LLMSimulator(Faults(error_rate=1.0, error_statuses=(500,))) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(circuit_breaker_reset_timeout=0.5, llm_trial_wait=0),
             base_url=sim.base_url,
             redis=redis,
@@ -142,7 +142,7 @@ async def test_exactly_one_half_open_trial_per_model_across_both_processes(
     }
     async with (
         LLMSimulator(model_faults=failing) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(circuit_breaker_reset_timeout=0.5, llm_trial_wait=0),
             base_url=sim.base_url,
             redis=redis,
@@ -184,7 +184,7 @@ async def test_the_opening_rule_holds_across_processes_as_documented(
     clock = FakeClock(time.time() + 30)  # this process's calls come after the peer's
     async with (
         LLMSimulator() as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(),
             base_url=sim.base_url,
             redis=redis,

@@ -51,7 +51,7 @@ def client_for(sim: LLMSimulator, **overrides: Any) -> ResilientLLMClient:
         "clock": FakeClock(),
         "timeout": httpx.Timeout(connect=1.0, read=2.0, write=1.0, pool=1.0),
     }
-    return ResilientLLMClient(**(options | overrides))
+    return ResilientLLMClient.from_settings(**(options | overrides))
 
 
 # -- complete answers are successes ---------------------------------------------------------
@@ -275,7 +275,7 @@ async def test_fallback_models_answer_while_a_breaker_is_open() -> None:
 def test_the_breaker_key_is_configurable() -> None:
     def names(key: str) -> str:
         settings = Settings(circuit_breaker_key=key)  # type: ignore[arg-type]
-        client = ResilientLLMClient(
+        client = ResilientLLMClient.from_settings(
             settings=settings, base_url="http://user:secret@llm.example:8443/v1", model="m"
         )
         return client.circuit_breaker.name
@@ -286,12 +286,12 @@ def test_the_breaker_key_is_configurable() -> None:
 
 
 def test_the_http_client_runs_over_aiohttp_sized_by_settings() -> None:
-    client = ResilientLLMClient(settings=Settings(llm_max_connections=321))
+    client = ResilientLLMClient.from_settings(settings=Settings(llm_max_connections=321))
     transport = client.http_client._transport
     assert isinstance(client.http_client, httpx.AsyncClient)  # the seed's attribute holds
     assert isinstance(transport, AiohttpTransport)
     assert transport.limits.max_connections == 321
-    plain = ResilientLLMClient(settings=Settings(llm_http_transport="httpx"))
+    plain = ResilientLLMClient.from_settings(settings=Settings(llm_http_transport="httpx"))
     assert not isinstance(plain.http_client._transport, AiohttpTransport)
 
 

@@ -115,7 +115,7 @@ async def test_the_client_waits_within_its_budget_then_defers_without_calling(
     sleeps = Sleeps(clock)
     async with (
         LLMSimulator() as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(llm_rate_limit_max_wait=1.5),
             base_url=sim.base_url,
             model=f"m-{uuid.uuid4().hex[:6]}",
@@ -140,7 +140,7 @@ async def test_a_providers_429_holds_the_client_off(redis: aioredis.Redis) -> No
     limited = {model: Faults(error_rate=1.0, error_statuses=(429,), retry_after=20)}
     async with (
         LLMSimulator(model_faults=limited) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(),
             base_url=sim.base_url,
             model=model,

@@ -141,7 +141,7 @@ async def test_the_client_slows_the_fleet_on_a_429_and_on_slow_answers(
     }
     async with (
         LLMSimulator(model_faults=faults) as sim,
-        ResilientLLMClient(
+        ResilientLLMClient.from_settings(
             settings=Settings(),
             base_url=sim.base_url,
             redis=redis,
@@ -169,7 +169,7 @@ async def test_per_model_limits_from_the_settings(redis: aioredis.Redis) -> None
             llm_rate_limit_tpm=100_000,
             llm_rate_limits=f"{limited} rpm=60 burst=1; {provider}/{by_provider} rpm=120 burst=0.5",
         )
-        async with ResilientLLMClient(
+        async with ResilientLLMClient.from_settings(
             settings=settings, base_url=sim.base_url, redis=redis, clock=clock, sleep=sleeps
         ) as client:
             assert (client.rate_limit_for(limited).rpm, client.rate_limit_for(limited).tpm) == (

@@ -25,7 +25,7 @@ from aura.errors import (
     LLMMalformedResponseError,
     LLMTimeoutError,
 )
-from aura.llm import client as client_module
+from aura.llm._wire import transport_error
 from aura.llm.client import (
     DEFAULT_SIMULATOR_URL,
     MAX_BREAKERS,
@@ -66,7 +66,7 @@ def client_with(handler: Handler, **overrides: Any) -> ResilientLLMClient:
         "clock": FakeClock(),
         "transport": httpx.MockTransport(handler),
     }
-    return ResilientLLMClient(**(options | overrides))
+    return ResilientLLMClient.from_settings(**(options | overrides))
 
 
 # -- pure helpers -----------------------------------------------------------------------------
@@ -133,22 +133,22 @@ def test_provider_of_a_base_url() -> None:
 
 
 def test_transport_errors_become_ours() -> None:
-    timed_out = client_module._transport_error(httpx.ReadTimeout("slow"))
+    timed_out = transport_error(httpx.ReadTimeout("slow"))
     assert isinstance(timed_out, LLMTimeoutError)
     assert str(timed_out) == "ReadTimeout talking to the LLM provider"
-    refused = client_module._transport_error(httpx.ConnectError("refused " + "x" * 500))
+    refused = transport_error(httpx.ConnectError("refused " + "x" * 500))
     assert isinstance(refused, LLMConnectionError)
     assert str(refused).startswith("ConnectError: refused")
     assert len(str(refused)) == 200
     mapped = httpx.ConnectTimeout("mapped by httpx_aiohttp")
     mapped.__cause__ = aiohttp.ServerDisconnectedError()
-    reset = client_module._transport_error(mapped)
+    reset = transport_error(mapped)
     assert isinstance(reset, LLMConnectionError)  # a reset, not a timeout
     assert str(reset).startswith("ServerDisconnectedError")
     slow = httpx.ConnectTimeout("mapped")
     slow.__cause__ = aiohttp.ServerTimeoutError()
-    assert isinstance(client_module._transport_error(slow), LLMTimeoutError)
-    raw = client_module._transport_error(aiohttp.ClientOSError(104, "reset"))
+    assert isinstance(transport_error(slow), LLMTimeoutError)
+    raw = transport_error(aiohttp.ClientOSError(104, "reset"))
     assert isinstance(raw, LLMConnectionError)
 
 

@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     dlq_retention_days: float = Field(default=0.0, ge=0)
     # LLM provider (unset base URL: the bundled simulator)
     llm_base_url: str | None = None
+    # Which API it speaks (not in the seed): openai or anthropic (aura.llm._providers)
+    llm_provider: str = Field(default="openai", min_length=1)
     llm_api_key: SecretStr = SecretStr("")
     llm_model: str = Field(default="gpt-4o-mini", min_length=1)
     llm_connect_timeout: PositiveFloat = 5.0

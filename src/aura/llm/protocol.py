@@ -22,7 +22,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from aura.errors import LLMConnectionError, LLMMalformedResponseError
+from aura.errors import LLMConnectionError
+from aura.llm._provider import MAX_ERROR_TEXT as _MAX_ERROR_TEXT
+from aura.llm._provider import malformed as _malformed
 from aura.logs import bounded_text
 
 __all__ = [
@@ -33,8 +35,6 @@ __all__ = [
     "Usage",
     "parse_completion",
 ]
-
-_MAX_ERROR_TEXT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +83,6 @@ class Completion:
     def truncated(self) -> bool:
         """The answer was cut at ``max_tokens`` (``finish_reason == "length"``)."""
         return self.finish_reason == "length"
-
-
-def _malformed(what: str, exc: BaseException | None = None) -> LLMMalformedResponseError:
-    detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-    return LLMMalformedResponseError(
-        bounded_text(
-            f"the provider's answer is not a chat completion: {what}{detail}", _MAX_ERROR_TEXT
-        )
-    )
 
 
 def _usage(raw: Any) -> Usage:
