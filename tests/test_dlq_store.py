@@ -527,7 +527,9 @@ def test_one_letter_per_fate_however_many_copies_and_reads(
     fates: list[tuple[str, DeadLetterReason, str, int]], reads: int
 ) -> None:
     with Connection(f"memory://prop-{uuid.uuid4().hex}") as conn:
-        dead_letter_queue()(conn.default_channel).declare()
+        queue = dead_letter_queue()(conn.default_channel)
+        queue.declare()
+        queue.purge()  # kombu's memory transport shares its queues across the process
         dlq = DeadLetterQueue(conn)
         expected: list[tuple[str, str, str]] = []
         for message_id, reason, fingerprint, copies in fates:

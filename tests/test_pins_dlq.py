@@ -272,7 +272,7 @@ def test_an_original_with_a_bad_date_or_reason_is_still_shown(connection: Connec
         b"{}",
         {
             "x-aura-format": "original",
-            "x-aura-reason": "made_up",
+            "x-aura-reason": "made up!",  # not a reason's shape (a rule's own is snake_case)
             "x-aura-dead-lettered-at": "yesterday",
             "x-aura-queue": "q" * 300,
             "x-aura-error": "e" * 2000,

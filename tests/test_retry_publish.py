@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from celery.exceptions import Reject, Retry
 
-from aura.messaging.task import _retry
+from aura.messaging.settle import retry as _retry
 
 
 class _Task:

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # Retry tracking
     retry_tracker_max_retries: int = Field(default=3, ge=0)
     retry_tracker_ttl: PositiveInt = 3600
+    # Not in the seed: a task's retry backoff (aura.backoff.Backoff), base doubling to max
+    retry_backoff_base: PositiveFloat = 1.0
+    retry_backoff_max: PositiveFloat = 60.0
     # Circuit breaker
     circuit_breaker_fail_max: PositiveInt = 3
     circuit_breaker_reset_timeout: PositiveFloat = 60

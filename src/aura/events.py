@@ -12,17 +12,22 @@ unbounded -- message ids, tenant ids, exception text -- can become a metric labe
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+from aura.errors import ConfigurationError
 
 __all__ = [
     "BrokerAckFailed",
     "CircuitBreakerOpened",
     "CircuitState",
     "CircuitStateChanged",
+    "CustomReason",
     "DeadLetterDepthObserved",
     "DeadLetterReason",
     "DeadLettersDropped",
@@ -41,6 +46,7 @@ __all__ = [
     "Queue",
     "QueueDepthObserved",
     "RateLimitOutcome",
+    "Reason",
     "RetryKind",
     "RollbackReason",
     "TaskFinished",
@@ -51,6 +57,7 @@ __all__ = [
     "TimeoutKind",
     "TransactionRolledBack",
     "add_hook",
+    "dead_letter_reason",
     "emit",
     "hooks",
     "remove_hook",
@@ -72,6 +79,44 @@ class DeadLetterReason(StrEnum):
     TASK_FAILED = "task_failed"  # rejected by Celery (a task without DLQ routing failed)
     MALFORMED_MESSAGE = "malformed_message"  # not a Celery message for a known task
     CONFLICTING_MESSAGE_ID = "conflicting_message_id"  # an id reused with another payload
+
+
+class CustomReason(str):
+    """A dead-letter reason a rule of the user's own names (``aura.messaging.rules``):
+    snake_case, at most 40 characters. As bounded a label value as the code naming it."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> CustomReason:
+        if not _REASON_TEXT.fullmatch(text):
+            raise ConfigurationError(f"a dead-letter reason is snake_case, 1-40 chars: {text!r}")
+        return super().__new__(cls, text)
+
+    @property
+    def value(self) -> str:  # read as a DeadLetterReason is
+        return str(self)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema  # a letter is a pydantic model
+
+        return core_schema.no_info_after_validator_function(  # Aura's own stay enum members
+            dead_letter_reason,
+            core_schema.str_schema(),
+            serialization=core_schema.to_string_ser_schema(when_used="json"),
+        )
+
+
+_REASON_TEXT = re.compile(r"[a-z][a-z0-9_]{0,39}")
+Reason = DeadLetterReason | CustomReason
+
+
+def dead_letter_reason(text: str) -> Reason:
+    """Aura's own reason by that name, else a user's (``ConfigurationError`` if neither)."""
+    try:
+        return DeadLetterReason(text)
+    except ValueError:
+        return CustomReason(text)
 
 
 class DuplicateKind(StrEnum):
@@ -184,7 +229,7 @@ class LLMRateLimitChanged:
 
 @dataclass(frozen=True, slots=True)
 class MessageDeadLettered:
-    reason: DeadLetterReason
+    reason: Reason
     task: str
 
 

@@ -25,7 +25,7 @@ import typer
 from aura.cli import app
 from aura.cli.names import DEFER_PREFIX, RETRY_PREFIX
 from aura.errors import ConfigurationError, InvalidInputError
-from aura.events import DeadLetterReason
+from aura.events import DeadLetterReason, dead_letter_reason
 
 if TYPE_CHECKING:
     from aura.messaging.dlq import DeadLetter, DeadLetterQueue
@@ -37,13 +37,26 @@ app.add_typer(dlq_app, name="dlq")
 
 _REASONS = [reason.value for reason in DeadLetterReason]
 _LIMIT_MAX = 1000
+
+
+def _a_reason(text: str) -> bool:
+    """Aura's reasons, or one a user's rule names (``CustomReason``)."""
+    try:
+        dead_letter_reason(text)
+    except ConfigurationError:
+        return False
+    return True
+
+
 _PLATFORM_APP = "aura.worker.celery_app:celery_app"
 
 
 def _check_reason(reason: str | None) -> str | None:
-    if reason is not None and reason not in _REASONS:
+    if reason is not None and not _a_reason(reason):
         raise InvalidInputError(
-            f"unknown reason {reason!r}; expected one of {', '.join(_REASONS)}", field="reason"
+            f"unknown reason {reason!r}; expected one of {', '.join(_REASONS)} "
+            "(or a reason of your own rules: snake_case)",
+            field="reason",
         )
     return reason
 

@@ -6,6 +6,7 @@
     route_to_dlq         publish a dead letter with a confirm, then count it
     DeadLetterQueue      list / show / replay / purge (``aura dlq``)
     resilient_task       the Celery task decorator, for ``def`` and ``async def``
+    Rule, DEFAULT_RULES  a delivery's fate decided by small ordered rules (``rules``)
     GuardedConsumer      the envelope guard: malformed messages to the DLQ, never a crash
     Inbox                idempotency by message id and payload fingerprint
     configure            put Aura's settings, queues and DLQ on your own Celery app
@@ -21,8 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aura.messaging.app import configure, configured_app, default_app
+    from aura.messaging.delivery import Delivery, TaskPolicy
     from aura.messaging.dlq import DeadLetter, DeadLetterQueue, route_to_dlq
     from aura.messaging.envelope import GuardedConsumer, check_envelope
+    from aura.messaging.fate import (
+        Ack,
+        BaseRule,
+        DeadLetterAs,
+        DeferAfter,
+        Fail,
+        Fate,
+        HoldForDatabase,
+        RetryAfter,
+        Rule,
+    )
     from aura.messaging.idempotency import (
         Inbox,
         InboxEntry,
@@ -31,6 +44,7 @@ if TYPE_CHECKING:
     )
     from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
     from aura.messaging.retry import RetryTracker
+    from aura.messaging.rules import DEFAULT_RULES
     from aura.messaging.task import backoff_delay, report_duplicate, resilient_task
 
 _WHERE = {
@@ -49,6 +63,18 @@ _WHERE = {
     "DEFAULT_POISON_TYPES": "poison",
     "PoisonPillDetector": "poison",
     "RetryTracker": "retry",
+    "Delivery": "delivery",
+    "TaskPolicy": "delivery",
+    "Ack": "fate",
+    "BaseRule": "fate",
+    "DeadLetterAs": "fate",
+    "DeferAfter": "fate",
+    "Fail": "fate",
+    "Fate": "fate",
+    "HoldForDatabase": "fate",
+    "RetryAfter": "fate",
+    "Rule": "fate",
+    "DEFAULT_RULES": "rules",
     "backoff_delay": "task",
     "report_duplicate": "task",
     "resilient_task": "task",
@@ -56,13 +82,25 @@ _WHERE = {
 
 __all__ = [
     "DEFAULT_POISON_TYPES",
+    "DEFAULT_RULES",
+    "Ack",
+    "BaseRule",
     "DeadLetter",
+    "DeadLetterAs",
     "DeadLetterQueue",
+    "DeferAfter",
+    "Delivery",
+    "Fail",
+    "Fate",
     "GuardedConsumer",
+    "HoldForDatabase",
     "Inbox",
     "InboxEntry",
     "PoisonPillDetector",
+    "RetryAfter",
     "RetryTracker",
+    "Rule",
+    "TaskPolicy",
     "backoff_delay",
     "check_envelope",
     "configure",

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from aura.events import DeadLetterReason
+from aura.errors import ConfigurationError
+from aura.events import DeadLetterReason, dead_letter_reason
 from aura.logs import bounded_text, redact
 from aura.messaging.dlq._letter import (
     MAX_ERROR,
@@ -123,8 +124,8 @@ def _original_from_message(message: Any, headers: dict[str, Any]) -> DeadLetter:
     at = _aware(at)
     reason_text = str(headers.get("x-aura-reason", DeadLetterReason.MALFORMED_MESSAGE.value))
     try:
-        reason = DeadLetterReason(reason_text)
-    except ValueError:
+        reason = dead_letter_reason(reason_text)
+    except ConfigurationError:  # not a reason's shape: a letter forged or damaged
         reason = DeadLetterReason.MALFORMED_MESSAGE
     return DeadLetter(
         id=safe_letter_id(message.properties.get("message_id")),

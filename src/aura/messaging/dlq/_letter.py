@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from aura.events import DeadLetterReason
+from aura.events import Reason
 from aura.logs import bounded_text
 from aura.message_id import validate_message_id
 
@@ -49,7 +49,7 @@ class DeadLetter(BaseModel):
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     message_id: str
-    reason: DeadLetterReason
+    reason: Reason
     task: str
     queue: str
     task_args: list[Any] = Field(default_factory=list)

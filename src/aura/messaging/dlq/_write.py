@@ -12,7 +12,7 @@ from typing import Any
 from kombu.connection import Connection
 
 from aura import events
-from aura.events import DeadLetterReason, MessageDeadLettered
+from aura.events import DeadLetterReason, MessageDeadLettered, Reason, dead_letter_reason
 from aura.logs import redact
 from aura.messaging.dlq._letter import DeadLetter, bounded, safe_id
 from aura.messaging.dlq._letter import error_text as _error_text  # a parameter's name below
@@ -53,7 +53,7 @@ def publish_dead_letter(connection: Connection, letter: DeadLetter) -> None:
 
 async def route_to_dlq(
     message_id: str,
-    reason: DeadLetterReason | str,
+    reason: Reason | str,
     *,
     connection: Connection,
     task: str = "",
@@ -77,7 +77,7 @@ async def route_to_dlq(
     now = datetime.now(UTC)
     letter = DeadLetter(
         message_id=message_id,
-        reason=DeadLetterReason(reason),
+        reason=dead_letter_reason(reason),
         task=task,
         queue=queue,
         task_args=redact(list(args)),

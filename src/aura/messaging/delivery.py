@@ -1,0 +1,121 @@
+"""One delivery of a resilient task: what the fate rules read, and the task's policy.
+
+A ``Delivery`` is made per run of the task (a redelivery, a retry, a hold at the
+outage gate each get a new one) and bundles what every rule used to be passed one by one:
+the task and its request, the process's runtime (loop, Redis, trackers), the task's
+``TaskPolicy`` and the call's arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery import Task
+
+from aura.backoff import Backoff
+from aura.messaging.dlq import REPLAY_HEADER, DeadLetter
+from aura.messaging.idempotency import Inbox, message_fingerprint
+from aura.messaging.poison import PoisonPillDetector
+from aura.messaging.runtime import ProcessRuntime
+
+if TYPE_CHECKING:
+    from aura.messaging.fate import Rule
+
+__all__ = ["FAILURES_HEADER", "Delivery", "TaskPolicy", "failures_so_far", "replay_count_of"]
+
+T = TypeVar("T")
+
+# A retried message carries its failures so far: with Redis unable to count, the budget
+# is kept from this, not Celery's request.retries (which counts deferrals too: a message
+# put off 3 times by an open breaker was dead-lettered on its first real failure).
+FAILURES_HEADER = "aura_failures"
+
+
+@dataclass(frozen=True)
+class TaskPolicy:
+    """What ``resilient_task``'s options decided for one task."""
+
+    max_retries: int
+    poison_pill_detection: bool
+    dlq_routing: bool
+    backoff: Backoff
+    max_deferrals: int
+    detector: PoisonPillDetector
+    on_dead_letter: Callable[[DeadLetter], Coroutine[Any, Any, None]] | None
+    tenant_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None]
+    inbox: Inbox | None
+    on_duplicate: Callable[..., Coroutine[Any, Any, None]] | None
+    rules: Sequence[Rule]
+    lookup_first: bool = True
+
+
+@dataclass(eq=False)
+class Delivery:
+    task: Task
+    policy: TaskPolicy
+    runtime: ProcessRuntime
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def request(self) -> Any:
+        return self.task.request
+
+    @property
+    def name(self) -> str:
+        return str(self.task.name)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.task.request.id)
+
+    @property
+    def redelivered(self) -> bool:
+        """Its last run never finished (the worker died, or lost the connection)."""
+        return bool((self.request.delivery_info or {}).get("redelivered"))
+
+    @property
+    def retries(self) -> int:
+        """Celery's count of this message's retries and deferrals."""
+        return int(getattr(self.request, "retries", 0) or 0)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The payload's fingerprint, as the inbox stores it."""
+        known = getattr(self.request, "aura_fingerprint", None)
+        if isinstance(known, str):
+            return known
+        return message_fingerprint(self.name, self.args, self.kwargs)
+
+    @property
+    def tenant(self) -> str | None:
+        try:
+            return self.policy.tenant_of(self.args, self.kwargs)
+        except Exception:  # a poison pill's arguments: no tenant to show
+            return None
+
+    def run(self, awaitable: Coroutine[Any, Any, T], **limits: bool) -> T:
+        """Await ``awaitable`` on the process's loop (``ProcessRuntime.run``)."""
+        return self.runtime.run(awaitable, **limits)
+
+
+def failures_so_far(request: Any) -> int:
+    """The failures this message met before this delivery (its ``aura_failures`` header;
+    a message retried by an older worker has none: Celery's retries stand in)."""
+    value = getattr(request, FAILURES_HEADER, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(FAILURES_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return int(getattr(request, "retries", 0) or 0)
+
+
+def replay_count_of(request: Any) -> int:
+    """How often this delivery's message was replayed from the DLQ (its header)."""
+    value = getattr(request, REPLAY_HEADER, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(REPLAY_HEADER)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
