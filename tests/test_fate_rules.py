@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from aura.config import load_settings
-from aura.errors import CircuitOpenError
-from aura.errors import ConfigurationError
+from aura.errors import CircuitOpenError, ConfigurationError
 from aura.events import CustomReason, DeadLetterReason
 from aura.messaging import (
     DEFAULT_RULES,
@@ -132,7 +131,8 @@ def test_a_failing_rule_is_logged_and_skipped(app: Celery) -> None:
     with capture_logs() as logs:
         assert call.apply().get() == "done"
     skipped = [e for e in logs if e["event"] == "a fate rule failed; skipped"]
-    assert skipped and all(e["rule"] == "Broken" for e in skipped)
+    assert skipped
+    assert all(e["rule"] == "Broken" for e in skipped)
     assert len(runs) == 2
 
 
