@@ -55,11 +55,11 @@ EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 TESTS: dict[str, list[str]] = {
     "db/transactional.py": ["tests/test_pins_transactional.py", "tests/test_db.py"],
     "db/inbox.py": ["tests/test_pins_inbox.py", "tests/test_db.py"],
-    "llm/breaker.py": ["tests/test_pins_breaker.py", "tests/test_llm_breaker.py"],
+    "llm/breaker.py": ["tests/llm/test_breaker_edges.py", "tests/llm/test_breaker.py"],
     "llm/client.py": [
-        "tests/test_pins_client.py",
-        "tests/test_llm_client.py",
-        "tests/test_llm_ratelimit.py",
+        "tests/llm/test_client_edges.py",
+        "tests/llm/test_client.py",
+        "tests/llm/test_ratelimit.py",
     ],
     "messaging/poison.py": ["tests/test_pins_poison.py", "tests/test_poison.py"],
     "messaging/retry.py": ["tests/test_pins_retry.py", "tests/test_messaging_units.py"],

@@ -1,4 +1,4 @@
-"""A second process sharing the breaker through Redis (run by test_llm_fleet.py).
+"""A second process sharing the breaker through Redis (run by tests/llm/test_fleet.py).
 
     python -m tests.llm_peer fail  BASE_URL REDIS_URL BREAKER N
     python -m tests.llm_peer burst BASE_URL REDIS_URL BREAKER N GO_KEY

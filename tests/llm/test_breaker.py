@@ -17,13 +17,9 @@ from aura.errors import CircuitOpenError
 from aura.events import CircuitState
 from aura.llm import BreakerRecord, CircuitBreaker, transition
 from tests.helpers import FakeClock, metric, wait_until
+from tests.llm.support import POLICY, Boom, boom, ok
 
-POLICY = {"fail_max": 3, "reset_timeout": 60.0, "trial_lease": 35.0}
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
-
-
-class Boom(Exception):
-    pass
 
 
 # -- the pure state machine: exact states in, exact states out ------------------------------
@@ -142,37 +138,10 @@ def test_unknown_event_is_refused() -> None:
 # -- the breaker, local and shared ------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "redis"])
-async def make_breaker(
-    request: pytest.FixtureRequest, redis_url: str
-) -> AsyncIterator[tuple[FakeClock, CircuitBreaker]]:
-    clock = FakeClock()
-    client = aioredis.from_url(redis_url) if request.param == "redis" else None
-    breaker = CircuitBreaker(
-        f"test-{uuid.uuid4().hex[:8]}",
-        fail_max=3,
-        reset_timeout=60,
-        redis=client,
-        clock=clock,
-        is_failure=lambda exc: isinstance(exc, Boom),
-    )
-    yield clock, breaker
-    if client is not None:
-        await client.aclose()
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> str:
-    raise Boom("provider down")
-
-
 async def test_breaker_opens_rejects_and_recovers(
-    make_breaker: tuple[FakeClock, CircuitBreaker],
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
 ) -> None:
-    clock, breaker = make_breaker
+    clock, breaker = breaker_and_clock
     opens = metric("llm_circuit_breaker_opens_total")
     assert await breaker.call(ok) == "ok"
     for _ in range(3):
@@ -201,8 +170,10 @@ async def test_breaker_opens_rejects_and_recovers(
     assert metric("llm_circuit_breaker_state", breaker=breaker.name) == 0
 
 
-async def test_a_failed_trial_opens_again(make_breaker: tuple[FakeClock, CircuitBreaker]) -> None:
-    clock, breaker = make_breaker
+async def test_a_failed_trial_opens_again(
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
+) -> None:
+    clock, breaker = breaker_and_clock
     for _ in range(3):
         with pytest.raises(Boom):
             await breaker.call(boom)
@@ -218,9 +189,9 @@ async def test_a_failed_trial_opens_again(make_breaker: tuple[FakeClock, Circuit
 
 
 async def test_errors_that_do_not_count_leave_it_closed(
-    make_breaker: tuple[FakeClock, CircuitBreaker],
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
 ) -> None:
-    _, breaker = make_breaker
+    _, breaker = breaker_and_clock
 
     async def bad_request() -> str:
         raise ValueError("400: your request is wrong")
@@ -233,9 +204,9 @@ async def test_errors_that_do_not_count_leave_it_closed(
 
 
 async def test_successes_between_failures_keep_it_closed(
-    make_breaker: tuple[FakeClock, CircuitBreaker],
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
 ) -> None:
-    _, breaker = make_breaker
+    _, breaker = breaker_and_clock
     for _ in range(4):
         for _ in range(2):
             with pytest.raises(Boom):
@@ -293,11 +264,11 @@ async def test_redis_down_falls_back_to_local_state_and_logs_once() -> None:
 
 
 async def test_a_cancelled_trial_lets_the_next_caller_try(
-    make_breaker: tuple[FakeClock, CircuitBreaker],
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
 ) -> None:
     import asyncio
 
-    clock, breaker = make_breaker
+    clock, breaker = breaker_and_clock
     for _ in range(3):
         with pytest.raises(Boom):
             await breaker.call(boom)
@@ -580,10 +551,10 @@ async def _refused_during_a_trial(
 
 @pytest.mark.parametrize("outcome", ["succeeds", "fails"])
 async def test_a_caller_refused_during_a_trial_learns_its_outcome_within_a_refresh(
-    make_breaker: tuple[FakeClock, CircuitBreaker], outcome: str
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker], outcome: str
 ) -> None:
     """The trial's outcome is a second or so away, not its lease (35 s more were seen)."""
-    clock, breaker = make_breaker
+    clock, breaker = breaker_and_clock
     done = asyncio.Event()
 
     async def trial() -> str:
@@ -613,9 +584,9 @@ async def test_a_caller_refused_during_a_trial_learns_its_outcome_within_a_refre
 
 
 async def test_waiting_for_a_trial_is_bounded(
-    make_breaker: tuple[FakeClock, CircuitBreaker],
+    breaker_and_clock: tuple[FakeClock, CircuitBreaker],
 ) -> None:
-    clock, breaker = make_breaker
+    clock, breaker = breaker_and_clock
     never = asyncio.Event()
 
     async def trial() -> str:

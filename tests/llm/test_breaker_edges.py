@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,35 +19,13 @@ from aura.events import CircuitState
 from aura.llm import BreakerRecord, CircuitBreaker, transition
 from aura.llm.breaker import Decision
 from tests.helpers import FakeClock
+from tests.llm.support import POLICY, boom, counts_boom, fail, ok
 
 CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
-POLICY = {"fail_max": 3, "reset_timeout": 60.0, "trial_lease": 35.0}
-
-
-class Boom(Exception):
-    pass
-
-
-async def ok() -> str:
-    return "ok"
-
-
-async def boom() -> str:
-    raise Boom("provider down")
 
 
 async def bad_request() -> str:
     raise ValueError("400: the request is wrong")
-
-
-def counts_boom(exc: BaseException) -> bool:
-    return isinstance(exc, Boom)
-
-
-async def fail(breaker: CircuitBreaker, times: int) -> None:
-    for _ in range(times):
-        with pytest.raises(Boom):
-            await breaker.call(boom)
 
 
 class Switch:
@@ -71,10 +48,8 @@ class Switch:
 
 
 @pytest.fixture
-async def switch(redis_url: str) -> AsyncIterator[Switch]:
-    client = aioredis.from_url(redis_url)
-    yield Switch(client)
-    await client.aclose()
+def switch(redis: aioredis.Redis) -> Switch:
+    return Switch(redis)
 
 
 def shared_breaker(switch: Switch, clock: FakeClock, name: str | None = None) -> CircuitBreaker:
@@ -199,22 +174,6 @@ def test_records_cross_redis_as_text_and_back() -> None:
 
 
 # -- the breaker: trial edges ---------------------------------------------------------------
-
-
-@pytest.fixture(params=["local", "redis"])
-async def breaker_and_clock(
-    request: pytest.FixtureRequest, redis_url: str
-) -> AsyncIterator[tuple[FakeClock, CircuitBreaker]]:
-    clock = FakeClock()
-    client = aioredis.from_url(redis_url) if request.param == "redis" else None
-    yield (
-        clock,
-        CircuitBreaker(
-            f"edges-{uuid.uuid4().hex[:8]}", redis=client, clock=clock, is_failure=counts_boom
-        ),
-    )
-    if client is not None:
-        await client.aclose()
 
 
 async def test_a_4xx_during_the_trial_closes_the_breaker(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,22 +16,15 @@ from tests.test_cli import run_aura
 MESSAGES = [{"role": "user", "content": "status"}]
 
 
-@pytest.fixture
-async def shared(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 async def test_status_lists_every_breaker_used_failed_or_not(
-    shared: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str
 ) -> None:
     healthy, failing = (f"m-{uuid.uuid4().hex[:6]}" for _ in range(2))
     down = {failing: Faults(error_rate=1.0, error_statuses=(503,), retry_after=None)}
     async with (
         LLMSimulator(model_faults=down) as sim,
         ResilientLLMClient.from_settings(
-            settings=Settings(), base_url=sim.base_url, redis=shared, fail_max=2
+            settings=Settings(), base_url=sim.base_url, redis=redis, fail_max=2
         ) as client,
     ):
         await client.complete(MESSAGES, model=healthy)

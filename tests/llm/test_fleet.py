@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,45 +14,15 @@ from aura.config import Settings
 from aura.events import CircuitState
 from aura.llm import BreakerRecord, Faults, LLMSimulator, ResilientLLMClient
 from tests.helpers import FakeClock, metric, wait_until
+from tests.llm.support import Peer
 from tests.llm_peer import one
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Peer:
-    """The other process: started, waited on until ready, then read for its one result."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @classmethod
-    async def start(cls, *args: str, env: dict[str, str] | None = None) -> Peer:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.llm_peer",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "LOG_LEVEL": "ERROR", **(env or {})},
-        )
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 20)
-        assert line.strip() == b"ready", line
-        return cls(process)
-
-    async def result(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), 30)
-        assert await asyncio.wait_for(self.process.wait(), 10) == 0
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-
 @pytest.fixture
-async def shared(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    client = aioredis.from_url(redis_url)
-    yield client, f"fleet-{uuid.uuid4().hex[:8]}"
-    await client.aclose()
+def shared(redis: aioredis.Redis) -> tuple[aioredis.Redis, str]:
+    return redis, f"fleet-{uuid.uuid4().hex[:8]}"
 
 
 async def test_an_open_in_one_process_fails_the_other_fast_within_a_second(

@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -19,28 +18,10 @@ from aura.llm import Faults, LLMSimulator, ResilientLLMClient
 from aura.llm.client import provider_hold_off
 from aura.llm.ratelimit import LLMRateLimitedError, RateLimit, RateLimiter, estimate_tokens
 from tests.helpers import FakeClock
+from tests.llm.support import Peer, Sleeps
 from tests.llm_peer import MESSAGES
-from tests.test_llm_fleet import Peer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-class Sleeps:
-    """An injected sleep that records how long it was asked to wait and returns at once."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(round(seconds, 6))
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def limiter(redis: aioredis.Redis, limit: RateLimit) -> tuple[RateLimiter, FakeClock, Sleeps]:

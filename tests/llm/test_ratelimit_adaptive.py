@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,17 +15,10 @@ from aura.llm import Faults, LLMSimulator, ResilientLLMClient
 from aura.llm.client import provider_of
 from aura.llm.ratelimit import LLMRateLimitedError, RateLimit, RateLimiter
 from tests.helpers import FakeClock, metric
+from tests.llm.support import Sleeps
 from tests.llm_peer import MESSAGES
-from tests.test_llm_ratelimit import Sleeps
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def fleet(

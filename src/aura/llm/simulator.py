@@ -1,4 +1,5 @@
-"""The LLM simulator: an OpenAI-compatible ``/v1/chat/completions`` with fault injection.
+"""The LLM simulator: OpenAI's ``/v1/chat/completions`` and Anthropic's ``/v1/messages``
+with fault injection.
 
 It is the stand-in for the LLM provider in tests, the demo and the chaos suite, so it
 has to misbehave the way real providers do, down to the socket: it answers over raw
@@ -7,9 +8,10 @@ hang, trickle bytes and reset connections -- things an ASGI framework hides.
 
 It speaks what the client speaks (``simulator_answers``): tool calls, several choices,
 ``max_tokens`` cuts, JSON answers, usage, server-sent-event streaming, and
-``GET /v1/models``. Answers are deterministic from the input: for a product it returns
-JSON with a short description and tags. Faults (``Faults``) are set at start, per model
-if wanted (``model_faults``), and changed while it runs:
+``GET /v1/models``; each API in its own shape (``_sim_dialects``), with the same faults.
+Answers are deterministic from the input: for a product it returns JSON with a short
+description and tags. Faults (``Faults``) are set at start, per model if wanted
+(``model_faults``), and changed while it runs:
 
     POST /admin/faults   {"error_rate": 0.3, ...}   update some fault settings
                          {"model": "m", ...}        ... of one model's faults
@@ -45,7 +47,8 @@ from typing import Any, Literal
 
 import h11
 
-from aura.llm.simulator_answers import completion_for, enrichment_for, stream_events, validate
+from aura.llm._sim_dialects import CHAT, DIALECTS, ChatDialect, MessagesDialect
+from aura.llm.simulator_answers import completion_for, enrichment_for
 
 __all__ = ["DEFAULT_MODELS", "Faults", "LLMSimulator", "enrichment_for"]
 
@@ -108,9 +111,13 @@ def _json(outcome: str, status: int, payload: Any, **extra: Any) -> _Reply:
     return _Reply(outcome, status, json.dumps(payload).encode(), **extra)
 
 
-def _error(status: int, message: str, *, outcome: str = "", **extra: Any) -> _Reply:
-    payload = {"error": {"message": message, "type": "simulated", "code": status}}
-    return _json(outcome or str(status), status, payload, **extra)
+Dialect = ChatDialect | MessagesDialect
+
+
+def _error(
+    status: int, message: str, *, outcome: str = "", dialect: Dialect = CHAT, **extra: Any
+) -> _Reply:
+    return _json(outcome or str(status), status, dialect.error(status, message), **extra)
 
 
 class LLMSimulator:
@@ -324,10 +331,11 @@ class LLMSimulator:
             return _json("health", 200, {"status": "ok"})
         if method == "GET" and path.removeprefix("/v1").startswith("/models"):
             return self._models(path.removeprefix("/v1").removeprefix("/models").strip("/"))
-        if path not in {"/v1/chat/completions", "/chat/completions"} or method != "POST":
+        dialect = DIALECTS.get(path)
+        if dialect is None or method != "POST":
             return _error(404, f"no route {method} {path}")
         self.stats["requests"] += 1
-        reply = self._chat(request, body)
+        reply = self._chat(request, body, dialect)
         self.stats[f"outcome:{reply.outcome}"] += 1
         return reply
 
@@ -349,7 +357,7 @@ class LLMSimulator:
     def faults_for(self, model: str) -> Faults:
         return self.model_faults.get(model, self.faults)
 
-    def _chat(self, request: h11.Request, body: bytes) -> _Reply:
+    def _chat(self, request: h11.Request, body: bytes, dialect: Dialect) -> _Reply:
         try:
             parsed = json.loads(body)
         except ValueError:
@@ -361,42 +369,47 @@ class LLMSimulator:
             if mode == "reset":
                 return _Reply("outage", reset=True)
             if mode == "hang":
-                return _error(503, "outage", outcome="outage", delay=faults.hang_seconds)
-            return _error(503, "simulated outage", outcome="outage", headers=_retry_after(faults))
-        if faults.api_key is not None:
-            sent = dict(request.headers).get(b"authorization", b"").decode()
-            if sent != f"Bearer {faults.api_key}":
-                return _error(401, "invalid API key")
+                return _error(
+                    503, "outage", outcome="outage", delay=faults.hang_seconds, dialect=dialect
+                )
+            retry = _retry_after(faults)
+            return _error(503, "simulated outage", outcome="outage", headers=retry, dialect=dialect)
+        if faults.api_key is not None and not dialect.authorized(
+            dict(request.headers), faults.api_key
+        ):
+            return _error(401, "invalid API key", dialect=dialect)
         try:
-            validate(parsed)
+            parsed = dialect.chat_request(parsed)
         except ValueError as exc:
-            return _error(400, str(exc)[:200])
+            return _error(400, str(exc)[:200], dialect=dialect)
         if self.models is not None and model not in self.offered_models():
-            return _error(404, f"The model '{model}' does not exist")
+            return _error(404, f"The model '{model}' does not exist", dialect=dialect)
         parsed["model"] = model
         delay = faults.latency + (self._random.uniform(0, faults.jitter) if faults.jitter else 0)
-        answer = completion_for(parsed)
-        limited, headers = self._rate_limit(model, faults, answer["usage"]["total_tokens"])
+        completion = completion_for(parsed)
+        tokens = completion["usage"]["total_tokens"]
+        limited, headers = self._rate_limit(model, faults, tokens, dialect)
         if limited is not None:
             return limited
         if parsed.get("stream"):
-            reply = self._streamed(parsed, faults, delay)
+            reply = self._streamed(parsed, faults, delay, dialect)
             reply.headers += headers
             return reply
+        answer = dialect.answer(completion)
         faulty: list[tuple[float, Callable[[], _Reply]]] = [
-            (faults.error_rate, lambda: self._status_error(faults)),
+            (faults.error_rate, lambda: self._status_error(faults, dialect)),
             (faults.hang_rate, lambda: _json("hang", 200, answer, delay=faults.hang_seconds)),
             (
                 faults.trickle_rate,
                 lambda: _json("trickle", 200, answer, trickle=faults.trickle_interval),
             ),
             (faults.reset_rate, lambda: _Reply("reset", reset=True)),
-            (faults.malformed_rate, lambda: _Reply("malformed", 200, b'{"choices": [{"mess')),
+            (faults.malformed_rate, lambda: _Reply("malformed", 200, dialect.malformed_body)),
         ]
         return self._roll(faulty) or _json("ok", 200, answer, delay=delay, headers=headers)
 
     def _rate_limit(
-        self, model: str, faults: Faults, tokens: int
+        self, model: str, faults: Faults, tokens: int, dialect: Dialect
     ) -> tuple[_Reply | None, list[tuple[str, str]]]:
         """GCRA per model, as providers limit: a 429 with Retry-After over the limit, and
         x-ratelimit-* headers on every answer."""
@@ -422,26 +435,24 @@ class LLMSimulator:
             ]
         if waits and max(waits) > 0:
             self.stats["rate_limited"] += 1
-            retry = [("retry-after", f"{max(waits):.3f}")]
-            return _error(429, "Rate limit reached", outcome="429", headers=retry + headers), []
+            retry = [("retry-after", f"{max(waits):.3f}"), *dialect.rate_headers(headers)]
+            return _error(
+                429, "Rate limit reached", outcome="429", headers=retry, dialect=dialect
+            ), []
         for key, new_tat in updates:
             self._tats[key] = new_tat
-        return None, headers
+        return None, dialect.rate_headers(headers)
 
-    def _streamed(self, body: dict[str, Any], faults: Faults, delay: float) -> _Reply:
-        events = [
-            b"data: [DONE]\n\n"
-            if chunk is None
-            else b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            for chunk in stream_events(body)
-        ]
+    def _streamed(
+        self, body: dict[str, Any], faults: Faults, delay: float, dialect: Dialect
+    ) -> _Reply:
+        events = dialect.events(body)
         broken = list(events)
-        broken[_MIDSTREAM_AFTER:] = [b'data: {"choices": [{"del\n\n']
+        broken[_MIDSTREAM_AFTER:] = [dialect.broken_event]
         failed = list(events)
-        error = {"error": {"message": "simulated failure mid-stream", "type": "server_error"}}
-        failed[_MIDSTREAM_AFTER:] = [b"data: " + json.dumps(error).encode() + b"\n\n"]
+        failed[_MIDSTREAM_AFTER:] = [dialect.failure_event()]
         faulty: list[tuple[float, Callable[[], _Reply]]] = [
-            (faults.error_rate, lambda: self._status_error(faults)),
+            (faults.error_rate, lambda: self._status_error(faults, dialect)),
             (faults.hang_rate, lambda: _Reply("hang", events=events, delay=faults.hang_seconds)),
             (
                 faults.trickle_rate,
@@ -466,10 +477,10 @@ class LLMSimulator:
             roll -= rate
         return None
 
-    def _status_error(self, faults: Faults) -> _Reply:
+    def _status_error(self, faults: Faults, dialect: Dialect) -> _Reply:
         status = self._random.choice(faults.error_statuses)
-        headers = _retry_after(faults) if status in (429, 503) else []
-        return _error(status, "simulated failure", headers=headers)
+        headers = _retry_after(faults) if status in (429, 503, 529) else []
+        return _error(status, "simulated failure", headers=headers, dialect=dialect)
 
     def _admin(self, method: str, path: str, body: bytes) -> _Reply:
         try:
