@@ -24,6 +24,8 @@ from typing import Any
 
 from kombu import compression as kombu_compression
 
+from aura.errors import InvalidInputError
+
 __all__ = [
     "MAX_INFLATED_BYTES",
     "MAX_RATIO",
@@ -46,7 +48,7 @@ _lock = threading.Lock()
 _installed = False
 
 
-class InflateLimitError(ValueError):
+class InflateLimitError(InvalidInputError, ValueError):
     """A compressed body would inflate past the bound."""
 
     def __init__(self, codec: str, limit: int) -> None:

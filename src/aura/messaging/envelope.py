@@ -48,6 +48,7 @@ import structlog
 from celery.utils.time import maybe_iso8601
 from celery.worker.consumer import Consumer
 
+from aura.errors import InvalidInputError
 from aura.logs import bounded_text, describe_exception
 from aura.message_id import validate_message_id
 from aura.messaging.compression import InflateLimitError, bound_compression
@@ -71,7 +72,7 @@ _log = structlog.get_logger("aura.messaging.envelope")
 bound_compression()  # before any message is built: kombu inflates while it builds one
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(InvalidInputError):
     """What is wrong with a delivery: ``kind`` (a word) and a sentence."""
 
     def __init__(self, kind: str, text: str) -> None:

@@ -55,6 +55,7 @@ from celery import Celery
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura.config import get_settings
+from aura.errors import ServiceUnavailableError
 from aura.events import Dependency
 from aura.messaging.gate import OutageGate
 from aura.messaging.retry import RetryTracker
@@ -80,7 +81,7 @@ EXIT_LOOP_BLOCKED = 70
 PUBLISH_BOUND = 300.0  # seconds a retry or dead-letter publish may wait (a blocked broker)
 
 
-class PublishTimeout(TimeoutError):
+class PublishTimeout(ServiceUnavailableError, TimeoutError):
     """A publish did not complete within its bound (its thread may still finish it)."""
 
 

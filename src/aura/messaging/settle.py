@@ -21,7 +21,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from aura import events
 from aura.db.transactional import while_out
-from aura.errors import DeadLettered
+from aura.errors import AuraError, DeadLettered
 from aura.events import (
     DeadLetterReason,
     DuplicateDelivered,
@@ -59,7 +59,7 @@ _log = structlog.get_logger("aura.messaging.settle")
 _HOOK_BOUND = 60.0  # seconds a hook after a fate is tried again while the database is out
 
 
-class DatabaseOut(Exception):  # a signal inside the delivery loop, never raised out of it
+class DatabaseOut(AuraError):  # a signal inside the delivery loop, never raised out of it
     """The database could not be reached for this delivery (before or during its work)."""
 
     def __init__(self, error: BaseException) -> None:
