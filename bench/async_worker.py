@@ -73,7 +73,8 @@ async def _setup_database() -> None:
         await admin.execute(f'CREATE DATABASE "{DATABASE}"')
     finally:
         await admin.close()
-    from aura.db import Database, upgrade
+    from aura.catalog import upgrade
+    from aura.db import Database
 
     database = Database(f"postgresql+asyncpg://postgres@{HOST}:5432/{DATABASE}")
     await upgrade(database)

@@ -16,8 +16,9 @@ import os
 import uuid
 from typing import Any
 
+from aura.catalog import create_product_with_variants
 from aura.config import get_settings
-from aura.db import Database, create_product_with_variants
+from aura.db import Database
 from aura.logs import configure_logging
 from aura.worker import tasks as platform_tasks
 from aura.worker.celery_app import celery_app

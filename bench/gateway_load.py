@@ -44,7 +44,8 @@ def free_port() -> int:
 
 async def prepare(database_url: str) -> tuple[str, str, str, str]:
     """Two tenants: the load's, and the one whose uploads the hostile mix trickles."""
-    from aura.db import Database, upgrade
+    from aura.catalog import upgrade
+    from aura.db import Database
     from aura.gateway import create_tenant_with_key
 
     database = Database(database_url)

@@ -23,8 +23,9 @@ import httpx
 from kombu.connection import Connection
 from sqlalchemy import func, select
 
+from aura.catalog import ImportRecord, upgrade
 from aura.config import Settings
-from aura.db import Database, ImportRecord, OutboxMessage, upgrade
+from aura.db import Database, OutboxMessage
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.outbox import relay_forever
 from aura.messaging.topology import work_queues

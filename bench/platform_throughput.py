@@ -5,7 +5,7 @@
 One prefork worker (concurrency 2, both work queues) runs ``aura.worker.tasks`` and a
 plain baseline task (``bench/bench_platform_tasks.py``) on the same app, broker (its own
 vhost, made and removed here) and PostgreSQL database (``aura_bench``, made if missing and
-migrated with ``aura.db.upgrade``). The LLM simulator runs in its own process
+migrated with ``aura.catalog.upgrade``). The LLM simulator runs in its own process
 (``aura llm-sim``: zero latency, no faults; a thread of this process would take the GIL
 from the publisher in the platform's rounds only) and the worker reaches it through
 LLM_BASE_URL.
@@ -54,20 +54,20 @@ import redis
 from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 
-from aura.catalog import parse_product
-from aura.config import Settings
-from aura.db import (
-    Database,
+from aura.catalog import (
     Enrichment,
     Product,
     create_import,
     create_product_with_variants,
     create_tenant,
+    parse_product,
     upgrade,
 )
+from aura.catalog.pipeline import ingest_record, read_for_prompt, store_enrichment
+from aura.config import Settings
+from aura.contract import ENRICH_TASK, INGEST_TASK
+from aura.db import Database
 from aura.db.outbox import Staged
-from aura.db.pipeline import ingest_record, read_for_prompt, store_enrichment
-from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.gateway.senders import AmqpSender
 from aura.llm import ResilientLLMClient
 from aura.messaging.topology import BULK_QUEUE, DEAD_LETTER_QUEUE, REALTIME_QUEUE

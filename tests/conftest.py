@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from aura.catalog import upgrade
 from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import get_settings
-from aura.db import Database, upgrade
+from aura.db import Database
 from tests import services
 
 _AURA_VARIABLES = (

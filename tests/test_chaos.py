@@ -22,14 +22,15 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 from sqlalchemy import select
 
+from aura.catalog import Product
 from aura.chaos import SCENARIOS, run_scenario
 from aura.chaos.accounting import Sent
 from aura.chaos.resources import owned_stack
 from aura.chaos.run import ChaosRun
 from aura.chaos.scenarios import valid_records
 from aura.chaos.shared_state import ClockSkew, RedisOutOfMemory, trial_gaps
-from aura.db import Database, Product
-from aura.gateway.app import INGEST_TASK
+from aura.contract import INGEST_TASK
+from aura.db import Database
 from aura.messaging.topology import BULK_QUEUE, work_queues
 from tests import services
 from tests.test_cli import run_aura

@@ -24,7 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aura.db import Database, upgrade
+from aura.catalog import upgrade
+from aura.db import Database
 from aura.messaging import DeadLetterQueue
 from aura.worker.process import start_worker_process
 from tests.helpers import stop_celery_worker, wait_for

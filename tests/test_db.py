@@ -14,19 +14,21 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import delete, event, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from aura.catalog import parse_product
-from aura.db import (
+from aura.catalog import (
     Base,
-    Database,
-    DatabaseInbox,
     Product,
-    TransactionAbortedError,
     Variant,
-    already_processed,
-    claim_message,
     create_product,
     create_product_with_variants,
     create_tenant,
+    parse_product,
+)
+from aura.db import (
+    Database,
+    DatabaseInbox,
+    TransactionAbortedError,
+    already_processed,
+    claim_message,
     transactional,
 )
 from aura.errors import (
@@ -331,9 +333,9 @@ async def test_a_core_connection_claims_commits_and_rolls_back_like_a_session(
 async def test_a_product_with_its_message_is_written_whole_or_not_at_all(
     database: Database,
 ) -> None:
+    from aura.catalog.products import create_product_with_message
     from aura.db import OutboxMessage
     from aura.db.outbox import Claim, Staged
-    from aura.db.products import create_product_with_message
 
     tenant_id = await new_tenant(database)
 

@@ -13,8 +13,9 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-import aura.db.products
-from aura.db import Database, DatabaseTransactionError, create_product_with_variants
+import aura.catalog.products
+from aura.catalog import create_product_with_variants
+from aura.db import Database, DatabaseTransactionError
 from tests import services
 from tests.helpers import metric, wait_until
 from tests.test_db import count_products, ingest_once, new_tenant, product_data
@@ -39,7 +40,7 @@ async def test_backend_killed_between_product_and_variants(
     pg_database: Database, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tenant_id = await new_tenant(pg_database)
-    real_create_variants = aura.db.products.create_variants
+    real_create_variants = aura.catalog.products.create_variants
     killed: list[int] = []
 
     async def kill_then_create_variants(session: AsyncSession, *args: Any, **kwargs: Any) -> Any:
@@ -48,7 +49,7 @@ async def test_backend_killed_between_product_and_variants(
         killed.append(pid)
         return await real_create_variants(session, *args, **kwargs)
 
-    monkeypatch.setattr(aura.db.products, "create_variants", kill_then_create_variants)
+    monkeypatch.setattr(aura.catalog.products, "create_variants", kill_then_create_variants)
     before = metric("database_transaction_rollbacks_total", reason="network_error")
     with structlog.testing.capture_logs() as logged:
         async with pg_database.session() as session:
@@ -71,7 +72,7 @@ async def test_backend_killed_between_product_and_variants(
     assert "parameters" not in critical[0]["error"]
 
     # The pool recovers: the next call gets a fresh connection and succeeds.
-    monkeypatch.setattr(aura.db.products, "create_variants", real_create_variants)
+    monkeypatch.setattr(aura.catalog.products, "create_variants", real_create_variants)
     async with pg_database.session() as session:
         await create_product_with_variants(session, tenant_id, product_data())
     assert await count_products(pg_database, tenant_id) == (1, 1)
@@ -182,8 +183,8 @@ async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outco
     pg_database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from aura.catalog import parse_product
+    from aura.catalog.products import create_product_with_message
     from aura.db.outbox import Claim, Staged
-    from aura.db.products import create_product_with_message
 
     tenant_id = await new_tenant(pg_database)
     data = parse_product(product_data("ONE-1"))
@@ -193,7 +194,7 @@ async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outco
             f"enrich-{product_id}", tenant_id, "aura.enrich_product", "realtime_queue", [], {}
         )
 
-    monkeypatch.setattr(aura.db.products, "_WITH_MESSAGE", _SUICIDE)
+    monkeypatch.setattr(aura.catalog.products, "_WITH_MESSAGE", _SUICIDE)
     before = metric("database_transaction_rollbacks_total", reason="network_error")
     with (
         structlog.testing.capture_logs() as logged,

@@ -16,15 +16,9 @@ import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select
 
+from aura.catalog import Enrichment, ImportRecord, Product, create_import
 from aura.config import Settings
-from aura.db import (
-    Database,
-    Enrichment,
-    ImportRecord,
-    ProcessedMessage,
-    Product,
-    create_import,
-)
+from aura.db import Database, ProcessedMessage
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.senders import AmqpSender
 from aura.llm import Faults, LLMSimulator
@@ -244,7 +238,7 @@ async def test_duplicate_deliveries_of_a_committed_enrichment_make_no_llm_call(
     platform_worker: subprocess.Popen[bytes],
     simulator: LLMSimulator,
 ) -> None:
-    from aura.gateway.app import ENRICH_TASK, INGEST_TASK
+    from aura.contract import ENRICH_TASK, INGEST_TASK
 
     publisher = make_celery_app(Settings(celery_broker_url=amqp_url))
     async with pg_database.session() as session:

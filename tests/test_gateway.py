@@ -224,7 +224,7 @@ async def test_imports_queue_every_record_as_it_came(
     async with pg_database.session() as session:
         from sqlalchemy import select
 
-        from aura.db import ImportRecord
+        from aura.catalog import ImportRecord
 
         ids = (
             await session.scalars(
@@ -279,7 +279,7 @@ async def test_oversized_imports_are_refused_and_write_nothing(
 ) -> None:
     from sqlalchemy import func, select
 
-    from aura.db import Import
+    from aura.catalog import Import
     from aura.gateway.app import MAX_IMPORT_BYTES
 
     tenant_id, key = await tenant(pg_database)

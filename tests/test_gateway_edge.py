@@ -21,8 +21,9 @@ import uvicorn
 from celery import Celery
 from sqlalchemy import func, select
 
+from aura.catalog import Import, ImportRecord, Product
 from aura.config import Settings
-from aura.db import Database, Import, ImportRecord, Product
+from aura.db import Database
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.worker.celery_app import make_celery_app
 from tests import services

@@ -22,8 +22,9 @@ from celery import Celery
 from kombu.connection import Connection
 from sqlalchemy import func, select
 
+from aura.catalog import ImportRecord
 from aura.config import Settings
-from aura.db import Database, ImportRecord, OutboxMessage
+from aura.db import Database, OutboxMessage
 from aura.db.outbox import Claim, Staged, stage_messages
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.outbox import publish_claimed, relay_forever, relay_once

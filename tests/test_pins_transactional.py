@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
-from aura.db import Database, Tenant, transactional
+from aura.catalog import Tenant
+from aura.db import Database, transactional
 from aura.db.transactional import describe_error, is_network_error
 from aura.errors import DatabaseTransactionError, InvalidInputError
 from tests.helpers import metric

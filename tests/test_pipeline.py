@@ -1,4 +1,4 @@
-"""The worker's one-statement writes (aura.db.pipeline) keep the inbox's promise.
+"""The worker's one-statement writes (aura.catalog.pipeline) keep the inbox's promise.
 
 Invariant, for every delivery whatever came before it: a message id's effect is committed
 once (its product with all its variants, its import record done, its claim) or not at
@@ -20,19 +20,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import delete, func, select
 
-import aura.db.pipeline
-from aura.catalog import ProductIn, parse_product
-from aura.db import (
-    Database,
-    DatabaseTransactionError,
+import aura.catalog.pipeline
+from aura.catalog import (
     Enrichment,
     ImportRecord,
-    ProcessedMessage,
     Product,
+    ProductIn,
     Variant,
     create_import,
+    parse_product,
 )
-from aura.db.pipeline import ingest_record, read_for_prompt, store_enrichment
+from aura.catalog.pipeline import ingest_record, read_for_prompt, store_enrichment
+from aura.db import Database, DatabaseTransactionError, ProcessedMessage
 from aura.errors import ConflictError, ConflictingMessageIdError, NotFoundError
 from aura.messaging.poison import PoisonPillDetector
 from tests.test_db import count_products, new_tenant, product_data
@@ -179,13 +178,13 @@ async def test_a_backend_that_dies_mid_statement_leaves_all_or_nothing(
     tenant_id = await new_tenant(pg_database)
     [message_id] = await message_ids(pg_database, tenant_id, 1)
     data = record("DIES-1", "DIES-2")
-    dying = aura.db.pipeline._INGEST.replace(
+    dying = aura.catalog.pipeline._INGEST.replace(
         "    SELECT EXISTS (SELECT 1 FROM claim) AS claimed,",
         "    SELECT (SELECT pg_terminate_backend(pg_backend_pid()) FROM product) AS died,"
         " EXISTS (SELECT 1 FROM claim) AS claimed,",
     )
-    assert dying != aura.db.pipeline._INGEST
-    monkeypatch.setattr(aura.db.pipeline, "_INGEST", dying)
+    assert dying != aura.catalog.pipeline._INGEST
+    monkeypatch.setattr(aura.catalog.pipeline, "_INGEST", dying)
     with pytest.raises(DatabaseTransactionError) as caught:
         await ingest_record(
             pg_database, tenant_id, data, message_id=message_id, task=INGEST, fingerprint="f"
@@ -242,7 +241,7 @@ async def test_any_sequence_of_deliveries_matches_the_model(
                 with pytest.raises(ConflictingMessageIdError):
                     await call
             else:
-                assert await call == aura.db.pipeline.Ingested(product_id, created=False)
+                assert await call == aura.catalog.pipeline.Ingested(product_id, created=False)
         elif taken & set(skus):
             with pytest.raises(ConflictError):
                 await call

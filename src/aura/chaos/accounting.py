@@ -47,8 +47,8 @@ from kombu.entity import Queue
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura.catalog import Enrichment, ImportRecord, Product
 from aura.chaos.resources import run_tool
-from aura.db import Enrichment, ImportRecord, Product
 from aura.db.models import OutboxMessage, ProcessedMessage
 from aura.events import DeadLetterReason
 from aura.messaging import DeadLetter, DeadLetterQueue

@@ -62,10 +62,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from aura.catalog import ImportRecord
 from aura.chaos.accounting import Accounting
 from aura.chaos.run import ChaosRun, _all_committed, _extra_calls
 from aura.chaos.shared_state import broker_dead_lettered
-from aura.db import Database, ImportRecord
+from aura.db import Database
 from aura.db.models import ProcessedMessage
 from aura.llm import Faults
 

@@ -30,14 +30,15 @@ from typing import Any, ClassVar
 from kombu.connection import Connection
 from prometheus_client import CollectorRegistry
 
+from aura.catalog import upgrade
 from aura.chaos.accounting import Accounting, Sent, account, queue_depths, read_broker
 from aura.chaos.proxy import FaultProxy, NetworkProxies, proxied_url
 from aura.chaos.resources import OwnedStack
 from aura.chaos.supervisor import WorkerSupervisor
-from aura.db import Database, upgrade
+from aura.contract import ENRICH_TASK
+from aura.db import Database
 from aura.demo.report import Tally, _percentile, tally
 from aura.demo.runner import ImportRun, _metric_total
-from aura.gateway.app import ENRICH_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.messaging.topology import DEAD_LETTER_QUEUE

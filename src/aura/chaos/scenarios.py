@@ -48,9 +48,9 @@ from aura.chaos.resources import owned_stack, run_tool
 from aura.chaos.run import ChaosRun, _all_committed, _expect_letters, _extra_calls
 from aura.chaos.shared_state import ClockSkew, RedisOutOfMemory
 from aura.config import get_settings
+from aura.contract import ENRICH_TASK, INGEST_TASK
 from aura.demo.runner import _environment, _logs_to, catalog_records
 from aura.errors import ConfigurationError, InvalidInputError
-from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE
 
@@ -529,7 +529,8 @@ class ReusedMessageId(ChaosRun):
             return
         from sqlalchemy import select
 
-        from aura.db import Database, Enrichment, ImportRecord
+        from aura.catalog import Enrichment, ImportRecord
+        from aura.db import Database
 
         database = Database.from_settings(self.settings)
         try:

@@ -13,8 +13,9 @@ app.add_typer(db_app, name="db")
 
 
 async def _upgrade() -> str | None:
+    from aura.catalog import upgrade
     from aura.config import get_settings
-    from aura.db import Database, current_revision, upgrade
+    from aura.db import Database, current_revision
 
     database = Database.from_settings(get_settings())
     try:

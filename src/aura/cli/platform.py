@@ -9,7 +9,7 @@ import typer
 
 from aura.cli import app
 from aura.cli.extras import needs_extra, with_extra
-from aura.contract import BULK_QUEUE, REALTIME_QUEUE
+from aura.contract import PLATFORM_QUEUES
 from aura.errors import ConfigurationError, InvalidInputError
 
 tenant_app = typer.Typer(
@@ -22,8 +22,9 @@ app.add_typer(tenant_app, name="tenant")
 @needs_extra("gateway")
 def tenant_create(name: str = typer.Argument(..., help="The tenant's unique name.")) -> None:
     """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    from aura.catalog import upgrade
     from aura.config import get_settings
-    from aura.db import Database, upgrade
+    from aura.db import Database
     from aura.gateway.auth import create_tenant_with_key
 
     async def create() -> tuple[str, str]:
@@ -73,7 +74,7 @@ def gateway_command(
 @app.command("worker")
 def worker_command(
     queues: str = typer.Option(
-        f"{REALTIME_QUEUE},{BULK_QUEUE}", help="Comma-separated queues to consume."
+        ",".join(PLATFORM_QUEUES), help="Comma-separated queues to consume."
     ),
     pool: str = typer.Option(
         "", help="async (many tasks per process; default: WORKER_POOL) or prefork."
@@ -102,10 +103,10 @@ def worker_command(
     flight per process; --processes to use every core; a process that exits is
     restarted unless --no-restart)."""
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(chosen) - {REALTIME_QUEUE, BULK_QUEUE}
+    unknown = set(chosen) - set(PLATFORM_QUEUES)
     if not chosen or unknown:
         raise InvalidInputError(
-            f"--queues takes {REALTIME_QUEUE} and/or {BULK_QUEUE}, got {queues!r}", field="queues"
+            f"--queues takes {' and/or '.join(PLATFORM_QUEUES)}, got {queues!r}", field="queues"
         )
     from aura.config import get_settings
 

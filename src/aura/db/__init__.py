@@ -1,76 +1,38 @@
-"""The transactional database layer (seed pattern 1) and the platform's tables.
+"""The transactional database layer (seed pattern 1): usable in any app's own database.
 
 Database                      engine + sessions from Settings (asyncpg or aiosqlite)
 transactional                 one function, one transaction; network failures rolled
                               back, counted and raised as DatabaseTransactionError
 claim_message                 the inbox: an effect happens once per message id
 DatabaseInbox                 its read side, for resilient_task(inbox=...)
-create_product_with_variants  the seed's example, on create_product/create_variants
-upgrade                       Alembic migrations (``aura db upgrade``)
+aura.db.outbox                the transactional outbox: messages committed with a change
+aura.db.statement             one statement, atomic on its own (PostgreSQL's fast path)
+aura.db.tables                the inbox, outbox and DLQ tables in your own metadata
+apply_migrations              an Alembic script directory run on a Database
+
+The platform's catalog (tenants, products, imports, their writes and migrations) is
+``aura.catalog``; nothing here knows of it.
 """
 
 from aura.db.engine import Database, database_url
-from aura.db.imports import (
-    add_import,
-    add_import_records,
-    create_import,
-    create_import_with_messages,
-    import_counts,
-    mark_record,
-)
 from aura.db.inbox import DatabaseInbox, already_processed, claim_message
-from aura.db.migrate import current_revision, upgrade
-from aura.db.models import (
-    Base,
-    Enrichment,
-    Import,
-    ImportRecord,
-    OutboxMessage,
-    ProcessedMessage,
-    Product,
-    Tenant,
-    Variant,
-)
-from aura.db.products import (
-    create_product,
-    create_product_with_message,
-    create_product_with_variants,
-    create_tenant,
-    create_variants,
-)
+from aura.db.migrate import apply_migrations, current_revision
+from aura.db.models import OutboxMessage, ProcessedMessage
 from aura.db.transactional import is_network_error, transactional
 from aura.errors import DatabaseTransactionError, TransactionAbortedError
 
 __all__ = [
-    "Base",
     "Database",
     "DatabaseInbox",
     "DatabaseTransactionError",
-    "Enrichment",
-    "Import",
-    "ImportRecord",
     "OutboxMessage",
     "ProcessedMessage",
-    "Product",
-    "Tenant",
     "TransactionAbortedError",
-    "Variant",
-    "add_import",
-    "add_import_records",
     "already_processed",
+    "apply_migrations",
     "claim_message",
-    "create_import",
-    "create_import_with_messages",
-    "create_product",
-    "create_product_with_message",
-    "create_product_with_variants",
-    "create_tenant",
-    "create_variants",
     "current_revision",
     "database_url",
-    "import_counts",
     "is_network_error",
-    "mark_record",
     "transactional",
-    "upgrade",
 ]

@@ -1,7 +1,9 @@
 """Schema migrations (Alembic), run programmatically on a ``Database``.
 
-``aura db upgrade`` calls ``upgrade``. The migration scripts ship inside the package, so an
-installed Aura can migrate without a checkout.
+``apply_migrations`` runs an Alembic script directory (an app's own, or the platform's:
+``aura.catalog.migrate``, which ``aura db upgrade`` calls) on the database's connection;
+its ``env.py`` finds that connection in ``config.attributes["connection"]``. A database
+that cannot be reached is a ``ServiceUnavailableError`` naming it (password masked).
 """
 
 from __future__ import annotations
@@ -18,23 +20,23 @@ from aura.db.engine import Database
 from aura.db.transactional import describe_error, is_network_error
 from aura.errors import ServiceUnavailableError
 
-__all__ = ["current_revision", "upgrade"]
-
-_SCRIPTS = Path(__file__).with_name("migrations")
+__all__ = ["apply_migrations", "current_revision"]
 
 
-def _config(connection: Connection) -> Config:
+def _config(connection: Connection, scripts: Path) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(_SCRIPTS))
+    config.set_main_option("script_location", str(scripts))
     config.attributes["connection"] = connection
     return config
 
 
-async def upgrade(database: Database, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (all of them by default)."""
+async def apply_migrations(database: Database, scripts: Path, revision: str = "head") -> None:
+    """Apply the migrations in ``scripts`` up to ``revision`` (all of them by default)."""
     try:
         async with database.engine.begin() as connection:
-            await connection.run_sync(lambda sync: command.upgrade(_config(sync), revision))
+            await connection.run_sync(
+                lambda sync: command.upgrade(_config(sync, scripts), revision)
+            )
     except Exception as exc:
         if is_network_error(exc):
             service = "PostgreSQL" if database.dialect == "postgresql" else "SQLite"

@@ -1,48 +1,53 @@
 """Aura's tables in your own SQLAlchemy metadata (and so in your Alembic history).
 
     from sqlalchemy.orm import DeclarativeBase
-    from aura.db.tables import add_dead_letter_tables, add_inbox_table
+    from aura.db.tables import add_dead_letter_tables, add_inbox_table, add_outbox_table
 
     class Base(DeclarativeBase): ...
     add_inbox_table(Base.metadata)         # processed_messages, as Aura's migrations make it
+    add_outbox_table(Base.metadata)        # outbox (link its tenant_id to your tables there)
     add_dead_letter_tables(Base.metadata)  # the DLQ store: aura_dead_letters, its replays
 
 ``Base.metadata.create_all`` then creates them with your tables, and Alembic's
 ``--autogenerate`` (``target_metadata = Base.metadata`` in your ``env.py``) writes its
-migration into your history; do not also run ``aura db upgrade`` on that database (it
-would make Aura's platform tables and its own ``alembic_version``). ``claim_message`` and
-``DatabaseInbox`` find the table by name, ``processed_messages``.
-
-The outbox (``aura.db.OutboxMessage``) is the gateway's: each row names a tenant of the
-platform's ``tenants`` table, so it is not offered here.
+migration into your history; do not also run the platform's migrations (``aura db
+upgrade``) on that database (they would make its catalog tables and its own
+``alembic_version``). ``claim_message``, ``DatabaseInbox`` and ``aura.db.outbox`` find the
+tables by name. The platform builds its own metadata the same way (``aura.catalog.models``).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import MetaData, Table
 
-from aura.db.models import ProcessedMessage
+from aura.db.dead_letters import add_dead_letter_tables
+from aura.db.models import OutboxMessage, ProcessedMessage
 
-
-def add_dead_letter_tables(metadata: MetaData) -> tuple[Table, Table]:
-    """The DLQ store's two tables (``aura_dead_letters``, ``aura_dead_letter_replays``) in
-    ``metadata``. Optional: a DLQ reader creates them where they are missing."""
-    from aura.db.dead_letters import add_dead_letter_tables as add
-
-    return add(metadata)
-
-
-__all__ = ["INBOX_TABLE", "add_dead_letter_tables", "add_inbox_table"]
+__all__ = [
+    "INBOX_TABLE",
+    "OUTBOX_TABLE",
+    "add_dead_letter_tables",
+    "add_inbox_table",
+    "add_outbox_table",
+]
 
 INBOX_TABLE = "processed_messages"
+OUTBOX_TABLE = "outbox"
+
+
+def _copy(source: object, metadata: MetaData) -> Table:
+    assert isinstance(source, Table)
+    existing = metadata.tables.get(source.name)
+    return existing if existing is not None else source.to_metadata(metadata)
 
 
 def add_inbox_table(metadata: MetaData) -> Table:
     """A copy of the inbox table (columns, primary key, index) in ``metadata``; the one
     already there if it was added before."""
-    existing = metadata.tables.get(INBOX_TABLE)
-    if existing is not None:
-        return existing
-    source = ProcessedMessage.__table__
-    assert isinstance(source, Table)
-    return source.to_metadata(metadata)
+    return _copy(ProcessedMessage.__table__, metadata)
+
+
+def add_outbox_table(metadata: MetaData) -> Table:
+    """A copy of the outbox table in ``metadata`` (the one already there if it was added
+    before). Its ``tenant_id`` names no table: add the foreign key your app wants to it."""
+    return _copy(OutboxMessage.__table__, metadata)

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.db import Enrichment, Import, ImportRecord, Product
+from aura.catalog import Enrichment, Import, ImportRecord, Product
 
 __all__ = ["DemoReport", "Tally", "tally"]
 

@@ -32,11 +32,12 @@ from typing import Any
 import httpx
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from aura.catalog import upgrade
 from aura.config import get_settings
-from aura.db import Database, upgrade
+from aura.contract import ENRICH_TASK, INGEST_TASK
+from aura.db import Database
 from aura.demo.report import DemoReport, Tally, tally
 from aura.errors import ConfigurationError, InvalidInputError
-from aura.gateway.app import ENRICH_TASK, INGEST_TASK
 from aura.llm import Faults, LLMSimulator
 
 __all__ = ["FAULT_PROFILES", "DemoOptions", "ImportRun", "Profile", "demo_environment", "run_demo"]

@@ -1,11 +1,9 @@
 """The API gateway (FastAPI): ``create_app``; ``aura gateway`` serves it with uvicorn."""
 
-from aura.gateway.app import ENRICH_TASK, INGEST_TASK, Gateway, create_app
+from aura.gateway.app import Gateway, create_app
 from aura.gateway.auth import create_tenant_with_key, hash_key, tenant_for_key
 
 __all__ = [
-    "ENRICH_TASK",
-    "INGEST_TASK",
     "Gateway",
     "create_app",
     "create_tenant_with_key",

@@ -47,22 +47,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from aura import __version__
-from aura.catalog import ProductIn, parse_product
-from aura.config import Settings, get_settings
-from aura.contract import ENRICH_TASK, INGEST_TASK
-from aura.db import (
-    Database,
+from aura.catalog import (
     Enrichment,
     Import,
     Product,
+    ProductIn,
     Variant,
     add_import,
     add_import_records,
     create_import_with_messages,
     create_product_with_message,
     import_counts,
-    transactional,
+    parse_product,
 )
+from aura.config import Settings, get_settings
+from aura.contract import (
+    APP_NAME,
+    BULK_QUEUE,
+    ENRICH_TASK,
+    INGEST_TASK,
+    PLATFORM_QUEUES,
+    REALTIME_QUEUE,
+)
+from aura.db import Database, transactional
 from aura.db.outbox import Claim, Staged, extend_claim, stage_messages
 from aura.errors import (
     AuraError,
@@ -117,12 +124,10 @@ from aura.gateway.schemas import (
 )
 from aura.gateway.senders import AmqpSender, Sender, is_blocked, sender_for
 from aura.logs import describe_exception
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+from aura.messaging import configure
 from aura.metrics import exposition_registry
 
 __all__ = [
-    "ENRICH_TASK",
-    "INGEST_TASK",
     "MAX_IMPORT_BYTES",
     "MAX_IMPORT_RECORDS",
     "MAX_PRODUCT_BYTES",
@@ -175,6 +180,14 @@ class Gateway:
     def broker_blocked(self) -> bool:
         """The broker blocks the gateway's publishing (a resource alarm)."""
         return is_blocked(self.outbox.sender)
+
+
+def make_publisher(settings: Settings) -> Celery:
+    """The Celery app the gateway publishes with: configured as the worker's is (the
+    same name, queues, serializer and compression: ``aura.contract``), not imported from
+    the worker."""
+    app = Celery(APP_NAME, broker=settings.celery_broker_url or "memory://")
+    return configure(app, queues=PLATFORM_QUEUES, settings=settings, make_default=False)
 
 
 def _writes_blocked(app: FastAPI) -> bool:
@@ -265,11 +278,10 @@ def create_app(gateway: Gateway | None = None, *, settings: Settings | None = No
             yield
             return
         from aura.gateway.readiness import default_checks
-        from aura.worker.celery_app import make_celery_app
 
         current = settings or get_settings()
         database = Database.from_settings(current)
-        publisher = make_celery_app(current)
+        publisher = make_publisher(current)
         sender = AmqpSender(publisher)  # the gateway refuses to start without RabbitMQ
         built = Gateway(
             database,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.db import Tenant, create_tenant
+from aura.catalog import Tenant, create_tenant
 
 __all__ = ["KeyCache", "create_tenant_with_key", "hash_key", "new_key", "tenant_for_key"]
 

@@ -1,6 +1,6 @@
-"""The platform's Celery app: ``aura.messaging.configure`` on a Celery app named "aura"
-with the two work queues, ``realtime_queue`` and ``bulk_queue`` (see that module for every
-setting it makes and why).
+"""The platform's Celery app: ``aura.messaging.configure`` on a Celery app named
+``aura.contract.APP_NAME`` with the platform's work queues (``PLATFORM_QUEUES``; see that
+module for every setting it makes and why).
 
 Time limits work in the prefork pool (Celery's) and in the async pool (Aura's, per task);
 Celery's threads, gevent and eventlet pools have none.
@@ -17,8 +17,8 @@ from typing import Any
 from celery import Celery
 
 from aura.config import Settings, get_settings
+from aura.contract import APP_NAME, PLATFORM_QUEUES, REALTIME_QUEUE
 from aura.messaging.app import ASYNC_POOL, configure, declare_topology
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 
 __all__ = ["ASYNC_POOL", "celery_app", "declare_topology", "make_celery_app"]  # noqa: F822 - celery_app comes from __getattr__
 
@@ -27,9 +27,13 @@ def make_celery_app(settings: Settings | None = None, *, make_default: bool = Fa
     """A new platform app (a publisher, or a test's worker); ``celery_app`` is the one
     ``@resilient_task`` uses by default."""
     settings = settings or get_settings()
-    app = Celery("aura", broker=settings.celery_broker_url or "memory://", set_as_current=True)
+    app = Celery(APP_NAME, broker=settings.celery_broker_url or "memory://", set_as_current=True)
     return configure(
-        app, queues=(REALTIME_QUEUE, BULK_QUEUE), settings=settings, make_default=make_default
+        app,
+        queues=PLATFORM_QUEUES,
+        priority_queues=(REALTIME_QUEUE,),
+        settings=settings,
+        make_default=make_default,
     )
 
 

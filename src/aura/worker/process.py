@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import click
 
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+from aura.contract import PLATFORM_QUEUES
 
 __all__ = ["process_tree_cpu_s", "run_worker", "start_worker_process", "stop_worker_process"]
 
@@ -46,7 +46,7 @@ def start_worker_process(
     output: IO[bytes] | IO[str] | int | None = subprocess.DEVNULL,
     *,
     concurrency: int = 2,
-    queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
+    queues: Sequence[str] = PLATFORM_QUEUES,
     cwd: Path | None = None,
     pool: str = "prefork",
     hostname: str | None = None,

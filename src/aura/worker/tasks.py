@@ -10,7 +10,7 @@ Malformed records are poison pills (DLQ at once, import record marked dead_lette
 dropped database connection or an LLM failure is transient (retried); an open LLM
 circuit defers the task. Each effect is committed once, whatever the redeliveries.
 
-Each effect is one statement on PostgreSQL with its inbox claim (``aura.db.pipeline``).
+Each effect is one statement on PostgreSQL with its inbox claim (``aura.catalog.pipeline``).
 The enrichment reads the inbox before it runs (``DatabaseInbox``): a delivery whose effect
 is committed makes no LLM call and writes nothing. The ingest does not (its statement
 claims the id and answers with the committed twin's product: a second read would be a
@@ -32,16 +32,15 @@ from celery import Task
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.catalog import parse_record
+from aura.catalog import mark_record, parse_record
+from aura.catalog.pipeline import PromptFacts, ingest_record, read_for_prompt, store_enrichment
 from aura.config import get_settings
-from aura.contract import ENRICH_TASK, INGEST_TASK, MAX_RECORD_BYTES
-from aura.db import Database, DatabaseInbox, mark_record, transactional
-from aura.db.pipeline import PromptFacts, ingest_record, read_for_prompt, store_enrichment
+from aura.contract import BULK_QUEUE, ENRICH_TASK, INGEST_TASK, MAX_RECORD_BYTES, REALTIME_QUEUE
+from aura.db import Database, DatabaseInbox, transactional
 from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.events import DeadLetterReason
 from aura.llm import ResilientLLMClient
 from aura.messaging import DeadLetter, delivery_fingerprint, report_duplicate, resilient_task
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.worker.celery_app import celery_app
 
 __all__ = ["app", "enrich_product", "ingest_product"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from aura.db.models import Base
+from aura.catalog.models import Base
 
 _MIGRATION_LOCK = 0x41555241  # "AURA": one migrator at a time on PostgreSQL
 

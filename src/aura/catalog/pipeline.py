@@ -19,8 +19,12 @@ product already stored under the message id, read in the statement's snapshot. A
 delivery that committed after that snapshot was taken (the claim waited for it) is not
 in it; then both are read again, in a statement of their own.
 
-What the caller sees is what ``claim_message`` and ``create_product_with_variants`` say
-in a session (SQLite runs those, in one transaction): ``ConflictingMessageIdError`` for an
+Each write exists twice, on purpose: SQLite (``aura demo``'s embedded default) has no
+data-modifying CTEs, so there the same effects are ``claim_message`` and
+``create_product_with_variants`` in one session transaction (the end of this module);
+PostgreSQL takes the one statement (one trip where a session takes six). The refusals are
+named in one place for both (``aura.catalog.products``). What the caller sees is
+what those functions say in a session: ``ConflictingMessageIdError`` for an
 id committed for another payload, ``ConflictError`` naming the SKUs the tenant already
 uses, ``NotFoundError`` for an unknown tenant or product, ``DatabaseTransactionError``
 (``commit_outcome_unknown``) when the connection went away.
@@ -40,15 +44,19 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.catalog import ProductIn
+from aura.catalog.imports import mark_record
+from aura.catalog.models import Enrichment, ImportRecord, Product, Variant
+from aura.catalog.products import (
+    create_product_with_variants,
+    variant_arrays,
+    write_product_atomically,
+)
+from aura.catalog.schema import ProductIn
 from aura.db.engine import Database
-from aura.db.imports import mark_record
 from aura.db.inbox import claim_message
-from aura.db.models import Enrichment, ImportRecord, Product, Variant
-from aura.db.products import create_product_with_variants, taken_skus
 from aura.db.statement import execute_atomically, fetch_row
 from aura.db.transactional import transactional
-from aura.errors import ConflictError, ConflictingMessageIdError, NotFoundError
+from aura.errors import ConflictingMessageIdError, NotFoundError
 from aura.message_id import validate_message_id
 
 __all__ = ["Ingested", "PromptFacts", "ingest_record", "read_for_prompt", "store_enrichment"]
@@ -150,7 +158,6 @@ async def ingest_record(
                 fingerprint=fingerprint,
             )
     product_id = uuid.uuid4()
-    variants = product.variants
     arguments = (
         message_id,
         task,
@@ -161,20 +168,12 @@ async def ingest_record(
         product.description,
         product.brand,
         product.category,
-        [uuid.uuid4() for _ in variants],
-        [v.sku for v in variants],
-        [v.price for v in variants],
-        [v.currency for v in variants],
-        [json.dumps(dict(v.attributes)) for v in variants],
+        *variant_arrays(product.variants),
     )
-    try:
-        row = await execute_atomically(database, "ingest_record", _INGEST, *arguments)
-    except asyncpg.ForeignKeyViolationError as exc:  # the new product's only reference
-        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
-    except asyncpg.UniqueViolationError as exc:  # a SKU: the claim and the ids cannot clash
-        taken = await taken_skus(database, tenant_id, [v.sku for v in variants])
-        listed = ", ".join(sorted(repr(sku) for sku in taken)) or "(since released)"
-        raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants") from exc
+    # A unique violation is a SKU's: the claim conflicts silently, the ids are new.
+    row = await write_product_atomically(
+        database, "ingest_record", _INGEST, arguments, tenant_id, product
+    )
     claim = await _settled(database, message_id, fingerprint, _claim_of(row, made=True))
     if claim.claimed:
         return Ingested(product_id, created=True)

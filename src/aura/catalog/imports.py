@@ -15,8 +15,8 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura.catalog.models import Import, ImportRecord
 from aura.db.engine import Database
-from aura.db.models import Import, ImportRecord
 from aura.db.outbox import Claim, Staged, stage_messages
 from aura.db.statement import execute_atomically
 from aura.db.transactional import transactional

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -20,10 +20,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.catalog import ProductIn, VariantIn, parse_product
-from aura.catalog.schema import parse_variant
+from aura.catalog.models import Product, Tenant, Variant
+from aura.catalog.schema import ProductIn, VariantIn, parse_product, parse_variant
 from aura.db.engine import Database
-from aura.db.models import Product, Tenant, Variant
 from aura.db.outbox import Claim, Staged, stage_messages
 from aura.db.statement import execute_atomically
 from aura.db.transactional import transactional
@@ -142,11 +141,15 @@ async def create_variants(
         for v in rows
     ]
     written = set((await session.execute(statement, values)).scalars().all())
-    taken = sorted({v.sku for v in rows if v.sku not in written})
+    taken = {v.sku for v in rows if v.sku not in written}
     if taken:
-        listed = ", ".join(repr(sku) for sku in taken)
-        raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants")
+        raise _skus_taken(taken)
     return rows
+
+
+def _skus_taken(taken: Iterable[str]) -> ConflictError:
+    listed = ", ".join(sorted(repr(sku) for sku in taken)) or "(since released)"
+    return ConflictError(f"SKU already used by this tenant: {listed}", field="variants")
 
 
 @transactional
@@ -228,21 +231,42 @@ async def create_product_with_message(
         json.dumps(staged.kwargs),
         claim.owner,
         claim.until,
-        [uuid.uuid4() for _ in data.variants],
-        [v.sku for v in data.variants],
-        [v.price for v in data.variants],
-        [v.currency for v in data.variants],
-        [json.dumps(dict(v.attributes)) for v in data.variants],
+        *variant_arrays(data.variants),
     )
-    try:
-        await execute_atomically(database, _WRITE, _WITH_MESSAGE, *arguments)
-    except asyncpg.ForeignKeyViolationError as exc:  # a new product's only reference
-        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
-    except asyncpg.UniqueViolationError as exc:
-        taken = await taken_skus(database, tenant_id, [v.sku for v in data.variants])
-        listed = ", ".join(sorted(repr(sku) for sku in taken)) or "(since released)"
-        raise ConflictError(f"SKU already used by this tenant: {listed}", field="variants") from exc
+    await write_product_atomically(database, _WRITE, _WITH_MESSAGE, arguments, tenant_id, data)
     return product
+
+
+def variant_arrays(variants: Sequence[VariantIn]) -> tuple[list[Any], ...]:
+    """New variants as the one-statement writes take them: ids, SKUs, prices, currencies
+    and attributes (JSON), one array each, for ``unnest``."""
+    return (
+        [uuid.uuid4() for _ in variants],
+        [v.sku for v in variants],
+        [v.price for v in variants],
+        [v.currency for v in variants],
+        [json.dumps(dict(v.attributes)) for v in variants],
+    )
+
+
+async def write_product_atomically(
+    database: Database,
+    function: str,
+    statement: str,
+    arguments: Sequence[Any],
+    tenant_id: uuid.UUID,
+    product: ProductIn,
+) -> asyncpg.Record | None:
+    """``execute_atomically`` of a statement that writes a new product of ``tenant_id``,
+    its refusals named as ``create_product_with_variants`` names them: an unknown tenant
+    (the new product's only reference) and the SKUs the tenant already uses."""
+    try:
+        return await execute_atomically(database, function, statement, *arguments)
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc
+    except asyncpg.UniqueViolationError as exc:  # a SKU: the new ids cannot clash
+        skus = [v.sku for v in product.variants]
+        raise _skus_taken(await taken_skus(database, tenant_id, skus)) from exc
 
 
 async def taken_skus(database: Database, tenant_id: uuid.UUID, skus: Sequence[str]) -> list[str]:
