@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kombu.message import Message
 
+from aura.messaging.delivery import call_signature as _call_signature
 from aura.messaging.envelope import MAX_BODY_DEPTH, EnvelopeError, check_envelope
-from aura.messaging.task import _call_signature
 
 
 class _Task:

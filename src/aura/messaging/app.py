@@ -180,7 +180,7 @@ def check_database(settings: Settings, timeout: float = 5.0) -> bool:
     from aura.config import mask_url
     from aura.db.engine import reach
     from aura.db.transactional import describe_error
-    from aura.messaging.runtime import run_in_own_loop
+    from aura.messaging.bounded import run_in_own_loop
 
     try:
         run_in_own_loop(lambda: reach(settings, timeout), name="aura-db-check", timeout=timeout + 1)

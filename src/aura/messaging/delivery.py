@@ -8,11 +8,14 @@ the task and its request, the process's runtime (loop, Redis, trackers), the tas
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
 from celery import Task
 
 from aura.backoff import Backoff
@@ -24,7 +27,16 @@ from aura.messaging.runtime import ProcessRuntime
 if TYPE_CHECKING:
     from aura.messaging.fate import Rule
 
-__all__ = ["FAILURES_HEADER", "Delivery", "TaskPolicy", "failures_so_far", "replay_count_of"]
+__all__ = [
+    "FAILURES_HEADER",
+    "Delivery",
+    "TaskPolicy",
+    "call_signature",
+    "failures_so_far",
+    "log_context",
+    "replay_count_of",
+    "tenant_finder",
+]
 
 T = TypeVar("T")
 
@@ -100,6 +112,57 @@ class Delivery:
     def run(self, awaitable: Coroutine[Any, Any, T], **limits: bool) -> T:
         """Await ``awaitable`` on the process's loop (``ProcessRuntime.run``)."""
         return self.runtime.run(awaitable, **limits)
+
+
+def log_context(
+    task: Task, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> contextlib.AbstractContextManager[Any]:
+    """Every log line of this delivery carries its task, message id, tenant (when the
+    task has a ``tenant_id``), retry count and whether it is a redelivery (structlog
+    context variables: the async pool copies them into the task's coroutine)."""
+    request = task.request
+    fields: dict[str, Any] = {
+        "task": task.name,
+        "message_id": request.id,
+        "retries": request.retries or 0,
+    }
+    if (request.delivery_info or {}).get("redelivered"):
+        fields["redelivered"] = True
+    try:
+        tenant = policy.tenant_of(args, kwargs)
+    except Exception:  # a poison pill's arguments: no tenant to show
+        tenant = None
+    if tenant is not None:
+        fields["tenant"] = tenant
+    return structlog.contextvars.bound_contextvars(**fields)
+
+
+def call_signature(function: Callable[..., Any], bind: bool) -> inspect.Signature:
+    """The parameters a message's arguments must bind to (``self`` left out)."""
+    signature = inspect.signature(function)
+    if bind:
+        parameters = list(signature.parameters.values())[1:]
+        signature = signature.replace(parameters=parameters)
+    return signature
+
+
+def tenant_finder(
+    function: Callable[..., Any], bind: bool
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str | None]:
+    """How to find the ``tenant_id`` argument of a call (by keyword or by position), so
+    each dead letter names its tenant and ``aura dlq ls --tenant`` finds it."""
+    signature = inspect.signature(function)
+
+    def tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        try:
+            bound = signature.bind_partial(*((None,) if bind else ()), *args, **kwargs)
+        except TypeError:  # arguments that do not fit the task (a poison pill, say)
+            tenant = kwargs.get("tenant_id")
+        else:
+            tenant = bound.arguments.get("tenant_id")
+        return None if tenant is None else str(tenant)
+
+    return tenant_of
 
 
 def failures_so_far(request: Any) -> int:

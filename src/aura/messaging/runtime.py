@@ -45,7 +45,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import greenlet
@@ -55,8 +55,8 @@ from celery import Celery
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura.config import get_settings
-from aura.errors import ServiceUnavailableError
 from aura.events import Dependency
+from aura.messaging.bounded import PUBLISH_BOUND, publish_within
 from aura.messaging.gate import OutageGate
 from aura.messaging.retry import RetryTracker
 
@@ -64,12 +64,9 @@ __all__ = [
     "ContextStack",
     "HardTimeLimitExceeded",
     "ProcessRuntime",
-    "PublishTimeout",
     "call_off_loop",
     "process_runtime",
-    "publish_within",
     "run_in_greenlet",
-    "run_in_own_loop",
     "start_threaded",
 ]
 
@@ -78,11 +75,6 @@ _log = structlog.get_logger("aura.messaging.runtime")
 _REDIS_POOL_WAIT = 10.0  # seconds a coroutine waits for a free Redis connection
 _WATCHDOG_INTERVAL = 1.0
 EXIT_LOOP_BLOCKED = 70
-PUBLISH_BOUND = 300.0  # seconds a retry or dead-letter publish may wait (a blocked broker)
-
-
-class PublishTimeout(ServiceUnavailableError, TimeoutError):
-    """A publish did not complete within its bound (its thread may still finish it)."""
 
 
 class HardTimeLimitExceeded(BaseException):
@@ -346,15 +338,6 @@ class ProcessRuntime:
             connection.release()
 
 
-async def publish_within(publish: Awaitable[T], bound: float) -> T:
-    """``publish`` awaited at most ``bound`` seconds, else ``PublishTimeout``."""
-    try:
-        async with asyncio.timeout(bound):
-            return await publish
-    except TimeoutError:
-        raise PublishTimeout(f"no answer from the broker within {bound:g} s") from None
-
-
 async def _in_context(
     loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T], context: contextvars.Context
 ) -> T:
@@ -420,33 +403,3 @@ def start_threaded(app: Celery, concurrency: int) -> ProcessRuntime:
     if not runtime.threaded:
         runtime.start_loop_thread()
     return runtime
-
-
-def run_in_own_loop(
-    work: Callable[[], Coroutine[Any, Any, T]],
-    *,
-    name: str = "aura-own-loop",
-    timeout: float | None = None,
-) -> T:
-    """Run ``work()`` on a fresh event loop in a thread of its own and return what it
-    returns (or raise what it raised): for plain code that may also be called from
-    inside a running loop (the DLQ reader, a worker's start-up check). ``TimeoutError``
-    when it takes longer than ``timeout`` (the thread is left to finish on its own)."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, asyncio.run(work())))
-        except BaseException as exc:
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        raise TimeoutError(f"no answer within {timeout:g} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    result: T = value
-    return result

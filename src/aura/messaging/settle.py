@@ -31,6 +31,7 @@ from aura.events import (
     TaskRetried,
 )
 from aura.logs import describe_exception
+from aura.messaging.bounded import PUBLISH_BOUND, PublishTimeout, publish_within
 from aura.messaging.delivery import (
     FAILURES_HEADER,
     Delivery,
@@ -51,7 +52,7 @@ from aura.messaging.fate import (
 from aura.messaging.idempotency import InboxEntry
 from aura.messaging.retry import KEY_PREFIX
 from aura.messaging.rules import DEFER_PREFIX, deferrals_spent, outage_countdown
-from aura.messaging.runtime import PUBLISH_BOUND, PublishTimeout, call_off_loop, publish_within
+from aura.messaging.runtime import call_off_loop
 
 __all__ = ["DatabaseOut", "carry_out", "forget_counts", "retry", "settle_failure"]
 

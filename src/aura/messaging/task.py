@@ -48,7 +48,6 @@ and rollbacks run before the timeout is handled as a transient failure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import random
@@ -73,7 +72,13 @@ from aura.events import (
     TimeoutKind,
 )
 from aura.logs import describe_exception
-from aura.messaging.delivery import Delivery, TaskPolicy
+from aura.messaging.delivery import (
+    Delivery,
+    TaskPolicy,
+    call_signature,
+    log_context,
+    tenant_finder,
+)
 from aura.messaging.dlq import DeadLetter
 from aura.messaging.fate import Rule, first_fate
 from aura.messaging.idempotency import Inbox
@@ -191,7 +196,7 @@ def resilient_task(
             max_deferrals=max_deferrals,
             detector=detector or PoisonPillDetector(),
             on_dead_letter=on_dead_letter,
-            tenant_of=_tenant_finder(function, bind),
+            tenant_of=tenant_finder(function, bind),
             inbox=inbox,
             on_duplicate=on_duplicate,
             rules=tuple(DEFAULT_RULES if rules is None else rules),
@@ -202,7 +207,7 @@ def resilient_task(
             "base": _ResilientTask,
         } | celery_options
         # aura_signature becomes a class attribute: the envelope guard binds arguments to it.
-        signature = _call_signature(function, bind)
+        signature = call_signature(function, bind)
         task: Task = celery.task(bind=True, max_retries=None, aura_signature=signature, **options)(
             _task_body(function, bind, policy)
         )
@@ -225,7 +230,7 @@ def _task_body(function: Callable[..., Any], bind: bool, policy: TaskPolicy) -> 
         started = time.monotonic()
         outcome, reason = TaskOutcome.FAILED, ""
         try:
-            with _log_context(self, policy, args, kwargs):
+            with log_context(self, policy, args, kwargs):
                 result = _deliver(self, function, is_async, bind, policy, args, kwargs)
             duplicate = getattr(self.request, "aura_duplicate", False)
             outcome = TaskOutcome.DUPLICATE if duplicate else TaskOutcome.SUCCESS
@@ -272,57 +277,6 @@ def _default_app() -> Celery:
     from aura.messaging.app import default_app
 
     return default_app()
-
-
-def _log_context(
-    task: Task, policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> contextlib.AbstractContextManager[Any]:
-    """Every log line of this delivery carries its task, message id, tenant (when the
-    task has a ``tenant_id``), retry count and whether it is a redelivery (structlog
-    context variables: the async pool copies them into the task's coroutine)."""
-    request = task.request
-    fields: dict[str, Any] = {
-        "task": task.name,
-        "message_id": request.id,
-        "retries": request.retries or 0,
-    }
-    if (request.delivery_info or {}).get("redelivered"):
-        fields["redelivered"] = True
-    try:
-        tenant = policy.tenant_of(args, kwargs)
-    except Exception:  # a poison pill's arguments: no tenant to show
-        tenant = None
-    if tenant is not None:
-        fields["tenant"] = tenant
-    return structlog.contextvars.bound_contextvars(**fields)
-
-
-def _call_signature(function: Callable[..., Any], bind: bool) -> inspect.Signature:
-    """The parameters a message's arguments must bind to (``self`` left out)."""
-    signature = inspect.signature(function)
-    if bind:
-        parameters = list(signature.parameters.values())[1:]
-        signature = signature.replace(parameters=parameters)
-    return signature
-
-
-def _tenant_finder(
-    function: Callable[..., Any], bind: bool
-) -> Callable[[tuple[Any, ...], dict[str, Any]], str | None]:
-    """How to find the ``tenant_id`` argument of a call (by keyword or by position), so
-    each dead letter names its tenant and ``aura dlq ls --tenant`` finds it."""
-    signature = inspect.signature(function)
-
-    def tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        try:
-            bound = signature.bind_partial(*((None,) if bind else ()), *args, **kwargs)
-        except TypeError:  # arguments that do not fit the task (a poison pill, say)
-            tenant = kwargs.get("tenant_id")
-        else:
-            tenant = bound.arguments.get("tenant_id")
-        return None if tenant is None else str(tenant)
-
-    return tenant_of
 
 
 def _deliver(

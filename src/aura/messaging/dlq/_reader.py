@@ -17,13 +17,13 @@ from sqlalchemy import case, delete, func, select
 from aura.db.engine import Database
 from aura.errors import ServiceUnavailableError
 from aura.logs import describe_exception
+from aura.messaging.bounded import run_in_own_loop
 from aura.messaging.compression import bound_compression
 from aura.messaging.dlq._filing import file_landed, letter_of
 from aura.messaging.dlq._letter import DeadLetter
 from aura.messaging.dlq._replay import Replay, ReplayReport, replay_one
 from aura.messaging.dlq._tasks import ReplayCheck, task_checks
 from aura.messaging.dlq_store import DEAD, LISTED, Filter, dead_letters, ensure_tables, replays
-from aura.messaging.runtime import run_in_own_loop
 
 T = TypeVar("T")
 _memory_stores: dict[str, str] = {}
