@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Unpack
-from urllib.parse import urlsplit
 
 import httpx
 from redis.asyncio import Redis
@@ -53,19 +51,14 @@ from aura import events
 from aura.config import Settings, get_settings
 from aura.errors import (
     CircuitOpenError,
+    LLMConnectionError,
     LLMError,
     LLMHTTPStatusError,
     LLMMalformedResponseError,
     LLMTimeoutError,
 )
-from aura.errors import LLMConnectionError as LLMConnectionError
-from aura.events import (
-    CircuitState,
-    LLMOutcome,
-    LLMRateLimited,
-    LLMRequestFinished,
-    RateLimitOutcome,
-)
+from aura.events import CircuitState, LLMOutcome, LLMRequestFinished
+from aura.llm._guards import MAX_BREAKERS, ModelGuards, provider_of, trips_breaker
 from aura.llm._openai import provider_hold_off as provider_hold_off
 from aura.llm._policy import (
     DEFAULT_SIMULATOR_URL,
@@ -81,7 +74,7 @@ from aura.llm._provider import Provider, ProviderRequest, error_text
 from aura.llm._wire import WIRE_ERRORS, Wire, encode, transport_error
 from aura.llm.breaker import CircuitBreaker
 from aura.llm.protocol import Completion, Usage
-from aura.llm.ratelimit import RateLimit, RateLimiter, estimate_tokens
+from aura.llm.ratelimit import RateLimit, RateLimiter
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
@@ -93,16 +86,7 @@ __all__ = [
     "trips_breaker",
 ]
 
-MAX_BREAKERS = 64
-
 DeltaHook = Callable[[str], object]
-
-
-def trips_breaker(exc: BaseException) -> bool:
-    """True for the errors that say the provider is unwell (see the module doc)."""
-    if isinstance(exc, LLMHTTPStatusError):
-        return exc.transient
-    return isinstance(exc, LLMError)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -116,13 +100,6 @@ _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
     (LLMHTTPStatusError, LLMOutcome.HTTP_ERROR),
     (LLMMalformedResponseError, LLMOutcome.MALFORMED),
 )
-
-
-def provider_of(base_url: str) -> str:
-    """The provider part of a breaker's name: host[:port], never credentials."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or "provider"
-    return f"{host}:{parts.port}" if parts.port else host
 
 
 class ResilientLLMClient:
@@ -165,9 +142,7 @@ class ResilientLLMClient:
         self._redis = redis
         self._clock = clock
         self._sleep = sleep
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._breaker_of_model: dict[str, CircuitBreaker] = {}
-        self._limiters: dict[str, RateLimiter] = {}
+        self._guards = ModelGuards(provider.base_url, policy, redis=redis, clock=clock, sleep=sleep)
         self.circuit_breaker = self.breaker_for(self.model)
 
     @classmethod
@@ -223,85 +198,28 @@ class ResilientLLMClient:
         """The seed's ``httpx.AsyncClient``, on the wire's pool (base URL, headers set)."""
         return self._wire.http_client
 
-    # -- breakers -------------------------------------------------------------------------
+    # -- breakers and limiters, per model (aura.llm._guards) ------------------------------
 
     def breaker_name_for(self, model: str) -> str:
-        provider = provider_of(self.base_url)
-        key = {"provider_model": f"{provider}/{model}", "model": model, "provider": provider}
-        return f"{self.policy.breakers.name}:{key[self.policy.breakers.key]}"
+        return self._guards.breaker_name_for(model)
 
     def breaker_for(self, model: str) -> CircuitBreaker:
         """The breaker that guards calls to ``model`` (made on first use)."""
-        known = self._breaker_of_model.get(model)  # the per-call path: one dict lookup
-        if known is not None:
-            return known
-        name = self.breaker_name_for(model)
-        breaker = self._breakers.get(name)
-        if breaker is None:
-            if len(self._breakers) >= MAX_BREAKERS:
-                raise ValueError(
-                    f"more than {MAX_BREAKERS} models through one client: models must come "
-                    "from configuration, not from input"
-                )
-            policy = self.policy.breakers
-            breaker = self._breakers[name] = CircuitBreaker(
-                name,
-                fail_max=policy.fail_max,
-                reset_timeout=policy.reset_timeout,
-                failure_window=policy.failure_window,
-                redis=self._redis,
-                clock=self._clock,
-                is_failure=self._trips_breaker,
-                trial_lease=self.deadline + 5.0,
-            )
-        if len(self._breaker_of_model) < MAX_BREAKERS:  # bounded whatever the key
-            self._breaker_of_model[model] = breaker
-        return breaker
-
-    def _trips_breaker(self, exc: BaseException) -> bool:
-        if isinstance(exc, LLMHTTPStatusError) and exc.status_code == 429 and self._limiting:
-            return False  # the fleet's limiter holds off on it (see aura.llm.ratelimit)
-        return trips_breaker(exc)
-
-    @property
-    def _limiting(self) -> bool:
-        limits = self.policy.limits
-        return (limits.default.enabled or bool(limits.by_model)) and self._redis is not None
+        return self._guards.breaker_for(model)
 
     def rate_limit_for(self, model: str) -> RateLimit:
         """``model``'s limits at this provider: its LLM_RATE_LIMITS entry (by
         host[:port]/model, else by model), each limit it leaves out from the defaults."""
-        by_model = self.policy.limits.by_model
-        name = f"{provider_of(self.base_url)}/{model}"
-        own = by_model.get(name) or by_model.get(model)
-        if own is None:
-            return self.rate_limit
-        return dataclasses.replace(
-            self.rate_limit,
-            rpm=own.get("rpm", self.rate_limit.rpm),
-            tpm=own.get("tpm", self.rate_limit.tpm),
-            burst_s=own.get("burst", self.rate_limit.burst_s),
-        )
+        return self._guards.rate_limit_for(model)
 
     def limiter_for(self, model: str) -> RateLimiter:
-        """The fleet-wide rate limiter of ``model`` at this provider (made on first use;
-        models are bounded by the breakers)."""
-        limiter = self._limiters.get(model)
-        if limiter is None:
-            self.breaker_for(model)  # the same bound on models
-            limiter = self._limiters[model] = RateLimiter(
-                f"{provider_of(self.base_url)}/{model}",
-                self.rate_limit_for(model),
-                redis=self._redis,
-                clock=self._clock,
-                sleep=self._sleep,
-            )
-        return limiter
+        """The fleet-wide rate limiter of ``model`` at this provider (made on first use)."""
+        return self._guards.limiter_for(model)
 
     @property
     def breakers(self) -> dict[str, CircuitBreaker]:
         """Every breaker this client has made, by name."""
-        return dict(self._breakers)
+        return dict(self._guards.breakers)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -356,12 +274,9 @@ class ResilientLLMClient:
     ) -> Completion:
         """One model's call: the fleet's limiter, then the breaker (waiting, bounded, for
         a running trial's outcome rather than its lease)."""
-        breaker = self.breaker_for(model)
-        if self._limiting and breaker.state is CircuitState.CLOSED:
-            limiter = self.limiter_for(model)
-            if limiter.limit.enabled:
-                tokens = estimate_tokens(request.body, self.policy.limits.tokens_estimate)
-                await limiter.acquire(tokens, self.policy.limits.max_wait)
+        breaker = self._guards.breaker_for(model)
+        if breaker.state is CircuitState.CLOSED:
+            await self._guards.acquire(model, request.body)
         call = self._stream if stream else self._request
         try:
             return await breaker.call(call, model, request, on_delta)
@@ -390,7 +305,7 @@ class ResilientLLMClient:
                     f"no complete answer within the {self.deadline:g}s deadline"
                 ) from exc
             status, headers = answer.status, answer.headers
-            await self._heed_provider(model, status, headers, sent_at)
+            await self._heed_answer(model, status, headers, sent_at)
             if not 200 <= status < 300:
                 raise self.provider.error(status, headers, answer.content, answer.reason)
             completion = self.provider.parse(answer.content, time.perf_counter() - started)
@@ -398,7 +313,7 @@ class ResilientLLMClient:
             self._observe(exc, started, model)
             raise
         self._observe_success(completion, started, model)
-        await self._heed_latency(model, completion.latency_s, sent_at)
+        await self._guards.heed_latency(model, completion.latency_s, sent_at)
         return completion
 
     async def _stream(
@@ -418,7 +333,7 @@ class ResilientLLMClient:
                     asyncio.timeout_at(first_at) as limit,
                     self._wire.stream(request.path, encode(request.body)) as reply,
                 ):
-                    await self._heed_provider(model, reply.status, reply.headers, sent_at)
+                    await self._heed_answer(model, reply.status, reply.headers, sent_at)
                     if not 200 <= reply.status < 300:
                         body = await reply.read()
                         raise self.provider.error(reply.status, reply.headers, body, reply.reason)
@@ -444,37 +359,15 @@ class ResilientLLMClient:
             self._observe(exc, started, model)
             raise
         self._observe_success(completion, started, model)
-        await self._heed_latency(model, first_token_s, sent_at)  # queueing shows there
+        await self._guards.heed_latency(model, first_token_s, sent_at)  # queueing shows there
         return completion
 
-    async def _heed_provider(
+    async def _heed_answer(
         self, model: str, status: int, headers: Mapping[str, str], sent_at: float
     ) -> None:
-        """A 429 (or a spent budget in the provider's rate-limit headers) holds the whole
-        fleet off; a 429 also shrinks the fleet's adaptive share of the limit
-        (aura.llm.ratelimit)."""
-        if not self._limiting:
-            return
-        throttled = status == 429
-        hold = self.provider.hold_off(status, headers)
-        if not throttled and hold is None:
-            return
-        limiter = self.limiter_for(model)
-        if not limiter.limit.enabled:
-            return
-        if throttled:
-            events.emit(LLMRateLimited(limiter.name, RateLimitOutcome.THROTTLED))
-            await limiter.slow_down(sent_at)
-        if hold is not None:
-            await limiter.hold_off(hold.seconds, full_reset=hold.full_reset)
-
-    async def _heed_latency(self, model: str, latency_s: float, sent_at: float) -> None:
-        """An answer slower than LLM_RATE_LIMIT_LATENCY: the provider is queueing."""
-        if not self._limiting:
-            return
-        limiter = self._limiters.get(model)
-        if limiter is not None and 0 < limiter.limit.latency_s < latency_s:
-            await limiter.slow_down(sent_at, gently=True)
+        if self._guards.limiting:  # the headers are read only when someone heeds them
+            hold = self.provider.hold_off(status, headers)
+            await self._guards.heed_answer(model, status, hold, sent_at)
 
     @staticmethod
     def _observe(error: LLMError, started: float, model: str) -> None:
