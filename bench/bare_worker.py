@@ -23,7 +23,8 @@ import aio_pika
 import aiohttp
 import asyncpg
 
-from aura.messaging.topology import REALTIME_QUEUE, WORK_EXCHANGE, work_queues
+from aura.contract import PLATFORM_QUEUES, REALTIME_QUEUE
+from aura.messaging.topology import WORK_EXCHANGE, work_queues
 
 
 async def serve(concurrency: int) -> None:
@@ -36,7 +37,7 @@ async def serve(concurrency: int) -> None:
     )
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=concurrency)
-    declared = next(q for q in work_queues() if q.name == REALTIME_QUEUE)
+    declared = next(q for q in work_queues(PLATFORM_QUEUES) if q.name == REALTIME_QUEUE)
     exchange = await channel.declare_exchange(
         WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
     )

@@ -239,11 +239,12 @@ def main() -> None:
 
     from kombu.connection import Connection
 
+    from aura.contract import PLATFORM_QUEUES
     from aura.messaging.topology import work_queues
 
     with Connection(options.broker_url) as connection:
         channel = connection.channel()
-        for queue in work_queues():
+        for queue in work_queues(PLATFORM_QUEUES):
             bound = queue(channel)
             bound.declare()
             bound.purge()

@@ -31,11 +31,12 @@ from gateway_load import free_port, prepare, rss_mib, serve
 def queue_depth(broker_url: str, name: str) -> int:
     from kombu.connection import Connection
 
+    from aura.contract import PLATFORM_QUEUES
     from aura.messaging.topology import work_queues
 
     with Connection(broker_url) as connection:
         channel = connection.channel()
-        queue = next(q for q in work_queues() if q.name == name)(channel)
+        queue = next(q for q in work_queues(PLATFORM_QUEUES) if q.name == name)(channel)
         queue.declare()
         _, count, _ = queue.queue_declare(passive=True)
         return int(count)
@@ -58,11 +59,12 @@ def outbox_left(database_url: str) -> int:
 def purge(broker_url: str) -> None:
     from kombu.connection import Connection
 
+    from aura.contract import PLATFORM_QUEUES
     from aura.messaging.topology import work_queues
 
     with Connection(broker_url) as connection:
         channel = connection.channel()
-        for queue in work_queues():
+        for queue in work_queues(PLATFORM_QUEUES):
             bound = queue(channel)
             bound.declare()
             bound.purge()

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from aura.catalog import ImportRecord, upgrade
 from aura.config import Settings
+from aura.contract import PLATFORM_QUEUES
 from aura.db import Database, OutboxMessage
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.outbox import relay_forever
@@ -96,7 +97,7 @@ async def run(database_url: str, broker_url: str, records: int) -> None:
     await database.dispose()
     with Connection(broker_url) as connection:
         channel = connection.channel()
-        for queue in work_queues():
+        for queue in work_queues(PLATFORM_QUEUES):
             bound = queue(channel)
             bound.declare()
             bound.purge()

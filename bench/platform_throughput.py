@@ -65,12 +65,12 @@ from aura.catalog import (
 )
 from aura.catalog.pipeline import ingest_record, read_for_prompt, store_enrichment
 from aura.config import Settings
-from aura.contract import ENRICH_TASK, INGEST_TASK
+from aura.contract import BULK_QUEUE, ENRICH_TASK, INGEST_TASK, REALTIME_QUEUE
 from aura.db import Database
 from aura.db.outbox import Staged
 from aura.gateway.senders import AmqpSender
 from aura.llm import ResilientLLMClient
-from aura.messaging.topology import BULK_QUEUE, DEAD_LETTER_QUEUE, REALTIME_QUEUE
+from aura.messaging.topology import DEAD_LETTER_QUEUE
 from aura.worker import tasks as platform
 from aura.worker.celery_app import make_celery_app
 from aura.worker.process import start_worker_process, stop_worker_process

@@ -24,14 +24,13 @@ from sqlalchemy import func, select
 
 from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import Settings
-from aura.contract import ENRICH_TASK
+from aura.contract import BULK_QUEUE, ENRICH_TASK, REALTIME_QUEUE
 from aura.db import Database
 from aura.db.models import OutboxMessage
 from aura.db.outbox import Claim, Staged, stage_messages
 from aura.gateway import create_tenant_with_key
 from aura.gateway.outbox import OutboxPublisher, relay_once, staging_lease
 from aura.gateway.senders import AmqpSender, BrokerBlockedError
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
 from aura.worker.celery_app import make_celery_app
 from tests.helpers import running_gateway, wait_until
 

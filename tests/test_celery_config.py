@@ -73,3 +73,28 @@ def test_backoff_is_bounded_for_any_attempt(
 ) -> None:
     delay = backoff_delay(attempt, base=base, cap=cap, rng=random.Random(seed))
     assert 0 < delay <= min(cap, base * 2.0 ** min(attempt - 1, 64)) + 1e-9
+
+
+def test_adding_a_queue_is_naming_it_in_configure() -> None:
+    """An app's queues are its own (no default): a new one is one name in one call, and it
+    gets the same quorum, delivery-limit and DLQ arguments as every other."""
+    from celery import Celery
+
+    from aura.messaging import configure
+
+    app = configure(
+        Celery("shop"),
+        queues=["orders", "mail", "refunds"],
+        settings=Settings(),
+        make_default=False,
+    )
+    queues = {queue.name: queue for queue in app.conf.task_queues}
+    assert list(queues) == ["orders", "mail", "refunds"]
+    assert app.conf.task_default_queue == "orders"
+    assert app.conf.aura_priority_queues == []  # no platform queue is anyone's default
+    assert queues["refunds"].queue_arguments == queues["orders"].queue_arguments
+    assert queues["refunds"].queue_arguments["x-dead-letter-routing-key"] == "aura.dlq"
+    single = configure(Celery("one"), queues="orders", settings=Settings(), make_default=False)
+    assert [queue.name for queue in single.conf.task_queues] == ["orders"]
+    with pytest.raises(TypeError):
+        configure(Celery("none"), settings=Settings(), make_default=False)  # type: ignore[call-arg]

@@ -29,9 +29,9 @@ from aura.chaos.resources import owned_stack
 from aura.chaos.run import ChaosRun
 from aura.chaos.scenarios import valid_records
 from aura.chaos.shared_state import ClockSkew, RedisOutOfMemory, trial_gaps
-from aura.contract import INGEST_TASK
+from aura.contract import BULK_QUEUE, INGEST_TASK, PLATFORM_QUEUES
 from aura.db import Database
-from aura.messaging.topology import BULK_QUEUE, work_queues
+from aura.messaging.topology import work_queues
 from tests import services
 from tests.test_cli import run_aura
 
@@ -360,7 +360,7 @@ class _Sabotaged(ChaosRun):
     def _publish_and_delete(self) -> None:
         with Connection(self.stack.broker_url) as connection:
             channel = connection.default_channel
-            for queue in work_queues():
+            for queue in work_queues(PLATFORM_QUEUES):
                 queue(channel).declare()
         record = valid_records(len(self.records) + 1)[-1]
         self.publisher.send_task(

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from aura.config import Settings, load_settings
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE
+from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 
 Manifest = dict[str, Any]
 

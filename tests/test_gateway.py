@@ -13,10 +13,11 @@ from celery import Celery
 from kombu.connection import Connection
 
 from aura.config import Settings
+from aura.contract import BULK_QUEUE, PLATFORM_QUEUES, REALTIME_QUEUE
 from aura.db import Database
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.readiness import default_checks
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, work_queues
+from aura.messaging.topology import work_queues
 from aura.worker.celery_app import make_celery_app
 
 
@@ -56,7 +57,7 @@ def product(*skus: str) -> dict[str, Any]:
 
 def take_message(amqp_url: str, queue: str, task_id: str) -> tuple[dict[str, Any], Any]:
     """Find the message of ``task_id`` on ``queue`` (bounded scan); ack it; return it."""
-    declared = {q.name: q for q in work_queues()}
+    declared = {q.name: q for q in work_queues(PLATFORM_QUEUES)}
     with Connection(amqp_url) as connection:
         channel = connection.channel()
         bound = declared[queue](channel)

@@ -24,11 +24,12 @@ from sqlalchemy import func, select
 
 from aura.catalog import ImportRecord
 from aura.config import Settings
+from aura.contract import BULK_QUEUE, PLATFORM_QUEUES
 from aura.db import Database, OutboxMessage
 from aura.db.outbox import Claim, Staged, stage_messages
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.outbox import publish_claimed, relay_forever, relay_once
-from aura.messaging.topology import BULK_QUEUE, work_queues
+from aura.messaging.topology import work_queues
 from aura.worker.celery_app import make_celery_app
 from tests.helpers import wait_until
 
@@ -56,7 +57,7 @@ def celery_publisher(amqp_url: str) -> Iterator[Celery]:
     # Thousands of messages no worker will take: leave the queues as other tests expect.
     with Connection(amqp_url) as connection:
         channel = connection.channel()
-        for queue in work_queues():
+        for queue in work_queues(PLATFORM_QUEUES):
             bound = queue(channel)
             bound.declare()  # as the topology defines it
             bound.purge()

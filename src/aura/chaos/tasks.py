@@ -16,8 +16,8 @@ import time
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task
 
+from aura.contract import REALTIME_QUEUE
 from aura.messaging import resilient_task
-from aura.messaging.topology import REALTIME_QUEUE
 from aura.worker.tasks import app, enrich_product, ingest_product
 
 __all__ = [

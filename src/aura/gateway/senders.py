@@ -36,6 +36,7 @@ from celery import Celery
 from kombu.serialization import dumps
 from starlette.concurrency import run_in_threadpool
 
+from aura.contract import PLATFORM_QUEUES
 from aura.db.outbox import Staged
 from aura.errors import ServiceUnavailableError
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
@@ -158,7 +159,7 @@ class AmqpSender:
                 exchange = await channel.declare_exchange(
                     WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
                 )
-                for queue in work_queues():
+                for queue in work_queues(PLATFORM_QUEUES):
                     declared = await channel.declare_queue(
                         queue.name, durable=True, arguments=getattr(queue, "queue_arguments", None)
                     )

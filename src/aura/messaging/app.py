@@ -29,8 +29,8 @@ what makes "nothing lost" true):
                                WORKER_CONCURRENCY tasks in flight on one event loop, with
                                per-task time limits) or prefork (one task per child); a
                                worker's ``-P``/``--pool`` wins (``-P prefork`` included)
-    aura_priority_queues       ``priority_queues`` (realtime_queue): the async pool's free
-                               slots go to their tasks first
+    aura_priority_queues       ``priority_queues`` (none unless given): the async pool's
+                               free slots go to their tasks first
     JSON only                  no pickle crosses the broker
     confirm_publish            every publish (tasks, retries, dead letters) is confirmed
     worker_consumer            aura.messaging.envelope:GuardedConsumer: whatever arrives on
@@ -58,7 +58,7 @@ from celery import Celery, signals
 
 from aura.config import Settings, get_settings
 from aura.errors import ConfigurationError
-from aura.messaging.topology import BULK_QUEUE, REALTIME_QUEUE, WORK_EXCHANGE, work_queues
+from aura.messaging.topology import WORK_EXCHANGE, work_queues
 from aura.process_args import pool_on_the_command_line
 
 __all__ = [
@@ -78,14 +78,15 @@ _default: Celery | None = None
 def configure(
     app: Celery,
     *,
-    queues: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
+    queues: Sequence[str],
     default_queue: str | None = None,
-    priority_queues: Sequence[str] = (REALTIME_QUEUE,),
+    priority_queues: Sequence[str] = (),
     settings: Settings | None = None,
     make_default: bool = True,
 ) -> Celery:
     """Put Aura's settings, ``queues`` and the DLQ topology on ``app``; return ``app``.
 
+    ``queues`` are the app's own (no default: an app never gets another's queues).
     ``default_queue`` (the first of ``queues`` unless given) is where a task without a
     ``queue`` goes. The async pool gives a free slot to the tasks of ``priority_queues``
     (those of ``queues``) before the others' (``aura.messaging.pool``). With
@@ -93,61 +94,92 @@ def configure(
     Anything you set on ``app.conf`` afterwards wins over what this sets."""
     global _default
     settings = settings or _settings_or_exit()
-    names = list(dict.fromkeys(queues))
-    if not names:
-        raise ConfigurationError("configure(app, queues=...) needs at least one queue name")
+    names = _queue_names(queues, default_queue)
     default_queue = default_queue or names[0]
-    if default_queue not in names:
-        raise ConfigurationError(f"default_queue {default_queue!r} is not one of {names}")
     if not app.conf.broker_url and settings.celery_broker_url:
         app.conf.broker_url = settings.celery_broker_url
-    named = pool_on_the_command_line(sys.argv)  # ``celery worker -P prefork``: it wins
-    async_pool = named in ("async", ASYNC_POOL) if named else settings.worker_pool == "async"
-    if (
-        async_pool
-        and "worker" in sys.argv
-        and any(argument.startswith("--autoscale") for argument in sys.argv)
-    ):  # refused, never silently ignored: the async pool's slots are its concurrency
-        print(
-            "aura: --autoscale needs a pool of processes (-P prefork); the async pool holds "
-            "-c tasks in flight in one process",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    async_pool = _async_pool_chosen(settings)
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        event_serializer="json",
-        task_ignore_result=True,
-        result_backend=None,
-        task_soft_time_limit=settings.celery_task_soft_time_limit,
-        task_time_limit=settings.celery_task_hard_time_limit,
-        worker_max_tasks_per_child=settings.celery_worker_max_tasks_per_child,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # A failure or a hard timeout is rejected, not acked: the broker dead-letters it
-        # (or redelivers a killed one) instead of dropping it.
-        task_acks_on_failure_or_timeout=False,
-        worker_prefetch_multiplier=1,
-        worker_pool=ASYNC_POOL if async_pool else "prefork",
-        worker_concurrency=settings.worker_concurrency if async_pool else None,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_consumer="aura.messaging.envelope:GuardedConsumer",
-        broker_transport_options={"confirm_publish": True},
-        broker_connection_retry_on_startup=True,
-        task_publish_retry=True,
-        task_queues=work_queues(names=names),
+        **_delivery_conf(settings, async_pool),
+        task_queues=work_queues(names),
         task_default_queue=default_queue,
         task_default_exchange=WORK_EXCHANGE.name,
         task_default_exchange_type=WORK_EXCHANGE.type,
         task_default_routing_key=default_queue,
         task_create_missing_queues=False,
         aura_priority_queues=[name for name in names if name in priority_queues],
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
     )
+    _connect_signals(app, settings)
+    from aura.messaging import observability
 
+    observability.install(app, settings)
+    if make_default:
+        _default = app
+    return app
+
+
+def _queue_names(queues: Sequence[str], default_queue: str | None) -> list[str]:
+    if isinstance(queues, str):  # configure(app, queues="orders"): one queue, not 6
+        queues = [queues]
+    names = list(dict.fromkeys(queues))
+    if not names:
+        raise ConfigurationError("configure(app, queues=...) needs at least one queue name")
+    if default_queue is not None and default_queue not in names:
+        raise ConfigurationError(f"default_queue {default_queue!r} is not one of {names}")
+    return names
+
+
+def _async_pool_chosen(settings: Settings) -> bool:
+    """WORKER_POOL, unless the command line names a pool (``-P prefork`` wins); the async
+    pool with ``--autoscale`` is refused, never silently ignored (its slots are its
+    concurrency)."""
+    named = pool_on_the_command_line(sys.argv)
+    async_pool = named in ("async", ASYNC_POOL) if named else settings.worker_pool == "async"
+    if (
+        async_pool
+        and "worker" in sys.argv
+        and any(argument.startswith("--autoscale") for argument in sys.argv)
+    ):
+        print(
+            "aura: --autoscale needs a pool of processes (-P prefork); the async pool holds "
+            "-c tasks in flight in one process",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return async_pool
+
+
+def _delivery_conf(settings: Settings, async_pool: bool) -> dict[str, Any]:
+    """What makes "nothing lost" true on any app (see the module doc's table)."""
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_soft_time_limit": settings.celery_task_soft_time_limit,
+        "task_time_limit": settings.celery_task_hard_time_limit,
+        "worker_max_tasks_per_child": settings.celery_worker_max_tasks_per_child,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # A failure or a hard timeout is rejected, not acked: the broker dead-letters it
+        # (or redelivers a killed one) instead of dropping it.
+        "task_acks_on_failure_or_timeout": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": ASYNC_POOL if async_pool else "prefork",
+        "worker_concurrency": settings.worker_concurrency if async_pool else None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_consumer": "aura.messaging.envelope:GuardedConsumer",
+        "broker_transport_options": {"confirm_publish": True},
+        "broker_connection_retry_on_startup": True,
+        "task_publish_retry": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def _connect_signals(app: Celery, settings: Settings) -> None:
     def declare_dead_letter_queue(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             declare_topology(app)
@@ -160,12 +192,6 @@ def configure(
     # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
     # Aura chose not to, on purpose (see the module doc).
     warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced", category=Warning)
-    from aura.messaging import observability
-
-    observability.install(app, settings)
-    if make_default:
-        _default = app
-    return app
 
 
 def check_database(settings: Settings, timeout: float = 5.0) -> bool:

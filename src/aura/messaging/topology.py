@@ -1,6 +1,7 @@
 """The broker's layout: work queues, the dead-letter exchange and the DLQ.
 
-``realtime_queue`` and ``bulk_queue`` are quorum queues with an explicit delivery limit
+An app's work queues (its own names: ``configure(app, queues=...)``) are quorum queues
+with an explicit delivery limit
 (RabbitMQ 3.10 sets none by default) and at-least-once dead-lettering into ``aura.dlq``:
 the broker's backstop when a message kills its worker on every delivery, since no
 process survives to count those deliveries. Every other failure is dead-lettered by
@@ -20,14 +21,10 @@ from collections.abc import Sequence
 
 from kombu.entity import Exchange, Queue
 
-from aura.contract import BULK_QUEUE, REALTIME_QUEUE
-
 __all__ = [
     "BROKER_DELIVERY_LIMIT",
-    "BULK_QUEUE",
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_QUEUE",
-    "REALTIME_QUEUE",
     "WORK_EXCHANGE",
     "dead_letter_queue",
     "work_queues",
@@ -51,12 +48,9 @@ def dead_letter_queue() -> Queue:
     )
 
 
-def work_queues(
-    delivery_limit: int = BROKER_DELIVERY_LIMIT,
-    names: Sequence[str] = (REALTIME_QUEUE, BULK_QUEUE),
-) -> list[Queue]:
-    """The work queues (the platform's two, or ``names``); a message is dead-lettered
-    after ``delivery_limit`` + 1 deliveries that were never acknowledged."""
+def work_queues(names: Sequence[str], delivery_limit: int = BROKER_DELIVERY_LIMIT) -> list[Queue]:
+    """The work queues ``names``; a message is dead-lettered after ``delivery_limit`` + 1
+    deliveries that were never acknowledged."""
     arguments = {
         "x-queue-type": "quorum",
         "x-delivery-limit": delivery_limit,
