@@ -406,7 +406,7 @@ def main() -> None:
         "LLM_READ_TIMEOUT": "30",
         "LLM_CALL_DEADLINE": "30",
         "BENCH_PG_DSN": PG_DSN,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),  # this checkout's code
         "LOG_LEVEL": "WARNING",
     }
     from aura.config import Settings

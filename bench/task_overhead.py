@@ -53,7 +53,7 @@ def main(messages: int, rounds: int, redis_url: str) -> None:
         **os.environ,
         "CELERY_BROKER_URL": broker,
         "REDIS_URL": redis_url,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),  # this checkout's code
     }
     worker = start_worker_process("bench.bench_tasks", env, queues=["realtime_queue"], cwd=ROOT)
     client = redis.Redis.from_url(redis_url)
