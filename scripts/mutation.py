@@ -56,6 +56,7 @@ TESTS: dict[str, list[str]] = {
     "db/transactional.py": ["tests/test_pins_transactional.py", "tests/test_db.py"],
     "db/inbox.py": ["tests/test_pins_inbox.py", "tests/test_db.py"],
     "llm/breaker.py": ["tests/llm/test_breaker_edges.py", "tests/llm/test_breaker.py"],
+    "llm/_breaker_state.py": ["tests/llm/test_breaker_edges.py", "tests/llm/test_breaker.py"],
     "llm/client.py": [
         "tests/llm/test_client_edges.py",
         "tests/llm/test_client.py",

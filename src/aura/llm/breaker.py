@@ -1,11 +1,7 @@
 """A circuit breaker for asyncio whose state is shared by every process on one Redis.
 
-States (the seed's policy: open after ``fail_max`` failures in a row, half-open after
-``reset_timeout`` seconds)::
-
-    closed ──fail_max failures──► open ──reset_timeout──► half-open (one trial, fleet-wide)
-      ▲                                                    │ trial fails: open again
-      └──────────────────── trial succeeds ────────────────┘
+The states and the opening rule are ``aura.llm._breaker_state``'s (a pure state machine);
+the Redis side is ``aura.llm._breaker_store``'s. This module is what callers use.
 
 Why written here and not taken from a library: pybreaker (the seed's choice) has no
 asyncio support (an ``async def`` it wraps is returned unawaited and counted a success),
@@ -21,20 +17,6 @@ per ``refresh_interval`` (1 s), so a successful call in the closed state makes n
 round trip of its own, and every process sees a breaker opened elsewhere within 1 s.
 The process whose transition opened the breaker emits ``CircuitBreakerOpened``: the
 opens counter moves once per fleet transition.
-
-The opening rule, as it holds across a fleet. The breaker opens when ``fail_max``
-failures are recorded fleet-wide, the first and the last at most ``failure_window``
-seconds apart, with no success recorded between them. Every failure is recorded (it goes
-to Redis). A success is recorded only by a process that knows of the failures: a success
-made while this process's cached view shows failures resets the count at once; one made
-while its view shows none costs nothing (no Redis round trip: that is the closed hot
-path) and is recorded with the process's next refresh, i.e. its first call at least
-``refresh_interval`` (1 s) later, if by then the count holds failures older than the
-success. So "``fail_max`` consecutive failures" is exact for successes at least one
-refresh interval older than the failure that would open the breaker, and for a single
-process; a success newer than that, in another process, may not break the run (fail B,
-succeed A, fail B, fail B within a second opens it). Making it exact would cost every
-successful call a Redis round trip.
 
 Under load (hundreds of calls in flight per process), each process keeps at most one
 report of each kind in flight per breaker: failures that come while one is being told go
@@ -63,10 +45,8 @@ An injected ``clock`` (tests drive a fake one) is used as it is.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
@@ -75,149 +55,17 @@ from redis.asyncio import Redis
 from aura import events
 from aura.errors import CircuitOpenError
 from aura.events import CircuitBreakerOpened, CircuitState, CircuitStateChanged
+from aura.llm._breaker_state import BreakerRecord, Decision, transition, transition_all
+from aura.llm._breaker_store import REGISTRY_KEY, BreakerStore
 from aura.redis_errors import REDIS_UNREACHABLE
 
 __all__ = ["REGISTRY_KEY", "BreakerRecord", "CircuitBreaker", "Decision", "transition"]
 
-# Every shared breaker's name, scored by when a process last started using it: the hash
-# of a breaker that never failed is empty, and ``aura breaker status`` lists it from here
-REGISTRY_KEY = "aura:circuit_breakers"
-
 T = TypeVar("T")
-# Module constants: an Enum member looked up on its class costs ~0.2 us on Python 3.11,
-# most of the closed path's budget (bench/llm_breaker.py)
+# Module constants: an Enum member looked up on its class costs ~0.2 us (the hot path)
 _CLOSED, _OPEN, _HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 _log = structlog.get_logger("aura.llm.breaker")
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerRecord:
-    """The shared state of one breaker."""
-
-    state: CircuitState = _CLOSED
-    failures: int = 0  # failures in the current run while closed
-    open_until: float = 0.0  # when a trial call may run
-    trial_until: float = 0.0  # lease of the running trial call (half-open)
-    first_failure: float = 0.0  # when the current run of failures began
-    last_failure: float = 0.0  # when its latest failure was recorded
-    # the run's failure times within the window, oldest first (at most fail_max): the
-    # window slides over them
-    recent: tuple[float, ...] = ()
-
-    def to_redis(self) -> dict[str, str]:
-        return {
-            "state": self.state.value,
-            "failures": str(self.failures),
-            "open_until": repr(self.open_until),
-            "trial_until": repr(self.trial_until),
-            "first_failure": repr(self.first_failure),
-            "last_failure": repr(self.last_failure),
-            "recent": " ".join(repr(at) for at in self.recent),
-        }
-
-    @classmethod
-    def from_redis(cls, raw: Mapping[Any, Any]) -> BreakerRecord:
-        """The record from HGETALL (bytes or str keys); an empty hash is a closed breaker."""
-        if not raw:
-            return cls()
-        fields = {_text(key): _text(value) for key, value in raw.items()}
-        return cls(
-            state=CircuitState(fields["state"]),
-            failures=int(fields["failures"]),
-            open_until=float(fields["open_until"]),
-            trial_until=float(fields["trial_until"]),
-            first_failure=float(fields.get("first_failure", 0.0)),  # absent before issue 16
-            last_failure=float(fields.get("last_failure", 0.0)),
-            recent=tuple(float(at) for at in fields.get("recent", "").split()),  # issue 26
-        )
-
-
-def _run_times(record: BreakerRecord) -> tuple[float, ...]:
-    """The current run's failure times (a record written before they were kept: its
-    first and last, the ones between taken as the first)."""
-    if not record.failures:
-        return ()
-    if record.recent:
-        return record.recent
-    middle = (record.first_failure,) * max(record.failures - 2, 0)
-    return (record.first_failure, *middle, record.last_failure)[: record.failures]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a transition decided, besides the new record."""
-
-    allowed: bool = True  # the call may run (for "acquire")
-    trial: bool = False  # ... as the one half-open trial
-    opened: bool = False  # this transition moved the breaker to open
-
-
 _ALLOW = Decision()
-
-
-def transition(
-    record: BreakerRecord,
-    event: str,
-    now: float,
-    *,
-    fail_max: int,
-    reset_timeout: float,
-    trial_lease: float,
-    failure_window: float = float("inf"),
-) -> tuple[BreakerRecord, Decision]:
-    """The whole state machine, as a pure function of (record, event, now).
-
-    Events: ``acquire`` (may a call run now?), ``failure`` and ``success`` (of a normal
-    call; for a success, ``now`` is when it happened, which may be before failures other
-    processes recorded since: those it does not undo), ``trial_failure``,
-    ``trial_success`` and ``trial_abandoned`` (of the half-open trial; abandoned when it
-    was cancelled before it could tell).
-    """
-    replace = dataclasses.replace
-    if event == "acquire":
-        if record.state is _CLOSED:
-            return record, _ALLOW
-        trial_free = record.state is _OPEN or now >= record.trial_until
-        if now >= record.open_until and trial_free:
-            leased = replace(record, state=_HALF_OPEN, trial_until=now + trial_lease)
-            return leased, Decision(allowed=True, trial=True)
-        return record, Decision(allowed=False)
-    if event == "failure":
-        if record.state is not _CLOSED:
-            return record, _ALLOW  # already open: a straggler's failure changes nothing
-        # The window slides: the failures of the run within ``failure_window`` of this one
-        # count (failures at 0, 50, 100 and 105 s open a 60 s window at 105 s).
-        recent = sorted((*_run_times(record), now))
-        recent = [at for at in recent if now - at <= failure_window][-fail_max:]
-        failures, first = len(recent), recent[0]
-        if failures >= fail_max:
-            opened = BreakerRecord(
-                _OPEN, failures, now + reset_timeout, 0.0, first, now, tuple(recent)
-            )
-            return opened, Decision(opened=True)
-        changed = replace(
-            record, failures=failures, first_failure=first, last_failure=now, recent=tuple(recent)
-        )
-        return changed, _ALLOW
-    if event == "success":
-        if record.state is _CLOSED and record.failures and now >= record.last_failure:
-            cleared = replace(record, failures=0, first_failure=0.0, last_failure=0.0, recent=())
-            return cleared, _ALLOW
-        return record, _ALLOW
-    if event == "trial_failure":
-        reopened = replace(record, state=_OPEN, open_until=now + reset_timeout, trial_until=0.0)
-        return reopened, Decision(opened=True)
-    if event == "trial_success":
-        return BreakerRecord(), _ALLOW
-    if event == "trial_abandoned":  # the trial was cancelled: let the next caller try
-        if record.state is _HALF_OPEN:
-            return replace(record, state=_OPEN, trial_until=0.0), _ALLOW
-        return record, _ALLOW
-    raise ValueError(f"unknown breaker event {event!r}")
 
 
 class CircuitBreaker:
@@ -249,6 +97,7 @@ class CircuitBreaker:
         self._unrecorded_success = 0.0  # latest success not yet told to Redis (hot path)
         self.key = f"aura:circuit_breaker:{name}"
         self._redis = redis
+        self._store = None if redis is None else BreakerStore(redis, name, self.key)
         self._clock = clock
         # Shared time is Redis's (TIME), not this process's wall clock: the offset to it,
         # measured with every read. An injected clock (tests) is taken as it is, unless
@@ -458,40 +307,23 @@ class CircuitBreaker:
     def _transition_all(
         self, record: BreakerRecord, changes: list[tuple[str, float]]
     ) -> tuple[BreakerRecord, Decision]:
-        decision, opened = _ALLOW, False
-        for event, now in changes:
-            record, decision = transition(
-                record,
-                event,
-                now,
-                fail_max=self.fail_max,
-                reset_timeout=self.reset_timeout,
-                trial_lease=self._trial_lease,
-                failure_window=self.failure_window,
-            )
-            opened = opened or decision.opened
-        if opened and not decision.opened:
-            decision = dataclasses.replace(decision, opened=True)
-        return record, decision
+        return transition_all(
+            record,
+            changes,
+            fail_max=self.fail_max,
+            reset_timeout=self.reset_timeout,
+            trial_lease=self._trial_lease,
+            failure_window=self.failure_window,
+        )
 
     async def _apply_in_redis(
         self, changes: list[tuple[str, float]]
     ) -> tuple[BreakerRecord, Decision]:
-        assert self._redis is not None
-        outcome: list[tuple[BreakerRecord, Decision]] = []
-
-        async def atomically(pipe: Any) -> None:
-            current = BreakerRecord.from_redis(await pipe.hgetall(self.key))
-            record, decision = self._transition_all(current, changes)
-            outcome[:] = [(record, decision)]
-            pipe.multi()
-            if record != current:
-                pipe.hset(self.key, mapping=record.to_redis())
-
-        await self._redis.transaction(atomically, self.key)
+        assert self._store is not None
+        outcome = await self._store.apply(lambda current: self._transition_all(current, changes))
         self._loaded = True
         self._fresh_until = self._now() + self._refresh_interval
-        return outcome[0]
+        return outcome
 
     async def _refresh(self, now: float) -> None:
         if self._redis is None:
@@ -509,19 +341,14 @@ class CircuitBreaker:
         await self._read(now)
 
     async def _read(self, now: float) -> None:
-        assert self._redis is not None
+        assert self._store is not None
         try:
-            if self._redis_clock:  # Redis's clock with the record: one round trip
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.time()
-                    pipe.hgetall(self.key)
-                    (seconds, micros), raw = await pipe.execute()
-                self._offset = float(seconds) + float(micros) / 1e6 - self._clock()
+            record, redis_now = await self._store.read(with_time=self._redis_clock)
+            if redis_now is not None:  # Redis's clock came with the record
+                self._offset = redis_now - self._clock()
                 now = self._now()
-            else:
-                raw = await self._redis.hgetall(self.key)
             if not self._registered:  # once per process: ``aura breaker status`` lists it
-                await self._redis.zadd(REGISTRY_KEY, {self.name: now})
+                await self._store.register(now)
                 self._registered = True
         except REDIS_UNREACHABLE as exc:
             self._fall_back(now, exc)
@@ -534,7 +361,7 @@ class CircuitBreaker:
             self._fresh_until = now + self._refresh_interval
         else:
             self._fresh_until = max(self._fresh_until, now + self._refresh_interval)
-        self._adopt(BreakerRecord.from_redis(raw))
+        self._adopt(record)
         await self._report_success()  # a success other processes missed, if any
 
     def _fall_back(self, now: float, exc: BaseException) -> None:
