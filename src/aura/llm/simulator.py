@@ -36,88 +36,33 @@ import contextlib
 import dataclasses
 import json
 import random
-import socket
-import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import h11
 
-from aura.llm._sim_dialects import CHAT, DIALECTS, ChatDialect, MessagesDialect
+from aura.llm._sim_dialects import DIALECTS
+from aura.llm._sim_faults import (
+    Dialect,
+    Faults,
+    ProviderLimits,
+    Reply,
+    error_reply,
+    json_reply,
+    reset_connection,
+    retry_after_headers,
+)
+from aura.llm._sim_http import read_request, send, send_stream
 from aura.llm.simulator_answers import completion_for, enrichment_for
 
 __all__ = ["DEFAULT_MODELS", "Faults", "LLMSimulator", "enrichment_for"]
 
 OutageMode = Literal["error", "reset", "hang"]
-_MAX_BODY = 1_000_000
 _MIDSTREAM_AFTER = 3  # chunks sent before a mid-stream fault
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o")
-
-
-@dataclass
-class Faults:
-    """What the simulator does wrong, and how often (rates are fractions of requests)."""
-
-    latency: float = 0.0  # seconds added to every answer
-    jitter: float = 0.0  # plus a random 0..jitter seconds
-    error_rate: float = 0.0  # answer with one of error_statuses
-    error_statuses: tuple[int, ...] = (500, 503, 429)
-    retry_after: float | None = 1.0  # Retry-After sent with 429 and 503
-    hang_rate: float = 0.0  # wait hang_seconds before answering
-    hang_seconds: float = 30.0
-    trickle_rate: float = 0.0  # send the body one byte every trickle_interval seconds
-    trickle_interval: float = 0.5
-    reset_rate: float = 0.0  # reset the connection instead of answering
-    malformed_rate: float = 0.0  # answer 200 with a body that is not a completion
-    midstream_reset_rate: float = 0.0  # streams only: reset after the first chunks
-    midstream_error_rate: float = 0.0  # streams only: an error event after the first chunks
-    api_key: str | None = None  # when set, requests must carry it (else 401)
-    rpm: float = 0.0  # provider-style limits (0: none): over them, 429 + Retry-After
-    tpm: float = 0.0  # tokens counted as prompt words + the answer's words
-    rate_burst_s: float = 1.0  # seconds' worth of either budget that may go at once
-
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply ``changes`` (field -> value); unknown fields and bad values raise."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - names
-        if unknown:
-            raise ValueError(f"unknown fault settings: {', '.join(sorted(unknown))}")
-        for name, value in changes.items():
-            if name.endswith("_rate") and not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1")
-            if name == "error_statuses":
-                value = tuple(int(code) for code in value)
-            setattr(self, name, value)
-
-
-@dataclass
-class _Reply:
-    outcome: str  # what the stats call it: ok, 500, hang, trickle, reset, malformed, ...
-    status: int = 200
-    body: bytes = b""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    delay: float = 0.0
-    trickle: float = 0.0  # seconds between body bytes (events, streamed); 0: all at once
-    reset: bool = False
-    events: list[bytes] | None = None  # a server-sent-event stream instead of a body
-    midstream: str = ""  # streams: "reset" after _MIDSTREAM_AFTER events
-
-
-def _json(outcome: str, status: int, payload: Any, **extra: Any) -> _Reply:
-    return _Reply(outcome, status, json.dumps(payload).encode(), **extra)
-
-
-Dialect = ChatDialect | MessagesDialect
-
-
-def _error(
-    status: int, message: str, *, outcome: str = "", dialect: Dialect = CHAT, **extra: Any
-) -> _Reply:
-    return _json(outcome or str(status), status, dialect.error(status, message), **extra)
 
 
 class LLMSimulator:
@@ -138,7 +83,7 @@ class LLMSimulator:
         # Models offered: with a list, any other model is a 404 (as providers answer)
         self.models = models
         self.model_faults = dict(model_faults or {})
-        self._tats: dict[tuple[str, str], float] = {}  # (model, kind) -> GCRA arrival time
+        self._limits = ProviderLimits()
         self.host = host
         self.port = port
         self.stats: Counter[str] = Counter()
@@ -233,107 +178,39 @@ class LLMSimulator:
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = h11.Connection(h11.SERVER)
         while True:
-            request, body = await self._read_request(connection, reader)
+            request, body = await read_request(connection, reader)
             if request is None:
                 return
             reply = await self._handle(request, body)
             if reply.reset:
-                _reset(writer)
+                reset_connection(writer)
                 return
             if reply.events is not None:
-                if not await self._send_stream(connection, writer, reply):
+                sent = await send_stream(connection, writer, reply, reset_after=_MIDSTREAM_AFTER)
+                if sent == "abandoned":
+                    self.stats["stream_abandoned"] += 1
+                if sent != "sent":
                     return
             else:
-                await self._send(connection, writer, reply)
+                await send(connection, writer, reply)
             if connection.our_state is h11.MUST_CLOSE:
                 return
             connection.start_next_cycle()
 
-    async def _read_request(
-        self, connection: h11.Connection, reader: asyncio.StreamReader
-    ) -> tuple[h11.Request | None, bytes]:
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                connection.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > _MAX_BODY:
-                    raise h11.ProtocolError("request body too large")
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            else:  # ConnectionClosed (or PAUSED, which start_next_cycle prevents)
-                return None, b""
-
-    async def _send(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply
-    ) -> None:
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
-        headers = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(reply.body))),
-            *reply.headers,
-        ]
-        writer.write(connection.send(h11.Response(status_code=reply.status, headers=headers)))
-        if reply.trickle:
-            for index in range(len(reply.body)):
-                writer.write(connection.send(h11.Data(data=reply.body[index : index + 1])))
-                await writer.drain()
-                await asyncio.sleep(reply.trickle)
-        else:
-            writer.write(connection.send(h11.Data(data=reply.body)))
-        writer.write(connection.send(h11.EndOfMessage()))
-        await writer.drain()
-
-    async def _send_stream(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply
-    ) -> bool:
-        """Send an SSE stream; False when the connection is gone (reset, or the client
-        hung up: counted as ``stream_abandoned``)."""
-        assert reply.events is not None
-        if reply.delay:
-            await asyncio.sleep(reply.delay)  # the time to the first token
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
-        try:
-            writer.write(connection.send(h11.Response(status_code=200, headers=headers)))
-            for index, event in enumerate(reply.events):
-                if reply.midstream == "reset" and index == _MIDSTREAM_AFTER:
-                    _reset(writer)
-                    return False
-                writer.write(connection.send(h11.Data(data=event)))
-                await writer.drain()
-                if writer.is_closing():
-                    raise ConnectionResetError("the client closed the stream")
-                if reply.trickle:
-                    await asyncio.sleep(reply.trickle)
-            writer.write(connection.send(h11.EndOfMessage()))
-            await writer.drain()
-        except ConnectionError:
-            self.stats["stream_abandoned"] += 1
-            return False
-        return True
-
     # -- what to answer ---------------------------------------------------------------------
 
-    async def _handle(self, request: h11.Request, body: bytes) -> _Reply:
+    async def _handle(self, request: h11.Request, body: bytes) -> Reply:
         path = request.target.decode().split("?", 1)[0]
         method = request.method.decode()
         if path.startswith("/admin/"):
             return self._admin(method, path, body)
         if path == "/healthz":
-            return _json("health", 200, {"status": "ok"})
+            return json_reply("health", 200, {"status": "ok"})
         if method == "GET" and path.removeprefix("/v1").startswith("/models"):
             return self._models(path.removeprefix("/v1").removeprefix("/models").strip("/"))
         dialect = DIALECTS.get(path)
         if dialect is None or method != "POST":
-            return _error(404, f"no route {method} {path}")
+            return error_reply(404, f"no route {method} {path}")
         self.stats["requests"] += 1
         reply = self._chat(request, body, dialect)
         self.stats[f"outcome:{reply.outcome}"] += 1
@@ -343,21 +220,21 @@ class LLMSimulator:
         listed = self.models if self.models is not None else DEFAULT_MODELS
         return tuple(dict.fromkeys((*listed, *self.model_faults)))
 
-    def _models(self, model: str) -> _Reply:
+    def _models(self, model: str) -> Reply:
         cards = {
             name: {"id": name, "object": "model", "created": 0, "owned_by": "aura-sim"}
             for name in self.offered_models()
         }
         if not model:
-            return _json("models", 200, {"object": "list", "data": list(cards.values())})
+            return json_reply("models", 200, {"object": "list", "data": list(cards.values())})
         if model in cards:
-            return _json("models", 200, cards[model])
-        return _error(404, f"The model '{model}' does not exist", outcome="models")
+            return json_reply("models", 200, cards[model])
+        return error_reply(404, f"The model '{model}' does not exist", outcome="models")
 
     def faults_for(self, model: str) -> Faults:
         return self.model_faults.get(model, self.faults)
 
-    def _chat(self, request: h11.Request, body: bytes, dialect: Dialect) -> _Reply:
+    def _chat(self, request: h11.Request, body: bytes, dialect: Dialect) -> Reply:
         try:
             parsed = json.loads(body)
         except ValueError:
@@ -367,23 +244,25 @@ class LLMSimulator:
         if time.monotonic() < self._outage_until:
             mode = self._outage_mode
             if mode == "reset":
-                return _Reply("outage", reset=True)
+                return Reply("outage", reset=True)
             if mode == "hang":
-                return _error(
+                return error_reply(
                     503, "outage", outcome="outage", delay=faults.hang_seconds, dialect=dialect
                 )
-            retry = _retry_after(faults)
-            return _error(503, "simulated outage", outcome="outage", headers=retry, dialect=dialect)
+            retry = retry_after_headers(faults)
+            return error_reply(
+                503, "simulated outage", outcome="outage", headers=retry, dialect=dialect
+            )
         if faults.api_key is not None and not dialect.authorized(
             dict(request.headers), faults.api_key
         ):
-            return _error(401, "invalid API key", dialect=dialect)
+            return error_reply(401, "invalid API key", dialect=dialect)
         try:
             parsed = dialect.chat_request(parsed)
         except ValueError as exc:
-            return _error(400, str(exc)[:200], dialect=dialect)
+            return error_reply(400, str(exc)[:200], dialect=dialect)
         if self.models is not None and model not in self.offered_models():
-            return _error(404, f"The model '{model}' does not exist", dialect=dialect)
+            return error_reply(404, f"The model '{model}' does not exist", dialect=dialect)
         parsed["model"] = model
         delay = faults.latency + (self._random.uniform(0, faults.jitter) if faults.jitter else 0)
         completion = completion_for(parsed)
@@ -396,79 +275,58 @@ class LLMSimulator:
             reply.headers += headers
             return reply
         answer = dialect.answer(completion)
-        faulty: list[tuple[float, Callable[[], _Reply]]] = [
+        faulty: list[tuple[float, Callable[[], Reply]]] = [
             (faults.error_rate, lambda: self._status_error(faults, dialect)),
-            (faults.hang_rate, lambda: _json("hang", 200, answer, delay=faults.hang_seconds)),
+            (faults.hang_rate, lambda: json_reply("hang", 200, answer, delay=faults.hang_seconds)),
             (
                 faults.trickle_rate,
-                lambda: _json("trickle", 200, answer, trickle=faults.trickle_interval),
+                lambda: json_reply("trickle", 200, answer, trickle=faults.trickle_interval),
             ),
-            (faults.reset_rate, lambda: _Reply("reset", reset=True)),
-            (faults.malformed_rate, lambda: _Reply("malformed", 200, dialect.malformed_body)),
+            (faults.reset_rate, lambda: Reply("reset", reset=True)),
+            (faults.malformed_rate, lambda: Reply("malformed", 200, dialect.malformed_body)),
         ]
-        return self._roll(faulty) or _json("ok", 200, answer, delay=delay, headers=headers)
+        return self._roll(faulty) or json_reply("ok", 200, answer, delay=delay, headers=headers)
 
     def _rate_limit(
         self, model: str, faults: Faults, tokens: int, dialect: Dialect
-    ) -> tuple[_Reply | None, list[tuple[str, str]]]:
-        """GCRA per model, as providers limit: a 429 with Retry-After over the limit, and
-        x-ratelimit-* headers on every answer."""
-        now = time.monotonic()
-        headers: list[tuple[str, str]] = []
-        waits: list[float] = []
-        updates: list[tuple[tuple[str, str], float]] = []
-        for kind, per_minute, cost in (("requests", faults.rpm, 1), ("tokens", faults.tpm, tokens)):
-            if per_minute <= 0:
-                continue
-            interval = 60.0 / per_minute
-            burst = interval * max(per_minute / 60.0 * faults.rate_burst_s, cost)
-            tat = max(self._tats.get((model, kind), now), now)
-            new_tat = tat + interval * cost
-            wait = new_tat - burst - now
-            waits.append(wait)
-            updates.append(((model, kind), new_tat))
-            remaining = max(int((burst - (new_tat - now)) / interval), 0) if wait <= 0 else 0
-            headers += [
-                (f"x-ratelimit-limit-{kind}", f"{per_minute:g}"),
-                (f"x-ratelimit-remaining-{kind}", str(remaining)),
-                (f"x-ratelimit-reset-{kind}", f"{max(new_tat - now, 0.0):.3f}s"),
-            ]
-        if waits and max(waits) > 0:
+    ) -> tuple[Reply | None, list[tuple[str, str]]]:
+        """A 429 with Retry-After over the model's limit; its rate-limit headers always."""
+        over, headers = self._limits.check(model, faults, tokens)
+        if over > 0:
             self.stats["rate_limited"] += 1
-            retry = [("retry-after", f"{max(waits):.3f}"), *dialect.rate_headers(headers)]
-            return _error(
+            retry = [("retry-after", f"{over:.3f}"), *dialect.rate_headers(headers)]
+            limited = error_reply(
                 429, "Rate limit reached", outcome="429", headers=retry, dialect=dialect
-            ), []
-        for key, new_tat in updates:
-            self._tats[key] = new_tat
+            )
+            return limited, []
         return None, dialect.rate_headers(headers)
 
     def _streamed(
         self, body: dict[str, Any], faults: Faults, delay: float, dialect: Dialect
-    ) -> _Reply:
+    ) -> Reply:
         events = dialect.events(body)
         broken = list(events)
         broken[_MIDSTREAM_AFTER:] = [dialect.broken_event]
         failed = list(events)
         failed[_MIDSTREAM_AFTER:] = [dialect.failure_event()]
-        faulty: list[tuple[float, Callable[[], _Reply]]] = [
+        faulty: list[tuple[float, Callable[[], Reply]]] = [
             (faults.error_rate, lambda: self._status_error(faults, dialect)),
-            (faults.hang_rate, lambda: _Reply("hang", events=events, delay=faults.hang_seconds)),
+            (faults.hang_rate, lambda: Reply("hang", events=events, delay=faults.hang_seconds)),
             (
                 faults.trickle_rate,
-                lambda: _Reply("trickle", events=events, trickle=faults.trickle_interval),
+                lambda: Reply("trickle", events=events, trickle=faults.trickle_interval),
             ),
-            (faults.reset_rate, lambda: _Reply("reset", reset=True)),
-            (faults.malformed_rate, lambda: _Reply("malformed", events=broken, delay=delay)),
+            (faults.reset_rate, lambda: Reply("reset", reset=True)),
+            (faults.malformed_rate, lambda: Reply("malformed", events=broken, delay=delay)),
             (
                 faults.midstream_reset_rate,
-                lambda: _Reply("midstream_reset", events=events, midstream="reset", delay=delay),
+                lambda: Reply("midstream_reset", events=events, midstream="reset", delay=delay),
             ),
-            (faults.midstream_error_rate, lambda: _Reply("midstream_error", events=failed)),
+            (faults.midstream_error_rate, lambda: Reply("midstream_error", events=failed)),
         ]
-        return self._roll(faulty) or _Reply("ok", events=events, delay=delay)
+        return self._roll(faulty) or Reply("ok", events=events, delay=delay)
 
-    def _roll(self, faulty: list[tuple[float, Callable[[], _Reply]]]) -> _Reply | None:
+    def _roll(self, faulty: list[tuple[float, Callable[[], Reply]]]) -> Reply | None:
         """One die for all faults: each takes its rate's share of [0, 1)."""
         roll = self._random.random()
         for rate, make in faulty:
@@ -477,37 +335,37 @@ class LLMSimulator:
             roll -= rate
         return None
 
-    def _status_error(self, faults: Faults, dialect: Dialect) -> _Reply:
+    def _status_error(self, faults: Faults, dialect: Dialect) -> Reply:
         status = self._random.choice(faults.error_statuses)
-        headers = _retry_after(faults) if status in (429, 503, 529) else []
-        return _error(status, "simulated failure", headers=headers, dialect=dialect)
+        headers = retry_after_headers(faults) if status in (429, 503, 529) else []
+        return error_reply(status, "simulated failure", headers=headers, dialect=dialect)
 
-    def _admin(self, method: str, path: str, body: bytes) -> _Reply:
+    def _admin(self, method: str, path: str, body: bytes) -> Reply:
         try:
             payload = json.loads(body) if body else {}
             if method == "GET" and path == "/admin/stats":
                 stats = {"requests": self.requests, "by_outcome": self.outcomes()}
-                return _json("admin", 200, stats)
+                return json_reply("admin", 200, stats)
             if method == "POST" and path == "/admin/faults":
                 model = payload.pop("model", None)
                 if model is None:
                     self.faults.update(payload)
-                    return _json("admin", 200, dataclasses.asdict(self.faults))
+                    return json_reply("admin", 200, dataclasses.asdict(self.faults))
                 faults = self.model_faults.setdefault(str(model), Faults())
                 faults.update(payload)
-                return _json("admin", 200, dataclasses.asdict(faults))
+                return json_reply("admin", 200, dataclasses.asdict(faults))
             if method == "POST" and path == "/admin/outage":
                 mode = payload.get("mode", "error")
                 if mode not in ("error", "reset", "hang"):
                     raise ValueError("mode must be error, reset or hang")
                 self.start_outage(float(payload["seconds"]), mode)
-                return _json("admin", 200, {"outage_seconds": float(payload["seconds"])})
+                return json_reply("admin", 200, {"outage_seconds": float(payload["seconds"])})
             if method == "POST" and path == "/admin/reset":
                 self.stats.clear()
-                return _json("admin", 200, {"requests": 0})
+                return json_reply("admin", 200, {"requests": 0})
         except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"{type(exc).__name__}: {exc}"[:200])
-        return _error(404, f"no admin route {method} {path}")
+            return error_reply(400, f"{type(exc).__name__}: {exc}"[:200])
+        return error_reply(404, f"no admin route {method} {path}")
 
     def outcomes(self) -> dict[str, int]:
         """Chat requests by what the simulator did with them (ok, 500, reset, ...)."""
@@ -516,16 +374,3 @@ class LLMSimulator:
             for key, count in self.stats.items()
             if key.startswith("outcome:")
         }
-
-
-def _retry_after(faults: Faults) -> list[tuple[str, str]]:
-    return [] if faults.retry_after is None else [("retry-after", f"{faults.retry_after:g}")]
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP reset (SO_LINGER 0), as a crashing proxy would."""
-    sock = writer.get_extra_info("socket")
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
