@@ -1,0 +1,43 @@
+"""/healthz (the process is up), /readyz (the database, Redis and the broker answer) and
+/metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from aura.gateway.schemas import Health, Readiness
+from aura.gateway.state import Current
+from aura.metrics import exposition_registry
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A dependency is unavailable"}},
+    summary="The database, Redis and the broker answer",
+)
+async def readyz(gw: Current) -> JSONResponse:
+    checks = await gw.readiness.checks()
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    summary="Prometheus exposition",
+)
+async def metrics() -> Response:
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
