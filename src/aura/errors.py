@@ -64,7 +64,7 @@ def cause_chain(exc: BaseException) -> list[BaseException]:
 
 
 # Status codes that say the server is sick or overloaded, not that the request is wrong.
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 529})  # 529: overloaded
 
 
 class AuraError(Exception):

@@ -74,7 +74,7 @@ NDJSON_TYPES = frozenset(
 )
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(InvalidInputError):
     """The body is over its limit (answered 413)."""
 
     def __init__(self, limit: int) -> None:
@@ -82,7 +82,7 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-class UnsupportedMediaType(Exception):
+class UnsupportedMediaType(InvalidInputError):
     """The content type is not one the operation reads (answered 415)."""
 
     def __init__(self, got: str, accepted: frozenset[str]) -> None:

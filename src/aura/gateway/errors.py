@@ -45,7 +45,7 @@ __all__ = ["ANSWERS", "Answer", "Unauthorized", "error_response", "install_error
 Fields = list[dict[str, str]]
 
 
-class Unauthorized(Exception):
+class Unauthorized(AuraError):
     """The request's API key is missing or unknown."""
 
 

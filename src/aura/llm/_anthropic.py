@@ -38,7 +38,6 @@ from aura.llm._provider import (
     HoldOff,
     ProviderRequest,
     StreamParser,
-    error_text,
     malformed,
     retry_after,
     status_error,
@@ -163,15 +162,6 @@ class MessageStream:
             raise malformed("unreadable content block in the stream", exc, shape=_SHAPE) from exc
 
 
-class _OverloadedError(LLMHTTPStatusError):
-    """529, "overloaded": a 503 by Anthropic's number, so transient (retried, and counted
-    by the breaker) though aura.errors' list of transient statuses predates it."""
-
-    @property
-    def transient(self) -> bool:  # type: ignore[override]
-        return True
-
-
 def _rfc3339_from_now(value: str) -> float | None:
     try:
         return max(datetime.fromisoformat(value[:64]).timestamp() - time.time(), 0.0)
@@ -231,9 +221,6 @@ class AnthropicProvider:
     def error(
         self, status: int, headers: Headers, content: bytes, reason: str
     ) -> LLMHTTPStatusError:
-        if status == 529:
-            text = error_text(content, reason)
-            return _OverloadedError(status, text, retry_after=retry_after(headers))
         return status_error(status, headers, content, reason)
 
     def hold_off(self, status: int, headers: Headers) -> HoldOff | None:

@@ -43,7 +43,7 @@ from aura.metrics import expect_queues, exposition_registry
 
 __all__ = ["AckLossFilter", "install"]
 
-_log = structlog.get_logger("aura.worker.observability")
+_log = structlog.get_logger("aura.messaging.observability")
 
 
 def _label(name: str) -> Queue | str:

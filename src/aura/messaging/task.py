@@ -172,7 +172,7 @@ def resilient_task(
     task's arguments, when a delivery's effect is already committed (to redo a recovery
     step such as queueing follow-up work). ``lookup_first=False`` skips the inbox read
     before each delivery, for a task whose effect is one statement that claims the id and
-    tells a committed twin itself (``aura.db.pipeline``): that read would be a second round
+    tells a committed twin itself (``aura.catalog.pipeline``): that read would be a second round
     trip for the same answer. Such a task raises ``ConflictingMessageIdError`` for another
     payload, and reports a twin with ``report_duplicate`` (``on_duplicate`` is not called:
     the task does its recovery steps itself); the inbox is still read before every dead
