@@ -193,17 +193,26 @@ class Accounting:
         return asdict(self)
 
 
-async def account(
-    session: AsyncSession,
-    *,
-    tenant_id: uuid.UUID,
-    import_ids: Sequence[uuid.UUID],
-    sent: Iterable[Sent],
-    broker: BrokerView,
-    llm_requests: int,
-    llm_failed: int,
-) -> Accounting:
-    """Count every message of the run (see the module docstring)."""
+def carries(letter: DeadLetter, marker: bytes) -> bool:
+    """Whether ``letter`` is a malformed original whose bytes hold ``marker``."""
+    return letter.original is not None and marker in letter.original.raw()
+
+
+@dataclass
+class _Tables:
+    """What the run's database says: its import records (message id, status, product),
+    the inbox, the tenant's products and enrichments, the outbox."""
+
+    records: list[Any]
+    inbox: set[str]
+    products: list[Any]
+    enriched: int
+    outbox: set[str]
+
+
+async def _read_tables(
+    session: AsyncSession, tenant_id: uuid.UUID, import_ids: Sequence[uuid.UUID]
+) -> _Tables:
     records = (
         await session.execute(
             select(ImportRecord.message_id, ImportRecord.status, ImportRecord.product_id).where(
@@ -222,50 +231,85 @@ async def account(
         or 0
     )
     outbox = set((await session.scalars(select(OutboxMessage.message_id))).all())
+    return _Tables(list(records), inbox, products, enriched, outbox)
 
-    extra = list(sent)
+
+def _ordinary(records: list[Any], extra: list[Sent]) -> list[str]:
+    """The ids of the messages that must commit once: every import record's ingest, one
+    enrichment per product an ingest made (a product nobody made is a duplicate), and
+    what the scenario sent itself (malformed and conflicting ones aside)."""
     ordinary = [str(message_id) for message_id, _, _ in records]
-    # One enrichment per product an ingest made (a product nobody made is a duplicate).
     made = sorted({str(product_id) for _, _, product_id in records if product_id is not None})
     ordinary += [f"enrich-{product_id}" for product_id in made]
     ordinary += [s.message_id for s in extra if s.marker is None and not s.conflict]
-    conflicts = [s for s in extra if s.conflict]
-    malformed = [s for s in extra if s.marker is not None]
+    return ordinary
 
+
+def _unfated(
+    ordinary: list[str], extra: list[Sent], tables: _Tables, broker: BrokerView
+) -> tuple[list[str], list[str]]:
+    """The messages without a fate: stranded (still in a queue or the outbox), or lost."""
     dead_ids = {x.message_id for x in broker.letters if x.reason.value != _CONFLICT}
     conflict_ids = {x.message_id for x in broker.letters if x.reason.value == _CONFLICT}
     queued_ids = {q.message_id for q in broker.queued}
-    stranded_in = Counter(q.queue for q in broker.queued)
-    if outbox:
-        stranded_in["outbox"] = len(outbox)
-
-    committed = [m for m in ordinary if m in inbox]
-    both = [m for m in committed if m in dead_ids]
     stranded: list[str] = []
     lost: list[str] = []
     for message_id in ordinary:
-        if message_id in inbox or message_id in dead_ids:
+        if message_id in tables.inbox or message_id in dead_ids:
             continue
-        (stranded if message_id in queued_ids or message_id in outbox else lost).append(message_id)
-    for s in conflicts:
-        if s.message_id not in conflict_ids:
+        waiting = message_id in queued_ids or message_id in tables.outbox
+        (stranded if waiting else lost).append(message_id)
+    for s in extra:
+        if s.conflict and s.message_id not in conflict_ids:
             (stranded if s.message_id in queued_ids else lost).append(s.message_id)
-    explained = set(ordinary) | {s.message_id for s in conflicts}
-    for s in malformed:
-        marker = s.marker or b""
-        letter = any(x.original is not None and marker in x.original.raw() for x in broker.letters)
-        if not letter:
+    for s in extra:
+        marker = s.marker
+        if marker is not None and not any(carries(x, marker) for x in broker.letters):
             queued = any(marker in q.body for q in broker.queued)
             (stranded if queued else lost).append(s.message_id or marker.decode(errors="replace"))
-    unaccounted = [
+    return stranded, lost
+
+
+def _unaccounted(broker: BrokerView, explained: set[str], malformed: list[Sent]) -> list[str]:
+    """Dead letters no message of the run explains."""
+    return [
         x.id
         for x in broker.letters
         if x.message_id not in explained
-        and not (
-            x.original is not None
-            and any(s.marker is not None and s.marker in x.original.raw() for s in malformed)
-        )
+        and not any(s.marker is not None and carries(x, s.marker) for s in malformed)
     ]
+
+
+def _samples(found: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A few ids of each kind of failure that has any, for the report."""
+    return {label: ids[:_SAMPLE] for label, ids in found.items() if ids}
+
+
+async def account(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    import_ids: Sequence[uuid.UUID],
+    sent: Iterable[Sent],
+    broker: BrokerView,
+    llm_requests: int,
+    llm_failed: int,
+) -> Accounting:
+    """Count every message of the run (see the module docstring)."""
+    tables = await _read_tables(session, tenant_id, import_ids)
+    records, inbox, products = tables.records, tables.inbox, tables.products
+    extra = list(sent)
+    ordinary = _ordinary(records, extra)
+    conflicts = [s for s in extra if s.conflict]
+    malformed = [s for s in extra if s.marker is not None]
+    dead_ids = {x.message_id for x in broker.letters if x.reason.value != _CONFLICT}
+    stranded_in = Counter(q.queue for q in broker.queued)
+    if tables.outbox:
+        stranded_in["outbox"] = len(tables.outbox)
+    committed = [m for m in ordinary if m in inbox]
+    both = [m for m in committed if m in dead_ids]
+    stranded, lost = _unfated(ordinary, extra, tables, broker)
+    unaccounted = _unaccounted(broker, set(ordinary) | {s.message_id for s in conflicts}, malformed)
     disagreeing = [
         str(message_id)
         for message_id, status, _ in records
@@ -273,24 +317,23 @@ async def account(
     ]
     committed_ingests = sum(1 for message_id, _, _ in records if message_id in inbox)
     enrich_committed = sum(1 for p in products if f"enrich-{p}" in inbox)
-    samples = {
-        label: ids[:_SAMPLE]
-        for label, ids in (
-            ("lost", lost),
-            ("stranded", stranded),
-            ("committed and dead-lettered", both),
-            ("import records disagreeing with the inbox", disagreeing),
-            ("unaccounted dead letters", unaccounted),
-        )
-        if ids
-    }
+    samples = _samples(
+        {
+            "lost": lost,
+            "stranded": stranded,
+            "committed and dead-lettered": both,
+            "import records disagreeing with the inbox": disagreeing,
+            "unaccounted dead letters": unaccounted,
+        }
+    )
     return Accounting(
         accepted=len(ordinary) + len(conflicts) + len(malformed),
         committed_once=len(committed),
         dead_lettered=dict(sorted(Counter(x.reason.value for x in broker.letters).items())),
-        conflicting=len(conflict_ids),
+        conflicting=len({x.message_id for x in broker.letters if x.reason.value == _CONFLICT}),
         committed_and_dead_lettered=len(both),
-        duplicated=max(len(products) - committed_ingests, 0) + max(enriched - len(products), 0),
+        duplicated=max(len(products) - committed_ingests, 0)
+        + max(tables.enriched - len(products), 0),
         records_disagreeing=len(disagreeing),
         unaccounted_letters=len(unaccounted),
         llm_requests=llm_requests,

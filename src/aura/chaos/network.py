@@ -26,7 +26,8 @@ import time
 from typing import ClassVar
 
 from aura.chaos.accounting import Accounting
-from aura.chaos.run import ChaosRun, _all_committed, _extra_calls
+from aura.chaos.expectations import all_committed, extra_calls
+from aura.chaos.run import ChaosRun
 from aura.llm import Faults
 
 __all__ = [
@@ -67,13 +68,13 @@ class _Partition(_NetworkFault):
         await asyncio.sleep(self.partition_s)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         self.details["held_chunks"] = held = self.stat("held_chunks")
         if not held:
             failures.append("the partition held none of the worker's traffic")
         # A task whose enrichment hung on the database past its soft limit calls again.
         redone = metrics["soft_timeouts"] + metrics["network_rollbacks"]
-        return failures + _extra_calls(accounting, redone)
+        return failures + extra_calls(accounting, redone)
 
 
 class PartitionDatabase(_Partition):
@@ -122,13 +123,13 @@ class ConnectionsCut(_NetworkFault):
             await self.heal()
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         self.details["connections_reset"] = reset = self.stat("reset")
         if not reset:
             failures.append("no open connection was reset")
         # A reset LLM connection loses an answer the provider gave (and counted).
         llm_reset = self.proxies["llm"].stats.reset
-        return failures + _extra_calls(accounting, llm_reset + metrics["network_rollbacks"])
+        return failures + extra_calls(accounting, llm_reset + metrics["network_rollbacks"])
 
 
 class SlowNetwork(_NetworkFault):
@@ -147,11 +148,11 @@ class SlowNetwork(_NetworkFault):
         await asyncio.sleep(self.window_s)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         self.details["delayed_chunks"] = delayed = self.stat("delayed_chunks")
         if not delayed:
             failures.append("no packet was delayed")
-        return failures + _extra_calls(accounting, metrics["soft_timeouts"])
+        return failures + extra_calls(accounting, metrics["soft_timeouts"])
 
 
 class CommitReplyCut(_NetworkFault):
@@ -173,10 +174,10 @@ class CommitReplyCut(_NetworkFault):
             await asyncio.sleep(0.1)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         self.details["commit_replies_cut"] = cut = self.stat("commit_replies_cut")
         if not cut:
             failures.append("no COMMIT reply was cut")
         if metrics["duplicate_deliveries"] == 0:
             failures.append("no retry found its message committed: the cut went unseen")
-        return failures + _extra_calls(accounting, cut)
+        return failures + extra_calls(accounting, cut)

@@ -7,9 +7,9 @@
     4. the records go in through the gateway (outbox, relay)
     5. once the worker consumes (a first record reached its fate), the fault window
        (``fault``, bounded by the scenario), then ``heal`` (restart what it stopped)
-    6. the drain: until every record and enrichment reached a fate, with a bound that
-       follows progress (``stall_s`` with nothing moving fails the run, however long it
-       took to get there)
+    6. the drain (``aura.chaos.drain``): until every record and enrichment reached a
+       fate, with a bound that follows progress (``stall_s`` with nothing moving fails
+       the run, however long it took to get there)
     7. the worker is stopped, then every message is counted (``aura.chaos.accounting``)
 
 Every wait is bounded; nothing outside the run's own stack is touched.
@@ -23,7 +23,6 @@ import functools
 import itertools
 import random
 import time
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,22 +30,29 @@ from kombu.connection import Connection
 from prometheus_client import CollectorRegistry
 
 from aura.catalog import upgrade
-from aura.chaos.accounting import Accounting, Sent, account, queue_depths, read_broker
+from aura.chaos.accounting import (
+    Accounting,
+    Sent,
+    account,
+    carries,
+    queue_depths,
+    read_broker,
+)
+from aura.chaos.drain import Drain
+from aura.chaos.expectations import all_committed
 from aura.chaos.proxy import FaultProxy, NetworkProxies, proxied_url
+from aura.chaos.records import valid_records
 from aura.chaos.resources import OwnedStack
 from aura.chaos.supervisor import WorkerSupervisor
-from aura.contract import ENRICH_TASK
 from aura.db import Database
-from aura.demo.report import Tally, _percentile, tally
-from aura.demo.runner import ImportRun, _metric_total
+from aura.demo.harness import metric_total
+from aura.demo.import_run import ImportRun, start_relay
+from aura.demo.report import Tally, percentile, tally
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.messaging.topology import DEAD_LETTER_QUEUE
 
 __all__ = ["ChaosRun"]
-
-_LOOK_S = 0.5
-_CEILING_S = 3600.0  # a last bound: progress, not this, ends a healthy run
 
 
 class ChaosRun(ImportRun):
@@ -117,8 +123,6 @@ class ChaosRun(ImportRun):
 
     @classmethod
     def make_records(cls, products: int, rng: random.Random) -> list[str]:
-        from aura.chaos.scenarios import valid_records
-
         return valid_records(products)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -136,7 +140,7 @@ class ChaosRun(ImportRun):
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
         """This scenario's expected fates, beyond the invariants (failures, if any)."""
-        return _all_committed(accounting, self.records)
+        return all_committed(accounting, self.records)
 
     def awaiting_more(self, letters: list[Any]) -> bool:
         """True while a message the scenario sent itself has no dead letter yet."""
@@ -208,110 +212,104 @@ class ChaosRun(ImportRun):
         self.network = None
 
     async def run_and_count(self) -> tuple[Accounting, dict[str, int]]:
-        import httpx
-
-        from aura.gateway import Gateway, create_app, create_tenant_with_key
-        from aura.gateway.outbox import relay_forever
-        from aura.gateway.senders import AmqpSender, Sender
-        from aura.worker.celery_app import make_celery_app
-
+        """Steps 2 to 7: the run on its stack; its accounting and the worker's metrics."""
         database = Database.from_settings(self.settings)
         try:
             await upgrade(database)
-            async with database.session() as session:
-                tenant, key = await create_tenant_with_key(
-                    session, f"{self.label}-{uuid.uuid4().hex[:8]}"
-                )
-                await session.commit()
-            self.tenant_id = tenant.id
-            self.publisher = make_celery_app(self.settings)
-            await self.before_load()
-            self._start_proxies()
-            relay_database, relay_publisher = database, self.publisher
-            if self._worker_urls:  # the relay goes through the proxies too
-                relayed = self.settings.model_copy(
-                    update={
-                        "database_url": self._worker_urls.get(
-                            "DATABASE_URL", self.settings.database_url
-                        ),
-                        "celery_broker_url": self._worker_urls.get(
-                            "CELERY_BROKER_URL", self.settings.celery_broker_url
-                        ),
-                    }
-                )
-                relay_database = Database.from_settings(relayed)
-                relay_publisher = make_celery_app(relayed)
-            sender: Sender | None = None
-            if self.amqp_gateway:
-                sender = AmqpSender(self.publisher)
-                if relay_publisher is self.publisher:
-                    relay_publisher = sender
-            self.supervisors = [
-                WorkerSupervisor(functools.partial(self._launch, index))
-                for index in range(self.workers)
-            ]
-            self.supervisor = self.supervisors[0]
-            for supervisor in self.supervisors:
-                supervisor.start()
-            started = time.monotonic()
-            relay = asyncio.create_task(
-                relay_forever(
-                    relay_database,
-                    relay_publisher,
-                    interval=self.settings.outbox_relay_interval,
-                    min_age=self.settings.outbox_relay_min_age,
-                )
-            )
-            gateway = Gateway(database, self.publisher, {}, sender=sender)
-            app = create_app(gateway)
-            try:
-                async with httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://aura-gateway"
-                ) as client:
-                    self._client, self._key = client, key
-                    await self.post_import(self.first_records())
-                    await self._drain(database)
-            finally:
-                relay.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await relay
-                if sender is not None:
-                    with contextlib.suppress(Exception):
-                        await gateway.outbox.aclose()
-                # Together: a worker stopping first would hand its deliveries to another.
-                await asyncio.gather(
-                    *(asyncio.to_thread(supervisor.stop) for supervisor in self.supervisors)
-                )
-                if relay_database is not database:
-                    await relay_database.dispose()
-                self._stop_proxies()
-            elapsed = time.monotonic() - started
-            self.details["elapsed_s"] = round(elapsed, 2)
-            await self._performance(database, elapsed)
+            key = await self.open_tenant(database)
+            await self._load_and_drain(database, key)
             self.details["worker_restarts"] = self.worker_restarts
             self.details["worker_exit_codes"] = [
                 code for supervisor in self.supervisors for code in supervisor.exit_codes
             ][:10]
-            await self.before_count(database)
-            broker = await asyncio.to_thread(
-                functools.partial(read_broker, node=self.stack.rabbitmq_node),
-                self.stack.broker_url,
-                self.stack.vhost,
-                self.stack.database_url,
-            )
-            async with database.session() as session:
-                accounting = await account(
-                    session,
-                    tenant_id=tenant.id,
-                    import_ids=self.import_ids,
-                    sent=self.sent,
-                    broker=broker,
-                    llm_requests=self.simulator.requests,
-                    llm_failed=sum(n for k, n in self.simulator.outcomes().items() if k != "ok"),
-                )
-            return accounting, self._metrics()
+            return await self._account(database), self._metrics()
         finally:
             await database.dispose()
+
+    async def _load_and_drain(self, database: Database, key: str) -> None:
+        """Steps 2 to 6, and the worker stopped; the performance into ``details``."""
+        from aura.gateway import Gateway, create_app
+        from aura.gateway.senders import AmqpSender
+        from aura.worker.celery_app import make_celery_app
+
+        self.publisher = make_celery_app(self.settings)
+        await self.before_load()
+        self._start_proxies()
+        relay_database, relay_publisher = self._relay_route(database)
+        sender = AmqpSender(self.publisher) if self.amqp_gateway else None
+        if sender is not None and relay_publisher is self.publisher:
+            relay_publisher = sender
+        self._start_workers()
+        started = time.monotonic()
+        relay = start_relay(relay_database, relay_publisher, self.settings)
+        gateway = Gateway(database, self.publisher, {}, sender=sender)
+        try:
+            async with self.gateway_client(create_app(gateway), key):
+                await self.post_import(self.first_records())
+                await Drain(self, database).run()
+        finally:
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await relay
+            if sender is not None:
+                with contextlib.suppress(Exception):
+                    await gateway.outbox.aclose()
+            # Together: a worker stopping first would hand its deliveries to another.
+            await asyncio.gather(
+                *(asyncio.to_thread(supervisor.stop) for supervisor in self.supervisors)
+            )
+            if relay_database is not database:
+                await relay_database.dispose()
+            self._stop_proxies()
+        elapsed = time.monotonic() - started
+        self.details["elapsed_s"] = round(elapsed, 2)
+        await self._performance(database, elapsed)
+
+    def _relay_route(self, database: Database) -> tuple[Database, Any]:
+        """The relay's database and publisher: through the proxies, where the worker's go."""
+        from aura.worker.celery_app import make_celery_app
+
+        if not self._worker_urls:
+            return database, self.publisher
+        relayed = self.settings.model_copy(
+            update={
+                "database_url": self._worker_urls.get("DATABASE_URL", self.settings.database_url),
+                "celery_broker_url": self._worker_urls.get(
+                    "CELERY_BROKER_URL", self.settings.celery_broker_url
+                ),
+            }
+        )
+        return Database.from_settings(relayed), make_celery_app(relayed)
+
+    def _start_workers(self) -> None:
+        self.supervisors = [
+            WorkerSupervisor(functools.partial(self._launch, index))
+            for index in range(self.workers)
+        ]
+        self.supervisor = self.supervisors[0]
+        for supervisor in self.supervisors:
+            supervisor.start()
+
+    async def _account(self, database: Database) -> Accounting:
+        """Step 7: every message counted, the worker stopped."""
+        assert self.tenant_id is not None
+        await self.before_count(database)
+        broker = await asyncio.to_thread(
+            functools.partial(read_broker, node=self.stack.rabbitmq_node),
+            self.stack.broker_url,
+            self.stack.vhost,
+            self.stack.database_url,
+        )
+        async with database.session() as session:
+            return await account(
+                session,
+                tenant_id=self.tenant_id,
+                import_ids=self.import_ids,
+                sent=self.sent,
+                broker=broker,
+                llm_requests=self.simulator.requests,
+                llm_failed=sum(n for k, n in self.simulator.outcomes().items() if k != "ok"),
+            )
 
     async def _performance(self, database: Database, elapsed: float) -> None:
         """Throughput, latency (a record's import to its enrichment's commit) and the
@@ -322,8 +320,8 @@ class ChaosRun(ImportRun):
             counts = await tally(session, self.tenant_id, self.import_ids, latencies=True)
         latencies = sorted(counts.latencies_s)
         self.details["records_per_s"] = round(counts.enriched / elapsed, 1) if elapsed else 0.0
-        self.details["latency_p50_s"] = round(_percentile(latencies, 50), 3)
-        self.details["latency_p99_s"] = round(_percentile(latencies, 99), 3)
+        self.details["latency_p50_s"] = round(percentile(latencies, 50), 3)
+        self.details["latency_p99_s"] = round(percentile(latencies, 99), 3)
         cpu = sum(supervisor.cpu_s for supervisor in self.supervisors)
         self.details["worker_cpu_s"] = round(cpu, 2)
         self.details["worker_cpu_ms_per_record"] = (
@@ -333,89 +331,17 @@ class ChaosRun(ImportRun):
         self.details["concurrency"] = self.concurrency
         self.details["worker_pool"] = self.worker_pool
 
-    async def _tally(self, database: Database) -> Tally:
+    async def tally_now(self, database: Database) -> Tally:
         assert self.tenant_id is not None
         async with database.session() as session:
             return await tally(session, self.tenant_id, self.import_ids)
 
-    async def _drain(self, database: Database) -> None:
-        """Wait for the worker to consume, run the fault window, heal, and drain."""
-        assert self.supervisor is not None
-        begun = last_move = time.monotonic()
-        signature: tuple[int, ...] | None = None
-        ceiling = time.monotonic() + _CEILING_S
-        fault: asyncio.Task[None] | None = None
-        healed = False
-        letters: list[DeadLetter] = []
-        letters_read = float("-inf")
-        empty_reads, last_queued = 0, -1
-        try:
-            while True:
-                await asyncio.sleep(_LOOK_S)
-                now = time.monotonic()
-                try:
-                    counts = await self._tally(database)
-                    if counts.pending == 0 or now - letters_read >= 3.0:
-                        letters = await asyncio.to_thread(self._read_letters)
-                        letters_read = now
-                except Exception:  # a fault this run injected (a killed connection)
-                    counts = None
-                if counts is not None:
-                    moved = (
-                        counts.done, counts.dead_lettered, counts.enriched, len(letters),
-                        self.simulator.requests, self.worker_restarts,
-                    )  # fmt: skip
-                    if moved != signature:
-                        signature, last_move = moved, now
-                    if fault is None and counts.done + counts.dead_lettered + len(letters) > 0:
-                        # The worker consumes: only now does the fault window open.
-                        self.details["fault_started_after_s"] = round(now - begun, 2)
-                        fault = asyncio.create_task(self.fault())
-                    imports = len(self.import_ids)
-                    await self.on_tick(counts)
-                    if fault is not None and fault.done() and not healed:
-                        fault.result()  # a fault that could not be injected fails the run
-                        await self.heal()
-                        healed = True
-                    enrich_dead = sum(1 for x in letters if x.task == ENRICH_TASK)
-                    settled = (
-                        healed
-                        and counts.pending == 0
-                        and counts.enriched + enrich_dead >= counts.done
-                        and imports == len(self.import_ids)
-                        and not self.awaiting_more(letters)
-                    )
-                    if settled:
-                        # Every fate is written; a retry of a committed message (its
-                        # COMMIT's reply lost, say) may still wait in a queue: the
-                        # drain ends when the broker holds nothing either, twice.
-                        queued = await asyncio.to_thread(self._queued_at_broker)
-                        empty_reads = empty_reads + 1 if queued == 0 else 0
-                        if empty_reads >= 2:
-                            self.letters_seen = letters
-                            return
-                        if queued != last_queued:
-                            last_queued, last_move = queued, now
-                if any(supervisor.gave_up for supervisor in self.supervisors):
-                    self.details["drain"] = "the worker kept exiting: the supervisor gave up"
-                    return
-                if now - last_move > self.stall_s or now > ceiling:
-                    self.details["drain"] = f"stalled: nothing moved for {self.stall_s:.0f} s"
-                    return
-        finally:
-            if fault is not None and not fault.done():
-                fault.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fault
-            if fault is not None and not healed:
-                await self.heal()
-
-    def _queued_at_broker(self) -> int:
+    def queued_at_broker(self) -> int:
         """Messages in the run's vhost beyond the DLQ: work and delayed-retry queues."""
         depths = queue_depths(self.stack.vhost, self.stack.rabbitmq_node)
         return sum(count for name, count in depths.items() if name != DEAD_LETTER_QUEUE)
 
-    def _read_letters(self) -> list[DeadLetter]:
+    def read_letters(self) -> list[DeadLetter]:
         with Connection(self.stack.broker_url, connect_timeout=5) as connection:
             return DeadLetterQueue(connection, self.stack.database_url).list(
                 limit=100_000, raw=True
@@ -440,36 +366,12 @@ class ChaosRun(ImportRun):
             "duplicate_deliveries": ("aura_duplicate_deliveries_total", {}),
         }
         return {
-            key: _metric_total(registry, name, **labels) for key, (name, labels) in wanted.items()
+            key: metric_total(registry, name, **labels) for key, (name, labels) in wanted.items()
         }
 
 
 def _has_letter(sent: Sent, letters: list[DeadLetter]) -> bool:
-    if sent.marker is not None:
-        return any(x.original is not None and sent.marker in x.original.raw() for x in letters)
+    marker = sent.marker
+    if marker is not None:
+        return any(carries(x, marker) for x in letters)
     return any(x.message_id == sent.message_id for x in letters)
-
-
-def _all_committed(accounting: Accounting, records: list[str]) -> list[str]:
-    """Every record ingested and enriched once; no dead letter."""
-    failures = []
-    if accounting.committed_once != 2 * len(records):
-        failures.append(f"committed {accounting.committed_once} of {2 * len(records)} messages")
-    if accounting.dead_lettered:
-        failures.append(f"unexpected dead letters: {accounting.dead_lettered}")
-    return failures
-
-
-def _expect_letters(accounting: Accounting, good: int, letters: dict[str, int]) -> list[str]:
-    failures = []
-    if accounting.dead_lettered != letters:
-        failures.append(f"expected dead letters {letters}, got {accounting.dead_lettered}")
-    if accounting.committed_once != 2 * good:
-        failures.append(f"committed {accounting.committed_once} of {2 * good} messages")
-    return failures
-
-
-def _extra_calls(accounting: Accounting, allowed: int = 0) -> list[str]:
-    if accounting.llm_extra > allowed:
-        return [f"{accounting.llm_extra} LLM calls beyond one per enrichment and failure"]
-    return []

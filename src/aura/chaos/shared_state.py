@@ -41,10 +41,11 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from aura.chaos.accounting import Accounting
-from aura.chaos.run import ChaosRun, _all_committed
+from aura.chaos.expectations import all_committed
+from aura.chaos.run import ChaosRun
 from aura.db import Database
+from aura.demo.harness import metric_total
 from aura.demo.report import Tally
-from aura.demo.runner import _metric_total
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter
 
@@ -127,11 +128,11 @@ class RedisOutOfMemory(ChaosRun):
         self.details["writes_after_window"] = True
 
     async def before_count(self, database: Database) -> None:
-        letters = await asyncio.to_thread(self._read_letters)
+        letters = await asyncio.to_thread(self.read_letters)
         self.details["broker_dead_lettered"] = broker_dead_lettered(letters)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         if self.details.get("broker_dead_lettered"):
             failures.append(f"{self.details['broker_dead_lettered']} broker-dead-lettered")
         probes = self.details.get("probe_writes", 0)
@@ -361,10 +362,10 @@ class ClockSkew(ChaosRun):
         for directory in self.metric_dirs:
             if directory.name.startswith(f"worker-{index}-"):
                 MultiProcessCollector(registry, path=str(directory))
-        return _metric_total(registry, "aura_task_retries_total", kind="deferral")
+        return metric_total(registry, "aura_task_retries_total", kind="deferral")
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
-        failures = _all_committed(accounting, self.records)
+        failures = all_committed(accounting, self.records)
         reset = self.settings.circuit_breaker_reset_timeout
         if metrics["breaker_opens"] < 1:
             failures.append("the breaker never opened")

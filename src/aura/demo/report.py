@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog import Enrichment, Import, ImportRecord, Product
 
-__all__ = ["DemoReport", "Tally", "tally"]
+__all__ = ["DemoReport", "Tally", "percentile", "tally"]
 
 
 @dataclass
@@ -150,8 +150,8 @@ class DemoReport:
             duplicates=duplicates,
             elapsed_s=round(elapsed_s, 2),
             throughput_per_s=round(counts.enriched / elapsed_s, 1) if elapsed_s else 0.0,
-            latency_p50_s=round(_percentile(latencies, 50), 3),
-            latency_p99_s=round(_percentile(latencies, 99), 3),
+            latency_p50_s=round(percentile(latencies, 50), 3),
+            latency_p99_s=round(percentile(latencies, 99), 3),
             tenant_id=tenant_id,
             log_path=log_path,
             dead_letter_samples=samples,
@@ -167,7 +167,7 @@ class DemoReport:
         return asdict(self) | {"llm_extra": self.llm_extra}
 
 
-def _percentile(values: list[float], percent: int) -> float:
+def percentile(values: list[float], percent: int) -> float:
     if not values:
         return 0.0
     if len(values) == 1:
