@@ -8,12 +8,18 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 
 from aura.cli import app
 from aura.cli.extras import needs_extra
 from aura.errors import AuraError, InvalidInputError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from aura.chaos import ChaosResult
 
 
 def _interrupt_on_sigterm() -> None:
@@ -46,14 +52,43 @@ def chaos_command(
     and Redis, then heal, drain and an accounting of every message. Exit code 1 when any
     scenario fails (a message lost, stranded, doubled, or its fate unexpected)."""
     from rich.console import Console
-    from rich.table import Table
 
-    from aura.chaos import SCENARIOS, ChaosResult, chaos_report, run_scenario
+    from aura.chaos import SCENARIOS, chaos_report
 
     if list_them:
         for scenario in SCENARIOS.values():
             typer.echo(f"{scenario.name:<16} {scenario.summary}")
         return
+    _check(name, products, seed, llm_latency, concurrency)
+    _interrupt_on_sigterm()
+    names = list(SCENARIOS) if name == "all" else [name]
+    # One seed for the whole run, printed with every scenario.
+    seed = seed if seed >= 0 else int.from_bytes(os.urandom(3), "big")
+    console = Console(stderr=as_json)
+    results = []
+    started = time.monotonic()
+    for scenario_name in names:
+        console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
+        result = _run_one(scenario_name, products, seed, llm_latency, concurrency)
+        results.append(result)
+        if not as_json:
+            _print_result(console, result)
+        elif name != "all":
+            typer.echo(json.dumps(result.as_dict()))
+        else:
+            console.print(f"  {'passed' if result.passed else 'FAILED'}: {result.failures}")
+    if as_json and name == "all":
+        typer.echo(json.dumps(chaos_report(results, time.monotonic() - started)))
+    elif name == "all":
+        _print_summary(console, results, seed)
+    if not all(result.passed for result in results):
+        sys.exit(1)
+
+
+def _check(name: str, products: int, seed: int, llm_latency: float, concurrency: int) -> None:
+    """The options' bounds (InvalidInputError, naming the option, when one is off)."""
+    from aura.chaos import SCENARIOS
+
     if not name:
         raise InvalidInputError("name a scenario (aura chaos --list) or all", field="name")
     if name != "all" and name not in SCENARIOS:
@@ -74,66 +109,65 @@ def chaos_command(
         raise InvalidInputError(
             f"--concurrency must be between 1 and 500, got {concurrency}", field="concurrency"
         )
-    _interrupt_on_sigterm()
-    names = list(SCENARIOS) if name == "all" else [name]
-    # One seed for the whole run, printed with every scenario.
-    seed = seed if seed >= 0 else int.from_bytes(os.urandom(3), "big")
-    console = Console(stderr=as_json)
-    results = []
-    started = time.monotonic()
-    for scenario_name in names:
-        console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
-        try:
-            result = run_scenario(
-                scenario_name,
-                products=products or None,
-                seed=seed,
-                llm_latency=None if llm_latency == -1.0 else llm_latency,
-                concurrency=concurrency or None,
-            )
-        except AuraError:
-            raise  # the configuration or the input: every scenario would fail alike
-        except Exception as exc:  # one scenario's crash must not hide the others' results
-            result = ChaosResult.crashed(scenario_name, seed, exc)
-        results.append(result)
-        if as_json:
-            if name != "all":
-                typer.echo(json.dumps(result.as_dict()))
-            else:
-                console.print(f"  {'passed' if result.passed else 'FAILED'}: {result.failures}")
-            continue
-        table = Table(show_header=False)
-        table.add_column(style="bold")
-        table.add_column(justify="right")
-        rows = [
-            ("passed", "[green]yes[/green]" if result.passed else "[red]NO[/red]"),
-            ("seed", result.seed),
-            ("records sent", result.sent),
-            *((key.replace("_", " "), value) for key, value in result.accounting.items()),
-            *((key.replace("_", " "), value) for key, value in result.metrics.items()),
-            *((key, value) for key, value in result.details.items()),
-        ]
-        for label, value in rows:
-            table.add_row(label, str(value))
-        console.print(table)
-        for failure in result.failures:
-            console.print(f"[red]  failed: {failure}[/red]")
-    if as_json and name == "all":
-        typer.echo(json.dumps(chaos_report(results, time.monotonic() - started)))
-    elif name == "all":
-        summary = Table(title=f"aura chaos all (seed {seed})")
-        columns = ("scenario", "passed", "committed", "lost", "stranded", "doubled", "rec/s")
-        for column in (*columns, "p50 s", "p99 s", "CPU ms/rec"):
-            summary.add_column(column)
-        for result in results:
-            counted, speed = result.accounting, result.performance()
-            summary.add_row(
-                result.scenario, "yes" if result.passed else "[red]NO[/red]",
-                str(counted.get("committed_once")), str(counted.get("lost")),
-                str(counted.get("stranded")), str(counted.get("duplicated")),
-                str(speed["records_per_s"]), str(speed["latency_p50_s"]),
-                str(speed["latency_p99_s"]), str(speed["worker_cpu_ms_per_record"]),
-            )  # fmt: skip
-        console.print(summary)
-    if not all(result.passed for result in results):
-        sys.exit(1)
+
+
+def _run_one(
+    name: str, products: int, seed: int, llm_latency: float, concurrency: int
+) -> ChaosResult:
+    """One scenario's result; a crash is a failed result, not the end of the run."""
+    from aura.chaos import ChaosResult, run_scenario
+
+    try:
+        return run_scenario(
+            name,
+            products=products or None,
+            seed=seed,
+            llm_latency=None if llm_latency == -1.0 else llm_latency,
+            concurrency=concurrency or None,
+        )
+    except AuraError:
+        raise  # the configuration or the input: every scenario would fail alike
+    except Exception as exc:  # one scenario's crash must not hide the others' results
+        return ChaosResult.crashed(name, seed, exc)
+
+
+def _print_result(console: Console, result: ChaosResult) -> None:
+    """One scenario's result as a table, its failures below it."""
+    from rich.table import Table
+
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("passed", "[green]yes[/green]" if result.passed else "[red]NO[/red]"),
+        ("seed", result.seed),
+        ("records sent", result.sent),
+        *((key.replace("_", " "), value) for key, value in result.accounting.items()),
+        *((key.replace("_", " "), value) for key, value in result.metrics.items()),
+        *((key, value) for key, value in result.details.items()),
+    ]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    console.print(table)
+    for failure in result.failures:
+        console.print(f"[red]  failed: {failure}[/red]")
+
+
+def _print_summary(console: Console, results: list[ChaosResult], seed: int) -> None:
+    """``aura chaos all``'s table: a row a scenario."""
+    from rich.table import Table
+
+    summary = Table(title=f"aura chaos all (seed {seed})")
+    columns = ("scenario", "passed", "committed", "lost", "stranded", "doubled", "rec/s")
+    for column in (*columns, "p50 s", "p99 s", "CPU ms/rec"):
+        summary.add_column(column)
+    for result in results:
+        counted, speed = result.accounting, result.performance()
+        summary.add_row(
+            result.scenario, "yes" if result.passed else "[red]NO[/red]",
+            str(counted.get("committed_once")), str(counted.get("lost")),
+            str(counted.get("stranded")), str(counted.get("duplicated")),
+            str(speed["records_per_s"]), str(speed["latency_p50_s"]),
+            str(speed["latency_p99_s"]), str(speed["worker_cpu_ms_per_record"]),
+        )  # fmt: skip
+    console.print(summary)

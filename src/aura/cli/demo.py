@@ -13,7 +13,10 @@ from aura.cli import app
 from aura.cli.extras import needs_extra
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
+    from rich.progress import Progress
 
     from aura.demo import DemoReport
     from aura.demo.report import Tally
@@ -34,13 +37,6 @@ def demo_command(
 ) -> None:
     """Import a sample catalog through the gateway, worker and LLM simulator; report."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from aura.cli.failures import check_broker
     from aura.config import get_settings
@@ -52,22 +48,7 @@ def demo_command(
         # waits on it for ever (its gateway keeps the imports in the outbox, retrying).
         check_broker(settings.celery_broker_url)
     console = Console(stderr=as_json)
-    progress = Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=as_json,
-        transient=False,
-    )
-    ingest = progress.add_task("ingested", total=products)
-    enrich = progress.add_task("enriched", total=None)
-
-    def show(counts: Tally, enrich_dead: int) -> None:
-        progress.update(ingest, completed=counts.done + counts.dead_lettered)
-        progress.update(enrich, total=max(counts.done, 1), completed=counts.enriched + enrich_dead)
-
+    progress, show = _progress(console, products, disable=as_json)
     options = DemoOptions(
         products=products,
         faults=faults,
@@ -85,13 +66,40 @@ def demo_command(
         sys.exit(1)
 
 
-def _print(console: Console, report: DemoReport) -> None:
-    from rich.table import Table
+def _progress(
+    console: Console, products: int, *, disable: bool
+) -> tuple[Progress, Callable[[Tally, int], None]]:
+    """The two progress bars (ingested, enriched) and the callback that moves them."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    table = Table(title=f"Aura demo ({report.mode}, faults: {report.faults})", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    rows = [
+    progress = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+    ingest = progress.add_task("ingested", total=products)
+    enrich = progress.add_task("enriched", total=None)
+
+    def show(counts: Tally, enrich_dead: int) -> None:
+        progress.update(ingest, completed=counts.done + counts.dead_lettered)
+        progress.update(enrich, total=max(counts.done, 1), completed=counts.enriched + enrich_dead)
+
+    return progress, show
+
+
+def _rows(report: DemoReport) -> list[tuple[str, object]]:
+    """The report's table, a row a count."""
+    rows: list[tuple[str, object]] = [
         ("accepted", report.accepted),
         ("ingested (products written once)", report.ingested),
         ("enriched by the LLM", report.enriched),
@@ -119,7 +127,16 @@ def _print(console: Console, report: DemoReport) -> None:
     ]
     if report.worker_cpu_ms_per_record is not None:
         rows.append(("worker CPU per product", f"{report.worker_cpu_ms_per_record} ms"))
-    for name, value in rows:
+    return rows
+
+
+def _print(console: Console, report: DemoReport) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Aura demo ({report.mode}, faults: {report.faults})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in _rows(report):
         table.add_row(name, str(value))
     console.print(table)
     if report.dead_letter_samples:
@@ -129,6 +146,11 @@ def _print(console: Console, report: DemoReport) -> None:
         for sample in report.dead_letter_samples:
             samples.add_row(sample["reason"], sample["task"], sample["error"])
         console.print(samples)
+    _print_verdict(console, report)
+
+
+def _print_verdict(console: Console, report: DemoReport) -> None:
+    """Lost or doubled, where the log is, and where to look next."""
     verdict = "[green]nothing lost, nothing doubled[/green]"
     if report.lost or report.duplicates:
         verdict = "[red]LOST OR DUPLICATED RECORDS: see above[/red]"

@@ -102,12 +102,7 @@ def worker_command(
     """Run the intelligence worker (async pool by default: hundreds of LLM calls in
     flight per process; --processes to use every core; a process that exits is
     restarted unless --no-restart)."""
-    chosen = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(chosen) - set(PLATFORM_QUEUES)
-    if not chosen or unknown:
-        raise InvalidInputError(
-            f"--queues takes {' and/or '.join(PLATFORM_QUEUES)}, got {queues!r}", field="queues"
-        )
+    chosen = _chosen_queues(queues)
     from aura.config import get_settings
 
     settings = get_settings()
@@ -120,7 +115,22 @@ def worker_command(
         concurrency = settings.worker_concurrency if pool == "async" else 2
     if processes > 1 or restart:
         raise typer.Exit(_supervise(chosen, pool, concurrency, processes, settings, hostname))
+    _run_here(chosen, pool, concurrency, hostname)
 
+
+def _chosen_queues(queues: str) -> list[str]:
+    """The queues ``--queues`` names (comma-separated), each one of the platform's."""
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(chosen) - set(PLATFORM_QUEUES)
+    if not chosen or unknown:
+        raise InvalidInputError(
+            f"--queues takes {' and/or '.join(PLATFORM_QUEUES)}, got {queues!r}", field="queues"
+        )
+    return chosen
+
+
+def _run_here(queues: list[str], pool: str, concurrency: int, hostname: str) -> None:
+    """One worker in this process, until it stops (an unclean stop exits non-zero)."""
     from aura.worker.celery_app import ASYNC_POOL
     from aura.worker.process import run_worker
     from aura.worker.tasks import ingest_product
@@ -131,7 +141,7 @@ def worker_command(
         celery,
         [
             f"--concurrency={concurrency}",
-            f"--queues={','.join(chosen)}",
+            f"--queues={','.join(queues)}",
             "--without-gossip",
             "--without-mingle",
             "--loglevel=WARNING",
