@@ -111,6 +111,7 @@ __all__ = [
     "SEED_METRIC_NAMES",
     "SQLALCHEMY_POOL_CONNECTIONS_ACTIVE",
     "expect_queues",
+    "exposition_registry",
     "prometheus_hook",
 ]
 

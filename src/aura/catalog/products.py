@@ -41,6 +41,9 @@ __all__ = [
     "create_product_with_variants",
     "create_tenant",
     "create_variants",
+    "taken_skus",
+    "variant_arrays",
+    "write_product_atomically",
 ]
 
 

@@ -30,7 +30,7 @@ from aura import events
 from aura.config import Settings, get_settings
 from aura.events import PoolConnectionsChanged
 
-__all__ = ["EMBEDDED_DATABASE_PATH", "Database", "database_url"]
+__all__ = ["EMBEDDED_DATABASE_PATH", "Database", "database_url", "reach"]
 
 EMBEDDED_DATABASE_PATH = Path(".aura") / "aura.db"
 _SQLITE_BUSY_TIMEOUT_MS = 10_000

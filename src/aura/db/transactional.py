@@ -45,7 +45,14 @@ from aura.errors import (
 )
 from aura.events import RollbackReason, TransactionRolledBack
 
-__all__ = ["describe_error", "is_network_error", "transactional", "while_out"]
+__all__ = [
+    "describe_error",
+    "is_network_error",
+    "is_outage",
+    "is_unavailable",
+    "transactional",
+    "while_out",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")

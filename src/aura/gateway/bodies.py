@@ -215,68 +215,81 @@ async def spool_lines(
     ``max_records`` records is a 422 at once, more than ``max_bytes`` a 413 at once."""
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(max_bytes)
-    spool = SpooledRecords()
-    problems: list[tuple[str, str]] = []
-    refused = 0
-    number = 0
-    line = bytearray()
-    line_length = 0  # bytes of the current line, kept or not
-
-    def take() -> None:
-        nonlocal refused, number
-        number += 1
-        if line_length > MAX_RECORD_BYTES:
-            found: str | list[tuple[str, str]] | None = [
-                (
-                    f"lines.{number}",
-                    f"record is {line_length} bytes, over the {MAX_RECORD_BYTES} limit",
-                )
-            ]
-        else:
-            found = _line_problems(bytes(line), f"lines.{number}")
-        if found is None:
-            return  # blank
-        if isinstance(found, list):
-            refused += 1
-            problems.extend(found[: MAX_REPORTED_PROBLEMS - len(problems)])
-        elif not refused:
-            spool.add(found)
-            if spool.count > max_records:
-                _too_many(max_records)
-
+    lines = _LineReader(max_records)
     received = 0
     try:
         async for chunk in stream:
             received += len(chunk)
             if received > max_bytes:
                 raise BodyTooLarge(max_bytes)
-            start = 0
-            while start <= len(chunk):
-                end = chunk.find(b"\n", start)
-                piece = chunk[start:] if end < 0 else chunk[start:end]
-                line_length += len(piece)
-                if line_length <= MAX_RECORD_BYTES + 1:
-                    line += piece
-                else:
-                    line.clear()  # too long: only its length is kept, to report it
-                if end < 0:
-                    break
-                take()
-                line.clear()
-                line_length = 0
-                start = end + 1
-        if line_length:
-            take()
+            lines.feed(chunk)
+        lines.end()
     except BaseException:
-        spool.close()
+        lines.spool.close()
         raise
-    if problems:
-        spool.close()
-        _refuse("import", problems, records=refused)
-    if not spool.count:
-        spool.close()
-        raise InvalidInputError("the import holds no records", field="body")
-    return spool
+    return lines.result()
+
+
+class _LineReader:
+    """The state of ``spool_lines``: the line being read, the records kept, the problems."""
+
+    def __init__(self, max_records: int) -> None:
+        self.max_records = max_records
+        self.spool = SpooledRecords()
+        self.problems: list[tuple[str, str]] = []
+        self.refused = 0
+        self.number = 0
+        self.line = bytearray()
+        self.line_length = 0  # bytes of the current line, kept or not
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while start <= len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            self.line_length += len(piece)
+            if self.line_length <= MAX_RECORD_BYTES + 1:
+                self.line += piece
+            else:
+                self.line.clear()  # too long: only its length is kept, to report it
+            if end < 0:
+                return
+            self._take()
+            start = end + 1
+
+    def end(self) -> None:
+        if self.line_length:
+            self._take()
+
+    def _take(self) -> None:
+        self.number += 1
+        field = f"lines.{self.number}"
+        found: str | list[tuple[str, str]] | None
+        if self.line_length > MAX_RECORD_BYTES:
+            too_long = f"record is {self.line_length} bytes, over the {MAX_RECORD_BYTES} limit"
+            found = [(field, too_long)]
+        else:
+            found = _line_problems(bytes(self.line), field)
+        self.line.clear()
+        self.line_length = 0
+        if found is None:
+            return  # blank
+        if isinstance(found, list):
+            self.refused += 1
+            self.problems.extend(found[: MAX_REPORTED_PROBLEMS - len(self.problems)])
+        elif not self.refused:
+            self.spool.add(found)
+            if self.spool.count > self.max_records:
+                _too_many(self.max_records)
+
+    def result(self) -> SpooledRecords:
+        if self.problems:
+            self.spool.close()
+            _refuse("import", self.problems, records=self.refused)
+        if not self.spool.count:
+            self.spool.close()
+            raise InvalidInputError("the import holds no records", field="body")
+        return self.spool
 
 
 def _array_records(raw: bytes) -> tuple[list[str], list[tuple[str, str]], int]:

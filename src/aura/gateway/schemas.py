@@ -13,6 +13,8 @@ __all__ = [
     "ERROR_RESPONSES",
     "EnrichmentOut",
     "ErrorBody",
+    "ErrorDetail",
+    "FieldError",
     "Health",
     "ImportAccepted",
     "ImportCounts",

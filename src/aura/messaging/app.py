@@ -63,6 +63,7 @@ from aura.process_args import pool_on_the_command_line
 
 __all__ = [
     "ASYNC_POOL",
+    "check_database",
     "configure",
     "configured_app",
     "declare_topology",

@@ -56,6 +56,10 @@ __all__ = [
     "LandedLetter",
     "add_dead_letter_tables",
     "dead_letters",
+    "enforce_retention",
+    "ensure_tables",
+    "file_letters",
+    "mark_replayed",
     "replays",
 ]
 

@@ -41,7 +41,7 @@ from aura.events import (
 from aura.messaging.topology import dead_letter_queue
 from aura.metrics import expect_queues, exposition_registry
 
-__all__ = ["AckLossFilter", "install"]
+__all__ = ["AckLossFilter", "install", "serve_metrics"]
 
 _log = structlog.get_logger("aura.messaging.observability")
 

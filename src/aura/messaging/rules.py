@@ -75,7 +75,9 @@ __all__ = [
     "Redelivery",
     "RetryBudget",
     "SoftTimeLimit",
+    "database_out",
     "deferrals_spent",
+    "outage_countdown",
     "put_off_for_database",
 ]
 

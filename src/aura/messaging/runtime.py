@@ -65,6 +65,7 @@ __all__ = [
     "HardTimeLimitExceeded",
     "ProcessRuntime",
     "call_off_loop",
+    "new_event_loop",
     "process_runtime",
     "run_in_greenlet",
     "start_threaded",

@@ -11,7 +11,7 @@ from aura.gateway.schemas import Health, Readiness
 from aura.gateway.state import Current
 from aura.metrics import exposition_registry
 
-__all__ = ["router"]
+__all__ = ["healthz", "metrics", "readyz", "router"]
 
 router = APIRouter()
 

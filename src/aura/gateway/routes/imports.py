@@ -42,7 +42,7 @@ from aura.gateway.relay import staging_lease
 from aura.gateway.schemas import ERROR_RESPONSES, ImportAccepted, ImportCounts, error_responses
 from aura.gateway.state import Authorized, Gateway, authorize
 
-__all__ = ["post_import", "router"]
+__all__ = ["get_import", "post_import", "router"]
 
 _PART = 1000  # import records written per statement
 _PUBLISHED_INLINE = 500  # an import this small is published from memory, in the request

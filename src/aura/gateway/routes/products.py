@@ -32,7 +32,7 @@ from aura.gateway.relay import staging_lease
 from aura.gateway.schemas import ERROR_RESPONSES, ProductOut, ProductPage, error_responses
 from aura.gateway.state import Authorized, authorize
 
-__all__ = ["post_product", "router"]
+__all__ = ["get_product", "list_products", "post_product", "router"]
 
 _CENTS = Decimal("0.01")
 _log = structlog.get_logger("aura.gateway")
