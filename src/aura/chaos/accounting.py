@@ -54,7 +54,16 @@ from aura.events import DeadLetterReason
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.messaging.topology import DEAD_LETTER_QUEUE
 
-__all__ = ["Accounting", "BrokerView", "Sent", "account", "read_broker"]
+__all__ = [
+    "Accounting",
+    "BrokerView",
+    "Queued",
+    "Sent",
+    "account",
+    "carries",
+    "queue_depths",
+    "read_broker",
+]
 
 _SCAN = 100_000
 _SETTLE_S = 90.0  # the longest a delayed retry waits (Celery's levels), and slack

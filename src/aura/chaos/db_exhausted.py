@@ -45,7 +45,7 @@ from aura.db import Database
 from aura.db.models import ProcessedMessage
 from aura.llm import Faults
 
-__all__ = ["DatabaseExhausted", "final_records"]
+__all__ = ["DatabaseExhausted", "final_records", "run_sql"]
 
 _GATE_CLOSED = "holding deliveries until it answers"  # aura.messaging.gate's warning
 # Read as the run's own (superuser) role, through the windows.

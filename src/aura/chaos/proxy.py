@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["FaultProxy", "NetworkProxies", "proxied_url"]
+__all__ = ["FaultProxy", "NetworkProxies", "ProxyStats", "proxied_url"]
 
 _CHUNK = 65536
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104  # PostgreSQL's untyped pre-startup codes

@@ -65,6 +65,7 @@ __all__ = [
     "MALFORMED_RECORDS",
     "SCENARIOS",
     "ChaosResult",
+    "Load",
     "chaos_report",
     "malformed_messages",
     "run_scenario",

@@ -49,7 +49,13 @@ from aura.demo.report import Tally
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter
 
-__all__ = ["ClockSkew", "RedisOutOfMemory", "broker_dead_lettered", "skewed_clock_environment"]
+__all__ = [
+    "ClockSkew",
+    "RedisOutOfMemory",
+    "broker_dead_lettered",
+    "skewed_clock_environment",
+    "trial_gaps",
+]
 
 _BROKER_LETTER = "dead-lettered by the broker"  # aura.messaging.dlq's error for those
 _BALLAST_KEY = "aura:chaos:ballast"

@@ -23,7 +23,7 @@ import typer
 
 from aura.errors import AuraError, ConfigurationError, InvalidInputError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "config_command", "main"]
 
 
 def _readable_labels() -> None:

@@ -16,6 +16,8 @@ from aura.cli import app
 from aura.cli.extras import needs_extra
 from aura.errors import AuraError, InvalidInputError
 
+__all__ = ["chaos_command"]
+
 if TYPE_CHECKING:
     from rich.console import Console
 

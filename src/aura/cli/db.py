@@ -8,6 +8,8 @@ import typer
 
 from aura.cli import app
 
+__all__ = ["upgrade_command"]
+
 db_app = typer.Typer(help="The database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

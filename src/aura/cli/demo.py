@@ -12,6 +12,8 @@ import typer
 from aura.cli import app
 from aura.cli.extras import needs_extra
 
+__all__ = ["demo_command"]
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -27,6 +27,16 @@ from aura.cli.names import DEFER_PREFIX, RETRY_PREFIX
 from aura.errors import ConfigurationError, InvalidInputError
 from aura.events import DeadLetterReason, dead_letter_reason
 
+__all__ = [
+    "count_command",
+    "literal",
+    "ls_command",
+    "purge_command",
+    "replay_command",
+    "replays_command",
+    "show_command",
+]
+
 if TYPE_CHECKING:
     from aura.messaging.dlq import DeadLetter, DeadLetterQueue
 

@@ -11,6 +11,8 @@ import typer
 from aura.cli import app
 from aura.errors import InvalidInputError
 
+__all__ = ["llm_sim_command"]
+
 if TYPE_CHECKING:
     from aura.llm import LLMSimulator
 

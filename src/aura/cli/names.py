@@ -4,5 +4,7 @@ against its source)."""
 
 from __future__ import annotations
 
+__all__ = []
+
 RETRY_PREFIX = "retry_count:"  # aura.messaging.retry.KEY_PREFIX
 DEFER_PREFIX = "defer_count:"  # aura.messaging.task.DEFER_PREFIX

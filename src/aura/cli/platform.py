@@ -12,6 +12,8 @@ from aura.cli.extras import needs_extra, with_extra
 from aura.contract import PLATFORM_QUEUES
 from aura.errors import ConfigurationError, InvalidInputError
 
+__all__ = ["gateway_command", "outbox_relay", "tenant_create", "worker_command"]
+
 tenant_app = typer.Typer(
     help=with_extra("Tenants and their API keys.", "gateway"), no_args_is_help=True
 )

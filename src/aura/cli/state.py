@@ -31,6 +31,8 @@ from aura.cli.names import DEFER_PREFIX, RETRY_PREFIX
 from aura.errors import ConfigurationError, InvalidInputError, NotFoundError
 from aura.events import CircuitState
 
+__all__ = ["breaker_reset", "breaker_status", "retries_ls", "retries_reset", "retries_show"]
+
 if TYPE_CHECKING:
     import redis
 
