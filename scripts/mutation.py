@@ -53,8 +53,8 @@ EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 # The module's own test files: what a developer runs after touching it (the pinning
 # tests first: with -x a mutant they kill costs only them).
 TESTS: dict[str, list[str]] = {
-    "db/transactional.py": ["tests/test_pins_transactional.py", "tests/test_db.py"],
-    "db/inbox.py": ["tests/test_pins_inbox.py", "tests/test_db.py"],
+    "db/transactional.py": ["tests/db/test_transactional_edges.py", "tests/db/test_db.py"],
+    "db/inbox.py": ["tests/db/test_inbox_edges.py", "tests/db/test_db.py"],
     "llm/breaker.py": ["tests/llm/test_breaker_edges.py", "tests/llm/test_breaker.py"],
     "llm/_breaker_state.py": ["tests/llm/test_breaker_edges.py", "tests/llm/test_breaker.py"],
     "llm/client.py": [
@@ -62,16 +62,16 @@ TESTS: dict[str, list[str]] = {
         "tests/llm/test_client.py",
         "tests/llm/test_ratelimit.py",
     ],
-    "messaging/poison.py": ["tests/test_pins_poison.py", "tests/test_poison.py"],
-    "messaging/retry.py": ["tests/test_pins_retry.py", "tests/test_messaging_units.py"],
+    "messaging/poison.py": ["tests/messaging/test_poison_edges.py", "tests/messaging/test_poison.py"],
+    "messaging/retry.py": ["tests/messaging/test_retry_edges.py", "tests/messaging/test_messaging_units.py"],
     "messaging/dlq.py": [
-        "tests/test_pins_dlq.py",
-        "tests/test_dlq_reader.py",
-        "tests/test_messaging_units.py",
+        "tests/messaging/test_dlq_edges.py",
+        "tests/messaging/test_dlq_reader.py",
+        "tests/messaging/test_messaging_units.py",
     ],
     # test_worker.py drives task.py through real Celery workers (about a minute a run):
     # too slow per mutant; the in-process tests run instead.
-    "messaging/task.py": ["tests/test_pins_task.py", "tests/test_messaging_units.py"],
+    "messaging/task.py": ["tests/messaging/test_task_edges.py", "tests/messaging/test_messaging_units.py"],
 }
 
 _FLIP: dict[type[ast.cmpop], type[ast.cmpop]] = {

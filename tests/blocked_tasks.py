@@ -1,4 +1,4 @@
-"""A Celery app of the test's own for tests/test_worker_broker_blocked.py (loaded with
+"""A Celery app of the test's own for tests/messaging/test_worker_broker_blocked.py (loaded with
 -A): its own queue ``blocked_jobs`` on a private RabbitMQ node. ``job`` sleeps (so it is in
 flight when the test raises the node's memory alarm), fails once (its retry must be
 published while the broker blocks publishers), then records itself done in Redis."""

@@ -1,4 +1,4 @@
-"""A Celery app of the test's own for tests/test_database_exhausted.py (loaded with -A):
+"""A Celery app of the test's own for tests/messaging/test_database_exhausted.py (loaded with -A):
 its own queue ``outage_orders`` and one inbox task. ``place_order`` reads the inbox (the
 resilient task does), counts its "LLM call" in Redis, then commits its row with its inbox
 claim in one transaction: a row per message that is not exactly one is a lost or doubled

@@ -1,4 +1,4 @@
-"""A Celery app of the test's own for tests/test_celery_conventions.py (loaded with -A):
+"""A Celery app of the test's own for tests/messaging/test_celery_conventions.py (loaded with -A):
 its own queues ``outcome_jobs`` (consumed) and ``outcome_mail`` (not), and tasks with
 every fate. Each ``task_failure`` and
 ``task_success`` signal the worker sends is recorded in Redis, as a user's handler would."""

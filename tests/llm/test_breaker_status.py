@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aura.config import Settings
 from aura.errors import LLMError
 from aura.llm import Faults, LLMSimulator, ResilientLLMClient
-from tests.test_cli import run_aura
+from tests.cli.test_cli import run_aura
 
 MESSAGES = [{"role": "user", "content": "status"}]
 

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from aura.config import Settings
 from aura.llm import Faults, LLMSimulator, ResilientLLMClient
+from tests.cli.test_cli import run_aura
 from tests.llm_peer import one
-from tests.test_cli import run_aura
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ in-process stand-in from fakeredis) is caught on the way out instead: ``missing_
 turns a ``ModuleNotFoundError`` of an extra's module into the same line.
 
 ``EXTRAS`` is a copy of pyproject's lists under their import names, so that building the
-help reads no package metadata (``tests/test_cli_install.py`` checks it against
+help reads no package metadata (``tests/cli/test_cli_install.py`` checks it against
 pyproject). uvloop is left out: it is installed only on some platforms, and without it
 asyncio's loop serves.
 """

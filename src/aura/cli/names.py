@@ -1,5 +1,5 @@
 """Key prefixes and bounds the commands show in their help, copied here so that building
-the help loads neither Redis nor kombu (``tests/test_cli_fast.py`` checks each copy
+the help loads neither Redis nor kombu (``tests/cli/test_cli_fast.py`` checks each copy
 against its source)."""
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ def _connection_blocked(connection: aio_pika.abc.AbstractConnection | None) -> b
     only in a private event, ``aiormq.connection.Connection.__connection_unblocked``
     (cleared on Blocked, set on Unblocked and when the connection's reader starts), whose
     one public use is ``await Connection.ready()``. It is read here, and only here; an
-    aiormq without it reads as never blocked (``tests/test_broker_blocked.py`` pins it)."""
+    aiormq without it reads as never blocked (``tests/gateway/test_broker_blocked.py`` pins it)."""
     transport = None if connection is None or connection.is_closed else connection.transport
     if transport is None or not transport.connection.is_opened:
         return False

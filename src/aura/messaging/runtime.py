@@ -163,7 +163,7 @@ def new_event_loop(*, fast: bool = False) -> asyncio.AbstractEventLoop:
     install it), else asyncio's. Only for a loop on its own thread (the async pool): the
     time limits there are the runtime's own. Prefork's soft limit is a signal whose
     handler raises inside the running loop, and uvloop, waiting in C, does not let that
-    exception through as asyncio's loop does (tests/test_worker.py's soft-limit test).
+    exception through as asyncio's loop does (tests/worker/test_worker.py's soft-limit test).
     Measured with bench/async_worker.py: see bench/RESULTS.md."""
     if not fast:
         return asyncio.new_event_loop()

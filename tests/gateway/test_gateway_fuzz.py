@@ -20,7 +20,7 @@ from aura.db import Database
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from tests.helpers import running_gateway
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

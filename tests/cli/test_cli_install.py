@@ -5,7 +5,7 @@ says which values came from ``.env``.
 
 An extra is made missing without uninstalling anything: a ``sitecustomize`` on PYTHONPATH
 puts a finder first on ``sys.meta_path`` that refuses its modules, as a core install
-would (``tests/test_example_project.py`` runs the real core wheel, once)."""
+would (``tests/project/test_example_project.py`` runs the real core wheel, once)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from aura.cli.extras import EXTRAS
-from tests.test_cli import run_aura
+from tests.cli.test_cli import run_aura
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 _BLOCKER = """
 import importlib.abc, sys

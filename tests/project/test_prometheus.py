@@ -24,7 +24,7 @@ from tests.helpers import start_celery_worker, stop_celery_worker, wait_for
 from tests.promql import known_series, metric_names
 from tests.services import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")

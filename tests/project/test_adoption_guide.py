@@ -15,7 +15,7 @@ import pytest
 
 from aura.db import Database
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "adoption.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "adoption.md"
 
 _AFTER = """
 # -- the test's own checks, after the guide's code --

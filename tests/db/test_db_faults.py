@@ -17,8 +17,8 @@ import aura.catalog.products
 from aura.catalog import create_product_with_variants
 from aura.db import Database, DatabaseTransactionError
 from tests import services
+from tests.db.test_db import count_products, ingest_once, new_tenant, product_data
 from tests.helpers import metric, wait_until
-from tests.test_db import count_products, ingest_once, new_tenant, product_data
 
 pytestmark = pytest.mark.timeout(30)
 

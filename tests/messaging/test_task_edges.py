@@ -492,7 +492,7 @@ class CountingInbox(FakeInbox):
         self.lookups += 1
         if self.fails:
             self.fails -= 1
-            # not an outage (tests/test_db_outage_deferral.py has those): an inbox that
+            # not an outage (tests/messaging/test_db_outage_deferral.py has those): an inbox that
             # cannot be read for a reason of its own
             raise RuntimeError("inbox down " + "x" * 1000)
         return await super().lookup(message_id)
@@ -802,7 +802,7 @@ def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
             self.lookups += 1
             if self.lookups == 1:
                 return None
-            # not an outage (tests/test_db_outage_deferral.py has those): an inbox that
+            # not an outage (tests/messaging/test_db_outage_deferral.py has those): an inbox that
             # cannot be read for a reason of its own
             raise RuntimeError("inbox down " + "x" * 1000)
 

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from aura.metrics import CIRCUIT_STATE_VALUES
 from tests.promql import known_series, label_names, metric_names
 
-DASHBOARD_PATH = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "aura.json"
+DASHBOARD_PATH = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "aura.json"
 ROWS = ("Database", "LLM", "Message processing")
 DATASOURCE_VARIABLE = "datasource"
 GRID_COLUMNS = 24

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aura.llm.breaker import CircuitBreaker
 from aura.messaging.retry import RetryTracker
 from aura.messaging.task import DEFER_PREFIX
-from tests.test_cli import run_aura
+from tests.cli.test_cli import run_aura
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from aura.contract import BULK_QUEUE, INGEST_TASK, PLATFORM_QUEUES
 from aura.db import Database
 from aura.messaging.topology import work_queues
 from tests import services
-from tests.test_cli import run_aura
+from tests.cli.test_cli import run_aura
 
 # Records per scenario here (the CLI's defaults are larger).
 SCALED = {
@@ -201,7 +201,9 @@ def _assert_met_its_fates(name: str, result: dict[str, Any], sent: int, context:
         assert details["records_waiting_at_no_slot_end"] > 0
         assert details["most_backends_while_scarce"] <= 2
         assert details["import_records"] == {"done": sent}
-        assert metrics["retries"] == 0
+        # A backend idle when the fault listed it may be busy when it is terminated: that
+        # delivery's transaction is cut in flight (a retry, rightly); none beyond those.
+        assert metrics["retries"] <= details["idle_backends_terminated"]
         assert details["worker_role"] not in asyncio.run(_roles())
     if name == "broker-blocked":  # a memory alarm for 40 s on the run's own node
         assert details["window_posts"]["503"] > 0
@@ -240,10 +242,12 @@ def _with_chaos_all(scenario: type[ChaosRun], covered_by: str) -> Any:
     [
         _with_chaos_all(
             _RedisOutOfMemoryScaled,
-            "tests/test_redis_faults.py drives a real Redis refusing writes at every call site",
+            "tests/messaging/test_redis_faults.py drives a real Redis refusing writes at every "
+            "call site",
         ),
         _with_chaos_all(
-            ClockSkew, "tests/test_envelope.py and tests/test_redis_faults.py check its clocks"
+            ClockSkew,
+            "tests/messaging: test_envelope.py and test_redis_faults.py check its clocks",
         ),
     ],
 )

@@ -27,7 +27,7 @@ from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 
 Manifest = dict[str, Any]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 NAMESPACE = "aura-platform"

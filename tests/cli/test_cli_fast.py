@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from aura import __version__
-from tests.test_cli import run_aura
+from tests.cli.test_cli import run_aura
 
 HEAVY = [
     "aura.db",

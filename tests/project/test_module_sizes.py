@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "aura"
+SRC = Path(__file__).resolve().parents[2] / "src" / "aura"
 MODULE_LINES = 410
 FUNCTION_LINES = 60
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "aura"
+SRC = Path(__file__).resolve().parents[2] / "src" / "aura"
 EXTRAS = ["fastapi", "starlette", "uvicorn", "fakeredis", "aiosqlite"]
 CORE = [
     "aura",

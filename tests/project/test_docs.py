@@ -5,7 +5,7 @@ at ``LLM_BASE_URL``. Top-level ``await`` is allowed: a block's coroutine runs on
 event loop kept for its page. A block that cannot run there is fenced
 ```python title="not run: WHY": the site shows that title on the block, so the page says
 so. docs/adoption.md has a test of its own with more checks
-(tests/test_adoption_guide.py). The site itself is built strict by ./test."""
+(tests/project/test_adoption_guide.py). The site itself is built strict by ./test."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aura.llm import Faults, LLMSimulator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", flags=re.M | re.S)
 NOT_RUN = re.compile(r' title="not run: [^"]+"')
 OWN_TEST = {"docs/adoption.md"}

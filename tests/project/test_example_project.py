@@ -18,7 +18,7 @@ import pytest
 
 from tests import services
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop"
 EXTRAS_ONLY = ["fastapi", "uvicorn", "fakeredis", "aiosqlite"]
 

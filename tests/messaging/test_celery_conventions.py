@@ -178,7 +178,7 @@ def test_autoscale_on_the_async_pool_is_refused_in_one_line() -> None:
 def test_a_worker_without_redis_on_a_core_install_is_one_line(tmp_path: Path) -> None:
     """No REDIS_URL and no fakeredis (the demo extra's stand-in): one line, exit 2 (it
     was Celery's traceback of the missing module)."""
-    from tests.test_cli_install import _without
+    from tests.cli.test_cli_install import _without
 
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("REDIS_")},
