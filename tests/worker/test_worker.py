@@ -218,9 +218,9 @@ def test_replay_brings_a_dead_letter_back_once_its_cause_is_fixed(worker: Worker
 
 
 def test_cli_refuses_bad_input_and_purge_removes_only_its_reason(worker: Worker) -> None:
-    bad = aura_cli(worker, "dlq", "ls", "--reason", "bogus")
+    bad = aura_cli(worker, "dlq", "ls", "--reason", "Bogus!")  # a rule's own is snake_case
     assert bad.returncode == 2
-    assert "unknown reason 'bogus'" in bad.stderr
+    assert "unknown reason 'Bogus!'" in bad.stderr
     missing = aura_cli(worker, "dlq", "show", "no-such-letter")
     assert missing.returncode == 2
     assert "no dead letter with id 'no-such-letter'" in missing.stderr
