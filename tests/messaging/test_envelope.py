@@ -210,3 +210,24 @@ def test_an_eta_the_broker_has_waited_out_is_dropped_one_the_broker_has_not_is_k
     direct = SimpleNamespace(headers={"eta": eta}, delivery_info={"routing_key": "shop.orders"})
     _forget_the_senders_clock(direct)
     assert direct.headers["eta"] == eta
+
+
+def test_the_consumer_keeps_celerys_loop_from_sleeping_through_a_shutdown() -> None:
+    """kombu's hub sleeps up to 10 s in a poll when no timer is due, and a warm shutdown
+    is only seen between polls: the consumer keeps a tick of at most a second on it."""
+    import types
+
+    from aura.messaging.envelope import GuardedConsumer
+
+    ticks: list[float] = []
+
+    class Hub:
+        def call_repeatedly(self, delay: float, callback: Any, *args: Any) -> None:
+            ticks.append(delay)
+            callback(*args)  # it does nothing, and says nothing
+
+    consumer = GuardedConsumer.__new__(GuardedConsumer)
+    consumer.blueprint = types.SimpleNamespace(send_all=lambda *args, **kwargs: None)
+    consumer.register_with_event_loop(Hub())
+    assert len(ticks) == 1
+    assert 0 < ticks[0] <= 1.0
