@@ -66,8 +66,7 @@ from aura.catalog import (
 from aura.catalog.pipeline import ingest_record, read_for_prompt, store_enrichment
 from aura.config import Settings
 from aura.contract import BULK_QUEUE, ENRICH_TASK, INGEST_TASK, REALTIME_QUEUE
-from aura.db import Database
-from aura.db.outbox import Staged
+from aura.db import Database, Staged
 from aura.gateway.senders import AmqpSender
 from aura.llm import ResilientLLMClient
 from aura.messaging.topology import DEAD_LETTER_QUEUE

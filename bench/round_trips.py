@@ -47,8 +47,8 @@ from kombu import Connection
 from aura.config import Settings
 from aura.contract import REALTIME_QUEUE
 from aura.logs import configure_logging
+from aura.messaging._retry import RetryTracker
 from aura.messaging.dlq import DeadLetter, _publish_confirmed, route_to_dlq
-from aura.messaging.retry import RetryTracker
 from aura.messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from aura.worker.celery_app import declare_topology, make_celery_app
 

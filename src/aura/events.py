@@ -293,7 +293,7 @@ class DeadLetterDepthObserved:
 
 @dataclass(frozen=True, slots=True)
 class DependencyGateChanged:
-    """A worker process's outage gate (``aura.messaging.gate``) closed or opened."""
+    """A worker process's outage gate (``aura.messaging._gate``) closed or opened."""
 
     dependency: Dependency
     available: bool

@@ -6,7 +6,7 @@ of safe characters is accepted, so an id can never smuggle a Redis glob or a new
 
 A fingerprint is the SHA-256 of a message's task name and arguments as canonical JSON
 (sorted keys, no spaces): the inbox keeps it beside the id, so the same id with another
-payload is told apart (``aura.messaging.idempotency``).
+payload is told apart (``aura.messaging._idempotency``).
 """
 
 from __future__ import annotations

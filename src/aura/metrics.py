@@ -38,7 +38,7 @@ Not in the seed, named in its style:
                                                    bound removed (DLQ_RETENTION_*)
     aura_dependency_available{dependency}          dependency: database; 0 while a worker
                                                    process holds deliveries at its outage
-                                                   gate (``aura.messaging.gate``)
+                                                   gate (``aura.messaging._gate``)
     aura_task_outcomes_total{task,outcome,reason}  every delivery of a resilient task: outcome
                                                    success | retry | deferred | dead_lettered
                                                    | duplicate | requeued | failed; reason:

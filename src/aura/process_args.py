@@ -50,7 +50,7 @@ def prepare_prefork_metrics(
     """Under a prefork worker (``-P prefork``, or ``WORKER_POOL=prefork`` and no ``-P``)
     with no PROMETHEUS_MULTIPROC_DIR and prometheus_client not imported yet: a fresh
     directory, set as PROMETHEUS_MULTIPROC_DIR; which one, or None. The worker empties it
-    at start (``aura.messaging.observability``)."""
+    at start (``aura.messaging._observability``)."""
     argv = sys.argv if argv is None else argv
     environ = os.environ if environ is None else environ
     loaded = frozenset(sys.modules) if imported is None else imported

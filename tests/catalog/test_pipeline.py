@@ -33,7 +33,7 @@ from aura.catalog import (
 from aura.catalog.pipeline import ingest_record, read_for_prompt, store_enrichment
 from aura.db import Database, DatabaseTransactionError, ProcessedMessage
 from aura.errors import ConflictError, ConflictingMessageIdError, NotFoundError
-from aura.messaging.poison import PoisonPillDetector
+from aura.messaging._poison import PoisonPillDetector
 from tests.db.test_db import count_products, new_tenant, product_data
 
 INGEST, ENRICH = "aura.ingest_product", "aura.enrich_product"

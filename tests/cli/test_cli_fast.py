@@ -18,7 +18,7 @@ HEAVY = [
     "aura.demo",
     "aura.gateway",
     "aura.llm",
-    "aura.messaging.task",
+    "aura.messaging._task",
     "aura.metrics",
     "alembic",
     "celery",
@@ -75,8 +75,8 @@ def test_building_the_help_loads_no_heavy_library() -> None:
 
 
 def test_importing_aura_messaging_loads_only_what_is_used() -> None:
-    assert "aura.messaging.task" not in _loaded_by("import aura.messaging.topology")
-    assert "aura.messaging.task" in _loaded_by("from aura.messaging import resilient_task")
+    assert "aura.messaging._task" not in _loaded_by("import aura.messaging.topology")
+    assert "aura.messaging._task" in _loaded_by("from aura.messaging import resilient_task")
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "aura")
@@ -112,8 +112,8 @@ def test_completion_script() -> None:
 
 def test_copied_names_match_their_sources() -> None:
     from aura.cli import names
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.task import DEFER_PREFIX
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._task import DEFER_PREFIX
 
     assert (names.RETRY_PREFIX, names.DEFER_PREFIX) == (KEY_PREFIX, DEFER_PREFIX)
 

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from aura.llm.breaker import CircuitBreaker
-from aura.messaging.retry import RetryTracker
-from aura.messaging.task import DEFER_PREFIX
+from aura.messaging._retry import RetryTracker
+from aura.messaging._task import DEFER_PREFIX
 from tests.cli.test_cli import run_aura
 
 

@@ -334,8 +334,7 @@ async def test_a_product_with_its_message_is_written_whole_or_not_at_all(
     database: Database,
 ) -> None:
     from aura.catalog.products import create_product_with_message
-    from aura.db import OutboxMessage
-    from aura.db.outbox import Claim, Staged
+    from aura.db import Claim, OutboxMessage, Staged
 
     tenant_id = await new_tenant(database)
 

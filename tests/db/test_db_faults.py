@@ -184,7 +184,7 @@ async def test_a_one_statement_write_whose_backend_dies_reports_an_unknown_outco
 ) -> None:
     from aura.catalog import parse_product
     from aura.catalog.products import create_product_with_message
-    from aura.db.outbox import Claim, Staged
+    from aura.db import Claim, Staged
 
     tenant_id = await new_tenant(pg_database)
     data = parse_product(product_data("ONE-1"))
@@ -224,8 +224,7 @@ async def test_a_one_statement_write_waits_out_a_connection_blip(pg_url: str) ->
     raised as it came (for the worker's outage gate), and nothing was counted as a
     rollback, since nothing was sent."""
     from aura.chaos.proxy import NetworkProxies, proxied_url
-    from aura.db.statement import execute_atomically
-    from aura.db.transactional import is_outage
+    from aura.db import execute_atomically, is_outage
 
     with NetworkProxies() as hub:
         proxy = hub.add("postgres", pg_url, postgres=True)

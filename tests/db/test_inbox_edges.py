@@ -9,9 +9,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from aura.db import Database, already_processed, claim_message
-from aura.db.inbox import DatabaseInbox
-from aura.db.models import ProcessedMessage
+from aura.db import Database, DatabaseInbox, ProcessedMessage, already_processed, claim_message
 from aura.errors import ConflictingMessageIdError, InvalidInputError
 from aura.message_id import InboxEntry
 

@@ -15,8 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
 from aura.catalog import Tenant
-from aura.db import Database, transactional
-from aura.db.transactional import describe_error, is_network_error
+from aura.db import Database, describe_error, is_network_error, transactional
 from aura.errors import DatabaseTransactionError, InvalidInputError
 from tests.helpers import metric
 

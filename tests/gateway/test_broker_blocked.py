@@ -25,9 +25,7 @@ from sqlalchemy import func, select
 from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import Settings
 from aura.contract import BULK_QUEUE, ENRICH_TASK, REALTIME_QUEUE
-from aura.db import Database
-from aura.db.models import OutboxMessage
-from aura.db.outbox import Claim, Staged, stage_messages
+from aura.db import Claim, Database, OutboxMessage, Staged, stage_messages
 from aura.gateway import create_tenant_with_key
 from aura.gateway.outbox import OutboxPublisher, relay_once, staging_lease
 from aura.gateway.senders import AmqpSender, BrokerBlockedError

@@ -25,8 +25,7 @@ from sqlalchemy import func, select
 from aura.catalog import ImportRecord
 from aura.config import Settings
 from aura.contract import BULK_QUEUE, PLATFORM_QUEUES
-from aura.db import Database, OutboxMessage
-from aura.db.outbox import Claim, Staged, stage_messages
+from aura.db import Claim, Database, OutboxMessage, Staged, stage_messages
 from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.outbox import publish_claimed, relay_forever, relay_once
 from aura.messaging.topology import work_queues

@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from aura.config import load_settings
 from aura.errors import LLMTimeoutError
 from aura.messaging import DeadLetterQueue, resilient_task
-from aura.messaging.idempotency import InboxEntry
-from aura.messaging.runtime import process_runtime
+from aura.messaging._idempotency import InboxEntry
+from aura.messaging._runtime import process_runtime
 from aura.worker.celery_app import make_celery_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::celery.exceptions.CDeprecationWarning")
@@ -168,7 +168,7 @@ def test_two_workers_on_one_host_each_get_a_metrics_port() -> None:
 
     import httpx
 
-    from aura.messaging.observability import serve_metrics
+    from aura.messaging._observability import serve_metrics
     from tests.services import free_port
 
     port = free_port()

@@ -21,8 +21,8 @@ from aura.errors import (
     LLMTimeoutError,
     ServiceUnavailableError,
 )
-from aura.messaging.poison import PoisonPillDetector
-from aura.messaging.retry import RetryTracker
+from aura.messaging._poison import PoisonPillDetector
+from aura.messaging._retry import RetryTracker
 
 
 def raised(fn: object) -> BaseException:

@@ -1,4 +1,4 @@
-"""The outage gate's state machine (``aura.messaging.gate``), on a fake clock: one trial
+"""The outage gate's state machine (``aura.messaging._gate``), on a fake clock: one trial
 at a time, pauses that double to the cap, a lost trial's turn handed on, every waiter
 released by a trial that worked. A hypothesis model checks the invariants over any
 sequence of events."""
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aura.events import Dependency
-from aura.messaging.gate import OutageGate
+from aura.messaging._gate import OutageGate
 from tests.helpers import FakeClock, metric
 
 

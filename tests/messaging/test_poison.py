@@ -23,7 +23,7 @@ from aura.errors import (
     LLMConnectionError,
     LLMTimeoutError,
 )
-from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
+from aura.messaging._poison import DEFAULT_POISON_TYPES, PoisonPillDetector
 
 detector = PoisonPillDetector()
 MAX_REASON = 300

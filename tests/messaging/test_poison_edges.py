@@ -8,7 +8,7 @@ import pydantic
 import pytest
 
 from aura.errors import LLMTimeoutError
-from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
+from aura.messaging._poison import DEFAULT_POISON_TYPES, PoisonPillDetector
 
 detector = PoisonPillDetector()
 

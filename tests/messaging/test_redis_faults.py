@@ -131,7 +131,7 @@ def test_every_delivery_reaches_its_fate_whatever_redis_answers(
     letters with their reasons, an open circuit is deferred and then dead-lettered with
     its own -- never an escaped Redis error (which Celery would reject, and the broker
     dead-letter with no reason)."""
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     real = runtime.redis
@@ -286,7 +286,7 @@ def test_deferrals_do_not_spend_the_retry_budget_when_redis_cannot_count(
     """Redis refusing (OOM): the failure count falls back to the message's own
     ``aura_failures`` header, not Celery's retries (deferrals count there too: a message
     put off three times by an open breaker was dead-lettered on its first failure)."""
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     real = runtime.redis

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from aura.messaging.retry import KEY_PREFIX, RetryTracker
+from aura.messaging._retry import KEY_PREFIX, RetryTracker
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A retry that cannot be published puts its message back (``aura.messaging.task._retry``):
+"""A retry that cannot be published puts its message back (``aura.messaging._task._retry``):
 Celery's own answer, ``Reject(requeue=False)``, dead-letters a message whose effect may be
 committed (``aura chaos partition-broker`` lost an enrichment that way)."""
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from celery.exceptions import Reject, Retry
 
-from aura.messaging.settle import retry as _retry
+from aura.messaging._settle import retry as _retry
 
 
 class _Task:

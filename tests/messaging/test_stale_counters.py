@@ -9,9 +9,9 @@ from typing import Any
 from aura.config import load_settings
 from aura.errors import CircuitOpenError, DeadLettered
 from aura.messaging import resilient_task
-from aura.messaging.retry import KEY_PREFIX
-from aura.messaging.runtime import process_runtime
-from aura.messaging.task import DEFER_PREFIX
+from aura.messaging._retry import KEY_PREFIX
+from aura.messaging._runtime import process_runtime
+from aura.messaging._task import DEFER_PREFIX
 from aura.worker.celery_app import make_celery_app
 
 

@@ -23,7 +23,7 @@ from aura.errors import (
 )
 from aura.message_id import InboxEntry
 from aura.messaging import DeadLetter, DeadLetterQueue, resilient_task
-from aura.messaging.task import DEFER_PREFIX, backoff_delay
+from aura.messaging._task import DEFER_PREFIX, backoff_delay
 from aura.worker.celery_app import make_celery_app
 from tests.helpers import metric
 
@@ -324,7 +324,7 @@ class UpperRng:
 def test_the_default_backoff_doubles_from_one_second_to_sixty(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     monkeypatch.setattr(process_runtime(app), "rng", UpperRng())
     name = unique("backoff")
@@ -377,7 +377,7 @@ def test_registration_binding_and_signature(app: Celery) -> None:
 def test_past_the_hard_time_limit_the_message_is_requeued(app: Celery) -> None:
     from celery.exceptions import Reject
 
-    from aura.messaging.runtime import HardTimeLimitExceeded
+    from aura.messaging._runtime import HardTimeLimitExceeded
 
     @resilient_task(app=app, name=unique("hard"))
     def stuck(self: object) -> None:
@@ -393,8 +393,8 @@ def test_past_the_hard_time_limit_the_message_is_requeued(app: Celery) -> None:
 def test_the_process_loop_is_the_runtimes(app: Celery) -> None:
     import asyncio
 
-    from aura.messaging.runtime import process_runtime
-    from aura.messaging.task import process_loop
+    from aura.messaging._runtime import process_runtime
+    from aura.messaging._task import process_loop
 
     loop = process_loop(app)
     assert isinstance(loop, asyncio.AbstractEventLoop)
@@ -403,7 +403,7 @@ def test_the_process_loop_is_the_runtimes(app: Celery) -> None:
 
 
 def test_the_task_class_keeps_requests_per_context(app: Celery) -> None:
-    from aura.messaging.runtime import ContextStack
+    from aura.messaging._runtime import ContextStack
 
     @resilient_task(app=app, name=unique("stack"))
     def noop(self: object) -> None:
@@ -415,7 +415,7 @@ def test_the_task_class_keeps_requests_per_context(app: Celery) -> None:
 def test_an_async_task_runs_on_the_process_loop(app: Celery) -> None:
     import asyncio
 
-    from aura.messaging.task import process_loop
+    from aura.messaging._task import process_loop
 
     @resilient_task(app=app, name=unique("async"))
     async def coroutine(self: object, n: int) -> int:
@@ -452,8 +452,8 @@ def run_redelivered(task: Any, message_id: str) -> Any:
 
 
 def test_a_redelivery_counts_against_the_budget(app: Celery) -> None:
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._runtime import process_runtime
 
     name = unique("redelivered")
     runs: list[int] = []
@@ -530,8 +530,8 @@ def test_a_conflict_found_by_the_inbox_costs_one_lookup(app: Celery) -> None:
 
 
 def test_a_committed_twin_clears_counters_and_a_failed_recovery_is_retried(app: Celery) -> None:
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     recoveries: list[int] = []
@@ -561,8 +561,8 @@ def test_a_committed_twin_clears_counters_and_a_failed_recovery_is_retried(app: 
 def test_counters_are_cleared_after_a_success_and_redis_failing_there_is_only_logged(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     runs: list[int] = []
@@ -593,7 +593,7 @@ def test_a_redelivery_that_cannot_be_counted_runs(
 ) -> None:
     import redis.exceptions
 
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     runs: list[int] = []
@@ -635,8 +635,8 @@ class LateInbox(CountingInbox):
 
 
 def test_no_dead_letter_for_an_effect_the_inbox_shows_committed(app: Celery) -> None:
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     name = unique("late-twin")
@@ -691,7 +691,7 @@ def test_an_unreadable_inbox_puts_a_dead_letter_off_within_the_deferral_budget(
 
 def test_no_redis_marker_decides_a_letter(app: Celery) -> None:
     """A replayed message that fails again is dead-lettered again (a marker acked it away)."""
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     name = unique("no-marker")
@@ -725,8 +725,8 @@ def test_a_task_belongs_to_the_app_it_names_else_to_auras(app: Celery) -> None:
 def test_retries_and_deferrals_are_counted_and_counters_cleared_at_the_dlq(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aura.messaging.retry import KEY_PREFIX
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._retry import KEY_PREFIX
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     monkeypatch.setattr(runtime, "rng", random.Random(1))
@@ -755,7 +755,7 @@ def test_retries_and_deferrals_are_counted_and_counters_cleared_at_the_dlq(
 def test_a_marker_redis_cannot_read_means_the_letter_is_written(
     app: Celery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     name = unique("marker-down")
@@ -791,7 +791,7 @@ def test_when_redis_cannot_count_deferrals_celerys_count_bounds_them(
 ) -> None:
     import redis.exceptions
 
-    from aura.messaging.runtime import process_runtime
+    from aura.messaging._runtime import process_runtime
 
     runtime = process_runtime(app)
     name = unique("deferrals-uncounted")

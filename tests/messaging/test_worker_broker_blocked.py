@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from aura.chaos.broker_node import PrivateRabbitMQ
-from aura.messaging.observability import AckLossFilter
+from aura.messaging._observability import AckLossFilter
 from aura.worker.process import start_worker_process
 from tests.blocked_tasks import QUEUE, app
 from tests.helpers import metric, stop_celery_worker, wait_for

@@ -23,7 +23,7 @@ from aura.errors import AuraError
 
 # A signal, not an error: it must pass every ``except Exception`` in a task (as asyncio's
 # CancelledError does), so it cannot derive from AuraError.
-SIGNALS = {"aura.messaging.runtime.HardTimeLimitExceeded"}
+SIGNALS = {"aura.messaging._runtime.HardTimeLimitExceeded"}
 EXTRAS = ("aura.gateway", "aura.demo", "aura.chaos")  # import FastAPI, uvicorn, ...
 
 
@@ -55,7 +55,8 @@ def _load(name: str) -> ModuleType:
 
 
 def test_the_walk_finds_every_layer() -> None:
-    assert {"aura.messaging.rules", "aura.llm.client", "aura.db.inbox"} <= set(PUBLIC)
+    assert {"aura.messaging.rules", "aura.llm.client", "aura.db.tables"} <= set(PUBLIC)
+    assert {"aura.messaging._task", "aura.db._inbox"} <= set(MODULES) - set(PUBLIC)
     assert {"aura.gateway.app", "aura.catalog.pipeline", "aura.cli.dlq"} <= set(PUBLIC)
 
 

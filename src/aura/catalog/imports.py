@@ -16,10 +16,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog.models import Import, ImportRecord
-from aura.db.engine import Database
-from aura.db.outbox import Claim, Staged, stage_messages
-from aura.db.statement import execute_atomically
-from aura.db.transactional import transactional
+from aura.db import Claim, Database, Staged, execute_atomically, stage_messages, transactional
 from aura.errors import NotFoundError
 
 __all__ = [
@@ -136,7 +133,7 @@ async def import_counts(
     return {"accepted": batch.accepted, **counts}
 
 
-# A small import in one statement (``aura.db.statement``): the import, its records and their
+# A small import in one statement (``aura.db._statement``): the import, its records and their
 # messages, all or nothing.
 _WITH_MESSAGES = """
     WITH batch AS (

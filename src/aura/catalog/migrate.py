@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aura.db.engine import Database
-from aura.db.migrate import apply_migrations, current_revision
+from aura.db import Database, apply_migrations, current_revision
 
 __all__ = ["MIGRATIONS", "current_revision", "upgrade"]
 

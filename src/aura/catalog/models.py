@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from aura.db.models import NAMING_CONVENTION
+from aura.db import NAMING_CONVENTION
 from aura.db.tables import add_dead_letter_tables, add_inbox_table, add_outbox_table
 from aura.message_id import MESSAGE_ID_MAX_LENGTH
 

@@ -6,7 +6,7 @@
     store_enrichment   the inbox claim and the enrichment (upsert): all or nothing
 
 Each write is one statement (data-modifying CTEs) sent in autocommit on the pool's asyncpg
-connection (``aura.db.statement``): PostgreSQL runs it as its own transaction, so a crash
+connection (``aura.db._statement``): PostgreSQL runs it as its own transaction, so a crash
 anywhere -- the connection cut between the statement and its reply included -- leaves the
 claim and the effect both committed or both absent, and the next delivery decides as it
 would after a ``@transactional`` function. Under load a session's BEGIN, four statements
@@ -52,10 +52,7 @@ from aura.catalog.products import (
     write_product_atomically,
 )
 from aura.catalog.schema import ProductIn
-from aura.db.engine import Database
-from aura.db.inbox import claim_message
-from aura.db.statement import execute_atomically, fetch_row
-from aura.db.transactional import transactional
+from aura.db import Database, claim_message, execute_atomically, fetch_row, transactional
 from aura.errors import ConflictingMessageIdError, NotFoundError
 from aura.message_id import validate_message_id
 

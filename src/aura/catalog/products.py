@@ -22,10 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog.models import Product, Tenant, Variant
 from aura.catalog.schema import ProductIn, VariantIn, parse_product, parse_variant
-from aura.db.engine import Database
-from aura.db.outbox import Claim, Staged, stage_messages
-from aura.db.statement import execute_atomically
-from aura.db.transactional import transactional
+from aura.db import Claim, Database, Staged, execute_atomically, stage_messages, transactional
 from aura.errors import (
     ConflictError,
     InvalidInputError,

@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.catalog import Enrichment, ImportRecord, Product
 from aura.chaos.resources import run_tool
-from aura.db.models import OutboxMessage, ProcessedMessage
+from aura.db import OutboxMessage, ProcessedMessage
 from aura.events import DeadLetterReason
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.messaging.topology import DEAD_LETTER_QUEUE

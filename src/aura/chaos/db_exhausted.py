@@ -41,13 +41,12 @@ from aura.catalog import ImportRecord
 from aura.chaos.accounting import Accounting
 from aura.chaos.expectations import all_committed, extra_calls
 from aura.chaos.run import ChaosRun
-from aura.db import Database
-from aura.db.models import ProcessedMessage
+from aura.db import Database, ProcessedMessage
 from aura.llm import Faults
 
 __all__ = ["DatabaseExhausted", "final_records", "run_sql"]
 
-_GATE_CLOSED = "holding deliveries until it answers"  # aura.messaging.gate's warning
+_GATE_CLOSED = "holding deliveries until it answers"  # aura.messaging._gate's warning
 # Read as the run's own (superuser) role, through the windows.
 _COMMITTED = "select count(*) from processed_messages"
 _PENDING = "select count(*) from import_records where status = 'pending'"

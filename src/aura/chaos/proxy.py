@@ -59,7 +59,7 @@ class _CommitSpotter:
     """Reads a PostgreSQL client's byte stream (frontend messages) and counts its commit
     points: a simple-query COMMIT (what asyncpg sends to end a transaction), and the Sync
     after a write executed outside a transaction block -- a one-statement write in
-    autocommit (``aura.db.statement``), which the server commits as it ends.
+    autocommit (``aura.db._statement``), which the server commits as it ends.
 
     Extended protocol, as asyncpg speaks it: Parse names a statement and gives its text;
     Bind names the statement it runs; Execute runs it; Sync ends the implicit transaction.

@@ -234,7 +234,7 @@ def show_command(letter_id: str = typer.Argument(..., help="The dead letter's id
 
 def _reset_budgets(message_ids: list[str]) -> None:
     from aura.config import get_settings
-    from aura.messaging.retry import RetryTracker
+    from aura.messaging import RetryTracker
 
     redis_url = get_settings().redis_url
     if redis_url is None or not message_ids:

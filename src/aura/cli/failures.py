@@ -97,7 +97,7 @@ def service_failure(exc: BaseException, settings: Settings) -> str | None:
 
 async def check_database(settings: Settings) -> None:
     """Connect once to DATABASE_URL (bounded by DB_CONNECT_TIMEOUT); raise if it fails."""
-    from aura.db.engine import reach
+    from aura.db import reach
 
     await reach(settings)
 

@@ -6,5 +6,5 @@ from __future__ import annotations
 
 __all__ = []
 
-RETRY_PREFIX = "retry_count:"  # aura.messaging.retry.KEY_PREFIX
-DEFER_PREFIX = "defer_count:"  # aura.messaging.task.DEFER_PREFIX
+RETRY_PREFIX = "retry_count:"  # aura.messaging._retry.KEY_PREFIX
+DEFER_PREFIX = "defer_count:"  # aura.messaging._task.DEFER_PREFIX

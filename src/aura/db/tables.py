@@ -12,7 +12,7 @@
 ``--autogenerate`` (``target_metadata = Base.metadata`` in your ``env.py``) writes its
 migration into your history; do not also run the platform's migrations (``aura db
 upgrade``) on that database (they would make its catalog tables and its own
-``alembic_version``). ``claim_message``, ``DatabaseInbox`` and ``aura.db.outbox`` find the
+``alembic_version``). ``claim_message``, ``DatabaseInbox`` and ``aura.db._outbox`` find the
 tables by name. The platform builds its own metadata the same way (``aura.catalog.models``).
 """
 
@@ -20,15 +20,31 @@ from __future__ import annotations
 
 from sqlalchemy import MetaData, Table
 
-from aura.db.dead_letters import add_dead_letter_tables
-from aura.db.models import OutboxMessage, ProcessedMessage
+from aura.db._dead_letters import (
+    DEAD,
+    DEAD_LETTERS_TABLE,
+    REPLAYED,
+    REPLAYS_TABLE,
+    add_dead_letter_tables,
+    dead_letters,
+    replays,
+)
+from aura.db._dead_letters import metadata as DEAD_LETTER_METADATA
+from aura.db._models import OutboxMessage, ProcessedMessage
 
 __all__ = [
+    "DEAD",
+    "DEAD_LETTERS_TABLE",
+    "DEAD_LETTER_METADATA",
     "INBOX_TABLE",
     "OUTBOX_TABLE",
+    "REPLAYED",
+    "REPLAYS_TABLE",
     "add_dead_letter_tables",
     "add_inbox_table",
     "add_outbox_table",
+    "dead_letters",
+    "replays",
 ]
 
 INBOX_TABLE = "processed_messages"

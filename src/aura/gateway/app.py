@@ -16,7 +16,7 @@ Built of: one router per resource (``aura.gateway.routes``), one table from erro
 status (``aura.gateway.errors``), the lifespan (``aura.gateway.lifespan``), and the
 state and authorization as FastAPI dependencies (``aura.gateway.state``).
 
-Messages go through the outbox (``aura.db.outbox``): the product or the import's records
+Messages go through the outbox (``aura.db._outbox``): the product or the import's records
 and the messages they need are committed together, then published; if the broker is
 down the request still succeeds and the relay (every OUTBOX_RELAY_INTERVAL seconds)
 publishes what was left. While the broker blocks publishing (a resource alarm) new

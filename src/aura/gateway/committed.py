@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 from starlette.types import Scope
 
-from aura.db.outbox import Claim, Staged
+from aura.db import Claim, Staged
 from aura.gateway.guard import release_slot
 from aura.gateway.state import Gateway
 from aura.logs import describe_exception

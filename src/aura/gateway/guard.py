@@ -26,7 +26,7 @@ import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aura.db.transactional import is_unavailable as _db_unavailable
+from aura.db import is_unavailable as _db_unavailable
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -61,7 +61,7 @@ def error_body(code: str, message: str, fields: list[dict[str, str]] | None = No
 
 def is_unavailable(exc: BaseException) -> bool:
     """A dependency is down or saturated (retry later), not a bug
-    (``aura.db.transactional.is_unavailable``)."""
+    (``aura.db._transactional.is_unavailable``)."""
     return _db_unavailable(exc)
 
 

@@ -16,7 +16,7 @@ would be published twice, harmless).
 
 The publish itself, the claims and the relay are ``aura.gateway.relay``.
 
-What may still be published twice is written in ``aura.db.outbox``; the inbox makes it
+What may still be published twice is written in ``aura.db._outbox``; the inbox makes it
 harmless. What is never published twice: a row a live publisher is sending.
 """
 
@@ -29,8 +29,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from aura.db import Database
-from aura.db.outbox import Claim, Staged, clear_outbox, delete_sent, release_claim
+from aura.db import Claim, Database, Staged, clear_outbox, delete_sent, release_claim
 from aura.gateway.relay import (
     BATCH,
     DEFAULT_LEASE,

@@ -1,7 +1,7 @@
-"""Publishing rows a publisher holds a claim on (``aura.db.outbox``), and the relay that
+"""Publishing rows a publisher holds a claim on (``aura.db._outbox``), and the relay that
 takes over what no one holds. ``aura.gateway.outbox`` publishes each request's rows with it.
 
-``publish_claimed`` sends messages its publisher holds a claim on (``aura.db.outbox``) and
+``publish_claimed`` sends messages its publisher holds a claim on (``aura.db._outbox``) and
 deletes each one the broker confirmed. Before each batch it renews its claim and sends only
 what it still holds; it renews again whenever half the lease has passed, so a slow publish
 of thousands of messages keeps them, and a publisher that stops (crash, broker down) lets
@@ -20,7 +20,7 @@ thousands of rows, may take a while before it can publish); a request that dies 
 its commit and its first renewal delays its messages by that much, never loses them. A
 publisher that fails (broker down) lets its rows go at once, for the relay.
 
-What may still be published twice is written in ``aura.db.outbox``; the inbox makes it
+What may still be published twice is written in ``aura.db._outbox``; the inbox makes it
 harmless.
 """
 
@@ -34,9 +34,9 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from celery import Celery
 
-from aura.db import Database
-from aura.db.outbox import (
+from aura.db import (
     Claim,
+    Database,
     Staged,
     claim_due,
     clear_outbox,

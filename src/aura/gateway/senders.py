@@ -37,7 +37,7 @@ from kombu.serialization import dumps
 from starlette.concurrency import run_in_threadpool
 
 from aura.contract import PLATFORM_QUEUES
-from aura.db.outbox import Staged
+from aura.db import Staged
 from aura.errors import ServiceUnavailableError
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
 

@@ -21,6 +21,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aura.messaging._idempotency import (
+        Inbox,
+        InboxEntry,
+        delivery_fingerprint,
+        message_fingerprint,
+    )
+    from aura.messaging._poison import DEFAULT_POISON_TYPES, PoisonPillDetector
+    from aura.messaging._retry import RetryTracker
+    from aura.messaging._task import backoff_delay, report_duplicate, resilient_task
     from aura.messaging.app import configure, configured_app, default_app
     from aura.messaging.delivery import Delivery, TaskPolicy
     from aura.messaging.dlq import DeadLetter, DeadLetterQueue, route_to_dlq
@@ -36,16 +45,7 @@ if TYPE_CHECKING:
         RetryAfter,
         Rule,
     )
-    from aura.messaging.idempotency import (
-        Inbox,
-        InboxEntry,
-        delivery_fingerprint,
-        message_fingerprint,
-    )
-    from aura.messaging.poison import DEFAULT_POISON_TYPES, PoisonPillDetector
-    from aura.messaging.retry import RetryTracker
     from aura.messaging.rules import DEFAULT_RULES
-    from aura.messaging.task import backoff_delay, report_duplicate, resilient_task
 
 _WHERE = {
     "configure": "app",
@@ -56,13 +56,13 @@ _WHERE = {
     "route_to_dlq": "dlq",
     "GuardedConsumer": "envelope",
     "check_envelope": "envelope",
-    "Inbox": "idempotency",
-    "InboxEntry": "idempotency",
-    "delivery_fingerprint": "idempotency",
-    "message_fingerprint": "idempotency",
-    "DEFAULT_POISON_TYPES": "poison",
-    "PoisonPillDetector": "poison",
-    "RetryTracker": "retry",
+    "Inbox": "_idempotency",
+    "InboxEntry": "_idempotency",
+    "delivery_fingerprint": "_idempotency",
+    "message_fingerprint": "_idempotency",
+    "DEFAULT_POISON_TYPES": "_poison",
+    "PoisonPillDetector": "_poison",
+    "RetryTracker": "_retry",
     "Delivery": "delivery",
     "TaskPolicy": "delivery",
     "Ack": "fate",
@@ -75,9 +75,9 @@ _WHERE = {
     "RetryAfter": "fate",
     "Rule": "fate",
     "DEFAULT_RULES": "rules",
-    "backoff_delay": "task",
-    "report_duplicate": "task",
-    "resilient_task": "task",
+    "backoff_delay": "_task",
+    "report_duplicate": "_task",
+    "resilient_task": "_task",
 }
 
 __all__ = [

@@ -41,7 +41,7 @@ what makes "nothing lost" true):
 
 The broker URL is yours: ``configure`` sets it from CELERY_BROKER_URL only when the app
 has none. It also connects the worker's metrics endpoint (WORKER_METRICS_PORT) and the
-queue-depth poller (``aura.messaging.observability``), and makes the app the default
+queue-depth poller (``aura.messaging._observability``), and makes the app the default
 of ``@resilient_task`` (the last app configured wins; ``resilient_task(app=...)`` picks
 another).
 """
@@ -111,7 +111,7 @@ def configure(
         aura_priority_queues=[name for name in names if name in priority_queues],
     )
     _connect_signals(app, settings)
-    from aura.messaging import observability
+    from aura.messaging import _observability as observability
 
     observability.install(app, settings)
     if make_default:
@@ -205,9 +205,8 @@ def check_database(settings: Settings, timeout: float = 5.0) -> bool:
     import structlog
 
     from aura.config import mask_url
-    from aura.db.engine import reach
-    from aura.db.transactional import describe_error
-    from aura.messaging.bounded import run_in_own_loop
+    from aura.db import describe_error, reach
+    from aura.messaging._bounded import run_in_own_loop
 
     try:
         run_in_own_loop(lambda: reach(settings, timeout), name="aura-db-check", timeout=timeout + 1)

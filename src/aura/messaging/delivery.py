@@ -19,10 +19,10 @@ import structlog
 from celery import Task
 
 from aura.backoff import Backoff
+from aura.messaging._idempotency import Inbox, message_fingerprint
+from aura.messaging._poison import PoisonPillDetector
+from aura.messaging._runtime import ProcessRuntime
 from aura.messaging.dlq import REPLAY_HEADER, DeadLetter
-from aura.messaging.idempotency import Inbox, message_fingerprint
-from aura.messaging.poison import PoisonPillDetector
-from aura.messaging.runtime import ProcessRuntime
 
 if TYPE_CHECKING:
     from aura.messaging.fate import Rule

@@ -51,7 +51,7 @@ from celery.worker.consumer import Consumer
 from aura.errors import InvalidInputError
 from aura.logs import bounded_text, describe_exception
 from aura.message_id import validate_message_id
-from aura.messaging.compression import InflateLimitError, bound_compression
+from aura.messaging._compression import InflateLimitError, bound_compression
 from aura.messaging.dlq import dead_letter_original, delayed_by_broker, queue_of
 
 __all__ = [

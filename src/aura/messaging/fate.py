@@ -14,7 +14,7 @@ is data (``aura.messaging.rules.DEFAULT_RULES``), and a task may be given its ow
     DeadLetterAs   to the DLQ with ``reason`` (the inbox has the last word, see below)
     Fail           Celery's own failure (a task without DLQ routing)
     HoldForDatabase  the database cannot take it now: held at the outage gate, then run
-                     again (``aura.messaging.gate``); no budget spent
+                     again (``aura.messaging._gate``); no budget spent
 
 A rule that raises is logged and skipped (dramatiq's rule for middleware: a failing hook
 never breaks the delivery); a failure no rule decides is raised as it came.

@@ -28,7 +28,7 @@ rate enrichments could follow, and their statements slowed every task in flight
 about one ingest in: they run at the same rate.
 
 Per-task time limits, the hard-limit recycle and the loop watchdog are
-``aura.messaging.runtime``'s. Blocking calls a task makes (a confirmed publish) block the
+``aura.messaging._runtime``'s. Blocking calls a task makes (a confirmed publish) block the
 loop for their duration: the platform's tasks make theirs in a thread.
 
 ``worker_max_tasks_per_child`` (CELERY_WORKER_MAX_TASKS_PER_CHILD) is honoured per task
@@ -59,7 +59,7 @@ from typing import Any
 import structlog
 from celery.concurrency.base import BasePool, apply_target
 
-from aura.messaging.runtime import ProcessRuntime, run_in_greenlet, start_threaded
+from aura.messaging._runtime import ProcessRuntime, run_in_greenlet, start_threaded
 
 __all__ = ["AsyncPool"]
 

@@ -38,7 +38,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 
 from aura import events
 from aura.backoff import Backoff
-from aura.db.transactional import is_outage
+from aura.db import is_outage
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
@@ -49,6 +49,7 @@ from aura.errors import (
 )
 from aura.events import DeadLetterReason, TaskRedelivered, TaskTimedOut, TimeoutKind
 from aura.logs import describe_exception
+from aura.messaging._retry import KEY_PREFIX
 from aura.messaging.delivery import Delivery, failures_so_far
 from aura.messaging.fate import (
     Ack,
@@ -61,7 +62,6 @@ from aura.messaging.fate import (
     RetryAfter,
     Rule,
 )
-from aura.messaging.retry import KEY_PREFIX
 
 __all__ = [
     "DEFAULT_RULES",

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``aura.db.migrate`` hands over."""
+"""Alembic environment: runs on the connection ``aura.db._migrate`` hands over."""
 
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ from aura.catalog import (
     import_counts,
 )
 from aura.contract import BULK_QUEUE, INGEST_TASK
-from aura.db import Database, transactional
-from aura.db.outbox import Claim, Staged, extend_claim, stage_messages
+from aura.db import Claim, Database, Staged, extend_claim, stage_messages, transactional
 from aura.errors import DatabaseTransactionError, NotFoundError
 from aura.gateway.bodies import (
     JSON_TYPES,

@@ -15,8 +15,7 @@ from sqlalchemy import select
 from aura.catalog import Product, ProductIn, Variant, create_product_with_message, parse_product
 from aura.catalog.reads import StoredProduct, product_page, stored_product
 from aura.contract import ENRICH_TASK, REALTIME_QUEUE
-from aura.db import Database
-from aura.db.outbox import Claim, Staged
+from aura.db import Claim, Database, Staged
 from aura.errors import DatabaseTransactionError, NotFoundError
 from aura.gateway.bodies import (
     JSON_TYPES,

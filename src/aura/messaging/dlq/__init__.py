@@ -26,14 +26,14 @@ Reasons (a fixed set, also the ``messages_sent_to_dlq_total`` label):
 A malformed message is stored as it arrived -- the original body bytes, content type,
 encoding and headers -- with ``x-aura-*`` headers that say why (``x-aura-format:
 original``), so nothing about it is lost; a compressed one that would inflate past the
-message size limit keeps its compressed bytes (``aura.messaging.compression``). Views show
+message size limit keeps its compressed bytes (``aura.messaging._compression``). Views show
 its text redacted and bounded; its bytes are kept for the record, never printed, and it
 cannot be replayed (its producer must be fixed).
 
 Where letters live: the broker queue is where they land (``route_to_dlq`` waits for the
 broker's publisher confirm before it returns, so a caller acks the original only once the
 dead letter is safe: a crash in between duplicates it, never loses it). Every read first
-files what has landed into the DLQ store (``aura.messaging.dlq_store``: rows committed,
+files what has landed into the DLQ store (``aura.messaging._dlq_store``: rows committed,
 then the broker messages acked), then queries the store; the broker queue is never
 browsed, so reading changes no letter, header, delivery count or order. One letter per
 (message id, reason, fingerprint): the store's key decides, not Redis.

@@ -12,9 +12,10 @@ import structlog
 from kombu.connection import Connection
 
 from aura import events
-from aura.db.engine import Database
+from aura.db import Database
 from aura.events import DeadLettersDropped
 from aura.logs import bounded_text, redact
+from aura.messaging._dlq_store import LandedLetter, enforce_retention, file_letters
 from aura.messaging.dlq._decode import MAX_HEADER_DEPTH, from_message, json_safe
 from aura.messaging.dlq._letter import (
     MAX_ERROR,
@@ -25,7 +26,6 @@ from aura.messaging.dlq._letter import (
     bounded,
 )
 from aura.messaging.dlq._tasks import argument_tenant, forged
-from aura.messaging.dlq_store import LandedLetter, enforce_retention, file_letters
 from aura.messaging.topology import DEAD_LETTER_QUEUE, dead_letter_queue
 
 _log = structlog.get_logger("aura.messaging.dlq")

@@ -62,7 +62,7 @@ class DeadLetter(BaseModel):
     tenant_id: str | None = None
     dead_lettered_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     original: OriginalMessage | None = None  # set for malformed messages only
-    fingerprint: str | None = None  # of the payload (aura.messaging.idempotency)
+    fingerprint: str | None = None  # of the payload (aura.messaging._idempotency)
     replay_count: int = 0  # how often it was replayed from the DLQ before this letter
     seq: int | None = None  # its position in the store (newest last); set by reads
     replay_refusal: str | None = None  # why it cannot be replayed, where that is known

@@ -14,16 +14,16 @@ from typing import Any, TypeVar
 from kombu.connection import Connection
 from sqlalchemy import case, delete, func, select
 
-from aura.db.engine import Database
+from aura.db import Database
 from aura.errors import ServiceUnavailableError
 from aura.logs import describe_exception
-from aura.messaging.bounded import run_in_own_loop
-from aura.messaging.compression import bound_compression
+from aura.messaging._bounded import run_in_own_loop
+from aura.messaging._compression import bound_compression
+from aura.messaging._dlq_store import DEAD, LISTED, Filter, dead_letters, ensure_tables, replays
 from aura.messaging.dlq._filing import file_landed, letter_of
 from aura.messaging.dlq._letter import DeadLetter
 from aura.messaging.dlq._replay import Replay, ReplayReport, replay_one
 from aura.messaging.dlq._tasks import ReplayCheck, task_checks
-from aura.messaging.dlq_store import DEAD, LISTED, Filter, dead_letters, ensure_tables, replays
 
 T = TypeVar("T")
 _memory_stores: dict[str, str] = {}
@@ -35,7 +35,7 @@ def store_url(connection: Connection | None = None) -> str:
     """The DLQ store's database: ``DLQ_DATABASE_URL``, else ``DATABASE_URL`` (else the
     embedded SQLite file); for kombu's in-memory broker, a SQLite file of this process."""
     from aura.config import get_settings
-    from aura.db.engine import database_url
+    from aura.db import database_url
 
     settings = get_settings()
     if settings.dlq_database_url is not None:

@@ -17,12 +17,12 @@ from kombu.connection import Connection
 from kombu.messaging import Producer
 from sqlalchemy import update
 
-from aura.db.engine import Database
+from aura.db import Database
 from aura.logs import bounded_text, describe_exception
+from aura.messaging._dlq_store import DEAD, LISTED, REPLAYED, dead_letters, mark_replayed
 from aura.messaging.dlq._filing import letter_of
 from aura.messaging.dlq._letter import REPLAY_HEADER, DeadLetter
 from aura.messaging.dlq._tasks import ReplayCheck
-from aura.messaging.dlq_store import DEAD, LISTED, REPLAYED, dead_letters, mark_replayed
 
 MAX_REPLAY_BYTES = 32 * 1024 * 1024
 """The largest letter replay sends (the envelope guard's message size limit)."""

@@ -16,9 +16,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # The tables as aura.db.dead_letters defines them; a reader may have made them
+    # The tables as aura.db._dead_letters defines them; a reader may have made them
     # already (it creates them where they are missing), so only what is missing is made.
-    from aura.db.dead_letters import metadata
+    from aura.db._dead_letters import metadata
 
     metadata.create_all(op.get_bind(), checkfirst=True)
 

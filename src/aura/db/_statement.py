@@ -30,8 +30,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura import events
-from aura.db.engine import Database
-from aura.db.transactional import describe_error, is_network_error, while_out
+from aura.db._engine import Database
+from aura.db._transactional import describe_error, is_network_error, while_out
 from aura.errors import DatabaseTransactionError
 from aura.events import RollbackReason, TransactionRolledBack
 

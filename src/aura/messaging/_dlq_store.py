@@ -35,17 +35,19 @@ from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aura.db.dead_letters import (
+from aura.db import Database
+from aura.db.tables import (
     DEAD,
     DEAD_LETTERS_TABLE,
     REPLAYED,
     REPLAYS_TABLE,
     add_dead_letter_tables,
     dead_letters,
-    metadata,
     replays,
 )
-from aura.db.engine import Database
+from aura.db.tables import (
+    DEAD_LETTER_METADATA as metadata,
+)
 
 __all__ = [
     "DEAD",

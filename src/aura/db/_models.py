@@ -1,4 +1,4 @@
-"""The patterns' own tables, mapped for their queries (``aura.db.inbox``, ``aura.db.outbox``).
+"""The patterns' own tables, mapped for their queries (``aura.db._inbox``, ``aura.db._outbox``).
 
 processed_messages  the inbox: one row per message whose effect is committed
 outbox              messages committed with the change that caused them, not yet published
@@ -47,14 +47,14 @@ class ProcessedMessage(Base):
     task: Mapped[str] = mapped_column(String(200))
     tenant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    # SHA-256 of the payload (aura.messaging.idempotency); NULL for rows made before 0004
+    # SHA-256 of the payload (aura.messaging._idempotency); NULL for rows made before 0004
     fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class OutboxMessage(Base):
     """A message written in the same transaction as the change that needs it, deleted once
     the broker confirmed it; the relay publishes what a failed publish left behind.
-    ``claimed_by`` publishes it, alone, until ``claimed_until`` (``aura.db.outbox``)."""
+    ``claimed_by`` publishes it, alone, until ``claimed_until`` (``aura.db._outbox``)."""
 
     __tablename__ = "outbox"
 

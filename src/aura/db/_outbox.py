@@ -31,9 +31,9 @@ from typing import Any
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from aura.db.engine import Database
-from aura.db.models import OutboxMessage
-from aura.db.statement import execute_atomically
+from aura.db._engine import Database
+from aura.db._models import OutboxMessage
+from aura.db._statement import execute_atomically
 
 __all__ = [
     "Claim",

@@ -18,7 +18,7 @@ Its statements are built once, with bind parameters, so a claim costs one cache 
 and one round trip (two when the id is already there).
 
 ``DatabaseInbox`` is the read side ``resilient_task(inbox=...)`` uses to settle a
-delivery before it runs (``aura.messaging.idempotency``): one primary-key read on an
+delivery before it runs (``aura.messaging._idempotency``): one primary-key read on an
 autocommit connection, one round trip (no BEGIN and ROLLBACK around it).
 """
 
@@ -34,9 +34,9 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from aura.db.engine import Database
-from aura.db.models import ProcessedMessage
-from aura.db.statement import fetch_row
+from aura.db._engine import Database
+from aura.db._models import ProcessedMessage
+from aura.db._statement import fetch_row
 from aura.errors import ConflictingMessageIdError
 from aura.message_id import InboxEntry, validate_message_id
 

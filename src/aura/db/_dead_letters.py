@@ -1,4 +1,4 @@
-"""The DLQ store's tables (``aura.messaging.dlq_store`` reads and writes them): defined
+"""The DLQ store's tables (``aura.messaging._dlq_store`` reads and writes them): defined
 apart, with only SQLAlchemy, so the models' metadata (and so Alembic's) holds them too."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from aura import events
-from aura.db.transactional import while_out
+from aura.db import while_out
 from aura.errors import AuraError, DeadLettered
 from aura.events import (
     DeadLetterReason,
@@ -31,7 +31,10 @@ from aura.events import (
     TaskRetried,
 )
 from aura.logs import describe_exception
-from aura.messaging.bounded import PUBLISH_BOUND, PublishTimeout, publish_within
+from aura.messaging._bounded import PUBLISH_BOUND, PublishTimeout, publish_within
+from aura.messaging._idempotency import InboxEntry
+from aura.messaging._retry import KEY_PREFIX
+from aura.messaging._runtime import call_off_loop
 from aura.messaging.delivery import (
     FAILURES_HEADER,
     Delivery,
@@ -49,10 +52,7 @@ from aura.messaging.fate import (
     RetryAfter,
     first_fate,
 )
-from aura.messaging.idempotency import InboxEntry
-from aura.messaging.retry import KEY_PREFIX
 from aura.messaging.rules import DEFER_PREFIX, deferrals_spent, outage_countdown
-from aura.messaging.runtime import call_off_loop
 
 __all__ = ["DatabaseOut", "carry_out", "forget_counts", "retry", "settle_failure"]
 

@@ -21,13 +21,13 @@ Per delivery (the seed's "Error Handling Hierarchy"; each row is one rule of
                                past max_retries -> DLQ (max_retries_exceeded)
 
 The order is data (``DEFAULT_RULES``); a task may take its own list (``rules=``), and a
-rule that raises is logged and skipped. Carrying a fate out is ``aura.messaging.settle``:
+rule that raises is logged and skipped. Carrying a fate out is ``aura.messaging._settle``:
 a dead letter is published with a publisher confirm before the task returns, and Celery
 acks the original (late) only after that: never lost, at worst duplicated in the DLQ. A
 replayed message (header ``aura_replay_count``) carries its count into its next dead
 letter and into its retries.
 
-With an ``inbox`` (see ``aura.messaging.idempotency``) each delivery is looked up before
+With an ``inbox`` (see ``aura.messaging._idempotency``) each delivery is looked up before
 it runs, and no dead letter is written for a message whose effect the inbox shows
 committed (one whose id it shows committed for another payload goes as
 ``conflicting_message_id``, however it failed). ``lookup_first=False``: the task's own
@@ -72,6 +72,15 @@ from aura.events import (
     TimeoutKind,
 )
 from aura.logs import describe_exception
+from aura.messaging._idempotency import Inbox
+from aura.messaging._poison import PoisonPillDetector
+from aura.messaging._runtime import (
+    ContextStack,
+    HardTimeLimitExceeded,
+    ProcessRuntime,
+    process_runtime,
+)
+from aura.messaging._settle import DatabaseOut, carry_out, forget_counts, settle_failure
 from aura.messaging.delivery import (
     Delivery,
     TaskPolicy,
@@ -81,16 +90,7 @@ from aura.messaging.delivery import (
 )
 from aura.messaging.dlq import DeadLetter
 from aura.messaging.fate import Rule, first_fate
-from aura.messaging.idempotency import Inbox
-from aura.messaging.poison import PoisonPillDetector
 from aura.messaging.rules import DEFAULT_RULES, DEFER_PREFIX, MIN_COUNTDOWN, put_off_for_database
-from aura.messaging.runtime import (
-    ContextStack,
-    HardTimeLimitExceeded,
-    ProcessRuntime,
-    process_runtime,
-)
-from aura.messaging.settle import DatabaseOut, carry_out, forget_counts, settle_failure
 
 __all__ = [
     "DEFAULT_RULES",
@@ -168,7 +168,7 @@ def resilient_task(
     30 minutes with the seed's 60 s). ``on_dead_letter`` is awaited with each dead letter
     once it is safe in the DLQ (to mark the record failed, say); if it fails, that is
     logged and nothing else changes. ``inbox`` makes deliveries idempotent by id and
-    payload (``aura.messaging.idempotency``); ``on_duplicate`` is awaited, with the
+    payload (``aura.messaging._idempotency``); ``on_duplicate`` is awaited, with the
     task's arguments, when a delivery's effect is already committed (to redo a recovery
     step such as queueing follow-up work). ``lookup_first=False`` skips the inbox read
     before each delivery, for a task whose effect is one statement that claims the id and

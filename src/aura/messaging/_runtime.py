@@ -27,7 +27,7 @@ Blocking calls the fate engine makes (a retry's or a dead letter's confirmed pub
 in a thread (``call_off_loop``), never on the loop's thread: a broker that blocks its
 publishers (a memory or disk alarm) holds that delivery's greenlet, bounded by
 ``PUBLISH_BOUND`` and not by the task's hard limit (the task's own work is done), while
-every other task and the watchdog go on. The outage gate's wait (``aura.messaging.gate``)
+every other task and the watchdog go on. The outage gate's wait (``aura.messaging._gate``)
 is outside the time limits too: they are re-armed when the delivery starts its work.
 
 The clients are sized for the concurrency: the Redis pool waits (bounded) for a free
@@ -56,9 +56,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from aura.config import get_settings
 from aura.events import Dependency
-from aura.messaging.bounded import PUBLISH_BOUND, publish_within
-from aura.messaging.gate import OutageGate
-from aura.messaging.retry import RetryTracker
+from aura.messaging._bounded import PUBLISH_BOUND, publish_within
+from aura.messaging._gate import OutageGate
+from aura.messaging._retry import RetryTracker
 
 __all__ = [
     "ContextStack",

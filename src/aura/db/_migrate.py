@@ -16,8 +16,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
 from aura.config import mask_url
-from aura.db.engine import Database
-from aura.db.transactional import describe_error, is_network_error
+from aura.db._engine import Database
+from aura.db._transactional import describe_error, is_network_error
 from aura.errors import ServiceUnavailableError
 
 __all__ = ["apply_migrations", "current_revision"]
