@@ -54,7 +54,14 @@ from aura.messaging.fate import (
 )
 from aura.messaging.rules import DEFER_PREFIX, deferrals_spent, outage_countdown
 
-__all__ = ["DatabaseOut", "carry_out", "forget_counts", "retry", "settle_failure"]
+__all__ = [
+    "DatabaseOut",
+    "carry_out",
+    "count_duplicate",
+    "forget_counts",
+    "retry",
+    "settle_failure",
+]
 
 _log = structlog.get_logger("aura.messaging.settle")
 _HOOK_BOUND = 60.0  # seconds a hook after a fate is tried again while the database is out
@@ -117,7 +124,7 @@ def _acknowledge_duplicate(delivery: Delivery, fate: Ack) -> None:
             settle_failure(delivery, exc)
             return
     forget_counts(delivery)
-    _count_duplicate(delivery)
+    count_duplicate(delivery.request)
     _log.info(
         "effect already committed; delivery acked without running",
         task=delivery.name,
@@ -125,8 +132,9 @@ def _acknowledge_duplicate(delivery: Delivery, fate: Ack) -> None:
     )
 
 
-def _count_duplicate(delivery: Delivery) -> None:
-    delivery.request.aura_duplicate = True
+def count_duplicate(request: Any) -> None:
+    """This delivery's effect was already committed: its outcome is ``duplicate``."""
+    request.aura_duplicate = True
     events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
 
 
@@ -138,7 +146,7 @@ def _dead_letter(delivery: Delivery, fate: DeadLetterAs) -> None:
     if entry is not None and not entry.matches(delivery.fingerprint):
         reason = DeadLetterReason.CONFLICTING_MESSAGE_ID
     elif entry is not None:
-        _count_duplicate(delivery)
+        count_duplicate(delivery.request)
         _log.warning(
             "effect already committed; acked, not dead-lettered",
             task=delivery.name,

@@ -64,8 +64,6 @@ from aura.backoff import Backoff
 from aura.config import get_settings
 from aura.errors import DeadLettered, ServiceUnavailableError
 from aura.events import (
-    DuplicateDelivered,
-    DuplicateKind,
     TaskFinished,
     TaskOutcome,
     TaskTimedOut,
@@ -80,7 +78,13 @@ from aura.messaging._runtime import (
     ProcessRuntime,
     process_runtime,
 )
-from aura.messaging._settle import DatabaseOut, carry_out, forget_counts, settle_failure
+from aura.messaging._settle import (
+    DatabaseOut,
+    carry_out,
+    count_duplicate,
+    forget_counts,
+    settle_failure,
+)
 from aura.messaging.delivery import (
     Delivery,
     TaskPolicy,
@@ -361,8 +365,7 @@ def report_duplicate(task: Task) -> None:
     """For a ``lookup_first=False`` task: its own claim found this delivery's effect
     committed (nothing was written). Counted (``duplicate_deliveries``) and logged as the
     inbox read's twins are."""
-    task.request.aura_duplicate = True
-    events.emit(DuplicateDelivered(DuplicateKind.COMMITTED))
+    count_duplicate(task.request)
     _log.info(
         "effect already committed; the delivery's claim found it",
         task=task.name,
