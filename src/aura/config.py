@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -31,7 +32,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aura.budget_settings import check_budget_default, check_tenant_budgets
 from aura.errors import ConfigurationError
+from aura.tenancy import parse_tenant_weights
+from aura.tenant_labels import check_metrics_tenants
 
 __all__ = ["Settings", "get_settings", "load_settings", "mask_url", "parse_rate_limits"]
 
@@ -179,8 +183,16 @@ class Settings(BaseSettings):
     llm_rate_limit_decrease: float = Field(default=0.7, gt=0, lt=1)  # x on a 429
     llm_rate_limit_recovery: PositiveFloat = 60.0  # seconds from 0 back to the whole limit
     llm_rate_limit_latency: float = Field(default=0.0, ge=0)  # slower answers: 0 = ignored
+    # Tenants' LLM token budgets, fleet-wide (aura.budget_settings, aura.llm.budgets):
+    # "TENANT=PER_MIN/PER_DAY,..." and every other tenant's ("PER_MIN/PER_DAY" or "none");
+    # a task over budget is deferred, past LLM_BUDGET_MAX_DEFERRALS dead-lettered
+    llm_tenant_budgets: Annotated[str, AfterValidator(check_tenant_budgets)] = ""
+    llm_tenant_budget_default: Annotated[str, AfterValidator(check_budget_default)] = "none"
+    llm_budget_max_deferrals: int = Field(default=60, ge=0)
     # Worker observability (not in the seed)
     worker_metrics_port: int = Field(default=9100, ge=0, le=65535)  # 0: no endpoint
+    # Tenant ids a metric label may name, comma-separated (aura.tenant_labels); others: "other"
+    metrics_tenants: Annotated[str, AfterValidator(check_metrics_tenants)] = ""
     # How a worker process runs tasks (not in the seed): "async" holds up to
     # WORKER_CONCURRENCY async tasks at once on one event loop (aura.messaging.pool);
     # "prefork" runs one task per child process (Celery's default; for def tasks).
@@ -191,6 +203,16 @@ class Settings(BaseSettings):
     # failed publish left behind, and how old one must be before the relay takes it.
     outbox_relay_interval: PositiveFloat = 5.0
     outbox_relay_min_age: PositiveFloat = 30.0
+    # Tenants' fair share (not in the seed; aura.gateway.dispatch, aura.messaging.pool):
+    # "fair" holds an import's records in the outbox and releases them a fair share per
+    # tenant at a time, keeping each work queue at least OUTBOX_DISPATCH_DEPTH deep (looked at
+    # every OUTBOX_DISPATCH_INTERVAL seconds); "fifo" publishes every record at once, in
+    # arrival order. TENANT_WEIGHTS: "<tenant uuid>=<weight>,..." (default weight 1).
+    # The depth is a floor: the dispatcher keeps about a second of its measured rate.
+    tenant_scheduling: Literal["fair", "fifo"] = "fair"
+    tenant_weights: str = ""
+    outbox_dispatch_depth: int = Field(default=50, ge=1, le=100_000)
+    outbox_dispatch_interval: PositiveFloat = 0.25
     # The gateway's admission (not in the seed): tenant requests served at once, and how
     # long one more may wait for a slot before it is answered 503 with Retry-After.
     gateway_max_in_flight: int = Field(default=64, ge=1, le=10_000)
@@ -237,6 +259,17 @@ class Settings(BaseSettings):
     def _check_rate_limits(cls, value: str) -> str:
         parse_rate_limits(value)
         return value
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _check_tenant_weights(cls, value: str) -> str:
+        parse_tenant_weights(value)
+        return value
+
+    @property
+    def weights_by_tenant(self) -> dict[str, float]:
+        """``TENANT_WEIGHTS`` parsed: tenant id (canonical UUID text) -> weight."""
+        return parse_tenant_weights(self.tenant_weights)
 
     @property
     def rate_limits_by_model(self) -> dict[str, dict[str, float]]:

@@ -17,6 +17,7 @@
     │   ├── LLMHTTPStatusError        non-2xx answer; ``status_code``, ``retry_after``
     │   └── LLMMalformedResponseError the answer is not a chat completion (transient)
     ├── CircuitOpenError              the breaker rejects calls; ``retry_after`` (transient)
+    │   └── LLMBudgetExceededError    a tenant's LLM token budget is spent (deferred)
     └── DeadLettered                  a delivery's fate was the DLQ (its letter is safe):
                                       Celery's FAILURE for it, the message acked
 
@@ -29,6 +30,8 @@ Every error keeps its cause: raise them ``from`` the original exception.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuraError",
     "CircuitOpenError",
@@ -38,6 +41,7 @@ __all__ = [
     "DatabaseTransactionError",
     "DeadLettered",
     "InvalidInputError",
+    "LLMBudgetExceededError",
     "LLMConnectionError",
     "LLMError",
     "LLMHTTPStatusError",
@@ -185,6 +189,33 @@ class CircuitOpenError(AuraError):
 
     def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
         return type(self), (self.name, self.retry_after)
+
+
+class LLMBudgetExceededError(CircuitOpenError):
+    """A tenant's LLM token budget (``aura.llm.budgets``) per ``window`` ("minute" or
+    "day", ``window_s`` seconds long) has no room for the call; ``retry_after`` is seconds
+    until enough of it frees. No call was made. A task is deferred on it (no retry spent)
+    and, past LLM_BUDGET_MAX_DEFERRALS, dead-lettered as ``budget_exceeded``."""
+
+    def __init__(
+        self, tenant: str, retry_after: float, window: str = "minute", window_s: float = 60.0
+    ) -> None:
+        super().__init__(tenant, retry_after)
+        self.window = window
+        self.window_s = window_s
+
+    @property
+    def tenant(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return (
+            f"tenant {self.name!r} has spent its LLM token budget per {self.window}; "
+            f"room again in {self.retry_after:.1f}s"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.retry_after, self.window, self.window_s)
 
 
 class DeadLettered(AuraError):

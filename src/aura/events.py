@@ -24,6 +24,7 @@ from aura.errors import ConfigurationError
 
 __all__ = [
     "BrokerAckFailed",
+    "BudgetWindow",
     "CircuitBreakerOpened",
     "CircuitState",
     "CircuitStateChanged",
@@ -37,6 +38,8 @@ __all__ = [
     "DuplicateKind",
     "Event",
     "Hook",
+    "LLMBudgetCharged",
+    "LLMBudgetRefused",
     "LLMOutcome",
     "LLMRateLimitChanged",
     "LLMRateLimited",
@@ -79,6 +82,7 @@ class DeadLetterReason(StrEnum):
     TASK_FAILED = "task_failed"  # rejected by Celery (a task without DLQ routing failed)
     MALFORMED_MESSAGE = "malformed_message"  # not a Celery message for a known task
     CONFLICTING_MESSAGE_ID = "conflicting_message_id"  # an id reused with another payload
+    BUDGET_EXCEEDED = "budget_exceeded"  # its tenant's LLM token budget stayed spent too long
 
 
 class CustomReason(str):
@@ -164,6 +168,11 @@ class RateLimitOutcome(StrEnum):
     DECREASED = "decreased"  # the fleet's adaptive share of the limit shrank (AIMD)
 
 
+class BudgetWindow(StrEnum):
+    MINUTE = "minute"  # a tenant's LLM tokens per minute (aura.llm.budgets)
+    DAY = "day"  # ... and per day
+
+
 class Dependency(StrEnum):
     DATABASE = "database"
 
@@ -228,6 +237,16 @@ class LLMRateLimitChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class LLMBudgetCharged:
+    tokens: int  # a settled call's charge to its tenant's budget (no tenant: not a label)
+
+
+@dataclass(frozen=True, slots=True)
+class LLMBudgetRefused:
+    window: BudgetWindow  # a call not made: its tenant's budget per window was spent
+
+
+@dataclass(frozen=True, slots=True)
 class MessageDeadLettered:
     reason: Reason
     task: str
@@ -256,12 +275,14 @@ class TaskRetried:
 
 @dataclass(frozen=True, slots=True)
 class TaskFinished:
-    """One delivery of a resilient task ended (``reason``: the dead letter's, else "")."""
+    """One delivery of a resilient task ended (``reason``: the dead letter's, else "";
+    ``tenant``: its call's ``tenant_id``, a label only as ``aura.tenant_labels`` allows)."""
 
     task: str
     outcome: TaskOutcome
     duration_s: float
     reason: str = ""
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +334,8 @@ Event = (
     | LLMRequestFinished
     | LLMRateLimited
     | LLMRateLimitChanged
+    | LLMBudgetCharged
+    | LLMBudgetRefused
     | TaskTimedOut
     | MessageDeadLettered
     | DeadLettersDropped

@@ -29,6 +29,10 @@ Not in the seed, named in its style:
     aura_llm_rate_limit_rpm{limiter}               the requests per minute it applies now
     aura_llm_rate_limit_tpm{limiter}               ... and tokens per minute (configured x
                                                    the adaptive share)
+    aura_llm_budget_tokens_total                   tokens charged to tenants' budgets (no
+                                                   tenant label: invariant 6)
+    aura_llm_budget_deferrals_total{window}        calls refused over a tenant's budget,
+                                                   window: minute | day (the task deferred)
     aura_dlq_messages                              messages in the DLQ now, read from the
                                                    broker by every worker's queue poller:
                                                    the truth, where messages_sent_to_dlq_total
@@ -44,6 +48,10 @@ Not in the seed, named in its style:
                                                    | duplicate | requeued | failed; reason:
                                                    the dead letter's (else ""); task: the
                                                    app's registered names (from code)
+    aura_task_outcomes_by_tenant_total{tenant,outcome}
+                                                   the same by tenant: an id METRICS_TENANTS
+                                                   names, else other (none: no tenant), so
+                                                   the series never grow with the tenants
     aura_task_duration_seconds{task}               a delivery's time, outage holds included
     aura_task_redeliveries_total{task}             deliveries whose last run never finished
                                                    (worker killed, connection lost)
@@ -67,6 +75,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from aura import events
 from aura.events import (
     BrokerAckFailed,
+    BudgetWindow,
     CircuitBreakerOpened,
     CircuitState,
     CircuitStateChanged,
@@ -78,6 +87,8 @@ from aura.events import (
     DuplicateDelivered,
     DuplicateKind,
     Event,
+    LLMBudgetCharged,
+    LLMBudgetRefused,
     LLMOutcome,
     LLMRateLimitChanged,
     LLMRateLimited,
@@ -89,12 +100,14 @@ from aura.events import (
     RetryKind,
     RollbackReason,
     TaskFinished,
+    TaskOutcome,
     TaskRedelivered,
     TaskRetried,
     TaskTimedOut,
     TimeoutKind,
     TransactionRolledBack,
 )
+from aura.tenant_labels import OTHER, tenant_label
 
 __all__ = [
     "AURA_DLQ_LETTERS_DROPPED",
@@ -113,6 +126,7 @@ __all__ = [
     "expect_queues",
     "exposition_registry",
     "prometheus_hook",
+    "tenant_label",
 ]
 
 # The names as the seed writes them (counters carry the _total suffix on exposition).
@@ -161,6 +175,18 @@ MESSAGES_SENT_TO_DLQ = Counter(
 CELERY_TASKS_PENDING = Gauge(
     "celery_tasks_pending",
     "Messages waiting in a Celery queue.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+AURA_OUTBOX_HELD = Gauge(  # the fair dispatcher's backlog (aura.gateway.dispatch)
+    "aura_outbox_held_messages",
+    "Import messages held in the outbox for fair dispatch, by work queue.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+)
+AURA_OUTBOX_HELD_TENANTS = Gauge(
+    "aura_outbox_held_tenants",
+    "Tenants with messages held for fair dispatch, by work queue (no tenant ids).",
     ["queue"],
     multiprocess_mode="mostrecent",
 )
@@ -215,6 +241,15 @@ AURA_LLM_RATE_LIMIT_TPM = Gauge(
     ["limiter"],
     multiprocess_mode="mostrecent",
 )
+AURA_LLM_BUDGET_TOKENS = Counter(
+    "aura_llm_budget_tokens_total",
+    "Tokens charged to tenants' LLM budgets: the usage providers reported, else estimates.",
+)
+AURA_LLM_BUDGET_DEFERRALS = Counter(
+    "aura_llm_budget_deferrals_total",
+    "LLM calls refused (not made, the task deferred) over a tenant's token budget, by window.",
+    ["window"],
+)
 
 AURA_DEPENDENCY_AVAILABLE = Gauge(
     "aura_dependency_available",
@@ -232,6 +267,11 @@ AURA_TASK_OUTCOMES = Counter(
     "aura_task_outcomes_total",
     "Deliveries of resilient tasks by task and outcome (reason: the dead letter's).",
     ["task", "outcome", "reason"],
+)
+AURA_TASK_OUTCOMES_BY_TENANT = Counter(
+    "aura_task_outcomes_by_tenant_total",
+    "Deliveries of resilient tasks by tenant (named in METRICS_TENANTS, else other) and outcome.",
+    ["tenant", "outcome"],
 )
 AURA_TASK_DURATION = Histogram(
     "aura_task_duration_seconds",
@@ -263,6 +303,8 @@ CELERY_TASK_TIMEOUTS = Counter(
     ["kind"],
 )
 
+for _finished in TaskOutcome:
+    AURA_TASK_OUTCOMES_BY_TENANT.labels(tenant=OTHER, outcome=_finished.value)
 for _kind in RetryKind:
     AURA_TASK_RETRIES.labels(kind=_kind.value)
 for _duplicate in DuplicateKind:
@@ -276,6 +318,8 @@ for _outcome in LLMOutcome:
 for _dlq_reason in DeadLetterReason:
     MESSAGES_SENT_TO_DLQ.labels(reason=_dlq_reason.value)
     AURA_DLQ_LETTERS_DROPPED.labels(reason=_dlq_reason.value)
+for _window in BudgetWindow:
+    AURA_LLM_BUDGET_DEFERRALS.labels(window=_window.value)
 for _dependency in Dependency:
     AURA_DEPENDENCY_AVAILABLE.labels(dependency=_dependency.value).set(1)
 
@@ -316,6 +360,10 @@ def prometheus_hook(event: Event) -> None:
         case LLMRateLimitChanged(limiter=limiter, rpm=rpm, tpm=tpm):
             AURA_LLM_RATE_LIMIT_RPM.labels(limiter=limiter).set(rpm)
             AURA_LLM_RATE_LIMIT_TPM.labels(limiter=limiter).set(tpm)
+        case LLMBudgetCharged(tokens=tokens):
+            AURA_LLM_BUDGET_TOKENS.inc(tokens)
+        case LLMBudgetRefused(window=window):
+            AURA_LLM_BUDGET_DEFERRALS.labels(window=window.value).inc()
         case MessageDeadLettered(reason=reason):
             MESSAGES_SENT_TO_DLQ.labels(reason=reason.value).inc()
         case DeadLettersDropped(reason=dropped, count=count):
@@ -334,6 +382,8 @@ def prometheus_hook(event: Event) -> None:
             AURA_DEPENDENCY_AVAILABLE.labels(dependency=dependency.value).set(int(available))
         case TaskFinished(task=task, outcome=finished, duration_s=duration_s, reason=why):
             AURA_TASK_OUTCOMES.labels(task=task, outcome=finished.value, reason=why).inc()
+            by_tenant = tenant_label(event.tenant)  # an id only where METRICS_TENANTS names it
+            AURA_TASK_OUTCOMES_BY_TENANT.labels(tenant=by_tenant, outcome=finished.value).inc()
             AURA_TASK_DURATION.labels(task=task).observe(duration_s)
         case TaskRedelivered(task=task):
             AURA_TASK_REDELIVERIES.labels(task=task).inc()

@@ -50,6 +50,7 @@ COMMANDS = [
     ("retries", "ls"),
     ("retries", "show"),
     ("retries", "reset"),
+    ("tenants",),
 ]
 
 

@@ -248,14 +248,19 @@ async def test_the_amqp_sender_publishes_what_celery_itself_would(
     with Connection(amqp_url) as connection:
         consumer_channel = connection.channel()
         tap(consumer_channel).declare()
-        celery_id, aio_id = str(uuid.uuid4()), str(uuid.uuid4())
+        celery_id, aio_id, tenant = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4()
         celery_publisher.send_task(
-            "aura.ingest_product", args=args, kwargs=kwargs, task_id=celery_id, queue=BULK_QUEUE
+            "aura.ingest_product",
+            args=args,
+            kwargs=kwargs,
+            task_id=celery_id,
+            queue=BULK_QUEUE,
+            headers={"aura_tenant": str(tenant)},  # as the worker's enrichments carry theirs
         )
         sender = AmqpSender(celery_publisher)
         try:
             sent, failure = await sender.send(
-                [Staged(aio_id, uuid.uuid4(), "aura.ingest_product", BULK_QUEUE, args, kwargs)]
+                [Staged(aio_id, tenant, "aura.ingest_product", BULK_QUEUE, args, kwargs)]
             )
         finally:
             await sender.close()
@@ -277,6 +282,7 @@ async def test_the_amqp_sender_publishes_what_celery_itself_would(
     assert {k: v for k, v in ours.headers.items() if k not in skip} == {
         k: v for k, v in theirs.headers.items() if k not in skip
     }
+    assert ours.headers["aura_tenant"] == str(tenant)  # the pool's fair share goes by it
     assert ours.headers["root_id"] == aio_id
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aura.messaging.pool import _queue, _Slots
+from aura.messaging.pool import _queue, _Slots, _tenant
 
 
 class Clock:
@@ -32,11 +32,11 @@ class Holders:
         self.release: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, *, first: bool) -> None:
+    def start(self, name: str, *, first: bool, tenant: str | None = None) -> None:
         self.release[name] = asyncio.Event()
 
         async def hold() -> None:
-            async with self.slots.held(first=first):
+            async with self.slots.held(first=first, tenant=tenant):
                 self.order.append(name)
                 await self.release[name].wait()
 
@@ -110,9 +110,44 @@ async def test_a_cancelled_waiter_takes_no_slot_and_a_granted_one_passes_it_on()
     assert slots.free == 1
 
 
+async def test_a_freed_slot_goes_to_the_tenant_holding_the_fewest_whatever_came_first() -> None:
+    holders = Holders(_Slots(3, max_wait=5.0, clock=Clock()))
+    for i in range(6):  # tenant A fills the slots and queues three more
+        holders.start(f"a{i}", first=True, tenant="A")
+    await holders.settle()
+    holders.start("b0", first=False, tenant="B")  # a bulk task of B, after all of A's
+    holders.start("b1", first=False, tenant="B")
+    await holders.settle()
+    holders.release["a0"].set()
+    await holders.settle()
+    assert holders.order[-1] == "b0"  # B held none: it goes before A's older waiters
+    holders.release["a1"].set()
+    await holders.settle()
+    assert holders.order[-1] == "a3"  # A holds 1 (a2), B 1: a tie goes to the oldest
+    holders.release["b0"].set()
+    await holders.settle()
+    assert holders.order[-1] == "b1"  # A holds 2, B none
+
+
+async def test_a_heavier_tenant_holds_more_slots_in_proportion() -> None:
+    weights = {"A": 3.0, "B": 1.0}
+    slots = _Slots(4, max_wait=5.0, clock=Clock(), weight=lambda t: weights.get(t or "", 1.0))
+    holders = Holders(slots)
+    holders.start("x", first=False, tenant="C")
+    await holders.settle()
+    for i in range(8):
+        holders.start(f"a{i}", first=False, tenant="A")
+        holders.start(f"b{i}", first=False, tenant="B")
+    await holders.settle()  # a0, b0, a1 took the three free slots
+    holders.release["x"].set()
+    await holders.settle()
+    assert slots.holding("A") == 3
+    assert slots.holding("B") == 1
+
+
 _OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("take"), st.booleans()),
+        st.tuples(st.just("take"), st.tuples(st.booleans(), st.sampled_from("ABC"))),
         st.tuples(st.just("release"), st.integers(0, 50)),
         st.tuples(st.just("cancel"), st.integers(0, 50)),
         st.tuples(st.just("tick"), st.floats(0.0, 4.0)),
@@ -132,7 +167,7 @@ def test_never_more_than_the_limit_and_no_slot_is_ever_lost(
         holders = Holders(slots)
         for index, (op, value) in enumerate(ops):
             if op == "take":
-                holders.start(f"t{index}", first=value)
+                holders.start(f"t{index}", first=value[0], tenant=value[1])
             elif op == "release" and holders.holding:
                 holders.release[sorted(holders.holding)[value % len(holders.holding)]].set()
             elif op == "cancel":
@@ -166,3 +201,10 @@ def test_never_more_than_the_limit_and_no_slot_is_ever_lost(
 )
 def test_the_queue_of_a_delivery_is_read_from_its_routing_key(args: Any, queue: str | None) -> None:
     assert _queue(args) == queue
+
+
+def test_the_tenant_of_a_delivery_is_its_header_or_nobody() -> None:
+    assert _tenant(("t", "id", {"aura_tenant": "7f1c"})) == "7f1c"
+    for args in (("t", "id", {}), ("t", "id", {"aura_tenant": 5}), ("t", "id", None), ()):
+        assert _tenant(args) is None
+    assert _tenant(("t", "id", {"aura_tenant": "x" * 65})) is None

@@ -106,6 +106,7 @@ def test_each_layers_metrics_sit_in_its_row(dashboard: dict[str, Any]) -> None:
             "aura_duplicate_",
             "aura_dlq_",
             "aura_broker_",
+            "aura_outbox_",
         ),
     }
     for title, panels in panels_by_row(dashboard).items():

@@ -66,6 +66,7 @@ def test_core_modules_import_without_the_extras() -> None:
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": (
         "backoff",
+        "budget_settings",
         "config",
         "contract",
         "errors",
@@ -75,6 +76,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "metrics",
         "process_args",
         "redis_errors",
+        "tenancy",
+        "tenant_labels",
     ),
     "patterns": ("db", "llm", "messaging"),
     "platform": ("catalog", "gateway", "worker"),

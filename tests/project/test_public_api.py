@@ -58,6 +58,9 @@ def test_the_walk_finds_every_layer() -> None:
     assert {"aura.messaging.rules", "aura.llm.client", "aura.db.tables"} <= set(PUBLIC)
     assert {"aura.messaging._task", "aura.db._inbox"} <= set(MODULES) - set(PUBLIC)
     assert {"aura.gateway.app", "aura.catalog.pipeline", "aura.cli.dlq"} <= set(PUBLIC)
+    assert {"aura.cli.tenants", "aura.catalog.workload", "aura.tenant_labels"} <= set(PUBLIC)
+    assert {"aura.llm.budgets", "aura.budget_settings"} <= set(PUBLIC)
+    assert "aura.llm._budget_scripts" in set(MODULES) - set(PUBLIC)
 
 
 @pytest.mark.parametrize("name", PUBLIC)

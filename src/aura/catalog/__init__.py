@@ -11,6 +11,7 @@ worker writes it.
     imports    bulk imports and each record's fate
     pipeline   the worker's one-statement writes of a record and its enrichment
     migrate    the migrations that make all of it (``aura db upgrade``)
+    workload   each tenant's work at each stage, counted in one snapshot (``aura tenants``)
 
 Built on the patterns (``aura.db``); they know nothing of it.
 """

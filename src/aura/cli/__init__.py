@@ -134,6 +134,7 @@ from aura.cli import dlq as _dlq  # noqa: E402, F401
 from aura.cli import llm as _llm  # noqa: E402, F401
 from aura.cli import platform as _platform  # noqa: E402, F401
 from aura.cli import state as _state  # noqa: E402, F401
+from aura.cli import tenants as _tenants  # noqa: E402, F401
 
 
 def main() -> None:

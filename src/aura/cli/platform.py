@@ -200,7 +200,9 @@ def outbox_relay(
     ),
 ) -> None:
     """Publish what the outbox holds (the gateway also does this on its own, every
-    OUTBOX_RELAY_INTERVAL seconds) and print how many messages were sent and are left."""
+    OUTBOX_RELAY_INTERVAL seconds) and print how many messages were sent and are left.
+    Imports held for fair dispatch get one fair round (as deep as OUTBOX_DISPATCH_DEPTH
+    lets the queues be); the gateways' dispatchers release the rest."""
     from aura.cli.failures import check_broker
     from aura.config import get_settings
 
@@ -210,8 +212,11 @@ def outbox_relay(
     check_broker(settings.celery_broker_url)  # first: a broker that is down is one line in 2 s
     from sqlalchemy import func, select
 
+    from aura.contract import BULK_QUEUE, REALTIME_QUEUE
     from aura.db import Database, OutboxMessage
+    from aura.gateway.dispatch import Dispatcher
     from aura.gateway.outbox import relay_once
+    from aura.gateway.senders import CelerySender
     from aura.worker.celery_app import make_celery_app
 
     async def relay() -> tuple[int, int]:
@@ -221,6 +226,13 @@ def outbox_relay(
         try:
             while batch := await relay_once(database, publisher, min_age=min_age):
                 sent += batch
+            sent += await Dispatcher(
+                database,
+                CelerySender(publisher),
+                depth=settings.outbox_dispatch_depth,
+                weights=settings.weights_by_tenant,
+                feeds={BULK_QUEUE: REALTIME_QUEUE},
+            ).dispatch_once()
             async with database.session() as session:
                 left = await session.scalar(select(func.count()).select_from(OutboxMessage))
             return sent, int(left or 0)

@@ -19,12 +19,15 @@ from aura.db._inbox import DatabaseInbox, already_processed, claim_message
 from aura.db._migrate import apply_migrations, current_revision
 from aura.db._models import NAMING_CONVENTION, OutboxMessage, ProcessedMessage
 from aura.db._outbox import (
+    HELD,
     Claim,
     Staged,
     claim_due,
+    claim_held,
     clear_outbox,
     delete_sent,
     extend_claim,
+    held_backlog,
     release_claim,
     renew_claim,
     stage_messages,
@@ -42,6 +45,7 @@ from aura.db._transactional import (
 from aura.errors import DatabaseTransactionError, TransactionAbortedError
 
 __all__ = [
+    "HELD",
     "NAMING_CONVENTION",
     "Claim",
     "Database",
@@ -54,6 +58,7 @@ __all__ = [
     "already_processed",
     "apply_migrations",
     "claim_due",
+    "claim_held",
     "claim_message",
     "clear_outbox",
     "current_revision",
@@ -63,6 +68,7 @@ __all__ = [
     "execute_atomically",
     "extend_claim",
     "fetch_row",
+    "held_backlog",
     "is_network_error",
     "is_outage",
     "is_unavailable",

@@ -15,12 +15,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, MetaData, String, Uuid
+from sqlalchemy import JSON, DateTime, Index, MetaData, String, Uuid, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from aura.message_id import MESSAGE_ID_MAX_LENGTH
 
-__all__ = ["NAMING_CONVENTION", "Base", "OutboxMessage", "ProcessedMessage"]
+__all__ = ["HELD_BY", "NAMING_CONVENTION", "Base", "OutboxMessage", "ProcessedMessage"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -51,12 +51,29 @@ class ProcessedMessage(Base):
     fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
+HELD_BY = "aura:held-for-dispatch"  # the owner of rows held for fair dispatch
+
+
 class OutboxMessage(Base):
     """A message written in the same transaction as the change that needs it, deleted once
     the broker confirmed it; the relay publishes what a failed publish left behind.
     ``claimed_by`` publishes it, alone, until ``claimed_until`` (``aura.db._outbox``)."""
 
     __tablename__ = "outbox"
+    # Rows held for fair dispatch, by queue and tenant, oldest first: the dispatcher's
+    # count and its claim of each tenant's oldest read this, not the table
+    # (``aura.db._outbox.HELD``).
+    __table_args__ = (
+        Index(
+            "ix_outbox_held",
+            "queue",
+            "tenant_id",
+            "created_at",
+            "message_id",
+            postgresql_where=text(f"claimed_by = '{HELD_BY}'"),
+            sqlite_where=text(f"claimed_by = '{HELD_BY}'"),
+        ),
+    )
 
     message_id: Mapped[str] = mapped_column(String(MESSAGE_ID_MAX_LENGTH), primary_key=True)
     tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid)

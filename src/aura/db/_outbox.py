@@ -13,6 +13,12 @@ lease has run out (``claim_due``: one UPDATE, ``FOR UPDATE SKIP LOCKED`` on Post
 two relays never take the same row). A crashed publisher's lease runs out and the relay
 takes over.
 
+Rows held for fair dispatch: a row staged under ``HELD`` (a claim no lease ends) is no
+publisher's until a dispatcher takes it with ``claim_held``, a number per tenant at a
+time (``aura.gateway.dispatch``: a large import waits here, not in the broker's queue,
+so another tenant's work goes out ahead of its backlog). ``held_backlog`` counts them by
+queue and tenant. ``claim_due`` never takes them (their lease never runs out).
+
 What can still be published twice, and why it is harmless: a publisher that stalls inside
 one send for longer than its remaining lease (it renews every half lease) and a crash after
 the broker confirmed a message but before its row was deleted. The worker's inbox makes
@@ -28,20 +34,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from aura.db._engine import Database
-from aura.db._models import OutboxMessage
+from aura.db._models import HELD_BY, OutboxMessage
 from aura.db._statement import execute_atomically
 
 __all__ = [
+    "HELD",
     "Claim",
     "Staged",
     "claim_due",
+    "claim_held",
     "clear_outbox",
     "delete_sent",
     "extend_claim",
+    "held_backlog",
     "release_claim",
     "renew_claim",
     "stage_messages",
@@ -73,6 +82,148 @@ class Claim:
     @classmethod
     def new(cls, lease: float, now: datetime | None = None) -> Claim:
         return cls(uuid.uuid4().hex, (now or datetime.now(UTC)) + timedelta(seconds=lease))
+
+
+HELD = Claim(HELD_BY, datetime(9999, 12, 31, tzinfo=UTC))
+
+
+async def held_backlog(
+    session: AsyncSession, *, cap: int | None = None
+) -> dict[tuple[str, uuid.UUID], int]:
+    """How many rows are held for dispatch, by (queue, tenant), each count at most ``cap``.
+    On PostgreSQL with a cap: a skip scan of ``ix_outbox_held`` for the pairs and a count
+    of at most ``cap`` index entries each (a look costs its tenants and its room, not the
+    backlog: counting 20,000 held rows took 31 ms, four times a second per gateway)."""
+    if cap is not None and session.get_bind().dialect.name == "postgresql":
+        rows = await session.execute(_HELD_PAIRS, {"held": HELD.owner, "cap": cap})
+        return {(queue, tenant): int(count) for queue, tenant, count in rows.all()}
+    rows = await session.execute(
+        select(OutboxMessage.queue, OutboxMessage.tenant_id, func.count())
+        .where(OutboxMessage.claimed_by == HELD.owner)
+        .group_by(OutboxMessage.queue, OutboxMessage.tenant_id)
+    )
+    return {
+        (queue, tenant): int(count) if cap is None else min(int(count), cap)
+        for queue, tenant, count in rows.all()
+    }
+
+
+_HELD_PAIRS = text("""
+    WITH RECURSIVE pairs(queue, tenant_id) AS (
+        (SELECT queue, tenant_id FROM outbox WHERE claimed_by = :held
+         ORDER BY queue, tenant_id LIMIT 1)
+        UNION ALL
+        SELECT next.queue, next.tenant_id FROM pairs p CROSS JOIN LATERAL (
+            SELECT o.queue, o.tenant_id FROM outbox o
+            WHERE o.claimed_by = :held AND (o.queue, o.tenant_id) > (p.queue, p.tenant_id)
+            ORDER BY o.queue, o.tenant_id LIMIT 1) next
+    )
+    SELECT p.queue, p.tenant_id, (
+        SELECT count(*) FROM (
+            SELECT 1 FROM outbox o
+            WHERE o.claimed_by = :held AND o.queue = p.queue AND o.tenant_id = p.tenant_id
+            LIMIT :cap) counted)
+    FROM pairs p
+""")
+
+
+async def claim_held(
+    session: AsyncSession, claim: Claim, quotas: dict[tuple[str, uuid.UUID], int]
+) -> list[Staged]:
+    """Claim (in the caller's transaction) up to ``quotas[(queue, tenant)]`` of each
+    tenant's oldest held rows on that queue; returns them interleaved across tenants (each
+    tenant's oldest first), so a batch sends every tenant's share together. Two
+    dispatchers never take the same row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, one
+    statement reading ``ix_outbox_held``)."""
+    wanted = {key: count for key, count in quotas.items() if count > 0}
+    if not wanted:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        result = await session.execute(
+            _CLAIM_HELD,
+            {
+                "queues": [queue for queue, _ in wanted],
+                "tenants": [tenant for _, tenant in wanted],
+                "counts": list(wanted.values()),
+                "held": HELD.owner,
+                "owner": claim.owner,
+                "until": claim.until,
+            },
+        )
+        return _interleaved(result.all())
+    ids: list[str] = []
+    for (queue, tenant), count in wanted.items():
+        ids += (
+            await session.scalars(
+                select(OutboxMessage.message_id)
+                .where(
+                    OutboxMessage.claimed_by == HELD.owner,
+                    OutboxMessage.queue == queue,
+                    OutboxMessage.tenant_id == tenant,
+                )
+                .order_by(OutboxMessage.created_at, OutboxMessage.message_id)
+                .limit(count)
+            )
+        ).all()
+    rows: list[Any] = []
+    for start in range(0, len(ids), _CHUNK):
+        rows += (
+            await session.execute(
+                update(OutboxMessage)
+                .where(
+                    OutboxMessage.message_id.in_(ids[start : start + _CHUNK]),
+                    OutboxMessage.claimed_by == HELD.owner,
+                )
+                .values(claimed_by=claim.owner, claimed_until=claim.until)
+                .returning(*_COLUMNS),
+                execution_options={"synchronize_session": False},
+            )
+        ).all()
+    return _interleaved(rows)
+
+
+_COLUMNS = (
+    OutboxMessage.message_id,
+    OutboxMessage.tenant_id,
+    OutboxMessage.task,
+    OutboxMessage.queue,
+    OutboxMessage.args,
+    OutboxMessage.kwargs,
+    OutboxMessage.created_at,
+)
+_CLAIM_HELD = text("""
+    WITH picked AS MATERIALIZED (  -- once: a subquery under IN may run again per row
+        SELECT chosen.message_id
+        FROM unnest(CAST(:queues AS varchar[]), CAST(:tenants AS uuid[]),
+                    CAST(:counts AS int[])) AS wanted(queue, tenant_id, n)
+        CROSS JOIN LATERAL (
+            SELECT o.message_id FROM outbox o
+            WHERE o.claimed_by = :held AND o.queue = wanted.queue
+              AND o.tenant_id = wanted.tenant_id
+            ORDER BY o.created_at, o.message_id
+            LIMIT wanted.n
+            FOR UPDATE SKIP LOCKED) chosen)
+    UPDATE outbox SET claimed_by = :owner, claimed_until = :until
+    FROM picked
+    WHERE outbox.message_id = picked.message_id AND outbox.claimed_by = :held
+    RETURNING outbox.message_id, outbox.tenant_id, outbox.task, outbox.queue, outbox.args,
+              outbox.kwargs, outbox.created_at
+""").columns(*_COLUMNS)
+
+
+def _interleaved(rows: Sequence[Any]) -> list[Staged]:
+    """Round robin over tenants, each tenant's rows oldest first."""
+    by_tenant: dict[uuid.UUID, list[Any]] = {}
+    for row in sorted(rows, key=lambda r: (r.created_at, r.message_id)):
+        by_tenant.setdefault(row.tenant_id, []).append(row)
+    ranked = [
+        (rank, i, row) for i, rs in enumerate(by_tenant.values()) for rank, row in enumerate(rs)
+    ]
+    ordered = sorted(ranked, key=lambda x: (x[0], x[1]))
+    return [
+        Staged(r.message_id, r.tenant_id, r.task, r.queue, list(r.args), r.kwargs)
+        for _, _, r in ordered
+    ]
 
 
 async def stage_messages(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import structlog
 from starlette.types import Scope
 
-from aura.db import Claim, Staged
+from aura.db import HELD, Claim, Staged
 from aura.gateway.guard import release_slot
 from aura.gateway.state import Gateway
 from aura.logs import describe_exception
@@ -38,6 +38,10 @@ async def publish_after_commit(gw: Gateway, written: Written, scope: Scope, *, o
     The wait is bounded (``OutboxPublisher.publish``). While the publisher keeps up, the
     request gives its admission slot back before it waits for the broker; when it is
     congested the request keeps it, so admission slows new writes to the broker's pace."""
+    if written.claim == HELD:  # the fair dispatcher's (aura.gateway.dispatch)
+        release_slot(scope)
+        gw.dispatcher.wake()
+        return
     if not gw.outbox.congested:
         release_slot(scope)
     try:

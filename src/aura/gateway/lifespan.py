@@ -4,8 +4,9 @@ given, by a test), and what runs beside the requests until shutdown.
 From Settings: the database pool, a publisher configured as the worker's app is
 (``aura.contract``: the same name, queues and serializers; the gateway does not import
 the worker), an ``AmqpSender`` (the gateway refuses to start without RabbitMQ), the
-readiness checks, and the outbox relay (every OUTBOX_RELAY_INTERVAL seconds). At shutdown
-the relay stops, the publishes in flight finish (or are the relay's), the pool closes.
+readiness checks, the outbox relay (every OUTBOX_RELAY_INTERVAL seconds) and the fair
+dispatcher of held imports (``aura.gateway.dispatch``). At shutdown they stop, the
+publishes in flight finish (or are the relay's), the pool closes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from celery import Celery
 from fastapi import FastAPI
 
 from aura.config import Settings, get_settings
-from aura.contract import APP_NAME, PLATFORM_QUEUES, REALTIME_QUEUE
+from aura.contract import APP_NAME, PLATFORM_QUEUES
 from aura.db import Database
 from aura.gateway.readiness import default_checks
 from aura.gateway.relay import relay_forever
@@ -36,7 +37,6 @@ def make_publisher(settings: Settings) -> Celery:
     return configure(
         app,
         queues=PLATFORM_QUEUES,
-        priority_queues=(REALTIME_QUEUE,),
         settings=settings,
         make_default=False,
     )
@@ -55,6 +55,10 @@ def gateway_from_settings(settings: Settings) -> Gateway:
         import_max_records=settings.import_max_records,
         import_max_bytes=settings.import_max_bytes,
         sender=AmqpSender(publisher),
+        scheduling=settings.tenant_scheduling,
+        dispatch_depth=settings.outbox_dispatch_depth,
+        dispatch_interval=settings.outbox_dispatch_interval,
+        tenant_weights=settings.weights_by_tenant,
     )
 
 
@@ -82,12 +86,14 @@ def lifespan(
                 min_age=current.outbox_relay_min_age,
             )
         )
+        built.dispatcher.start()  # held rows of every gateway, a crashed one's included
         try:
             yield
         finally:
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await relay
+            await built.dispatcher.aclose()
             await built.outbox.aclose()
             await built.database.dispose()
 

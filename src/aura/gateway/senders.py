@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from aura.contract import PLATFORM_QUEUES
 from aura.db import Staged
 from aura.errors import ServiceUnavailableError
+from aura.messaging.delivery import TENANT_HEADER
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class CelerySender:
     def __init__(self, publisher: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.publisher = publisher
         self.clock = clock
+        self._declared: set[str] = set()
 
     async def send(
         self, messages: Sequence[Staged], *, deadline: float | None = None
@@ -112,11 +114,28 @@ class CelerySender:
                     kwargs=message.kwargs,
                     task_id=message.message_id,
                     queue=message.queue,
+                    headers={TENANT_HEADER: str(message.tenant_id)},
                 )
                 sent.append(message.message_id)
         except Exception as exc:  # the broker's many failure types: all mean "not now"
             return sent, exc
         return sent, None
+
+    async def depth(self, queue: str) -> int | None:
+        """Messages ready on ``queue`` (a passive declare); None if this publisher is not
+        a Celery app (a test double: it cannot tell)."""
+        if not isinstance(self.publisher, Celery):
+            return None
+        return await run_in_threadpool(self._depth, queue)
+
+    def _depth(self, queue: str) -> int:
+        with self.publisher.connection_for_read() as connection:
+            channel = connection.default_channel
+            known = self.publisher.amqp.queues.get(queue)
+            if known is not None and queue not in self._declared:  # as Celery declares it
+                known(channel).declare()  # (a passive look at a queue not made yet fails)
+                self._declared.add(queue)
+            return int(channel.queue_declare(queue, passive=True).message_count)
 
     async def close(self) -> None:
         return None
@@ -193,7 +212,7 @@ class AmqpSender:
         content_type, encoding, data = dumps(body, serializer="json")
         return aio_pika.Message(
             body=data if isinstance(data, bytes) else data.encode(),
-            headers=headers,
+            headers={**headers, TENANT_HEADER: str(staged.tenant_id)},
             content_type=content_type,
             content_encoding=encoding,
             correlation_id=properties["correlation_id"],
@@ -228,6 +247,16 @@ class AmqpSender:
         if failure is not None:
             await self._drop()  # a broken channel is not reused
         return sent, failure
+
+    async def depth(self, queue: str) -> int:
+        """Messages ready on ``queue`` (a passive declare on the sender's channel; raises
+        what the broker does)."""
+        await self._ready()
+        channel = self._channel
+        assert channel is not None
+        declared = await channel.declare_queue(queue, passive=True, timeout=self.confirm_timeout)
+        count = declared.declaration_result.message_count
+        return int(count or 0)
 
     async def close(self) -> None:
         async with self._lock:

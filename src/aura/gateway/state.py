@@ -22,10 +22,12 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy import text
 
+from aura.contract import BULK_QUEUE, REALTIME_QUEUE
 from aura.db import Database
 from aura.errors import NotFoundError
 from aura.gateway.auth import KeyCache
 from aura.gateway.bodies import MAX_IMPORT_RECORDS, MAX_STREAMED_BYTES
+from aura.gateway.dispatch import DEFAULT_DEPTH, DEFAULT_INTERVAL, Dispatcher
 from aura.gateway.errors import Unauthorized
 from aura.gateway.guard import (
     DEFAULT_MAX_IN_FLIGHT,
@@ -63,7 +65,14 @@ class Gateway:
     # How messages reach the broker: Celery's send_task on ``publisher`` unless given
     # (``aura gateway`` gives an AmqpSender: a batch on the event loop, confirmed at once).
     sender: Sender | None = None
+    # TENANT_SCHEDULING: "fair" holds imports for the dispatcher; "fifo" publishes them
+    # at once. OUTBOX_DISPATCH_DEPTH / _INTERVAL and TENANT_WEIGHTS tune the dispatcher.
+    scheduling: str = "fair"
+    dispatch_depth: int = DEFAULT_DEPTH
+    dispatch_interval: float = DEFAULT_INTERVAL
+    tenant_weights: dict[str, float] = field(default_factory=dict)
     outbox: OutboxPublisher = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
     readiness: ReadinessProbe = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +84,20 @@ class Gateway:
             self.sender if self.sender is not None else sender_for(self.publisher),
             lease=self.outbox_lease,
         )
+        self.dispatcher = Dispatcher(
+            self.database,
+            self.outbox.sender,
+            depth=self.dispatch_depth,
+            interval=self.dispatch_interval,
+            weights=self.tenant_weights,
+            feeds={BULK_QUEUE: REALTIME_QUEUE},  # an ingest queues an enrichment
+            lease=self.outbox_lease,
+        )
+
+    @property
+    def holds_imports(self) -> bool:
+        """Imports wait in the outbox for the dispatcher (TENANT_SCHEDULING=fair)."""
+        return self.scheduling == "fair"
 
     def broker_blocked(self) -> bool:
         """The broker blocks the gateway's publishing (a resource alarm)."""

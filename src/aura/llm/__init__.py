@@ -10,11 +10,13 @@ CallPolicy           the model, deadlines, ``BreakerPolicy`` and ``LimitPolicy``
 Completion           the answer: text, choices, tool calls, finish reason, usage, model
 CircuitBreaker       asyncio breaker, shared by every process on one Redis
 RateLimiter          fleet-wide requests/tokens per minute (GCRA in Redis, one round trip)
+TenantBudgets        each tenant's tokens per minute and per day, fleet-wide (``usage``)
 LLMSimulator         the OpenAI-compatible stand-in with fault injection (``Faults``)
 """
 
 from aura.errors import (
     CircuitOpenError,
+    LLMBudgetExceededError,
     LLMConnectionError,
     LLMError,
     LLMHTTPStatusError,
@@ -28,6 +30,7 @@ from aura.llm._provider import HoldOff, Provider, ProviderRequest, StreamParser
 from aura.llm._providers import PROVIDERS
 from aura.llm._wire import AiohttpWire, HttpxWire, Wire
 from aura.llm.breaker import BreakerRecord, CircuitBreaker, transition
+from aura.llm.budgets import TenantBudgets, TenantUsage, TokenBudget
 from aura.llm.client import (
     DEFAULT_SIMULATOR_URL,
     MAX_BREAKERS,
@@ -55,6 +58,7 @@ __all__ = [
     "Faults",
     "HoldOff",
     "HttpxWire",
+    "LLMBudgetExceededError",
     "LLMConnectionError",
     "LLMError",
     "LLMHTTPStatusError",
@@ -71,6 +75,9 @@ __all__ = [
     "ResilientLLMClient",
     "StreamAssembler",
     "StreamParser",
+    "TenantBudgets",
+    "TenantUsage",
+    "TokenBudget",
     "ToolCall",
     "Usage",
     "Wire",

@@ -47,18 +47,11 @@ from typing import Any, Unpack
 import httpx
 from redis.asyncio import Redis
 
-from aura import events
 from aura.config import Settings, get_settings
-from aura.errors import (
-    CircuitOpenError,
-    LLMConnectionError,
-    LLMError,
-    LLMHTTPStatusError,
-    LLMMalformedResponseError,
-    LLMTimeoutError,
-)
-from aura.events import CircuitState, LLMOutcome, LLMRequestFinished
+from aura.errors import CircuitOpenError, LLMError, LLMTimeoutError
+from aura.events import CircuitState
 from aura.llm._guards import MAX_BREAKERS, ModelGuards, provider_of, trips_breaker
+from aura.llm._observe import observe_failure, observe_success
 from aura.llm._openai import provider_hold_off as provider_hold_off
 from aura.llm._policy import (
     DEFAULT_SIMULATOR_URL,
@@ -73,6 +66,7 @@ from aura.llm._policy import redis_from_settings as _redis_from_settings
 from aura.llm._provider import Provider, ProviderRequest, error_text
 from aura.llm._wire import WIRE_ERRORS, Wire, encode, transport_error
 from aura.llm.breaker import CircuitBreaker
+from aura.llm.budgets import TenantBudgets
 from aura.llm.protocol import Completion, Usage
 from aura.llm.ratelimit import RateLimit, RateLimiter
 
@@ -94,14 +88,6 @@ def _error_text(response: httpx.Response) -> str:
     return error_text(response.content, response.reason_phrase)
 
 
-_OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
-    (LLMTimeoutError, LLMOutcome.TIMEOUT),
-    (LLMConnectionError, LLMOutcome.CONNECTION_ERROR),
-    (LLMHTTPStatusError, LLMOutcome.HTTP_ERROR),
-    (LLMMalformedResponseError, LLMOutcome.MALFORMED),
-)
-
-
 class ResilientLLMClient:
     """Chat completions with timeouts, an overall deadline and fleet-wide breakers.
 
@@ -112,9 +98,10 @@ class ResilientLLMClient:
     LLM_MODEL, the four LLM timeouts, LLM_CALL_DEADLINE, LLM_FIRST_TOKEN_TIMEOUT,
     LLM_HTTP_TRANSPORT, LLM_MAX_CONNECTIONS, CIRCUIT_BREAKER_FAIL_MAX/RESET_TIMEOUT/
     FAILURE_WINDOW/KEY, LLM_RATE_LIMIT_* and LLM_RATE_LIMITS (per model;
-    aura.llm.ratelimit), and REDIS_URL: with no ``redis`` given, the client opens a pool
-    of its own there (closed by ``aclose``); with neither, the breakers are local to this
-    process and nothing is rate-limited.
+    aura.llm.ratelimit), LLM_TENANT_BUDGET* (``budgets``: aura.llm.budgets) and REDIS_URL:
+    with no ``redis`` given, the client opens a pool of its own there (closed by
+    ``aclose``); with neither, the breakers are local to this process and nothing is
+    rate-limited or budgeted.
     """
 
     def __init__(
@@ -127,6 +114,7 @@ class ResilientLLMClient:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         settings: Settings | None = None,
+        budgets: TenantBudgets | None = None,
     ) -> None:
         if provider is None or wire is None or policy is None:
             settings = settings if settings is not None else get_settings()
@@ -144,6 +132,12 @@ class ResilientLLMClient:
         self._sleep = sleep
         self._guards = ModelGuards(provider.base_url, policy, redis=redis, clock=clock, sleep=sleep)
         self.circuit_breaker = self.breaker_for(self.model)
+        if budgets is None:  # a call may reach the provider up to its rate-limit wait late
+            late = 1.0 + (policy.limits.max_wait if self._guards.limiting else 0.0)
+            budgets = TenantBudgets(redis=None)
+            if settings is not None:
+                budgets = TenantBudgets.from_settings(settings, redis=redis, allowance_s=late)
+        self.budgets = budgets
 
     @classmethod
     def from_settings(
@@ -153,12 +147,14 @@ class ResilientLLMClient:
         redis: Redis | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        budgets: TenantBudgets | None = None,
         **overrides: Unpack[Overrides],
     ) -> ResilientLLMClient:
         """A client built from ``settings`` (default: ``get_settings()``), each keyword
         given (``base_url``, ``api_key``, ``model``, ``timeout``, ``deadline``,
         ``first_token_timeout``, ``fail_max``, ``reset_timeout``, ``transport``,
-        ``breaker_name``, ``rate_limit``, ``provider``) over its setting; 0 is a value."""
+        ``breaker_name``, ``rate_limit``, ``provider``, ``budgets``) over its setting; 0
+        is a value."""
         settings = settings if settings is not None else get_settings()
         provider, wire, policy = build_parts(settings, overrides)
         return cls(
@@ -169,6 +165,7 @@ class ResilientLLMClient:
             clock=clock,
             sleep=sleep,
             settings=settings,
+            budgets=budgets,
         )
 
     @property
@@ -230,6 +227,7 @@ class ResilientLLMClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.budgets.aclose()
         await self._wire.aclose()
         if self._owned_redis is not None:
             await self._owned_redis.aclose()
@@ -244,6 +242,7 @@ class ResilientLLMClient:
         fallback_models: Sequence[str] = (),
         stream: bool = False,
         on_delta: DeltaHook | None = None,
+        tenant: str | None = None,
         **params: Any,
     ) -> Completion:
         """Send one chat completion; raise an ``LLMError`` or ``CircuitOpenError``.
@@ -253,16 +252,36 @@ class ResilientLLMClient:
         streams the answer (``on_delta`` gets the first choice's content as it comes) and
         returns the same ``Completion``. While ``model``'s breaker is open the call goes
         to the next of ``fallback_models``; when every one is open, ``CircuitOpenError``
-        with the soonest ``retry_after``. ``Completion.model`` says who answered.
+        with the soonest ``retry_after``. ``Completion.model`` says who answered. The call
+        spends ``tenant``'s token budget (default: the tenant of the delivery being run;
+        ``aura.llm.budgets``): over it, ``LLMBudgetExceededError`` and no call.
         """
         if not messages:
             raise ValueError("messages must not be empty")
         candidates = [model or self.model, *fallback_models]
+        if not self.budgets.enabled:
+            return await self._first_open(candidates, messages, params, stream, on_delta, None)
+        return await self.budgets.around(
+            tenant,
+            {"messages": messages, **params},
+            lambda by: self._first_open(candidates, messages, params, stream, on_delta, by),
+        )
+
+    async def _first_open(
+        self,
+        candidates: Sequence[str],
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        stream: bool,
+        on_delta: DeltaHook | None,
+        send_by: float | None,
+    ) -> Completion:
+        """The first candidate model whose breaker lets the call through answers it."""
         refused: CircuitOpenError | None = None
         for candidate in candidates:
             request = self.provider.request(candidate, messages, params, stream=stream)
             try:
-                return await self._guarded(candidate, request, stream, on_delta)
+                return await self._guarded(candidate, request, stream, on_delta, send_by)
             except CircuitOpenError as exc:
                 if refused is None or exc.retry_after < refused.retry_after:
                     refused = exc
@@ -270,10 +289,16 @@ class ResilientLLMClient:
         raise refused
 
     async def _guarded(
-        self, model: str, request: ProviderRequest, stream: bool, on_delta: DeltaHook | None
+        self,
+        model: str,
+        request: ProviderRequest,
+        stream: bool,
+        on_delta: DeltaHook | None,
+        send_by: float | None = None,
     ) -> Completion:
         """One model's call: the fleet's limiter, then the breaker (waiting, bounded, for
-        a running trial's outcome rather than its lease)."""
+        a running trial's outcome rather than its lease, unless that would send the call
+        past ``send_by``, its budget's allowance)."""
         breaker = self._guards.breaker_for(model)
         if breaker.state is CircuitState.CLOSED:
             await self._guards.acquire(model, request.body)
@@ -286,6 +311,8 @@ class ResilientLLMClient:
             if breaker.state is not CircuitState.HALF_OPEN or not (
                 await breaker.wait_for_trial(self.policy.breakers.trial_wait)
             ):
+                raise
+            if send_by is not None and asyncio.get_running_loop().time() > send_by:
                 raise
             return await breaker.call(call, model, request, on_delta)
 
@@ -310,9 +337,9 @@ class ResilientLLMClient:
                 raise self.provider.error(status, headers, answer.content, answer.reason)
             completion = self.provider.parse(answer.content, time.perf_counter() - started)
         except LLMError as exc:
-            self._observe(exc, started, model)
+            observe_failure(exc, started, model)
             raise
-        self._observe_success(completion, started, model)
+        observe_success(completion, started, model)
         await self._guards.heed_latency(model, completion.latency_s, sent_at)
         return completion
 
@@ -356,9 +383,9 @@ class ResilientLLMClient:
             parser.feed(decoder.decode(b"", final=True))
             completion = parser.result(time.perf_counter() - started)
         except LLMError as exc:
-            self._observe(exc, started, model)
+            observe_failure(exc, started, model)
             raise
-        self._observe_success(completion, started, model)
+        observe_success(completion, started, model)
         await self._guards.heed_latency(model, first_token_s, sent_at)  # queueing shows there
         return completion
 
@@ -368,21 +395,3 @@ class ResilientLLMClient:
         if self._guards.limiting:  # the headers are read only when someone heeds them
             hold = self.provider.hold_off(status, headers)
             await self._guards.heed_answer(model, status, hold, sent_at)
-
-    @staticmethod
-    def _observe(error: LLMError, started: float, model: str) -> None:
-        outcome = next(o for kind, o in _OUTCOMES if isinstance(error, kind))
-        events.emit(LLMRequestFinished(outcome, time.perf_counter() - started, model))
-
-    @staticmethod
-    def _observe_success(completion: Completion, started: float, model: str) -> None:
-        usage = completion.usage
-        events.emit(
-            LLMRequestFinished(
-                LLMOutcome.SUCCESS,
-                time.perf_counter() - started,
-                model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            )
-        )

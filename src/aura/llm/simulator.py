@@ -18,6 +18,7 @@ description and tags. Faults (``Faults``) are set at start, per model if wanted
     POST /admin/outage   {"seconds": 10, "mode": "error"|"reset"|"hang"}
     POST /admin/reset                               zero the counters
     GET  /admin/stats                               requests received, by outcome
+    GET  /admin/usage                               tokens answered, by user
 
 A streamed answer meets the same faults as a plain one, and three of its own, mid-stream:
 ``midstream_reset_rate`` (the connection is reset after the first chunks),
@@ -27,6 +28,11 @@ first token) and ``trickle_interval`` paces the chunks of a trickled stream.
 
 Random faults come from a seeded generator, so a run with the same seed and the same
 requests misbehaves the same way.
+
+Each answered call's tokens are kept as a provider bills them (``usage_log``: arrival,
+user, total tokens), by the end user the request names: OpenAI's ``user`` field, or
+Anthropic's ``metadata.user_id`` ("" when none), so a test can count a tenant's tokens
+where they are spent.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ __all__ = ["DEFAULT_MODELS", "Faults", "LLMSimulator", "enrichment_for"]
 OutageMode = Literal["error", "reset", "hang"]
 _MIDSTREAM_AFTER = 3  # chunks sent before a mid-stream fault
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o")
+_MAX_USAGE_LOG = 100_000
 
 
 class LLMSimulator:
@@ -87,6 +94,7 @@ class LLMSimulator:
         self.host = host
         self.port = port
         self.stats: Counter[str] = Counter()
+        self.usage_log: list[tuple[float, str, int]] = []  # (monotonic, user, total tokens)
         self._random = random.Random(seed)
         self._outage_until = 0.0
         self._outage_mode: OutageMode = "error"
@@ -273,7 +281,7 @@ class LLMSimulator:
         if parsed.get("stream"):
             reply = self._streamed(parsed, faults, delay, dialect)
             reply.headers += headers
-            return reply
+            return self._billed(reply, parsed, tokens)
         answer = dialect.answer(completion)
         faulty: list[tuple[float, Callable[[], Reply]]] = [
             (faults.error_rate, lambda: self._status_error(faults, dialect)),
@@ -285,7 +293,20 @@ class LLMSimulator:
             (faults.reset_rate, lambda: Reply("reset", reset=True)),
             (faults.malformed_rate, lambda: Reply("malformed", 200, dialect.malformed_body)),
         ]
-        return self._roll(faulty) or json_reply("ok", 200, answer, delay=delay, headers=headers)
+        reply = self._roll(faulty) or json_reply("ok", 200, answer, delay=delay, headers=headers)
+        return self._billed(reply, parsed, tokens)
+
+    def _billed(self, reply: Reply, body: dict[str, Any], tokens: int) -> Reply:
+        """An answer (200) bills its tokens to the request's user."""
+        if reply.status == 200 and not reply.reset:
+            metadata = body.get("metadata")
+            user = body.get("user") or (
+                metadata.get("user_id") if isinstance(metadata, dict) else ""
+            )
+            if len(self.usage_log) >= _MAX_USAGE_LOG:
+                del self.usage_log[: _MAX_USAGE_LOG // 2]
+            self.usage_log.append((time.monotonic(), str(user or "")[:128], tokens))
+        return reply
 
     def _rate_limit(
         self, model: str, faults: Faults, tokens: int, dialect: Dialect
@@ -346,6 +367,8 @@ class LLMSimulator:
             if method == "GET" and path == "/admin/stats":
                 stats = {"requests": self.requests, "by_outcome": self.outcomes()}
                 return json_reply("admin", 200, stats)
+            if method == "GET" and path == "/admin/usage":
+                return json_reply("admin", 200, {"tokens_by_user": self.tokens_by_user()})
             if method == "POST" and path == "/admin/faults":
                 model = payload.pop("model", None)
                 if model is None:
@@ -362,6 +385,7 @@ class LLMSimulator:
                 return json_reply("admin", 200, {"outage_seconds": float(payload["seconds"])})
             if method == "POST" and path == "/admin/reset":
                 self.stats.clear()
+                self.usage_log.clear()
                 return json_reply("admin", 200, {"requests": 0})
         except (ValueError, KeyError, TypeError) as exc:
             return error_reply(400, f"{type(exc).__name__}: {exc}"[:200])
@@ -374,3 +398,10 @@ class LLMSimulator:
             for key, count in self.stats.items()
             if key.startswith("outcome:")
         }
+
+    def tokens_by_user(self) -> dict[str, int]:
+        """Tokens answered, by the user each request named (see the module doc)."""
+        totals: Counter[str] = Counter()
+        for _, user, tokens in self.usage_log:
+            totals[user] += tokens
+        return dict(totals)

@@ -37,9 +37,11 @@ from aura.messaging._retry import KEY_PREFIX
 from aura.messaging._runtime import call_off_loop
 from aura.messaging.delivery import (
     FAILURES_HEADER,
+    TENANT_HEADER,
     Delivery,
     failures_so_far,
     replay_count_of,
+    tenant_header_of,
 )
 from aura.messaging.dlq import REPLAY_HEADER, DeadLetter, queue_of, route_to_dlq
 from aura.messaging.fate import (
@@ -303,6 +305,9 @@ def retry(
     headers: dict[str, Any] = {
         FAILURES_HEADER: failures_so_far(request) if failures is None else failures
     }
+    tenant = tenant_header_of(request)
+    if tenant is not None:  # the retry is the same tenant's work (the pool's fair share)
+        headers[TENANT_HEADER] = tenant
     replays = replay_count_of(request)
     if replays:  # a replayed message's retries are still that replay
         headers[REPLAY_HEADER] = replays

@@ -255,9 +255,17 @@ def _task_body(function: Callable[..., Any], bind: bool, policy: TaskPolicy) -> 
             raise Reject("past the hard time limit", requeue=True) from None
         finally:
             duration = time.monotonic() - started
-            events.emit(TaskFinished(self.name, outcome, duration, reason))
+            tenant = _tenant_of(policy, args, kwargs)  # a label only as tenant_labels allows
+            events.emit(TaskFinished(self.name, outcome, duration, reason, tenant))
 
     return run
+
+
+def _tenant_of(policy: TaskPolicy, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    try:
+        return policy.tenant_of(args, kwargs)
+    except Exception:  # a poison pill's arguments: no tenant to count
+        return None
 
 
 class _ResilientTask(Task):  # type: ignore[misc]

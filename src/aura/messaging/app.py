@@ -29,6 +29,7 @@ what makes "nothing lost" true):
                                WORKER_CONCURRENCY tasks in flight on one event loop, with
                                per-task time limits) or prefork (one task per child); a
                                worker's ``-P``/``--pool`` wins (``-P prefork`` included)
+    aura_tenant_weights        TENANT_WEIGHTS: the async pool's share of slots per tenant
     aura_priority_queues       ``priority_queues`` (none unless given): the async pool's
                                free slots go to their tasks first
     JSON only                  no pickle crosses the broker
@@ -109,6 +110,7 @@ def configure(
         task_default_routing_key=default_queue,
         task_create_missing_queues=False,
         aura_priority_queues=[name for name in names if name in priority_queues],
+        aura_tenant_weights=settings.weights_by_tenant,
     )
     _connect_signals(app, settings)
     from aura.messaging import _observability as observability

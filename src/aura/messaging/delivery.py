@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAILURES_HEADER",
+    "TENANT_HEADER",
     "Delivery",
     "TaskPolicy",
     "call_signature",
@@ -36,6 +37,7 @@ __all__ = [
     "log_context",
     "replay_count_of",
     "tenant_finder",
+    "tenant_header_of",
 ]
 
 T = TypeVar("T")
@@ -44,6 +46,9 @@ T = TypeVar("T")
 # is kept from this, not Celery's request.retries (which counts deferrals too: a message
 # put off 3 times by an open breaker was dead-lettered on its first real failure).
 FAILURES_HEADER = "aura_failures"
+# The tenant a message works for, as its publisher knew it: the worker's pool shares its
+# task slots fairly by it (``aura.messaging.pool``); a message without one is nobody's.
+TENANT_HEADER = "aura_tenant"
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,14 @@ def failures_so_far(request: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return int(getattr(request, "retries", 0) or 0)
+
+
+def tenant_header_of(request: Any) -> str | None:
+    """The tenant a delivery's message names in its header (``TENANT_HEADER``), if any."""
+    value = getattr(request, TENANT_HEADER, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(TENANT_HEADER)
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
 def replay_count_of(request: Any) -> int:

@@ -15,7 +15,11 @@ where a task runs:
 The number in flight never exceeds N (``-c``: N slots, and prefetch N with multiplier 1),
 so a slow database or LLM holds messages at the broker, not in memory.
 
-Which waiting task a freed slot goes to (``_Slots``): the oldest of a priority queue
+Which waiting task a freed slot goes to (``_Slots``): first, a waiter of the tenant that
+holds the fewest slots for its weight (the ``aura_tenant`` header its publisher set;
+``aura_tenant_weights``, TENANT_WEIGHTS; a message without the header is one more
+"tenant"), so a tenant with two messages here is not behind another's hundred. Then, among
+that tenant's waiters: the oldest of a priority queue
 (``aura_priority_queues``; Aura's app: realtime_queue), else the oldest of the others;
 but one that has waited ``aura_priority_max_wait`` seconds (5) goes first, so bulk work
 moves at least every few seconds under any realtime load (a message held unacked too
@@ -60,6 +64,7 @@ import structlog
 from celery.concurrency.base import BasePool, apply_target
 
 from aura.messaging._runtime import ProcessRuntime, run_in_greenlet, start_threaded
+from aura.messaging.delivery import TENANT_HEADER
 
 __all__ = ["AsyncPool"]
 
@@ -112,7 +117,10 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         self._max_tasks = int(app.conf.worker_max_tasks_per_child or 0) * self.limit
         self._priority_queues = frozenset(app.conf.get("aura_priority_queues") or ())
         max_wait = float(app.conf.get("aura_priority_max_wait") or _PRIORITY_MAX_WAIT)
-        self._slots = _Slots(self.limit, max_wait=max_wait)
+        weights = dict(app.conf.get("aura_tenant_weights") or {})
+        self._slots = _Slots(
+            self.limit, max_wait=max_wait, weight=lambda tenant: weights.get(tenant, 1.0)
+        )
 
     def on_stop(self) -> None:
         """Drain: every task in flight finishes (or meets its hard limit) first."""
@@ -137,9 +145,10 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         assert slots is not None
         soft, hard = options.get("soft_timeout"), options.get("timeout")
         first = bool(self._priority_queues) and _queue(args) in self._priority_queues
+        tenant = _tenant(args)
 
         async def run() -> None:
-            async with slots.held(first=first):
+            async with slots.held(first=first, tenant=tenant):
                 await run_in_greenlet(
                     apply_target,
                     target,
@@ -190,56 +199,115 @@ def _queue(args: Any) -> str | None:
     return str(routing_key).rsplit(".", 1)[-1] if routing_key else None
 
 
+def _tenant(args: Any) -> str | None:
+    """The tenant a delivery's message names (``TENANT_HEADER``), from Celery's trace
+    arguments; None for a message that names none."""
+    try:
+        tenant = args[2].get(TENANT_HEADER)
+    except (IndexError, AttributeError, TypeError):
+        return None
+    return tenant if isinstance(tenant, str) and 0 < len(tenant) <= 64 else None
+
+
 class _Slots:
     """At most ``limit`` holders at once; a freed slot goes to a waiter as the module doc
-    says (FIFO within each kind). Used on the pool's loop thread only. ``clock`` is
-    monotonic seconds (tests drive a fake one)."""
+    says: first to the tenant holding the fewest slots for its weight, then within that
+    tenant's waiters by queue kind (FIFO within each). Used on the pool's loop thread
+    only. ``clock`` is monotonic seconds (tests drive a fake one)."""
 
     def __init__(
-        self, limit: int, *, max_wait: float, clock: Callable[[], float] = time.monotonic
+        self,
+        limit: int,
+        *,
+        max_wait: float,
+        clock: Callable[[], float] = time.monotonic,
+        weight: Callable[[str | None], float] = lambda tenant: 1.0,
     ) -> None:
         self._free = limit
         self._max_wait = max_wait
         self._clock = clock
-        # (when it began waiting, its future): priority queues', the others'
-        self._first: collections.deque[tuple[float, asyncio.Future[None]]] = collections.deque()
-        self._rest: collections.deque[tuple[float, asyncio.Future[None]]] = collections.deque()
+        self._weight = weight
+        self._holding: collections.Counter[str | None] = collections.Counter()
+        # per tenant: (priority queues' waiters, the others'), each (since, future)
+        self._waiting: dict[str | None, tuple[_Waiters, _Waiters]] = {}
 
     @property
     def free(self) -> int:
         return self._free
 
+    def holding(self, tenant: str | None) -> int:
+        return self._holding[tenant]
+
     @contextlib.asynccontextmanager
-    async def held(self, *, first: bool) -> AsyncIterator[None]:
-        await self._acquire(first)
+    async def held(self, *, first: bool, tenant: str | None = None) -> AsyncIterator[None]:
+        await self._acquire(first, tenant)
         try:
             yield
         finally:
-            self._release()
+            self._give_back(tenant)
 
-    async def _acquire(self, first: bool) -> None:
-        if self._free > 0 and not self._first and not self._rest:
+    async def _acquire(self, first: bool, tenant: str | None) -> None:
+        if self._free > 0 and not self._waiting:
             self._free -= 1
+            self._holding[tenant] += 1
             return
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        (self._first if first else self._rest).append((self._clock(), granted))
+        queues = self._waiting.setdefault(tenant, (collections.deque(), collections.deque()))
+        queues[0 if first else 1].append((self._clock(), granted))
+        if self._free > 0:  # free slots, and only cancelled waiters before this one
+            self._grant()
         try:
             await granted
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
-                self._release()  # granted, then cancelled before it could run: pass it on
+                self._give_back(tenant)  # granted, then cancelled before it could run
             raise
 
-    def _release(self) -> None:
-        for waiters in (self._first, self._rest):  # a waiter cancelled meanwhile is skipped
-            while waiters and waiters[0][1].done():
-                waiters.popleft()
-        chosen = self._first or self._rest
-        if self._rest and self._first:
-            since = self._rest[0][0]
-            if self._clock() - since >= self._max_wait and since < self._first[0][0]:
-                chosen = self._rest
-        if not chosen:
-            self._free += 1
-            return
-        chosen.popleft()[1].set_result(None)
+    def _give_back(self, tenant: str | None) -> None:
+        self._holding[tenant] -= 1
+        if self._holding[tenant] <= 0:
+            del self._holding[tenant]
+        self._free += 1
+        self._grant()
+
+    def _grant(self) -> None:
+        """Give free slots to waiters: the least-served tenant's, as the class doc says."""
+        while self._free > 0:
+            tenant = self._next_tenant()
+            if tenant is _NOBODY:
+                return
+            first, rest = self._waiting[tenant]  # type: ignore[index]
+            chosen = first or rest
+            if rest and first:
+                since = rest[0][0]
+                if self._clock() - since >= self._max_wait and since < first[0][0]:
+                    chosen = rest
+            granted = chosen.popleft()[1]
+            if not first and not rest:
+                del self._waiting[tenant]  # type: ignore[arg-type]
+            self._free -= 1
+            self._holding[tenant] += 1  # type: ignore[index]
+            granted.set_result(None)
+
+    def _next_tenant(self) -> object:
+        """The waiting tenant with the fewest slots for its weight (the oldest waiter on a
+        tie); waiters cancelled meanwhile are dropped first."""
+        best: object = _NOBODY
+        best_key: tuple[float, float] | None = None
+        for tenant in list(self._waiting):
+            queues = self._waiting[tenant]
+            for waiters in queues:
+                while waiters and waiters[0][1].done():
+                    waiters.popleft()
+            if not queues[0] and not queues[1]:
+                del self._waiting[tenant]
+                continue
+            oldest = min(w[0][0] for w in queues if w)
+            key = (self._holding[tenant] / self._weight(tenant), oldest)
+            if best_key is None or key < best_key:
+                best, best_key = tenant, key
+        return best
+
+
+_Waiters = collections.deque[tuple[float, asyncio.Future[None]]]
+_NOBODY = object()

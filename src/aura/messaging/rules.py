@@ -11,17 +11,21 @@ order  rule              asked        decides
                                       (conflicting_message_id); database out -> hold
 2      Redelivery        before       redelivered past the budget -> DLQ (worker_lost);
                                       a redelivery counts as a failure
-3      BreakerOpen       on failure   CircuitOpenError -> defer until a trial may go (no
+3      BudgetExceeded    on failure   LLMBudgetExceededError (its tenant's token budget
+                                      is spent) -> defer until it has room (no budget);
+                                      past LLM_BUDGET_MAX_DEFERRALS -> DLQ
+                                      (budget_exceeded)
+4      BreakerOpen       on failure   CircuitOpenError -> defer until a trial may go (no
                                       budget); past ``max_deferrals`` -> DLQ
                                       (max_deferrals_exceeded)
-4      DatabaseOutage    on failure   the database cannot take it (inbox tasks) -> hold
+5      DatabaseOutage    on failure   the database cannot take it (inbox tasks) -> hold
                                       at the outage gate (no budget)
-5      SoftTimeLimit     on failure   observes only: counts the soft timeout
-6      ConflictingId     on failure   its claim found the id taken by another payload
+6      SoftTimeLimit     on failure   observes only: counts the soft timeout
+7      ConflictingId     on failure   its claim found the id taken by another payload
                                       -> DLQ (conflicting_message_id)
-7      PoisonPill        on failure   the detector says poison -> DLQ (poison_pill), no
+8      PoisonPill        on failure   the detector says poison -> DLQ (poison_pill), no
                                       retry spent
-8      RetryBudget       on failure   anything else -> retry with backoff, or past
+9      RetryBudget       on failure   anything else -> retry with backoff, or past
                                       ``max_retries`` -> DLQ (max_retries_exceeded)
 =====  ================  ===========  ==================================================
 
@@ -38,11 +42,13 @@ from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 
 from aura import events
 from aura.backoff import Backoff
+from aura.config import get_settings
 from aura.db import is_outage
 from aura.errors import (
     CircuitOpenError,
     ConflictingMessageIdError,
     DatabaseTransactionError,
+    LLMBudgetExceededError,
     LLMError,
     LLMHTTPStatusError,
     cause_chain,
@@ -64,10 +70,12 @@ from aura.messaging.fate import (
 )
 
 __all__ = [
+    "BUDGET_DEFER_PREFIX",
     "DEFAULT_RULES",
     "DEFER_PREFIX",
     "MIN_COUNTDOWN",
     "BreakerOpen",
+    "BudgetExceeded",
     "ConflictingId",
     "DatabaseOutage",
     "InboxLookup",
@@ -83,6 +91,10 @@ __all__ = [
 
 _log = structlog.get_logger("aura.messaging.rules")
 DEFER_PREFIX = "defer_count:"
+BUDGET_DEFER_PREFIX = "budget_defer_count:"
+# A budget deferral is at most this long, so its counter (RETRY_TRACKER_TTL, 1 h, renewed
+# on each count) outlives the wait: a tenant out of its day's budget comes back each 30 min
+_MAX_BUDGET_COUNTDOWN = 1800.0
 # RabbitMQ's native delayed delivery (how Celery delays retries on quorum queues) counts
 # whole seconds, and refuses a countdown below one.
 MIN_COUNTDOWN = 1.0
@@ -175,6 +187,29 @@ class BreakerOpen(BaseRule):
         return DeferAfter(max(error.retry_after + jitter, MIN_COUNTDOWN), error)
 
 
+class BudgetExceeded(BaseRule):
+    """The call's tenant has spent its LLM token budget (no call was made): put off until
+    its window has room, spread over up to one more window so the tenant's backlog does
+    not all come back at once; no retry spent. Past ``max_deferrals`` (default:
+    LLM_BUDGET_MAX_DEFERRALS) -> DLQ (budget_exceeded). Before ``BreakerOpen``, which
+    would otherwise take it as any ``CircuitOpenError``."""
+
+    def __init__(self, max_deferrals: int | None = None) -> None:
+        self.max_deferrals = max_deferrals
+
+    def on_failure(self, delivery: Delivery, error: Exception) -> Fate | None:
+        if not isinstance(error, LLMBudgetExceededError):
+            return None
+        limit = self.max_deferrals
+        if limit is None:
+            limit = get_settings().llm_budget_max_deferrals
+        if deferrals_spent(delivery, prefix=BUDGET_DEFER_PREFIX, limit=limit):
+            return DeadLetterAs(DeadLetterReason.BUDGET_EXCEEDED, error, delivery.retries)
+        spread = delivery.runtime.rng.uniform(0, min(error.window_s, _MAX_BUDGET_COUNTDOWN))
+        countdown = min(error.retry_after + spread, _MAX_BUDGET_COUNTDOWN)
+        return DeferAfter(max(countdown, MIN_COUNTDOWN), error)
+
+
 class DatabaseOutage(BaseRule):
     """The database cannot take this delivery now (refused, too many clients, a pool
     timeout): held at the outage gate. Only an error that came from the database: a
@@ -244,6 +279,7 @@ class RetryBudget(BaseRule):
 DEFAULT_RULES: tuple[Rule, ...] = (
     InboxLookup(),
     Redelivery(),
+    BudgetExceeded(),
     BreakerOpen(),
     DatabaseOutage(),
     SoftTimeLimit(),
@@ -253,11 +289,14 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
-def deferrals_spent(delivery: Delivery) -> bool:
-    """Count one more deferral of this delivery; whether that spends ``max_deferrals``
-    (Redis unable to count: Celery's own count of the delivery's retries bounds it)."""
-    limit = delivery.policy.max_deferrals
-    deferrals = delivery.runtime.tracker(DEFER_PREFIX, limit)
+def deferrals_spent(
+    delivery: Delivery, *, prefix: str = DEFER_PREFIX, limit: int | None = None
+) -> bool:
+    """Count one more deferral of this delivery (under ``prefix``); whether that spends
+    ``limit`` (default: ``max_deferrals``; Redis unable to count: Celery's own count of the
+    delivery's retries bounds it)."""
+    limit = delivery.policy.max_deferrals if limit is None else limit
+    deferrals = delivery.runtime.tracker(prefix, limit)
     try:
         count = deferrals.increment_and_check(delivery.message_id, fallback_count=delivery.retries)
         return bool(delivery.run(count))

@@ -8,7 +8,8 @@
 
 Malformed records are poison pills (DLQ at once, import record marked dead_lettered); a
 dropped database connection or an LLM failure is transient (retried); an open LLM
-circuit defers the task. Each effect is committed once, whatever the redeliveries.
+circuit, or its tenant's token budget spent (LLM_TENANT_BUDGETS), defers the task. Each
+effect is committed once, whatever the redeliveries.
 
 Each effect is one statement on PostgreSQL with its inbox claim (``aura.catalog.pipeline``).
 The enrichment reads the inbox before it runs (``DatabaseInbox``): a delivery whose effect
@@ -41,6 +42,7 @@ from aura.errors import LLMMalformedResponseError, NotFoundError
 from aura.events import DeadLetterReason
 from aura.llm import ResilientLLMClient
 from aura.messaging import DeadLetter, delivery_fingerprint, report_duplicate, resilient_task
+from aura.messaging.delivery import TENANT_HEADER
 from aura.worker.celery_app import celery_app
 
 __all__ = ["app", "enrich_product", "ingest_product"]
@@ -91,6 +93,7 @@ async def _queue_enrichment(product_id: uuid.UUID | str, tenant_id: str) -> None
         args=[str(product_id), tenant_id],
         task_id=f"enrich-{product_id}",
         queue=REALTIME_QUEUE,
+        headers={TENANT_HEADER: tenant_id},  # the pool's fair share goes by it
     )
 
 
@@ -160,7 +163,7 @@ async def enrich_product(self: Task, product_id: str, tenant_id: str) -> None:
     product = await read_for_prompt(database, tenant, pid)
     if product is None:
         raise NotFoundError(f"unknown product {product_id}", field="product_id")
-    completion = await llm.complete(_prompt(product), temperature=0.2)
+    completion = await llm.complete(_prompt(product), temperature=0.2, tenant=tenant_id)
     try:
         answer = _EnrichmentAnswer.model_validate_json(completion.text)
     except ValidationError as exc:  # the provider's fault, not the message's: retry

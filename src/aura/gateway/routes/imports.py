@@ -22,7 +22,7 @@ from aura.catalog import (
     import_counts,
 )
 from aura.contract import BULK_QUEUE, INGEST_TASK
-from aura.db import Claim, Database, Staged, extend_claim, stage_messages, transactional
+from aura.db import HELD, Claim, Database, Staged, extend_claim, stage_messages, transactional
 from aura.errors import DatabaseTransactionError, NotFoundError
 from aura.gateway.bodies import (
     JSON_TYPES,
@@ -66,12 +66,12 @@ async def post_import(tenant_id: uuid.UUID, request: Request) -> JSONResponse:
     try:
         if isinstance(records, list) or count <= _PUBLISHED_INLINE:
             written = await _accept_small_import(
-                gw.database, tenant_id, import_id, list(records), gw.outbox_lease
+                gw.database, tenant_id, import_id, list(records), _claim(gw)
             )
         else:
             async with gw.database.session() as session:
                 written = await _accept_import(
-                    session, tenant_id, import_id, records, count, gw.outbox_lease
+                    session, tenant_id, import_id, records, count, _claim(gw), gw.outbox_lease
                 )
     except DatabaseTransactionError as exc:
         if not exc.commit_outcome_unknown or not await _import_exists(gw.database, import_id):
@@ -116,6 +116,12 @@ async def _read_records(gw: Gateway, request: Request) -> list[str] | SpooledRec
     )
 
 
+def _claim(gw: Gateway) -> Claim:
+    """Who publishes an import's messages: the fair dispatcher (held, TENANT_SCHEDULING
+    fair: ``aura.gateway.dispatch``), or the request itself (fifo)."""
+    return HELD if gw.holds_imports else Claim.new(staging_lease(gw.outbox_lease))
+
+
 def _ingest(message_id: str, tenant_id: uuid.UUID, import_id: uuid.UUID, record: str) -> Staged:
     """One import record's message: the record as it came, on bulk_queue."""
     return Staged(
@@ -133,11 +139,10 @@ async def _accept_small_import(
     tenant_id: uuid.UUID,
     import_id: uuid.UUID,
     records: list[str],
-    lease: float,
+    claim: Claim,
 ) -> Written:
     """An import small enough to hold (a JSON array, or at most _PUBLISHED_INLINE lines):
     the import, its records and their messages in one statement on PostgreSQL."""
-    claim = Claim.new(staging_lease(lease))
     staged = [_ingest(str(uuid.uuid4()), tenant_id, import_id, record) for record in records]
     await create_import_with_messages(database, tenant_id, import_id, staged, claim)
     if len(staged) > _PUBLISHED_INLINE:  # a large JSON array: published as a large import
@@ -152,11 +157,11 @@ async def _accept_import(
     import_id: uuid.UUID,
     records: Iterable[str],
     count: int,
+    claim: Claim,
     lease: float,
 ) -> Written:
     """The import, a pending row per record and a message per record: one transaction,
     written a part at a time (an import of any size in bounded memory)."""
-    claim = Claim.new(staging_lease(lease))
     await add_import(session, tenant_id, count, import_id=import_id)
     kept: list[Staged] | None = [] if count <= _PUBLISHED_INLINE else None
     ids: list[str] = []
@@ -172,7 +177,7 @@ async def _accept_import(
         if kept is not None:
             kept += staged
         ids += message_ids
-    if kept is None:  # a long transaction: hold its rows from the commit, not from its start
+    if kept is None and claim != HELD:  # a long transaction: its lease from the commit on
         now = datetime.now(UTC)
         claim = Claim(claim.owner, now + timedelta(seconds=staging_lease(lease)))
         await extend_claim(session, claim, now=now)

@@ -14,6 +14,7 @@ Reasons (a fixed set, also the ``messages_sent_to_dlq_total`` label):
     poison_pill              malformed input; no retry could fix it (zero retries spent)
     max_retries_exceeded     a transient error outlived the retry budget
     max_deferrals_exceeded   the LLM circuit stayed open longer than the deferral bound
+    budget_exceeded          its tenant's LLM token budget stayed spent past its bound
     worker_lost              the worker died on every delivery (SIGKILL, OOM, hard limit)
     task_failed              a task without DLQ routing failed; Celery rejected it and the
                              broker dead-lettered it (nothing is acked away on failure)
