@@ -10,10 +10,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY
 
 from aura.worker.process import start_worker_process, stop_worker_process
+
+if TYPE_CHECKING:
+    from aura.db import Database
 
 
 async def wait_until(
@@ -107,3 +111,19 @@ def running_gateway(
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+async def forget_held_rows(database: Database) -> int:
+    """Delete the outbox rows earlier tests' gateways held for fair dispatch and never
+    released (their event loops are gone): a test's own dispatcher or worker would
+    otherwise publish and process another test's import. Returns how many."""
+    from sqlalchemy import delete
+
+    from aura.db import HELD, OutboxMessage
+
+    async with database.session() as session:
+        result = await session.execute(
+            delete(OutboxMessage).where(OutboxMessage.claimed_by == HELD.owner)
+        )
+        await session.commit()
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from aura.contract import BULK_QUEUE, INGEST_TASK, REALTIME_QUEUE
 from aura.db import HELD, Database, OutboxMessage, Staged, stage_messages
 from aura.gateway import create_tenant_with_key
 from aura.gateway.dispatch import Dispatcher
+from tests.helpers import forget_held_rows
 
 
 class Broker:
@@ -76,15 +77,8 @@ async def held(database: Database, owners: Sequence[uuid.UUID]) -> int:
     return int(found or 0)
 
 
-async def forget(database: Database) -> None:
-    """Other tests' held rows (their gateways are gone): not this test's to count."""
-    async with database.session() as session:
-        await session.execute(delete(OutboxMessage).where(OutboxMessage.claimed_by == HELD.owner))
-        await session.commit()
-
-
 async def test_a_small_tenant_goes_out_whole_in_the_first_round(pg_database: Database) -> None:
-    await forget(pg_database)
+    await forget_held_rows(pg_database)
     big, small = await tenants(pg_database, 2)
     await hold(pg_database, big, 300)
     await hold(pg_database, small, 10)
@@ -99,7 +93,7 @@ async def test_a_small_tenant_goes_out_whole_in_the_first_round(pg_database: Dat
 
 
 async def test_a_full_queue_or_the_queue_it_feeds_holds_everything(pg_database: Database) -> None:
-    await forget(pg_database)
+    await forget_held_rows(pg_database)
     (tenant,) = await tenants(pg_database, 1)
     await hold(pg_database, tenant, 100)
     broker = Broker({BULK_QUEUE: 50})
@@ -115,7 +109,7 @@ async def test_a_full_queue_or_the_queue_it_feeds_holds_everything(pg_database: 
 async def test_a_failed_publish_puts_what_it_did_not_send_back_on_hold(
     pg_database: Database,
 ) -> None:
-    await forget(pg_database)
+    await forget_held_rows(pg_database)
     (tenant,) = await tenants(pg_database, 1)
     await hold(pg_database, tenant, 30)
     broker = Broker()
@@ -159,7 +153,7 @@ def test_every_held_row_goes_out_once_whatever_fails_and_however_many_dispatch(
             await database.dispose()
 
     async def run(database: Database) -> None:
-        await forget(database)
+        await forget_held_rows(database)
         owners = await tenants(database, len(sizes))
         for owner, size in zip(owners, sizes, strict=True):
             await hold(database, owner, size)

@@ -24,7 +24,7 @@ from aura.gateway.senders import AmqpSender
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetterQueue
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import start_celery_worker, stop_celery_worker, wait_until
+from tests.helpers import forget_held_rows, start_celery_worker, stop_celery_worker, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 METRICS_PORT = 19187
@@ -58,6 +58,7 @@ def platform_worker(
         "DB_POOL_SIZE": "4",
         "DB_MAX_OVERFLOW": "2",
         "CIRCUIT_BREAKER_RESET_TIMEOUT": "2",  # scaled: the seed's 60 s would idle the test
+        "RETRY_BACKOFF_MAX": "2",  # scaled too: a product that met three 5xx waited 30 s
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "WORKER_METRICS_PORT": str(METRICS_PORT),
         "WORKER_QUEUE_POLL_INTERVAL": "0.5",
@@ -81,6 +82,7 @@ async def test_every_record_is_enriched_once_or_dead_lettered(
     platform_worker: subprocess.Popen[bytes],
     simulator: LLMSimulator,
 ) -> None:
+    await forget_held_rows(pg_database)  # earlier tests' imports are not this test's
     publisher = make_celery_app(Settings(celery_broker_url=amqp_url))
     # The sender `aura gateway` uses: aio-pika on the event loop, so what the worker's
     # envelope guard takes here is what the gateway publishes in production.

@@ -242,7 +242,14 @@ class ChaosRun(ImportRun):
         self._start_workers()
         started = time.monotonic()
         relay = start_relay(relay_database, relay_publisher, self.settings)
-        gateway = Gateway(database, self.publisher, {}, sender=sender)
+        gateway = Gateway(
+            database,
+            self.publisher,
+            {},
+            sender=sender,
+            scheduling=self.settings.tenant_scheduling,
+        )
+        gateway.dispatcher.start()  # as `aura gateway` runs it: through every fault
         try:
             async with self.gateway_client(create_app(gateway), key):
                 await self.post_import(self.first_records())
@@ -251,6 +258,8 @@ class ChaosRun(ImportRun):
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await relay
+            with contextlib.suppress(Exception):
+                await gateway.dispatcher.aclose()
             if sender is not None:
                 with contextlib.suppress(Exception):
                     await gateway.outbox.aclose()

@@ -49,6 +49,15 @@ def start_relay(database: Database, publisher: Any, settings: Any) -> asyncio.Ta
     )
 
 
+@contextlib.asynccontextmanager
+async def _dispatching(gateway: Any) -> AsyncIterator[None]:
+    """The gateway's fair dispatcher stops with the run."""
+    try:
+        yield
+    finally:
+        await gateway.dispatcher.aclose()
+
+
 class ImportRun:
     """One import through the gateway, the worker and the simulator, to its accounting.
 
@@ -253,11 +262,17 @@ class ImportRun:
         key = await self.open_tenant(database)
         assert self.tenant_id is not None
         tenant_id = self.tenant_id
-        app = create_app(Gateway(database, publisher, {}))
+        gateway = Gateway(database, publisher, {}, scheduling=self.settings.tenant_scheduling)
+        app = create_app(gateway)
         started = time.monotonic()
         self._worker_cpu_start = self._worker_cpu()
         relay = start_relay(database, publisher, self.settings)
-        async with cancelled_at_exit(relay), self.gateway_client(app, key):
+        gateway.dispatcher.start()  # as `aura gateway` runs it: through every fault
+        async with (
+            cancelled_at_exit(relay),
+            _dispatching(gateway),
+            self.gateway_client(app, key),
+        ):
             await self.post_import(self.first_records())
             await self.on_started()
             try:

@@ -217,8 +217,10 @@ class Dispatcher:
             await session.commit()
 
     async def run(self, *, until_idle: bool = False) -> None:
-        """``dispatch_once`` every ``interval`` (or when woken) until cancelled, or with
-        ``until_idle`` until nothing is held. Failures are logged, never raised."""
+        """``dispatch_once`` every ``interval`` (or when woken) until cancelled; failures
+        are logged and tried again. With ``until_idle`` (started by ``wake``, where no
+        lifespan runs a dispatcher) until nothing is held, or a round fails: the next
+        ``wake`` tries again."""
         wake = self._event()
         while True:
             wake.clear()
@@ -226,6 +228,8 @@ class Dispatcher:
                 await self.dispatch_once()
             except Exception as exc:
                 self._warn(exc)
+                if until_idle:
+                    return
             if until_idle and not self.backlog:
                 return
             with contextlib.suppress(TimeoutError):
