@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     # tenant at a time, keeping each work queue at least OUTBOX_DISPATCH_DEPTH deep (looked at
     # every OUTBOX_DISPATCH_INTERVAL seconds); "fifo" publishes every record at once, in
     # arrival order. TENANT_WEIGHTS: "<tenant uuid>=<weight>,..." (default weight 1).
-    # The depth is a floor: the dispatcher keeps about a second of its measured rate.
+    # The depth is a floor: the dispatcher keeps about 0.5 s of its measured rate.
     tenant_scheduling: Literal["fair", "fifo"] = "fair"
     tenant_weights: str = ""
     outbox_dispatch_depth: int = Field(default=50, ge=1, le=100_000)

@@ -10,20 +10,21 @@ work queue only about OUTBOX_DISPATCH_DEPTH messages deep:
     every OUTBOX_DISPATCH_INTERVAL (0.25 s), or at once when this gateway held an import:
       backlog  = held rows by (queue, tenant)                   one GROUP BY
       depth    = max(OUTBOX_DISPATCH_DEPTH, what this dispatcher released to the queue
-                 in the last LEAD_WINDOW seconds / LEAD_WINDOW * LEAD): about a second
-                 of the fleet's work, however fast or slow it is
+                 in the last LEAD_WINDOW seconds / LEAD_WINDOW * LEAD): about half a
+                 second of the fleet's work, however fast or slow it is (the workers'
+                 prefetch holds more: the ready messages only need to outlast a round)
       room     = depth - ready messages on the queue            one passive declare each
                  (bulk_queue: also depth - realtime_queue's: an ingest queues an
                  enrichment, so ingests never run ahead of what the LLM can follow)
       quotas   = FairShare(TENANT_WEIGHTS).quotas(backlog, room)  deficit round robin
       claim each tenant's oldest quota rows and publish them (``publish_claimed``)
 
-A small tenant's work is then about a second behind anyone's (the ready messages ahead of
-it), plus what the workers hold (their prefetch), where the pool's slots go by tenant as
-well (``aura.messaging.pool``). Why adaptive: a fixed 200 was 3 s of queue per stage for a
-fleet doing 70 records/s (a small import waited 8.4 s), and too shallow to keep a fast one
-busy; the measured rate can grow 4-fold a second (a round may release its whole depth),
-so a fleet's burst is followed within a second or two.
+A small tenant's work is then about half a second behind anyone's (the ready messages
+ahead of it), plus what the workers hold (their prefetch: N per queue per worker), where
+the pool's slots go by tenant as well (``aura.messaging.pool``). Why adaptive: a fixed 200
+was 3 s of queue per stage for a fleet doing 70 records/s (a small import waited 8.4 s),
+and too shallow to keep a fast one busy; the measured rate can grow 8-fold a second (a
+round may release its whole depth), so a fleet's burst is followed within a second.
 
 Several gateways each dispatch: the claim takes rows with ``FOR UPDATE SKIP LOCKED``, so no
 row goes out twice, and together they may fill a queue to a few times its depth, never
@@ -64,7 +65,7 @@ __all__ = ["DEFAULT_DEPTH", "DEFAULT_INTERVAL", "LEAD", "LEAD_WINDOW", "Dispatch
 
 DEFAULT_DEPTH = 50
 DEFAULT_INTERVAL = 0.25
-LEAD = 1.0  # seconds of work kept ready on a queue
+LEAD = 0.5  # seconds of work kept ready on a queue (the workers prefetch more)
 LEAD_WINDOW = 3.0  # seconds of releases the rate is measured over
 OBSERVE_EVERY = 5.0  # seconds between exact counts of the held rows (the gauge)
 _log = structlog.get_logger("aura.gateway.dispatch")

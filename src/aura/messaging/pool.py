@@ -19,9 +19,9 @@ Which waiting task a freed slot goes to (``_Slots``): first, a waiter of the ten
 holds the fewest slots for its weight (the ``aura_tenant`` header its publisher set;
 ``aura_tenant_weights``, TENANT_WEIGHTS; a message without the header is one more
 "tenant"), so a tenant with two messages here is not behind another's hundred. Then, among
-that tenant's waiters: the oldest of a priority queue
-(``aura_priority_queues``; Aura's app: realtime_queue), else the oldest of the others;
-but one that has waited ``aura_priority_max_wait`` seconds (5) goes first, so bulk work
+that tenant's waiters: the oldest of a priority queue (``aura_priority_queues``; Aura's
+app with TENANT_SCHEDULING=fifo: realtime_queue), else the oldest of the others; but one
+that has waited ``aura_priority_max_wait`` seconds (5) goes first, so bulk work
 moves at least every few seconds under any realtime load (a message held unacked too
 long would also meet the broker's consumer timeout). Why: with quorum queues each queue's
 consumer has its own prefetch, so a node consuming both work queues holds N of each. In
@@ -29,7 +29,10 @@ FIFO order a bulk import took slot after slot -- an ingest runs 10-60 ms and que
 enrichment -- while the enrichments it queued waited behind it: ingests ran at twice the
 rate enrichments could follow, and their statements slowed every task in flight
 (bench/RESULTS.md, "The platform path"). Realtime first, each finished enrichment lets
-about one ingest in: they run at the same rate.
+about one ingest in: they run at the same rate. (With TENANT_SCHEDULING=fair the gateways'
+dispatcher keeps the ingests at the enrichments' pace instead, before the broker, and the
+realtime-first rule is off: it held a worker's prefetched bulk tasks, and a small
+tenant's ingest behind them at the broker, up to the 5 s.)
 
 Per-task time limits, the hard-limit recycle and the loop watchdog are
 ``aura.messaging._runtime``'s. Blocking calls a task makes (a confirmed publish) block the
