@@ -58,7 +58,10 @@ def platform_worker(
         "DB_POOL_SIZE": "4",
         "DB_MAX_OVERFLOW": "2",
         "CIRCUIT_BREAKER_RESET_TIMEOUT": "2",  # scaled: the seed's 60 s would idle the test
-        "RETRY_BACKOFF_MAX": "2",  # scaled too: a product that met three 5xx waited 30 s
+        # The simulator is a thread of this test process: where earlier tests left work on
+        # its event loop, a few calls went unanswered until the 30 s call deadline.
+        "LLM_CALL_DEADLINE": "5",
+        "LLM_READ_TIMEOUT": "3",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "WORKER_METRICS_PORT": str(METRICS_PORT),
         "WORKER_QUEUE_POLL_INTERVAL": "0.5",
