@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -171,3 +172,31 @@ def test_every_held_row_goes_out_once_whatever_fails_and_however_many_dispatch(
         assert len(confirmed) == sum(sizes)
 
     asyncio.run(main())
+
+
+async def test_a_database_failure_after_the_send_puts_the_rows_back_on_hold(
+    pg_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent, then the DELETE failed (the database went away): the next round puts them
+    back on hold and sends them again (the inbox absorbs the twin), instead of leaving
+    them claimed until the relay's lease runs out (seen in ``aura chaos db-kill``)."""
+    from aura.gateway import relay
+
+    await forget_held_rows(pg_database)
+    (tenant,) = await tenants(pg_database, 1)
+    await hold(pg_database, tenant, 20)
+    real, failures = relay.clear_outbox, [ConnectionError("the database went away")]
+
+    async def clear_once_failing(session: object, ids: object) -> None:
+        if failures:
+            raise failures.pop()
+        await real(session, ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay, "clear_outbox", clear_once_failing)
+    broker = Broker()
+    dispatcher = Dispatcher(pg_database, broker, depth=50)
+    with pytest.raises(ConnectionError):
+        await dispatcher.dispatch_once()
+    assert await dispatcher.dispatch_once() == 20
+    assert await held(pg_database, [tenant]) == 0
+    assert Counter(Counter(m.message_id for m in broker.sent).values()) == {2: 20}

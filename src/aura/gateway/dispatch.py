@@ -105,6 +105,7 @@ class Dispatcher:
         self._warned = 0.0
         self._released: dict[str, collections.deque[tuple[float, int]]] = {}
         self._queues_seen: set[str] = set()
+        self._unsettled: list[Claim] = []  # claims to put back on hold
         self._observed: set[str] = set()
         self._counted = -OBSERVE_EVERY
         self.backlog: dict[_Key, int] = {}  # held rows at the last look, for metrics
@@ -115,6 +116,9 @@ class Dispatcher:
         queues it last saw held rows for are full, the database is not asked."""
         if is_blocked(self.sender):
             return 0
+        while self._unsettled:  # a round the database failed in the middle of: first
+            await self._hold_again(self._unsettled[0])
+            self._unsettled.pop(0)
         depths = await self._depths(self._queues_seen)
         if self._queues_seen and all(self._room(q, depths) <= 0 for q in self._queues_seen):
             return 0
@@ -137,17 +141,23 @@ class Dispatcher:
             return 0
         for queue in {m.queue for m in rows}:
             self._note(queue, sum(1 for m in rows if m.queue == queue))
-        sent = await publish_claimed(
-            self.database,
-            self.sender,
-            rows,
-            claim,
-            lease=self.lease,
-            origin="dispatch",
-            now=self.now,
-        )
+        try:
+            sent = await publish_claimed(
+                self.database,
+                self.sender,
+                rows,
+                claim,
+                lease=self.lease,
+                origin="dispatch",
+                now=self.now,
+            )
+        except Exception:  # the database failed mid-publish: what it sent but could not
+            self._unsettled.append(claim)  # delete goes back on hold with the rest, as
+            raise  # soon as it answers (published again: the inbox absorbs it)
         if sent < len(rows):
+            self._unsettled.append(claim)
             await self._hold_again(claim)
+            self._unsettled.remove(claim)
         return sent
 
     async def _depths(self, queues: set[str]) -> dict[str, int | None]:
