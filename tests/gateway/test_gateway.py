@@ -21,6 +21,7 @@ from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.readiness import default_checks
 from aura.messaging.topology import work_queues
 from aura.worker.celery_app import make_celery_app
+from tests.helpers import forget_held_rows
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +346,7 @@ async def test_a_broker_outage_loses_nothing_the_outbox_relay_sends_it_later(
     unreachable.conf.task_publish_retry = False
     settings = Settings(celery_broker_url=amqp_url, redis_url=redis_url)
     tenant_id, key = await tenant(pg_database)
+    await forget_held_rows(pg_database)  # earlier tests' imports are not this test's
     async with gateway_client(pg_database, unreachable, settings) as down:
         made = await down.post(
             f"/v1/tenants/{tenant_id}/products", json=product("OB-1"), headers=key
@@ -368,7 +370,7 @@ async def test_a_broker_outage_loses_nothing_the_outbox_relay_sends_it_later(
     # import's records are held for the fair dispatcher, which sends them.
     later = datetime.now(UTC) + timedelta(hours=2)
     assert await relay_once(pg_database, publisher, min_age=3600, now=lambda: later) == 1
-    dispatcher = Dispatcher(pg_database, CelerySender(publisher), depth=100_000)  # (others' left)
+    dispatcher = Dispatcher(pg_database, CelerySender(publisher), depth=100_000)
     assert await dispatcher.dispatch_once() == 2
     assert await outbox_ids(pg_database, tenant_id) == set()
     _, (args, _, _) = await take_message(amqp_url, REALTIME_QUEUE, enrich_id)

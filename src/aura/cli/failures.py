@@ -103,18 +103,27 @@ async def check_database(settings: Settings) -> None:
 
 
 def connect_broker(url: str, timeout: float = CONNECT_TIMEOUT, **options: object) -> Connection:
-    """A connection to the broker, tried once and bounded by ``timeout`` (kombu's
-    ``connect()`` tries again after 2 s, its retries wait 2, 4, 6 s...); raise if it
-    fails. The caller closes it."""
+    """A connection to the broker, each node of a ``;``-separated list tried once in turn
+    and each bounded by ``timeout`` (kombu's ``connect()`` tries again after 2 s, its
+    retries wait 2, 4, 6 s..., and with no retry it never tries a list's second node);
+    raise the last failure if none answers. The connection keeps the whole list (the
+    node that answered first) for kombu's own failover. The caller closes it."""
     from kombu.connection import Connection
 
-    connection = Connection(url, connect_timeout=timeout, **options)  # type: ignore[no-untyped-call]
-    try:
-        connection.ensure_connection(max_retries=0)  # type: ignore[no-untyped-call]
-    except BaseException:
-        connection.release()  # type: ignore[no-untyped-call]
-        raise
-    return connection
+    nodes = [node.strip() for node in url.split(";") if node.strip()] or [url]
+    failure: BaseException | None = None
+    for index in range(len(nodes)):
+        listed = ";".join(nodes[index:] + nodes[:index])
+        connection = Connection(listed, connect_timeout=timeout, **options)  # type: ignore[no-untyped-call]
+        try:
+            connection.ensure_connection(max_retries=0)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # that node is down: the next may answer
+            connection.release()  # type: ignore[no-untyped-call]
+            failure = exc
+            continue
+        return connection
+    assert failure is not None
+    raise failure
 
 
 def check_broker(url: str, timeout: float = CONNECT_TIMEOUT) -> None:

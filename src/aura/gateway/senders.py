@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aura.contract import PLATFORM_QUEUES
 from aura.db import Staged
-from aura.errors import ServiceUnavailableError
+from aura.errors import ConfigurationError, ServiceUnavailableError
 from aura.messaging.delivery import TENANT_HEADER
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
 
@@ -50,11 +50,15 @@ __all__ = [
     "BrokerBlockedError",
     "CelerySender",
     "Sender",
+    "broker_urls",
     "is_blocked",
     "sender_for",
 ]
 
 _CONFIRM_TIMEOUT = 30.0
+# A node that does not answer (a partition, a host gone) costs this much before the next
+# one is tried; a node that refuses (killed, restarting) costs nothing.
+_CONNECT_TIMEOUT = 5.0
 
 
 class Sender(Protocol):
@@ -143,16 +147,36 @@ class CelerySender:
 
 class AmqpSender:
     """Celery messages over aio-pika, each batch published at once and its confirms
-    awaited together. Connects on first use and again after a failure."""
+    awaited together. Connects on first use and again after a failure.
 
-    def __init__(self, app: Celery, *, confirm_timeout: float = _CONFIRM_TIMEOUT) -> None:
+    The broker URL may list nodes (kombu's failover form, ``amqp://n1//;amqp://n2//``):
+    a connect tries each node in turn, from the one after the node that last failed,
+    each bounded by ``connect_timeout``; a publish that finds its connection broken
+    moves on to the next node at the next send. ``problem`` is the last attempt's
+    failure (None once a connect or a whole batch succeeds): what ``/readyz`` reports."""
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        confirm_timeout: float = _CONFIRM_TIMEOUT,
+        connect_timeout: float = _CONNECT_TIMEOUT,
+    ) -> None:
         self.app = app
-        self.url = _amqp_url(str(app.conf.broker_url))
+        self.urls = broker_urls(app.conf.broker_url)
         self.confirm_timeout = confirm_timeout
+        self.connect_timeout = min(connect_timeout, confirm_timeout)
+        self.problem: str | None = None
+        self._next = 0  # the node the next connect tries first
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str:
+        """The node the sender uses, or tries first."""
+        return self.urls[self._next]
 
     @property
     def blocked(self) -> bool:
@@ -161,34 +185,50 @@ class AmqpSender:
         return _connection_blocked(self._connection)
 
     async def _ready(self) -> aio_pika.abc.AbstractExchange:
-        import aio_pika
 
         async with self._lock:  # one connect at a time; no publish is awaited under it
             if self._exchange is not None and self._channel and not self._channel.is_closed:
                 return self._exchange
             await self._drop()
-            from aio_pika.connection import make_url
+            failure: BaseException = ConnectionError("no broker node")
+            for attempt in range(len(self.urls)):
+                index = (self._next + attempt) % len(self.urls)
+                try:
+                    exchange = await self._open(self.urls[index])
+                except Exception as exc:  # that node cannot take it: the next one may
+                    failure = exc
+                    continue
+                self._next, self.problem = index, None
+                return exchange
+            self._next = (self._next + 1) % len(self.urls)
+            self.problem = _describe(failure, len(self.urls))
+            raise failure
 
-            # Not aio_pika.connect: a connection that fails to open is left for the garbage
-            # collector, whose __del__ schedules a close() no one awaits.
-            connection = aio_pika.Connection(make_url(self.url))
-            try:
-                await connection.connect(timeout=self.confirm_timeout)
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                exchange = await channel.declare_exchange(
-                    WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
+    async def _open(self, url: str) -> aio_pika.abc.AbstractExchange:
+        """Connect to one node, declare the topology, keep the connection."""
+        import aio_pika
+        from aio_pika.connection import make_url
+
+        # Not aio_pika.connect: a connection that fails to open is left for the garbage
+        # collector, whose __del__ schedules a close() no one awaits.
+        connection = aio_pika.Connection(make_url(url))
+        try:
+            await connection.connect(timeout=self.connect_timeout)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await channel.declare_exchange(
+                WORK_EXCHANGE.name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for queue in work_queues(PLATFORM_QUEUES):
+                declared = await channel.declare_queue(
+                    queue.name, durable=True, arguments=getattr(queue, "queue_arguments", None)
                 )
-                for queue in work_queues(PLATFORM_QUEUES):
-                    declared = await channel.declare_queue(
-                        queue.name, durable=True, arguments=getattr(queue, "queue_arguments", None)
-                    )
-                    await declared.bind(exchange, routing_key=queue.routing_key)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await connection.close()
-                raise
-            self._connection, self._channel, self._exchange = connection, channel, exchange
-            return exchange
+                await declared.bind(exchange, routing_key=queue.routing_key)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._connection, self._channel, self._exchange = connection, channel, exchange
+        return exchange
 
     async def _drop(self) -> None:
         connection, self._connection, self._exchange = self._connection, None, None
@@ -244,9 +284,21 @@ class AmqpSender:
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is None and len(sent) < len(messages):
             failure = RuntimeError("the broker returned a message it could not route")
-        if failure is not None:
-            await self._drop()  # a broken channel is not reused
+        if failure is None:
+            self.problem = None
+            return sent, None
+        self.problem = _describe(failure, 1)
+        if self._connection is None or self._connection.is_closed:
+            self._next = (self._next + 1) % len(self.urls)  # that node went away
+        await self._drop()  # a broken channel is not reused
         return sent, failure
+
+    async def probe(self) -> None:
+        """Raise unless the sender holds, or can open, a channel on a node of its list
+        (``/readyz``: the publisher's own state, not another connection's)."""
+        if self.blocked:
+            raise BrokerBlockedError("the broker blocks publishing (a resource alarm)")
+        await self._ready()
 
     async def depth(self, queue: str) -> int:
         """Messages ready on ``queue`` (a passive declare on the sender's channel; raises
@@ -285,9 +337,21 @@ def _confirmed(result: object) -> bool:
     return not isinstance(result, BaseException | aiormq.abc.DeliveredMessage)
 
 
-def _amqp_url(url: str) -> str:
-    """A kombu broker URL as aio-pika takes it (``pyamqp://`` is plain AMQP; kombu's
-    default vhost ``/`` is the path ``//``)."""
-    if url.startswith("pyamqp://"):
-        url = "amqp://" + url.removeprefix("pyamqp://")
-    return url
+def broker_urls(configured: object) -> list[str]:
+    """A kombu broker URL (one, a ``;``-separated failover list, or a list of URLs) as
+    the aio-pika URLs of its nodes, in order (``pyamqp://`` is plain AMQP; kombu's
+    default vhost ``/`` is the path ``//``). Raises ConfigurationError on an empty one."""
+    listed = configured if isinstance(configured, list | tuple) else str(configured).split(";")
+    urls = [str(url).strip() for url in listed if str(url).strip()]
+    if not urls:
+        raise ConfigurationError("the broker URL names no node")
+    return [
+        "amqp://" + url.removeprefix("pyamqp://") if url.startswith("pyamqp://") else url
+        for url in urls
+    ]
+
+
+def _describe(failure: BaseException, nodes: int) -> str:
+    """The failure for /readyz: its type and, for a node list, how many were tried."""
+    tried = f" (all {nodes} broker nodes)" if nodes > 1 else ""
+    return f"unavailable: {type(failure).__name__}{tried}"

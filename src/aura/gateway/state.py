@@ -11,9 +11,10 @@ dependency solving (``aura.gateway.routes.dispatch_directly``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -40,6 +41,10 @@ from aura.gateway.readiness import ReadinessProbe
 from aura.gateway.senders import Sender, is_blocked, sender_for
 
 __all__ = ["Authorized", "Current", "Gateway", "authorize", "gateway_of"]
+
+# The publisher's probe connects at most once per readiness refresh; a node list whose
+# nodes all hang costs each node its connect timeout, so the probe is bounded as a whole.
+_PUBLISHER_PROBE_BOUND = 10.0
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.readiness = ReadinessProbe(
-            functools.partial(_probe, self.database, self.ready_checks, self.broker_blocked)
+            functools.partial(_probe, self.database, self.ready_checks, self._publisher_probe)
         )
         self.outbox = OutboxPublisher(
             self.database,
@@ -103,13 +108,31 @@ class Gateway:
         """The broker blocks the gateway's publishing (a resource alarm)."""
         return is_blocked(self.outbox.sender)
 
+    async def _publisher_probe(self) -> str | None:
+        """What keeps the gateway's own publisher from sending, or None: blocked by a
+        resource alarm, or no node of its broker list takes a connection (another
+        connection answering proves nothing about the one that publishes)."""
+        if self.broker_blocked():  # it answers, but takes no message
+            return "blocked: a resource alarm; publishing waits until it clears"
+        probe = getattr(self.outbox.sender, "probe", None)
+        if probe is None:
+            return None
+        try:
+            await asyncio.wait_for(probe(), _PUBLISHER_PROBE_BOUND)
+        except Exception as exc:
+            return getattr(self.outbox.sender, "problem", None) or (
+                f"unavailable: {type(exc).__name__}"
+            )
+        return None
+
 
 async def _probe(
     database: Database,
     ready_checks: dict[str, Callable[[], Any]],
-    broker_blocked: Callable[[], bool] = lambda: False,
+    publisher_probe: Callable[[], Awaitable[str | None]] | None = None,
 ) -> dict[str, str]:
-    """One look at the database (a pooled connection), Redis and the broker."""
+    """One look at the database (a pooled connection), Redis and the broker, and at the
+    gateway's own publisher (its problem, if any, is the broker's answer)."""
     checks: dict[str, str] = {}
     try:
         async with database.reader.connect() as connection:
@@ -123,8 +146,9 @@ async def _probe(
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
-    if broker_blocked():  # it answers, but takes no message: not ready to accept writes
-        checks["broker"] = "blocked: a resource alarm; publishing waits until it clears"
+    problem = None if publisher_probe is None else await publisher_probe()
+    if problem is not None:  # not ready to accept writes
+        checks["broker"] = problem
     return checks
 
 

@@ -52,6 +52,7 @@ from aura.errors import InvalidInputError
 from aura.logs import bounded_text, describe_exception
 from aura.message_id import validate_message_id
 from aura.messaging._compression import InflateLimitError, bound_compression
+from aura.messaging._delayed_delivery import failover_consumer_steps
 from aura.messaging.dlq import dead_letter_original, delayed_by_broker, queue_of
 
 __all__ = [
@@ -246,7 +247,12 @@ def _tick() -> None:
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer with ``check_envelope`` in front of every task message, and a
-    DLQ letter instead of a lost or looping message wherever Celery would give up."""
+    DLQ letter instead of a lost or looping message wherever Celery would give up; its
+    delayed delivery set-up is made on the node it is connected to
+    (``aura.messaging._delayed_delivery``: no stall on a dead node of a broker list)."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        default_steps = failover_consumer_steps(list(Consumer.Blueprint.default_steps))
 
     _dlq_connection: Any = None
 
