@@ -201,3 +201,21 @@ def test_the_cli_connects_to_the_first_node_that_answers(amqp_url: str) -> None:
         connection.release()
     with pytest.raises(OperationalError, match="Connection refused"):
         connect_broker(f"{REFUSES};{REFUSES.replace(':1/', ':2/')}", timeout=2)
+
+
+async def test_readiness_finds_the_live_node_of_a_list(amqp_url: str) -> None:
+    from aura.gateway.lifespan import gateway_from_settings
+    from aura.gateway.readiness import default_checks
+
+    two_dead = f"{REFUSES};{REFUSES.replace(':1/', ':2/')};{amqp_url}"
+    await default_checks(Settings(celery_broker_url=two_dead))["broker"]()  # raises if down
+    with pytest.raises(OperationalError):
+        await default_checks(Settings(celery_broker_url=f"{REFUSES}"))["broker"]()
+    # `aura gateway`'s own: the publisher's probe answers for the broker, no other connection
+    gateway = gateway_from_settings(Settings(celery_broker_url=two_dead))
+    try:
+        assert "broker" not in gateway.ready_checks
+        assert await gateway._publisher_probe() == "ok"
+    finally:
+        await gateway.outbox.sender.close()
+        await gateway.database.dispose()

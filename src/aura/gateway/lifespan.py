@@ -44,10 +44,12 @@ def make_publisher(settings: Settings) -> Celery:
 
 def gateway_from_settings(settings: Settings) -> Gateway:
     publisher = make_publisher(settings)
+    checks = default_checks(settings)
+    checks.pop("broker", None)  # the publisher's own probe answers for the broker
     return Gateway(
         Database.from_settings(settings),
         publisher,
-        default_checks(settings),
+        checks,
         outbox_lease=settings.outbox_relay_min_age,
         max_in_flight=settings.gateway_max_in_flight,
         max_wait=settings.gateway_max_wait,

@@ -109,9 +109,10 @@ class Gateway:
         return is_blocked(self.outbox.sender)
 
     async def _publisher_probe(self) -> str | None:
-        """What keeps the gateway's own publisher from sending, or None: blocked by a
+        """The broker as the gateway's own publisher finds it: "ok", blocked by a
         resource alarm, or no node of its broker list takes a connection (another
-        connection answering proves nothing about the one that publishes)."""
+        connection answering proves nothing about the one that publishes); None for a
+        publisher that cannot be probed (the ready checks' answer stands)."""
         if self.broker_blocked():  # it answers, but takes no message
             return "blocked: a resource alarm; publishing waits until it clears"
         probe = getattr(self.outbox.sender, "probe", None)
@@ -123,7 +124,7 @@ class Gateway:
             return getattr(self.outbox.sender, "problem", None) or (
                 f"unavailable: {type(exc).__name__}"
             )
-        return None
+        return "ok"
 
 
 async def _probe(
@@ -146,9 +147,9 @@ async def _probe(
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"
-    problem = None if publisher_probe is None else await publisher_probe()
-    if problem is not None:  # not ready to accept writes
-        checks["broker"] = problem
+    publisher = None if publisher_probe is None else await publisher_probe()
+    if publisher is not None and (publisher != "ok" or "broker" not in checks):
+        checks["broker"] = publisher  # not "ok": not ready to accept writes
     return checks
 
 
