@@ -48,28 +48,24 @@ _URL_SCHEMES: dict[str, dict[str, str]] = {
         "sqlite+aiosqlite": "sqlite+aiosqlite",
         "sqlite": "sqlite+aiosqlite",
     },
-    "REDIS_URL": {"redis": "redis", "rediss": "rediss", "unix": "unix"},
+    "REDIS_URL": {s: s for s in ("redis", "rediss", "unix", "redis+sentinel")},
     "DLQ_DATABASE_URL": {},  # DATABASE_URL's, set below
-    "CELERY_BROKER_URL": {
-        "amqp": "amqp",
-        "amqps": "amqps",
-        "pyamqp": "pyamqp",
-        "memory": "memory",
-    },
+    "CELERY_BROKER_URL": {s: s for s in ("amqp", "amqps", "pyamqp", "memory")},
     "LLM_BASE_URL": {"http": "http", "https": "https"},
 }
 
 _SECRET_VARIABLES = frozenset({"LLM_API_KEY"})
 _MAX_SHOWN_VALUE = 40
 
-
-_SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
+_SECRET_KEYS = ("password", "passwd", "pwd", "secret", "token", "api_key", "apikey")
 
 
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` wherever it is: ``user:pw@`` and a
-    query's ``password=`` (asyncpg, redis-py and kombu all read one), ``token=``, ...; the
-    rest kept for debugging."""
+    query's ``password=`` (and any name ending so: ``sentinel_password=``), ``token=``, ...;
+    each URL of a ``;``-separated list (a broker's nodes); the rest kept for debugging."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -78,15 +74,13 @@ def mask_url(url: str) -> str:
 
         return redact_text(url)
     if password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
+        host = parts.netloc.rpartition("@")[2]  # every host of a list (Sentinel's) kept
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     if parts.query:
         pairs = [pair.partition("=") for pair in parts.query.split("&")]
         parts = parts._replace(
             query="&".join(
-                f"{name}{sep}***" if name.lower() in _SECRET_QUERY_KEYS and sep else name + sep + v
+                f"{name}{sep}***" if name.lower().endswith(_SECRET_KEYS) and sep else name + sep + v
                 for name, sep, v in pairs
             )
         )
@@ -100,6 +94,8 @@ def _normalise_url(variable: str, value: str | None) -> str | None:
     if value is None or value.strip() == "":
         return None
     value = value.strip()
+    if ";" in value and variable == "CELERY_BROKER_URL":  # kombu's failover list: each node
+        return ";".join(f"{_normalise_url(variable, n)}" for n in value.split(";") if n.strip())
     scheme, sep, rest = value.partition("://")
     accepted = _URL_SCHEMES[variable]
     if not sep or scheme.lower() not in accepted:
@@ -244,15 +240,12 @@ class Settings(BaseSettings):
     # auto: human lines when stderr is a terminal, JSON otherwise (pipes, files, services)
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
-    def _upper_level(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower_format(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+    def _case(cls, value: Any, info: Any) -> Any:  # LOG_LEVEL upper case, LOG_FORMAT lower
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
 
     @field_validator("llm_rate_limits")
     @classmethod
@@ -281,7 +274,13 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _check_url(cls, value: str | None, info: Any) -> str | None:
-        return _normalise_url(info.field_name.upper(), value)
+        url = _normalise_url(info.field_name.upper(), value)
+        if url and info.field_name == "redis_url":
+            from aura.redis_connect import redis_url_problem  # loads redis: only when set
+
+            if problem := redis_url_problem(url):
+                raise ValueError(problem)
+        return url
 
     @model_validator(mode="after")
     def _soft_below_hard(self) -> Settings:

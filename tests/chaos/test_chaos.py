@@ -60,6 +60,11 @@ SCALED = {
     "clock-skew": 20,
     "db-exhausted": 40,  # half posted as the window opens: they wait through it
     "broker-blocked": 40,  # 16 at the start, 8 in flight at the alarm, 16 posted in it
+    # Enough work to outlast the fault and the recovery windows (each starts its own
+    # cluster: three RabbitMQ nodes, a Sentinel group, a primary and a replica)
+    "rabbitmq-node-kill": 3000,
+    "redis-failover": 600,
+    "pg-failover": 600,
 }
 # ./test runs these (one per fault class the worker-level tests in test_delivery.py,
 # test_worker.py and test_async_pool.py do not already drive end to end); the rest run
@@ -72,7 +77,7 @@ KNOWN_FAILURES: dict[str, str] = {}
 
 def test_every_scenario_is_scaled_here() -> None:
     assert set(SCALED) == set(SCENARIOS)
-    assert len(SCENARIOS) == 23
+    assert len(SCENARIOS) == 26
 
 
 @pytest.mark.timeout(150)

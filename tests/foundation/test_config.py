@@ -80,7 +80,11 @@ def test_environment_overrides_every_seed_variable() -> None:
         ),
         ({"CIRCUIT_BREAKER_RESET_TIMEOUT": "soon"}, "CIRCUIT_BREAKER_RESET_TIMEOUT", "a number"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD'", "expected one of"),
-        ({"REDIS_URL": "http://localhost"}, "REDIS_URL", "scheme redis or rediss or unix"),
+        (
+            {"REDIS_URL": "http://localhost"},
+            "REDIS_URL",
+            "scheme redis or redis+sentinel or rediss",
+        ),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_expected(

@@ -219,3 +219,16 @@ async def test_readiness_finds_the_live_node_of_a_list(amqp_url: str) -> None:
     finally:
         await gateway.outbox.sender.close()
         await gateway.database.dispose()
+
+
+def test_a_node_list_is_validated_node_by_node_and_masked_whole() -> None:
+    from aura.config import mask_url
+
+    listed = Settings(celery_broker_url="pyamqp://u:pw1@a:5672//;amqp://u:pw2@b:5672//;")
+    assert listed.celery_broker_url == "pyamqp://u:pw1@a:5672//;amqp://u:pw2@b:5672//"
+    masked = mask_url(str(listed.celery_broker_url))
+    assert "pw1" not in masked
+    assert "pw2" not in masked
+    assert masked == "pyamqp://u:***@a:5672//;amqp://u:***@b:5672//"
+    with pytest.raises(ValueError, match="expected a URL with scheme"):
+        Settings(celery_broker_url="amqp://u:p@a:5672//;http://b")

@@ -27,10 +27,10 @@ from aura.config import Settings
 from aura.contract import BULK_QUEUE, PLATFORM_QUEUES
 from aura.db import Claim, Database, OutboxMessage, Staged, stage_messages
 from aura.gateway import Gateway, create_app, create_tenant_with_key
-from aura.gateway.outbox import publish_claimed, relay_forever, relay_once
+from aura.gateway.outbox import publish_claimed, publish_stored, relay_forever, relay_once
 from aura.messaging.topology import work_queues
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import wait_until
+from tests.helpers import FakeClock, wait_until
 
 
 class CountingPublisher:
@@ -100,13 +100,15 @@ async def relay(
 
 
 @pytest.mark.timeout(180)
-async def test_a_5000_record_import_is_published_once_with_min_age_1(
+async def test_a_1500_record_import_is_published_once_with_min_age_1(
     pg_database: Database, relay: CountingPublisher
 ) -> None:
+    """Large (past 500 records: read back from the outbox): staged in 2 parts of 1000, sent
+    in 3 of 500, for longer than min_age (past two leases: the next test, on its clock)."""
     tenant_id, key = await new_tenant(pg_database)
     gateway = Gateway(pg_database, relay, {}, outbox_lease=1.0)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=create_app(gateway))
-    body = "\n".join(record(i) for i in range(5000)).encode()
+    body = "\n".join(record(i) for i in range(1500)).encode()
     with structlog.testing.capture_logs() as logged:
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             response = await client.post(
@@ -121,15 +123,10 @@ async def test_a_5000_record_import_is_published_once_with_min_age_1(
             return await left_in_outbox(pg_database, tenant_id) == 0
 
         await wait_until(drained, within=60, interval=0.1)
+    query = select(ImportRecord.message_id).where(ImportRecord.tenant_id == tenant_id)
     async with pg_database.session() as session:
-        ids = set(
-            (
-                await session.scalars(
-                    select(ImportRecord.message_id).where(ImportRecord.tenant_id == tenant_id)
-                )
-            ).all()
-        )
-    assert len(ids) == 5000
+        ids = set((await session.scalars(query)).all())
+    assert len(ids) == 1500
     mine = {m: n for m, n in relay.sent.items() if m in ids}
     assert set(mine) == ids  # every message published...
     assert [m for m, n in mine.items() if n > 1] == []  # ...once
@@ -151,6 +148,35 @@ async def stage(
         await stage_messages(session, staged, claim)
         await session.commit()
     return staged
+
+
+async def test_a_large_imports_publish_keeps_its_rows_past_two_leases(
+    pg_database: Database, celery_publisher: Celery
+) -> None:
+    """``publish_stored`` on the test's clock: 5 parts of 500, 4 s a send, a 10 s lease. The
+    relay looks after each send (same clock): the claim renewed, it finds no row due."""
+    tenant_id, _ = await new_tenant(pg_database)
+    clock, start, relay = FakeClock(0.0), datetime.now(UTC), CountingPublisher(celery_publisher)
+    claim = Claim.new(60, start)  # as a large import stages its rows (STAGED_HOLD)
+    ids = [m.message_id for m in await stage(pg_database, tenant_id, 2500, claim)]
+    sent: Counter[str] = Counter()
+
+    def now() -> datetime:
+        return start + timedelta(seconds=clock())
+
+    class SlowBroker:
+        async def send(self, messages: Any, *, deadline: float | None = None) -> Any:
+            clock.advance(4.0)  # under the deadline: half the lease
+            await relay_once(pg_database, relay, min_age=1, now=now)  # type: ignore[arg-type]
+            sent.update(m.message_id for m in messages)
+            return [m.message_id for m in messages], None
+
+    published = await publish_stored(pg_database, SlowBroker(), ids, claim, lease=10.0,
+                                     origin="import", now=now, clock=clock)  # fmt: skip
+    assert (published, clock()) == (2500, 20.0)  # past two leases
+    assert sent == Counter(ids)  # each sent once
+    assert [m for m in relay.sent if m in sent] == []  # the relay took none of them
+    assert await left_in_outbox(pg_database, tenant_id) == 0
 
 
 async def test_a_crashed_publishers_lease_runs_out_and_the_relay_takes_over(
@@ -225,87 +251,6 @@ async def test_two_relays_at_once_never_take_the_same_row(
     assert {s.message_id for s in staged} <= set(counting.sent)
     assert max(counting.sent[s.message_id] for s in staged) == 1
     assert await left_in_outbox(pg_database, tenant_id) == 0
-
-
-async def test_the_amqp_sender_publishes_what_celery_itself_would(
-    amqp_url: str, celery_publisher: Celery
-) -> None:
-    """aio-pika's message and Celery's ``send_task`` for the same task: the headers,
-    properties and body a worker reads are the same (``origin`` names the process)."""
-    from kombu import Exchange, Queue
-
-    from aura.gateway.senders import AmqpSender
-    from aura.messaging.topology import WORK_EXCHANGE
-
-    tap = Queue(
-        f"tap-{uuid.uuid4().hex[:8]}",
-        Exchange(WORK_EXCHANGE.name, type="topic", durable=True),
-        routing_key=BULK_QUEUE,
-        auto_delete=True,
-    )
-    args = ['{"title": "Tap", "variants": [{"sku": "T-1", "price": 1}]}', "tenant"]
-    kwargs = {"import_id": "i-1"}
-    with Connection(amqp_url) as connection:
-        consumer_channel = connection.channel()
-        tap(consumer_channel).declare()
-        celery_id, aio_id, tenant = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4()
-        celery_publisher.send_task(
-            "aura.ingest_product",
-            args=args,
-            kwargs=kwargs,
-            task_id=celery_id,
-            queue=BULK_QUEUE,
-            headers={"aura_tenant": str(tenant)},  # as the worker's enrichments carry theirs
-        )
-        sender = AmqpSender(celery_publisher)
-        try:
-            sent, failure = await sender.send(
-                [Staged(aio_id, tenant, "aura.ingest_product", BULK_QUEUE, args, kwargs)]
-            )
-        finally:
-            await sender.close()
-        assert (sent, failure) == ([aio_id], None)
-        got: dict[str, Any] = {}
-        simple = connection.SimpleQueue(tap)
-        for _ in range(2):
-            message = simple.get(timeout=10)
-            got[message.headers["id"]] = message
-            message.ack()
-        simple.close()
-    ours, theirs = got[aio_id], got[celery_id]
-    assert ours.decode() == theirs.decode() == [args, kwargs, ANY_EMBED]
-    assert ours.content_type == theirs.content_type == "application/json"
-    assert ours.content_encoding == theirs.content_encoding == "utf-8"
-    assert ours.properties["correlation_id"] == aio_id
-    assert ours.properties["delivery_mode"] == theirs.properties["delivery_mode"] == 2
-    skip = {"id", "root_id", "origin", "argsrepr", "kwargsrepr"}
-    assert {k: v for k, v in ours.headers.items() if k not in skip} == {
-        k: v for k, v in theirs.headers.items() if k not in skip
-    }
-    assert ours.headers["aura_tenant"] == str(tenant)  # the pool's fair share goes by it
-    assert ours.headers["root_id"] == aio_id
-
-
-class _AnyEmbed:
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, dict) and {"callbacks", "errbacks", "chain", "chord"} <= set(other)
-
-
-ANY_EMBED = _AnyEmbed()
-
-
-async def test_the_amqp_sender_reports_a_broker_it_cannot_reach(celery_publisher: Celery) -> None:
-    from aura.gateway.senders import AmqpSender
-
-    unreachable = make_celery_app(
-        Settings(celery_broker_url="amqp://guest:guest@127.0.0.1:1/nowhere")
-    )
-    sender = AmqpSender(unreachable, confirm_timeout=2)
-    message = Staged(str(uuid.uuid4()), uuid.uuid4(), "aura.ingest_product", BULK_QUEUE, [], {})
-    sent, failure = await sender.send([message])
-    await sender.close()
-    assert sent == []
-    assert isinstance(failure, OSError | ConnectionError)
 
 
 class GatedSender:

@@ -75,6 +75,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "message_id",
         "metrics",
         "process_args",
+        "redis_connect",
         "redis_errors",
         "tenancy",
         "tenant_labels",

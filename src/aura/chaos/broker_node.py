@@ -42,7 +42,7 @@ from types import TracebackType
 
 from aura.errors import ConfigurationError
 
-__all__ = ["PrivateRabbitMQ"]
+__all__ = ["PrivateRabbitMQ", "free_port"]
 
 _SERVER = "rabbitmq-server"
 _CTL = "rabbitmqctl"
@@ -54,7 +54,8 @@ _ENV_FILE = (  # loopback only, as the machine's own node
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (the caller's server binds it next)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -81,11 +82,13 @@ class PrivateRabbitMQ:
     """One RabbitMQ node of the caller's own (see the module's docstring); a context
     manager that starts it and stops it."""
 
-    def __init__(self, directory: Path | None = None, *, start_timeout: float = 90.0) -> None:
+    def __init__(
+        self, directory: Path | None = None, *, start_timeout: float = 90.0, name: str = ""
+    ) -> None:
         self.token = secrets.token_hex(4)
-        self.node = f"aura-{self.token}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
+        self.node = f"{name or f'aura-{self.token}'}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
         self.start_timeout = start_timeout
         self._own_directory = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix=f"aura-rabbitmq-{self.token}-"))
@@ -132,10 +135,21 @@ class PrivateRabbitMQ:
 
     def start(self) -> None:
         """Start the node; return once AMQP answers and ``await_startup`` succeeds (at most
-        ``start_timeout`` seconds), else stop it and raise ConfigurationError."""
+        ``start_timeout`` seconds), else stop it and raise ConfigurationError. A node
+        stopped with ``remove=False`` starts again on its data (a restart)."""
+        started = time.monotonic()
+        self.launch()
+        try:
+            self.wait_started(started + self.start_timeout)
+        except BaseException:
+            self.stop(remove=False)  # its logs stay for whoever reads the error
+            raise
+        self.startup_seconds = time.monotonic() - started
+
+    def launch(self) -> None:
+        """Start the node's process and return at once (``start`` waits for it)."""
         server = _tool(_SERVER)
         self._prepare()
-        started = time.monotonic()
         with (self.directory / "server.out").open("wb") as output:
             # Our own binary and arguments, no shell; its own session, so stop() can kill it.
             self.process = subprocess.Popen(  # noqa: S603
@@ -146,14 +160,9 @@ class PrivateRabbitMQ:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        try:
-            self._await_startup(started + self.start_timeout)
-        except BaseException:
-            self.stop(remove=False)  # its logs stay for whoever reads the error
-            raise
-        self.startup_seconds = time.monotonic() - started
 
-    def _await_startup(self, deadline: float) -> None:
+    def wait_started(self, deadline: float) -> None:
+        """Wait until AMQP answers and ``await_startup`` succeeds (``deadline``: monotonic)."""
         while not self._port_answers():
             if self.process is not None and self.process.poll() is not None:
                 raise ConfigurationError(f"RabbitMQ node {self.node} exited: {self._tail()}")

@@ -11,7 +11,16 @@ A scenario breaks things. It may only break what it made, so every run makes its
                       loopback port (never the configured one)
     RabbitMQ node     with ``own_broker``: a ``PrivateRabbitMQ``  the node is killed, its
                       node (the vhost is made there, not on the   directory removed
-                      configured broker: an alarm is node-wide)
+                      configured broker: an alarm is node-wide);
+                      ``own_broker="cluster"``: three clustered
+                      nodes (``PrivateRabbitMQCluster``)
+    Redis, Sentinel   ``own_redis="sentinel"``: a primary, a      all five are stopped
+                      replica and three sentinels of the run's
+                      own (``PrivateSentinelRedis``)
+    PostgreSQL pair   ``own_database="replicated"``: a primary   both are stopped, their
+                      and a streaming replica of the run's own    directories removed
+                      (``PrivatePostgres``); the run's database
+                      is made there, reached by a multi-host URL
     PostgreSQL roles  a scenario's LOGIN roles (``add_role``),   DROP ROLE, after the
                       on the configured server                    database
 
@@ -31,13 +40,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aura.chaos.broker_node import PrivateRabbitMQ
+from aura.chaos.broker_cluster import PrivateRabbitMQCluster
+from aura.chaos.broker_node import PrivateRabbitMQ, free_port
 from aura.errors import ConfigurationError
 
 __all__ = ["OwnedStack", "PrivateRedis", "owned_stack", "run_tool"]
@@ -58,19 +69,12 @@ def run_tool(*command: str, check: bool = True, timeout: float = 60) -> str:
     return done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class PrivateRedis:
     """A ``redis-server`` of the run's own on a free loopback port, so a scenario may stop
     and start it at will (no persistence: a restart loses its state, as a crash does)."""
 
     def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -127,15 +131,17 @@ class OwnedStack:
 
     database_url: str
     broker_url: str
-    redis: PrivateRedis
+    redis: Any  # PrivateRedis, or PrivateSentinelRedis (``own_redis="sentinel"``)
     database: str
     vhost: str
-    rabbitmq: PrivateRabbitMQ | None = None  # the run's own node (``own_broker``)
+    # The run's own node or cluster (``own_broker``); None: a vhost on the configured one.
+    rabbitmq: PrivateRabbitMQ | PrivateRabbitMQCluster | None = None
+    postgres: Any = None  # PrivatePostgres (``own_database="replicated"``)
     roles: list[str] = field(default_factory=list)  # dropped at the end (``add_role``)
 
     @property
     def redis_url(self) -> str:
-        return self.redis.url
+        return str(self.redis.url)
 
     @property
     def rabbitmq_node(self) -> str | None:
@@ -182,6 +188,26 @@ def _broker_parts(broker_url: str) -> tuple[str, str]:
     return unquote(parts.path.lstrip("/")) or "/", unquote(parts.username or "guest")
 
 
+def _private_redis(scratch: Path, kind: str) -> Any:
+    if kind == "sentinel":
+        from aura.chaos.redis_sentinel import PrivateSentinelRedis
+
+        return PrivateSentinelRedis(scratch)
+    return PrivateRedis(scratch)
+
+
+def _private_broker(kind: bool | str) -> PrivateRabbitMQ | PrivateRabbitMQCluster | None:
+    if kind == "cluster":
+        return PrivateRabbitMQCluster()
+    return PrivateRabbitMQ() if kind else None
+
+
+def _in_vhost(broker_url: str, vhost: str) -> str:
+    """``broker_url`` (one URL, or kombu's ``;``-separated failover list) in ``vhost``."""
+    path = f"/{quote(vhost, safe='')}"
+    return ";".join(_with_path(url.strip(), path) for url in broker_url.split(";"))
+
+
 @contextlib.asynccontextmanager
 async def owned_stack(
     database_url: str,
@@ -189,54 +215,86 @@ async def owned_stack(
     scratch: Path,
     *,
     token: str | None = None,
-    own_broker: bool = False,
+    own_broker: bool | str = False,
+    own_redis: str = "single",
+    own_database: str = "shared",
 ) -> AsyncIterator[OwnedStack]:
     """Make the run's database, vhost and Redis server; remove all three at the end. With
-    ``own_broker`` the vhost is on a RabbitMQ node the run starts (and kills at the end)."""
+    ``own_broker`` the vhost is on a RabbitMQ node (``"cluster"``: three) the run starts
+    and kills at the end; ``own_redis="sentinel"``: Redis is a Sentinel group of its own;
+    ``own_database="replicated"``: the database is on a primary + replica of its own."""
     token = token or secrets.token_hex(4)
     configured_db = urlsplit(database_url).path.lstrip("/") or "aura"
     database = _owned_name(configured_db, token)
-    configured_vhost, user = _broker_parts(broker_url)
+    configured_vhost, user = _broker_parts(broker_url.split(";")[0])
     vhost = _owned_name("aura" if configured_vhost == "/" else configured_vhost, token)
-    redis = PrivateRedis(scratch)
-    node = PrivateRabbitMQ() if own_broker else None
+    redis = _private_redis(scratch, own_redis)
+    node = _private_broker(own_broker)
     if node is not None:
         broker_url, user = node.url, "guest"
+    postgres = None
+    if own_database == "replicated":
+        from aura.chaos.pg_node import PrivatePostgres
+
+        scratch.parent.chmod(0o755)  # its servers run as ``postgres``: they pass through
+        postgres = PrivatePostgres(scratch.parent / "postgres")
     stack = OwnedStack(
-        database_url=_with_path(database_url, f"/{database}"),
-        broker_url=_with_path(broker_url, f"/{quote(vhost, safe='')}"),
+        database_url=_with_path(database_url, f"/{database}")
+        if postgres is None
+        else postgres.url(database),
+        broker_url=_in_vhost(broker_url, vhost),
         redis=redis,
         database=database,
         vhost=vhost,
         rabbitmq=node,
+        postgres=postgres,
     )
     made: list[str] = []
     try:
+        if postgres is not None:
+            postgres.start()
+            database_url = postgres.admin_url
         await _admin_execute(database_url, f'CREATE DATABASE "{database}"')
         made.append("database")
-        if node is not None:
-            node.start()
-            node.ctl("add_vhost", vhost)
-            node.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-        else:
-            run_tool("rabbitmqctl", "add_vhost", vhost)
-            made.append("vhost")
-            run_tool("rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        _make_vhost(node, vhost, user, made)
         redis.start()
         yield stack
     finally:
         redis.stop()
         if node is not None:  # the vhost goes with it
             node.stop()
-        # Each removal on its own: one failing must not keep the others.
-        if "vhost" in made:
-            with contextlib.suppress(ConfigurationError, subprocess.TimeoutExpired):
-                run_tool("rabbitmqctl", "delete_vhost", vhost)
-        if "database" in made:
-            with contextlib.suppress(ConfigurationError):
-                await _admin_execute(
-                    database_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
-                )
-        for role in stack.roles:  # after its database: the grants went with it
-            with contextlib.suppress(ConfigurationError):
-                await _admin_execute(database_url, f'DROP ROLE IF EXISTS "{role}"')
+        if postgres is not None:  # the database goes with it
+            postgres.stop()
+            made = [thing for thing in made if thing != "database"]
+        await _remove(made, stack, database_url)
+
+
+def _make_vhost(
+    node: PrivateRabbitMQ | PrivateRabbitMQCluster | None, vhost: str, user: str, made: list[str]
+) -> None:
+    """Start the run's own node (or cluster) and make the vhost there, or make it on the
+    configured broker (then ``made`` says so, from the moment it exists)."""
+    if node is not None:
+        node.start()
+        node.ctl("add_vhost", vhost)
+        node.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        return
+    run_tool("rabbitmqctl", "add_vhost", vhost)
+    made.append("vhost")
+    run_tool("rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+
+
+async def _remove(made: list[str], stack: OwnedStack, admin_url: str) -> None:
+    """Remove what the run made on the configured servers, each on its own: one failing
+    must not keep the others."""
+    if "vhost" in made:
+        with contextlib.suppress(ConfigurationError, subprocess.TimeoutExpired):
+            run_tool("rabbitmqctl", "delete_vhost", stack.vhost)
+    if "database" in made:
+        with contextlib.suppress(ConfigurationError):
+            await _admin_execute(
+                admin_url, f'DROP DATABASE IF EXISTS "{stack.database}" WITH (FORCE)'
+            )
+    for role in stack.roles:  # after its database: the grants went with it
+        with contextlib.suppress(ConfigurationError):
+            await _admin_execute(admin_url, f'DROP ROLE IF EXISTS "{role}"')

@@ -80,7 +80,15 @@ class ChaosRun(ImportRun):
     proxied: ClassVar[tuple[str, ...]] = ()
     # The run's broker is a RabbitMQ node it starts (``PrivateRabbitMQ``), for a fault that
     # is node-wide (a memory alarm); else a vhost on the configured broker.
-    own_broker: ClassVar[bool] = False
+    # ``"cluster"``: three clustered nodes the run starts (``PrivateRabbitMQCluster``),
+    # every component given the ``;``-separated list of their URLs.
+    own_broker: ClassVar[bool | str] = False
+    # ``"sentinel"``: Redis is a primary, a replica and three sentinels of the run's own,
+    # reached by a ``redis+sentinel://`` URL; else one redis-server of its own.
+    own_redis: ClassVar[str] = "single"
+    # ``"replicated"``: the database is on a PostgreSQL primary + streaming replica the
+    # run starts, reached by a multi-host URL; else a database on the configured server.
+    own_database: ClassVar[str] = "shared"
     # The gateway publishes as ``aura gateway`` does (``AmqpSender``, on the event loop:
     # it sees a blocked broker), and so does the relay; else Celery's ``send_task``.
     amqp_gateway: ClassVar[bool] = False

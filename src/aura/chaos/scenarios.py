@@ -16,10 +16,15 @@ and runs one (``run_scenario``); the scenarios live by what they break:
     network            the network between the worker and each service
     shared_state       what the fleet shares through Redis (its memory, its clock)
     dependency_faults  a dependency running out (database connections, broker memory)
+    ha_rabbitmq        a node of a 3-node RabbitMQ cluster lost (the run's own cluster)
+    ha_redis           the Redis primary lost under Sentinel (the run's own group)
+    ha_postgres        the PostgreSQL primary crashed, its replica promoted (the run's own)
 
 Everything a scenario breaks is the run's own (``aura.chaos.resources``): its database,
-its vhost, its ``redis-server``. Times are scaled through Settings (the environment the
-worker reads), never by patching code. ``seed`` makes a run's choices repeatable.
+its vhost, its ``redis-server``; the high-availability scenarios start whole clusters of
+their own (three RabbitMQ nodes, a Sentinel group, a primary and a replica). Times are
+scaled through Settings (the environment the worker reads), never by patching code.
+``seed`` makes a run's choices repeatable.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from typing import Any
 from aura.chaos.accounting import Accounting
 from aura.chaos.dependency_faults import BrokerBlocked, DatabaseExhausted
 from aura.chaos.expectations import all_committed, extra_calls
+from aura.chaos.ha_postgres import PostgresFailover
+from aura.chaos.ha_rabbitmq import RabbitMQNodeKill
+from aura.chaos.ha_redis import RedisFailover
 from aura.chaos.llm_faults import FlakyLLM, Outage
 from aura.chaos.message_faults import LargeRecord, MalformedMessages, Poison, ReusedMessageId
 from aura.chaos.network import (
@@ -126,6 +134,9 @@ SCENARIOS: dict[str, type[ChaosRun]] = {
         ClockSkew,
         DatabaseExhausted,
         BrokerBlocked,
+        RabbitMQNodeKill,
+        RedisFailover,
+        PostgresFailover,
     )
 }
 
@@ -194,6 +205,8 @@ async def _run(
         str(settings.celery_broker_url),
         scratch / "redis",
         own_broker=scenario.own_broker,
+        own_redis=scenario.own_redis,
+        own_database=scenario.own_database,
     ) as stack:
         values = {
             **BASE_ENVIRONMENT,

@@ -48,6 +48,7 @@ from aura.demo.harness import metric_total
 from aura.demo.report import Tally
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter
+from aura.redis_connect import async_redis
 
 __all__ = [
     "ClockSkew",
@@ -92,7 +93,7 @@ class RedisOutOfMemory(ChaosRun):
         return self.records[: len(self.records) // 2]
 
     async def fault(self) -> None:
-        redis = Redis.from_url(self.stack.redis_url, socket_timeout=5)
+        redis = async_redis(self.stack.redis_url, socket_timeout=5)
         try:
             refused_before = await _oom_errors(redis)
             await redis.set(_BALLAST_KEY, b"x" * (1 << 20))  # over the limit, whatever it is
@@ -121,7 +122,7 @@ class RedisOutOfMemory(ChaosRun):
 
     async def heal(self) -> None:
         if self.stack.redis.answers():  # a fault cut short (cancelled) restores here too
-            redis = Redis.from_url(self.stack.redis_url, socket_timeout=5)
+            redis = async_redis(self.stack.redis_url, socket_timeout=5)
             try:
                 await self._restore(redis)
             finally:

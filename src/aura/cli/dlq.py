@@ -241,9 +241,9 @@ def _reset_budgets(message_ids: list[str]) -> None:
         return  # embedded: the stand-in lives in the worker's process
 
     async def reset() -> None:
-        from redis.asyncio import Redis
+        from aura.redis_connect import async_redis
 
-        redis = Redis.from_url(redis_url)
+        redis = async_redis(redis_url, socket_timeout=5)
         try:
             for prefix in (RETRY_PREFIX, DEFER_PREFIX):
                 tracker = RetryTracker(redis, prefix=prefix)

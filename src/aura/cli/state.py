@@ -51,15 +51,14 @@ _SCAN_MAX = 1_000_000
 
 @contextmanager
 def _redis() -> Iterator[redis.Redis]:
-    import redis
-
     from aura.cli.failures import CONNECT_TIMEOUT
     from aura.config import get_settings
+    from aura.redis_connect import sync_redis
 
     url = get_settings().redis_url
     if url is None:
         raise ConfigurationError("REDIS_URL must be set: the shared state lives in Redis")
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=CONNECT_TIMEOUT)
+    client = sync_redis(url, socket_timeout=5, socket_connect_timeout=CONNECT_TIMEOUT)
     try:
         client.ping()  # failing: one line naming Redis and its URL, masked (aura.cli.failures)
         yield client
@@ -173,10 +172,9 @@ def breaker_status(
 @breaker_app.command("reset")
 def breaker_reset(name: str = typer.Argument(..., help="The breaker's name (see status).")) -> None:
     """Force a breaker closed, fleet-wide; the next calls go to the provider."""
-    from redis.asyncio import Redis
-
     from aura.config import get_settings
     from aura.llm.breaker import REGISTRY_KEY, CircuitBreaker
+    from aura.redis_connect import async_redis
 
     with _redis() as client:
         known = client.exists(f"{BREAKER_PREFIX}{name}")
@@ -184,7 +182,7 @@ def breaker_reset(name: str = typer.Argument(..., help="The breaker's name (see 
             raise NotFoundError(f"no breaker named {name!r} in Redis (see aura breaker status)")
 
     async def reset() -> None:
-        shared = Redis.from_url(str(get_settings().redis_url))
+        shared = async_redis(str(get_settings().redis_url), socket_timeout=5)
         try:
             await CircuitBreaker(name, redis=shared).reset()
         finally:

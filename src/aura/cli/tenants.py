@@ -204,13 +204,12 @@ async def _token_usage(
         return unbudgeted, None
     if settings.redis_url is None:
         return None, "REDIS_URL is unset: each worker keeps its budgets in its own process"
-    from redis.asyncio import Redis
-
     from aura.cli.failures import CONNECT_TIMEOUT
     from aura.llm.budgets import TenantBudgets
     from aura.logs import describe_exception
+    from aura.redis_connect import async_redis
 
-    redis = Redis.from_url(
+    redis = async_redis(
         settings.redis_url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=5
     )
     try:

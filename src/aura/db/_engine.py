@@ -1,13 +1,24 @@
 """Engine and sessions from Settings: PostgreSQL (asyncpg) or the embedded SQLite.
 
 PostgreSQL gets the seed's pool (DB_POOL_SIZE, DB_MAX_OVERFLOW, DB_POOL_RECYCLE), a
-connect timeout (DB_CONNECT_TIMEOUT; asyncpg's own default is 60 s) and pre-ping, so a
-connection the server dropped while idle is replaced on checkout, not discovered in the
-middle of a transaction. SQLite (aiosqlite) gets no pool arguments,
-foreign keys on, WAL and a busy timeout.
+connect timeout (DB_CONNECT_TIMEOUT; asyncpg's own default is 60 s) and a check at
+checkout in place of SQLAlchemy's pre-ping (no round trip: asyncpg's own "closed" flag),
+so a connection the server dropped while idle -- a crashed primary's, after a failover --
+is replaced on checkout, not discovered in the middle of a transaction. SQLite
+(aiosqlite) gets no pool arguments, foreign keys on, WAL and a busy timeout.
 
 Checkouts and checkins are emitted as ``PoolConnectionsChanged`` events, which keep
 ``sqlalchemy_pool_connections_active`` equal to the connections checked out.
+
+A multi-host URL (``?host=a:5432&host=b:5432&target_session_attrs=read-write``: a primary
+and its replicas) is connected host by host, each given an equal share of
+``CHECKOUT_BOUND`` (or of the connect timeout, if less), and the host that took the last
+session is tried first. asyncpg's own multi-host connect bounds all hosts together (read
+in asyncpg 0.32's ``connect``: one ``timeout`` around the loop over the hosts), so a
+first host that does not answer -- a dead machine drops packets, it does not refuse --
+spent the whole timeout and the next host was never tried (libpq's ``connect_timeout`` is
+per host). Refused, "starting up" and "not read-write" go on to the next host at once,
+as in asyncpg.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -30,10 +42,14 @@ from aura import events
 from aura.config import Settings, get_settings
 from aura.events import PoolConnectionsChanged
 
-__all__ = ["EMBEDDED_DATABASE_PATH", "Database", "database_url", "reach"]
+__all__ = ["CHECKOUT_BOUND", "EMBEDDED_DATABASE_PATH", "Database", "database_url", "reach"]
 
 EMBEDDED_DATABASE_PATH = Path(".aura") / "aura.db"
+CHECKOUT_BOUND = 3.0  # seconds one checkout may take (a connect, or a wait for the pool)
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Per host list, the index of the host that took the last session: tried first next time,
+# so only the first connect after a failover pays for the dead host.
+_last_good: dict[tuple[tuple[str, int], ...], int] = {}
 
 
 def database_url(settings: Settings) -> str:
@@ -62,6 +78,46 @@ def _skip_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     driver = getattr(dbapi_connection, "_connection", None)
     if driver is not None and driver.is_closed():
         raise sa_exc.DisconnectionError("the server closed this pooled connection")
+
+
+async def _connect_host_by_host(
+    *args: Any,
+    host: list[str],
+    port: list[int],
+    timeout: float = 60.0,  # noqa: ASYNC109 - asyncpg.connect's own argument, passed on
+    **kwargs: Any,
+) -> Any:
+    """asyncpg's multi-host connect, one host at a time with its share of the bound (see
+    the module doc); raises as asyncpg does: a refusal, else "no host matched"."""
+    hosts = tuple(zip(host, port, strict=True))
+    share = min(timeout, CHECKOUT_BOUND) / len(hosts)
+    first = _last_good.get(hosts, 0)
+    refused: BaseException | None = None
+    mismatched: BaseException | None = None
+    for index in [*range(first, len(hosts)), *range(first)]:
+        address, number = hosts[index]
+        try:
+            connection = await asyncpg.connect(
+                *args, host=address, port=number, timeout=share, **kwargs
+            )
+        except (OSError, asyncpg.CannotConnectNowError) as exc:  # TimeoutError is an OSError
+            refused = exc
+            continue
+        except asyncpg.TargetServerAttributeNotMatched as exc:
+            mismatched = exc
+            continue
+        _last_good[hosts] = index
+        return connection
+    raise refused or mismatched or OSError("no host to connect to")
+
+
+def _host_by_host(_dialect: Any, _record: Any, _args: Any, parameters: dict[str, Any]) -> None:
+    """``do_connect``: a multi-host URL's connect goes through ``_connect_host_by_host``
+    (``prefer-standby`` aside: it picks among hosts at random, asyncpg's way)."""
+    hosts = parameters.get("host")
+    several = isinstance(hosts, list) and len(hosts) > 1
+    if several and parameters.get("target_session_attrs") != "prefer-standby":
+        parameters["async_creator_fn"] = _connect_host_by_host
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -115,6 +171,7 @@ class Database:
             _configure_sqlite(self.engine)
         if self.dialect == "postgresql":  # before _track_pool: a discarded one is not counted
             event.listen(self.engine.sync_engine.pool, "checkout", _skip_closed)
+            event.listen(self.engine.sync_engine, "do_connect", _host_by_host)
         _track_pool(self.engine)
         # The same pool in autocommit, for single reads: no BEGIN and ROLLBACK around them.
         self.reader: AsyncEngine = self.engine.execution_options(isolation_level="AUTOCOMMIT")

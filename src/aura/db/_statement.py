@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aura import events
-from aura.db._engine import Database
+from aura.db._engine import CHECKOUT_BOUND, Database
 from aura.db._transactional import describe_error, is_network_error, while_out
 from aura.errors import DatabaseTransactionError
 from aura.events import RollbackReason, TransactionRolledBack
@@ -86,7 +86,6 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
 
 
 CONNECT_PATIENCE = 3.0  # seconds a write waits for a connection through a blip, in all
-CHECKOUT_BOUND = 3.0  # seconds one checkout may take (a connect, or a wait for the pool)
 
 
 @contextlib.asynccontextmanager

@@ -63,6 +63,20 @@ _ROLLBACK_ONLY = "aura.rollback_only"
 _log = structlog.get_logger("aura.db")
 
 
+# asyncpg's names for a connection lost or never made. TargetServerAttributeNotMatched:
+# every host of a multi-host URL answered, none takes writes (``target_session_attrs=
+# read-write`` while a failover is under way: the old primary back as a standby, the new
+# one not yet promoted); the dead host's refusal is raised instead when there is one.
+_CONNECTION_LOST = frozenset(
+    {
+        "ConnectionDoesNotExistError",
+        "AdminShutdownError",
+        "CannotConnectNowError",
+        "TargetServerAttributeNotMatched",
+    }
+)
+
+
 def is_network_error(exc: BaseException) -> bool:
     """True when ``exc`` means the connection to the database failed or was dropped."""
     for link in cause_chain(exc):
@@ -73,8 +87,7 @@ def is_network_error(exc: BaseException) -> bool:
         if isinstance(link, OSError):  # refused, unresolvable, timed out (raw from asyncpg)
             return True
         # asyncpg's own classes, reached through DBAPIError.orig.__cause__
-        name = type(link).__name__
-        if name in {"ConnectionDoesNotExistError", "AdminShutdownError", "CannotConnectNowError"}:
+        if type(link).__name__ in _CONNECTION_LOST:
             return True
     return False
 
@@ -99,13 +112,7 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-_OUTAGE_CLASSES = {
-    "ConnectionDoesNotExistError",
-    "CannotConnectNowError",
-    "AdminShutdownError",
-    "TooManyConnectionsError",
-    "ConnectionFailureError",
-}
+_OUTAGE_CLASSES = _CONNECTION_LOST | {"TooManyConnectionsError", "ConnectionFailureError"}
 
 
 def is_outage(exc: BaseException) -> bool:

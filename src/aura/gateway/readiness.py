@@ -6,11 +6,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from kombu.connection import Connection
-from redis.asyncio import Redis
 
 from aura.config import Settings
+from aura.redis_connect import async_redis
 
-__all__ = ["ReadinessProbe", "default_checks"]
+__all__ = ["ADVISORY_CHECKS", "ReadinessProbe", "default_checks"]
+
+# Checks /readyz reports but does not wait on. Redis: the gateway itself never uses it,
+# and every Redis user in the fleet degrades without it ("Redis cannot help"), so a
+# Redis failover (no master named for seconds) must not take every gateway out of its
+# Service at once.
+ADVISORY_CHECKS = frozenset({"redis"})
 
 _TIMEOUT = 2.0
 
@@ -21,7 +27,7 @@ def default_checks(settings: Settings) -> dict[str, Callable[[], Awaitable[None]
         redis_url = settings.redis_url
 
         async def redis_ping() -> None:
-            client = Redis.from_url(
+            client = async_redis(
                 redis_url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
             )
             try:
@@ -36,11 +42,22 @@ def default_checks(settings: Settings) -> dict[str, Callable[[], Awaitable[None]
         broker_url = settings.celery_broker_url
 
         def connect() -> None:
-            with Connection(broker_url, connect_timeout=_TIMEOUT) as connection:
-                connection.ensure_connection(max_retries=1)
+            """Any node of the list answers (kombu, given the whole list and no retry,
+            tries only its first node: two dead nodes of three read as down)."""
+            nodes = [node.strip() for node in broker_url.split(";") if node.strip()]
+            failure: BaseException = ConnectionError("no broker node")
+            for node in nodes or [broker_url]:
+                try:
+                    with Connection(node, connect_timeout=_TIMEOUT) as connection:
+                        connection.ensure_connection(max_retries=0)
+                except Exception as exc:  # that node is down: the next may answer
+                    failure = exc
+                    continue
+                return
+            raise failure
 
         async def broker_ping() -> None:
-            await asyncio.wait_for(asyncio.to_thread(connect), _TIMEOUT * 2)
+            await asyncio.wait_for(asyncio.to_thread(connect), _TIMEOUT * 4)
 
         checks["broker"] = broker_ping
     return checks

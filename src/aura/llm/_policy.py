@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypedDict, TypeVar
 
 import httpx
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from aura.config import Settings
 from aura.errors import ConfigurationError
@@ -21,6 +21,7 @@ from aura.llm._provider import Provider
 from aura.llm._providers import PROVIDERS
 from aura.llm._wire import AiohttpWire, HttpxWire, Wire
 from aura.llm.ratelimit import RateLimit
+from aura.redis_connect import async_redis
 
 __all__ = [
     "DEFAULT_SIMULATOR_URL",
@@ -177,11 +178,10 @@ def redis_from_settings(settings: Settings) -> Redis | None:
     a free connection when the calls in flight outnumber it (back-pressure, not down)."""
     if settings.redis_url is None:
         return None
-    pool = BlockingConnectionPool.from_url(
+    return async_redis(
         settings.redis_url,
         max_connections=max(100, settings.worker_concurrency + 20),
-        timeout=5.0,
+        pool_timeout=5.0,
         socket_timeout=0.5,
         socket_connect_timeout=0.5,
     )
-    return Redis(connection_pool=pool)

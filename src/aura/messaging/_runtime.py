@@ -52,13 +52,14 @@ import greenlet
 import structlog
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from aura.config import get_settings
 from aura.events import Dependency
 from aura.messaging._bounded import PUBLISH_BOUND, publish_within
 from aura.messaging._gate import OutageGate
 from aura.messaging._retry import RetryTracker
+from aura.redis_connect import async_redis
 
 __all__ = [
     "ContextStack",
@@ -364,14 +365,7 @@ def _redis_client(url: str | None, concurrency: int) -> Redis:
         from fakeredis import FakeAsyncRedis
 
         return FakeAsyncRedis()
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max(50, concurrency),
-        timeout=_REDIS_POOL_WAIT,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
-    )
-    return Redis(connection_pool=pool)
+    return async_redis(url, max_connections=max(50, concurrency), pool_timeout=_REDIS_POOL_WAIT)
 
 
 _runtimes: dict[int, ProcessRuntime] = {}

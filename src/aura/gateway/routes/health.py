@@ -1,5 +1,6 @@
-"""/healthz (the process is up), /readyz (the database, Redis and the broker answer) and
-/metrics (Prometheus)."""
+"""/healthz (the process is up), /readyz (the database and the broker answer; Redis is
+reported, not waited on: ``aura.gateway.readiness.ADVISORY_CHECKS``) and /metrics
+(Prometheus)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from aura.gateway.readiness import ADVISORY_CHECKS
 from aura.gateway.schemas import Health, Readiness
 from aura.gateway.state import Current
 from aura.metrics import exposition_registry
@@ -25,11 +27,11 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "A dependency is unavailable"}},
-    summary="The database, Redis and the broker answer",
+    summary="The database and the broker answer (Redis reported, not waited on)",
 )
 async def readyz(gw: Current) -> JSONResponse:
     checks = await gw.readiness.checks()
-    ready = all(value == "ok" for value in checks.values())
+    ready = all(value == "ok" for key, value in checks.items() if key not in ADVISORY_CHECKS)
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
