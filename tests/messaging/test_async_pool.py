@@ -44,8 +44,9 @@ class Node:
     def __post_init__(self) -> None:
         self.app = make_celery_app(Settings(celery_broker_url=self.amqp_url))
 
-    def send(self, task: str, *args: object, task_id: str | None = None) -> str:
-        return str(self.app.send_task(f"{TASKS}.{task}", args=list(args), task_id=task_id).id)
+    def send(self, task: str, *args: object, task_id: str | None = None, **limits: float) -> str:
+        sent = self.app.send_task(f"{TASKS}.{task}", args=list(args), task_id=task_id, **limits)
+        return str(sent.id)
 
     async def committed(self, run: str) -> dict[str, int]:
         async with self.database.session() as session:
@@ -130,7 +131,11 @@ async def test_one_process_holds_its_whole_concurrency_in_flight(node: Node) -> 
 
 async def test_the_soft_limit_cancels_one_task_and_its_cleanup_runs(node: Node) -> None:
     run = uuid.uuid4().hex
-    node.send("sleepy", run, 30.0)
+    # The node's limits are its environment's; this message's own soft limit (kept by its
+    # retries) is below them: the same timer in the pool, sooner.
+    (conf,) = node.app.control.inspect(timeout=10, limit=1).conf().values()
+    assert (conf["task_soft_time_limit"], conf["task_time_limit"]) == (2, 4)
+    node.send("sleepy", run, 30.0, soft_time_limit=0.5)
     others = {node.send("effect", run, f"n{i}", 0, 0.2) for i in range(20)}
     wait_for(lambda: len(node.letters(run)) == 1, within=120)
     (letter,) = node.letters(run)
@@ -147,7 +152,8 @@ async def test_past_the_hard_limit_a_task_is_requeued_and_its_process_recycled(
 ) -> None:
     run = uuid.uuid4().hex
     restarts = node.supervisor.restarts
-    node.send("stubborn", run, 60.0)
+    # The message's own limits (kept by its redeliveries), below the node's 2 s / 4 s
+    node.send("stubborn", run, 60.0, soft_time_limit=0.5, time_limit=1)
     wait_for(lambda: len(node.letters(run)) == 1, within=150)
     (letter,) = node.letters(run)
     assert letter.reason.value == "worker_lost"  # as after prefork's kill, budget spent

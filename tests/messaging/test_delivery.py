@@ -294,7 +294,9 @@ async def test_broker_connections_closed_in_a_loop_every_message_committed_once(
     worker: Worker,
 ) -> None:
     run = uuid.uuid4().hex
-    sent = {worker.send(run, f"n{i}", 0, 0.4) for i in range(40)}
+    # 0.4 s each on the worker's two children: 6 s of work, about as long as the 8 closes
+    # below take (a rabbitmqctl each); 40 left ~3.5 s of work after the last close
+    sent = {worker.send(run, f"n{i}", 0, 0.4) for i in range(30)}
     closes = 0
     while not await _committed(worker, run, sent) and closes < 8:
         services.rabbitmqctl(

@@ -4,10 +4,13 @@ is sent a poison pill, which must land in the DLQ."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,32 +102,19 @@ def test_the_guides_app_on_a_real_worker_with_one_replay(
         tmp_path, CELERY_BROKER_URL=amqp_url, DATABASE_URL=pg_url, REDIS_URL=redis_url,
         WORKER_METRICS_PORT="0", LOG_LEVEL="WARNING", LLM_BASE_URL=sim.base_url,
     )  # fmt: skip
-    # The guide's way without Alembic: its tables made once (the inbox is there already)
-    _python(env, tmp_path, _CREATE_ALL)
     log = tmp_path / "worker.log"
-    with log.open("wb") as output:
+    with log.open("wb") as output:  # it starts while the guide's tables are made
         worker = start_worker_process(
             "shop", env, output, queues=["shop_orders", "shop_mail"], cwd=tmp_path
         )
     try:
-        order = _python(
-            env,
-            tmp_path,
-            "import json, shop; print(shop.describe.delay(json.dumps("
-            '{"order_id": "o-guide", "item": "trail shoe"})).id)',
-        ).strip()
-
-        def blurb() -> Any:
-            rows = _python(env, tmp_path, _READ_BLURB)
-            return rows.strip() or None
-
-        wait_for(lambda: blurb() is not None, within=90)
+        # The guide's way without Alembic: its tables made once (the inbox is there
+        # already); then its order and a poison pill, sent by the guide's task
+        order, message_id = _python(env, tmp_path, _CREATE_ALL + _SEND).split()
+        blurb = _read_blurb(pg_url)  # the LLM's answer, stored with the order it made
+        wait_for(lambda: blurb() is not None, within=90, interval=0.05)
         assert order
-        assert blurb() != "None"  # the LLM's answer, stored with the order it made
-
-        message_id = _python(
-            env, tmp_path, "import shop; print(shop.describe.delay('{not json').id)"
-        ).strip()
+        assert blurb() != "None"
         with Connection(amqp_url) as connection:
             dlq = DeadLetterQueue(connection)
 
@@ -145,8 +135,36 @@ def test_the_guides_app_on_a_real_worker_with_one_replay(
     finally:
         stop_worker_process(worker, timeout=30)
         simulator.__exit__(None, None, None)
-        _python(env, tmp_path, _DROP_ORDERS)  # the run's database is shared
+        _on_pg(pg_url, lambda db: db.execute("DROP TABLE IF EXISTS shop_orders"))  # shared
     assert worker.returncode == 0, log.read_text()[-3000:]
+
+
+def _on_pg(pg_url: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``work(connection)`` on the run's database, from this process (asyncpg, on a loop
+    of its own in a thread: the test's loop is pytest-asyncio's)."""
+    import asyncpg
+
+    async def run() -> Any:
+        connection = await asyncpg.connect(pg_url.replace("+asyncpg", ""), timeout=10)
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, run()).result(timeout=60)
+
+
+def _read_blurb(pg_url: str) -> Callable[[], str | None]:
+    """The guide's order's blurb as stored (``"None"`` for a NULL one), None before the
+    order exists."""
+
+    def read() -> str | None:
+        query = "SELECT blurb FROM shop_orders WHERE id = 'o-guide'"
+        rows = _on_pg(pg_url, lambda db: db.fetch(query))
+        return str(rows[0]["blurb"]) if rows else None
+
+    return read
 
 
 _CREATE_ALL = """
@@ -162,25 +180,11 @@ async def main():
 
 asyncio.run(main())
 """
-_READ_BLURB = """
-import asyncio, os
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-
-async def main():
-    engine = create_async_engine(os.environ["DATABASE_URL"])
-    async with engine.connect() as connection:
-        row = (await connection.execute(
-            text("SELECT blurb FROM shop_orders WHERE id = 'o-guide'"))).first()
-    await engine.dispose()
-    print("" if row is None else row[0])
-
-asyncio.run(main())
+_SEND = """
+import json
+print(shop.describe.delay(json.dumps({"order_id": "o-guide", "item": "trail shoe"})).id)
+print(shop.describe.delay("{not json").id)
 """
-_DROP_ORDERS = _CREATE_ALL.replace(
-    "shop.Base.metadata.create_all",
-    'lambda sync: shop.Base.metadata.tables["shop_orders"].drop(sync, checkfirst=True)',
-)
 
 
 @pytest.mark.timeout(120)

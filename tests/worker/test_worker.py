@@ -35,8 +35,8 @@ class Worker:
     metrics_dir: Path
     env: dict[str, str]
 
-    def send(self, task: str, *args: object, queue: str = "realtime_queue") -> str:
-        result = self.app.send_task(f"{TASKS}.{task}", args=list(args), queue=queue)
+    def send(self, task: str, *args: object, queue: str = "realtime_queue", **limits: float) -> str:
+        result = self.app.send_task(f"{TASKS}.{task}", args=list(args), queue=queue, **limits)
         return str(result.id)
 
     def dead_letters(self, run: str) -> list[DeadLetter]:
@@ -142,7 +142,11 @@ def test_a_task_that_always_fails_is_dead_lettered_after_max_retries(worker: Wor
 def test_an_async_task_past_the_soft_limit_is_cancelled_cleanly(worker: Worker) -> None:
     run = uuid.uuid4().hex
     soft_before = worker.metric("celery_task_timeouts_total", kind="soft")
-    worker.send("slow_async", run, 30)
+    # The worker's limits are its environment's; this message's own soft limit (kept by
+    # its retries) is below them: the same timer, four tries sooner.
+    (conf,) = worker.app.control.inspect(timeout=10, limit=1).conf().values()
+    assert (conf["task_soft_time_limit"], conf["task_time_limit"]) == (1, 2)
+    worker.send("slow_async", run, 30, soft_time_limit=0.5)
     wait_for(lambda: len(worker.dead_letters(run)) == 1, within=60)
     assert worker.metric("celery_task_timeouts_total", kind="soft") == soft_before + 4
     (letter,) = worker.dead_letters(run)
@@ -157,7 +161,8 @@ def test_a_task_ignoring_the_soft_limit_is_killed_and_the_worker_serves_others(
 ) -> None:
     run = uuid.uuid4().hex
     hard_before = worker.metric("celery_task_timeouts_total", kind="hard")
-    stubborn = worker.send("stubborn", run, 30)
+    # The message's own limits (kept by its redeliveries), below the worker's 1 s / 2 s
+    stubborn = worker.send("stubborn", run, 30, soft_time_limit=0.5, time_limit=1)
     wait_for(lambda: worker.count(f"{run}:ignored_soft_limit") >= 1)  # it got the soft limit
     other_run = uuid.uuid4().hex
     others = {worker.send("flaky", other_run, 0) for _ in range(5)}
@@ -218,6 +223,9 @@ def test_replay_brings_a_dead_letter_back_once_its_cause_is_fixed(worker: Worker
 
 
 def test_cli_refuses_bad_input_and_purge_removes_only_its_reason(worker: Worker) -> None:
+    run = uuid.uuid4().hex
+    worker.send("always_fails", run)  # its retries run while the CLI refuses bad input
+    worker.send("parse_record", "{broken", run, queue="bulk_queue")
     bad = aura_cli(worker, "dlq", "ls", "--reason", "Bogus!")  # a rule's own is snake_case
     assert bad.returncode == 2
     assert "unknown reason 'Bogus!'" in bad.stderr
@@ -225,9 +233,6 @@ def test_cli_refuses_bad_input_and_purge_removes_only_its_reason(worker: Worker)
     assert missing.returncode == 2
     assert "no dead letter with id 'no-such-letter'" in missing.stderr
 
-    run = uuid.uuid4().hex
-    worker.send("always_fails", run)
-    worker.send("parse_record", "{broken", run, queue="bulk_queue")
     wait_for(lambda: len(worker.dead_letters(run)) == 2)
     with Connection(worker.amqp_url) as connection:
         poison_before = len(DeadLetterQueue(connection).list(reason="poison_pill", limit=1000))
