@@ -306,24 +306,34 @@ def _deliver(
     if policy.inbox is None:  # no database of Aura's in its path: no gate to wait at
         return _run_once(Delivery(task, policy, runtime, args, kwargs), function, is_async, bind)
     gate = runtime.database_gate
-    deadline = time.monotonic() + _outage_hold(task, runtime)
+    limits_from = time.monotonic()  # its limits were armed as the delivery began
+    deadline = limits_from + _outage_hold(task, runtime)
+    held = False  # held at the gate, or a try the outage failed: the limits start again
     while True:
         delivery = Delivery(task, policy, runtime, args, kwargs)
         trial_since: float | None = None  # when this delivery's trial went, if it is one
         if not gate.is_open:
-            waited_from = time.monotonic()
-            entered = runtime.run(gate.admit(max(deadline - waited_from, 0.0)), hard_limited=False)
+            held = True
+            entered = runtime.run(
+                gate.admit(max(deadline - time.monotonic(), 0.0)), hard_limited=False
+            )
             if entered is None:  # held past the bound: through the broker, a deferral
                 out = ServiceUnavailableError("the database stayed unavailable while held")
                 carry_out(delivery, put_off_for_database(delivery, out))
                 return None
             if entered is False:
                 trial_since = gate.trial_out_since
-            runtime.rearm_limits(time.monotonic() - waited_from)
+        if held:  # let through: its limits start now. The hold is given back, and so is
+            # a try the outage failed (up to a 3 s wait for a connection: it once ate most
+            # of a short soft limit, and the delivery let through met it at once)
+            now = time.monotonic()
+            runtime.rearm_limits(now - limits_from)
+            limits_from, held = now, False
         try:
             return _run_once(delivery, function, is_async, bind)
         except DatabaseOut as out:  # no retry spent: held again, then tried again
             gate.failed(describe_exception(out.error, 300))
+            held = True
         finally:  # settled without a word about the database: the next may try
             gate.released(trial_since)
 
