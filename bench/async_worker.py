@@ -2,7 +2,7 @@
 bare aio-pika consumer on the same job, in one run.
 
     .venv/bin/python bench/async_worker.py [--seconds 12] [--rounds 1] [--latencies 1.0,0.2]
-        [--profile DIR] [--long 50000]
+        [--profile DIR] [--long 50000] [--burn 2]
 
 The job: one chat completion from the LLM simulator, which answers after L seconds, and one
 PostgreSQL row per record (``bench/bench_async_tasks.py``, ``bench/bare_worker.py``).
@@ -20,7 +20,11 @@ limit's records (in flight / L per second) and is timed from the first publish u
 many rows exist; CPU is the worker's process tree (user + system, from /proc) over the
 round, divided by the records. ``--profile DIR`` records each Aura round with py-spy
 (``--idle`` off, ``--nonblocking``) and prints the top self and inclusive costs.
-``--long N`` ends with one Aura c=500 run of N records and prints its RSS as it goes.
+``--burn N`` starts N CPU-burning processes (a tight Python loop at the bench's own nice
+level) before each round's first publish and stops them after its last row, the same for
+every kind: a controlled competing load, as on a shared node (the load average is printed
+with each round, taken at its end). ``--long N`` ends with one Aura c=500 run of N records
+and prints its RSS as it goes.
 Everything runs on its own vhost, PostgreSQL database (``aura_bench_async``) and Redis
 db 9, made here and removed at the end; the simulators run in their own processes.
 """
@@ -180,8 +184,26 @@ class Workers:
                 process.kill()
 
 
+class Burners:
+    """``count`` processes that each burn a core in a tight Python loop until stopped."""
+
+    def __init__(self, count: int) -> None:
+        self.processes = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)
+        ]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.wait(10)
+
+
 class Profiler:
-    """py-spy on every worker process of a round; raw (collapsed) stacks, idle left out."""
+    """py-spy on every worker process of a round; raw (collapsed) stacks, idle left out
+    unless ``flags`` say ``--idle`` (then per thread, waits included)."""
+
+    flags: tuple[str, ...] = ("--gil",)
 
     def __init__(self, pids: list[int], stem: Path) -> None:
         self.files = [stem.with_name(f"{stem.name}-{pid}.txt") for pid in pids]
@@ -195,7 +217,7 @@ class Profiler:
                     "--format",
                     "raw",
                     "--nonblocking",
-                    "--gil",
+                    *self.flags,
                     "--rate",
                     "200",
                     "-o",
@@ -259,11 +281,27 @@ def print_profile(files: list[Path], top: int = 25) -> None:
 
 
 def _round(
-    app: Any, task: str, records: int, workers: Workers, profile: Path | None = None
+    app: Any,
+    task: str,
+    records: int,
+    workers: Workers,
+    profile: Path | None = None,
+    burn: int = 0,
 ) -> dict[str, float]:
     run = uuid.uuid4().hex
     pids = workers.pids
+    burners = Burners(burn)
+    try:
+        return _measured(app, task, records, pids, run, profile)
+    finally:
+        burners.stop()
+
+
+def _measured(
+    app: Any, task: str, records: int, pids: list[int], run: str, profile: Path | None
+) -> dict[str, float]:
     profiler = Profiler(pids, profile) if profile is not None else None
+    sched_before = _sched(pids)
     cpu_before, _ = _cpu_and_rss(pids)
     started = time.monotonic()
     with app.producer_or_acquire() as producer:
@@ -275,6 +313,8 @@ def _round(
         time.sleep(0.25)
     elapsed = time.monotonic() - started
     cpu_after, rss = _cpu_and_rss(pids)
+    if SHOW_SCHED:
+        _print_sched(sched_before, _sched(pids), records, elapsed)
     if profiler is not None:
         print(f"profile of this round ({profile}):")
         print_profile(profiler.stop())
@@ -282,7 +322,49 @@ def _round(
         "records_per_s": records / elapsed,
         "cpu_ms_per_record": (cpu_after - cpu_before) * 1000 / records,
         "rss_mib": rss / 2**20,
+        "load": os.getloadavg()[0],
     }
+
+
+SHOW_SCHED = False
+
+
+def _sched(pids: list[int]) -> dict[int, tuple[int, ...]]:
+    """Per thread of the workers: ns on a CPU, ns waiting for one (runnable), voluntary
+    and involuntary context switches (/proc/PID/task/TID/schedstat and status)."""
+    found: dict[int, tuple[int, ...]] = {}
+    for pid in _tree(pids):
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                ran, waited, _ = (int(v) for v in (task / "schedstat").read_text().split())
+                status = (task / "status").read_text().splitlines()
+            except (OSError, ValueError):
+                continue
+            switches = [int(line.split()[1]) for line in status if "ctxt_switches" in line]
+            found[int(task.name)] = (ran, waited, *switches)
+    return found
+
+
+def _print_sched(
+    before: dict[int, tuple[int, ...]], after: dict[int, tuple[int, ...]], records: int, s: float
+) -> None:
+    """Threads that used >= 1 % of the round's CPU: per record, CPU and run-queue wait
+    (ms), voluntary (it waited: a lock, the GIL, I/O) and involuntary (preempted) switches."""
+    deltas = {
+        tid: [a - b for a, b in zip(after[tid], before.get(tid, (0, 0, 0, 0)), strict=True)]
+        for tid in after
+    }
+    total = sum(d[0] for d in deltas.values()) or 1
+    for tid, (ran, waited, voluntary, involuntary) in sorted(
+        deltas.items(), key=lambda i: -i[1][0]
+    ):
+        if ran < total / 100:
+            continue
+        print(
+            f"    thread {tid}: {ran / 1e6 / records:.3f} ms CPU/record ({ran / 1e9 / s:.2f} core),"
+            f" {waited / 1e6 / records:.3f} ms runnable-waiting/record, switches/record:"
+            f" {voluntary / records:.2f} voluntary, {involuntary / records:.2f} involuntary"
+        )
 
 
 def _long_run(app: Any, task: str, records: int, workers: Workers, in_flight: int) -> None:
@@ -380,11 +462,18 @@ def main() -> None:
     parser.add_argument("--kinds", default="", help="labels to run (substring), comma-separated")
     parser.add_argument("--profile", type=Path, help="py-spy each Aura round into this dir")
     parser.add_argument("--long", type=int, default=0, help="records of a final aura c=500 run")
+    parser.add_argument("--burn", type=int, default=0, help="CPU-burning processes per round")
+    parser.add_argument("--sched", action="store_true", help="per-thread CPU, waits, switches")
+    parser.add_argument("--idle", action="store_true", help="--profile with --idle --threads")
     args = parser.parse_args()
+    global SHOW_SCHED
+    SHOW_SCHED = args.sched
+    Profiler.flags = ("--idle", "--threads") if args.idle else ("--gil",)
     latencies = [float(v) for v in args.latencies.split(",")]
     wanted = [w for w in args.kinds.split(",") if w]
     kinds = [k for k in KINDS if not wanted or any(w in k[0] for w in wanted)]
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
+    print(f"competing load: {args.burn} CPU-burning process(es) per round, nice {os.nice(0)}")
 
     _rabbitmqctl("delete_vhost", VHOST)
     _rabbitmqctl("add_vhost", VHOST)
@@ -435,7 +524,7 @@ def main() -> None:
                     if args.profile and pool == "async":
                         name = f"{label.replace(' ', '_').replace('=', '')}-L{latency:g}-r{number}"
                         profile = args.profile / name
-                    result = _round(app, task, records, workers, profile)
+                    result = _round(app, task, records, workers, profile, args.burn)
                     result["share_of_limit"] = result["records_per_s"] / (in_flight / latency)
                     results[(label, latency)].append(result)
                     print(
@@ -443,7 +532,7 @@ def main() -> None:
                         f"({100 * result['share_of_limit']:5.1f} % of {in_flight}/{latency:g} s)"
                         f"  {result['cpu_ms_per_record']:5.2f} ms CPU/record"
                         f"  RSS {result['rss_mib']:6.1f} MiB ({processes} process(es))"
-                        f"  load {os.getloadavg()[0]:.1f}",
+                        f"  load {result['load']:.1f}",
                         flush=True,
                     )
                 finally:

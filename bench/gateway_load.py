@@ -1,15 +1,25 @@
-"""Load held: locust (headless) against one `aura gateway` process, then against a bare
-FastAPI + asyncpg endpoint doing the same insert (bench/bare_gateway.py), in one run.
+"""Load held: locust (headless) against one `aura gateway` process, then against two bare
+FastAPI + asyncpg endpoints (bench/bare_gateway.py), in one run: ``app`` doing the same
+insert and nothing else, and ``publishing_app``, the honest peer, doing the insert plus an
+outbox row in the same transaction, then one persistent message published with publisher
+confirms (aio-pika) and the row deleted after the confirm.
 
     python bench/gateway_load.py --database-url postgresql://postgres@127.0.0.1/x \
         --broker-url amqp://guest:guest@127.0.0.1:5672/vhost [--users 200 --seconds 60]
 
 Prints, for each: requests, those served (2xx) per second, p50/p99 over all answers (ms),
-errors by status (503: shed), and the peak RSS; then the ratio of served throughput
-(target >= 0.5x the bare endpoint, no errors but 503). With ``--hostile`` the gateway's
-load runs a second time beside ``bench/hostile_clients.py`` (a bad-key flood, slow
-uploads, idle half-sent requests): the valid tenant's throughput and p99 with and
-without it (target >= 0.8x).
+errors by status (503: shed), the peak RSS and the server process's CPU (cores busy on
+average, and ms per answer); then the ratios of served throughput,
+gateway / bare and gateway / bare + publish (target >= 0.8 for the latter, no errors but
+503). With ``--hostile`` the gateway's load runs a second time beside
+``bench/hostile_clients.py`` (a bad-key flood, slow uploads, idle half-sent requests): the
+valid tenant's throughput and p99 with and without it (target >= 0.8x).
+
+The gateway's users post a five-record import for every four products
+(bench/locustfile.py); an import's messages are held for the fair dispatcher
+(``aura.gateway.dispatch``), not published by its request. The bare endpoints have no
+imports: their users post a product instead. ``--products-only`` gives the gateway that
+same load, every request a product post published by its request.
 The database must exist (it is migrated here); the vhost's work queues are purged after.
 """
 
@@ -65,6 +75,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far, user + system (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serve(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     # Its log goes to a file: a pipe no one reads fills up and stops the server.
     log = tempfile.NamedTemporaryFile(prefix="gateway-load-", suffix=".log", delete=False)  # noqa: SIM115
@@ -96,9 +112,11 @@ def load(
     )
     peak = rss_mib(pid)
     start_rss = peak
+    start_cpu = cpu_seconds(pid)
     while runner.poll() is None:
         peak = max(peak, rss_mib(pid))
         time.sleep(0.5)
+    cpu = cpu_seconds(pid) - start_cpu
     with (out / "run_stats.csv").open() as f:
         total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
     statuses: Counter[str] = Counter()
@@ -117,6 +135,8 @@ def load(
         "errors": dict(statuses),
         "rss_start": start_rss,
         "rss_peak": peak,
+        "cpu": cpu / seconds,  # the server's cores busy, on average
+        "cpu_ms": 1000 * cpu / max(int(total["Request Count"]), 1),  # per answer
     }
 
 
@@ -132,12 +152,19 @@ def main() -> None:
         action="store_true",
         help="also run the gateway's load beside a hostile mix (bench/hostile_clients.py)",
     )
+    parser.add_argument(
+        "--products-only",
+        action="store_true",
+        help="give the gateway the bare endpoints' load (product posts only, no imports)",
+    )
     options = parser.parse_args()
     tenant_id, key, slow_id, slow_key = asyncio.run(prepare(options.database_url))
     base = {
         k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH"}
     }
     users_env = {**base, "AURA_TENANT_ID": tenant_id, "AURA_API_KEY": key}
+    # The bare endpoints have no imports: their users post a product instead (AURA_BARE).
+    gateway_users = {**users_env, "AURA_BARE": "1"} if options.products_only else users_env
     results = []
 
     port = free_port()
@@ -160,7 +187,7 @@ def main() -> None:
     )
     try:
         results.append(
-            load("aura gateway", port, users_env, options.users, options.seconds, gateway.pid)
+            load("aura gateway", port, gateway_users, options.users, options.seconds, gateway.pid)
         )
         if options.hostile:
             hostile = subprocess.Popen(
@@ -177,7 +204,7 @@ def main() -> None:
                     load(
                         "aura gateway + hostile",
                         port,
-                        users_env,
+                        gateway_users,
                         options.users,
                         options.seconds,
                         gateway.pid,
@@ -189,49 +216,54 @@ def main() -> None:
         gateway.terminate()
         gateway.wait(30)
 
-    port = free_port()
+    from aura.gateway.senders import broker_urls
+
     dsn = re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", options.database_url)
-    bare = serve(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.bare_gateway:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-        ],
-        {**base, "BARE_DSN": dsn, "PYTHONPATH": str(ROOT)},
-        port,
-    )
-    try:
-        results.append(
-            load(
-                "bare FastAPI+asyncpg",
-                port,
-                {**users_env, "AURA_BARE": "1"},
-                options.users,
-                options.seconds,
-                bare.pid,
+    bare_env = {**base, "BARE_DSN": dsn, "PYTHONPATH": str(ROOT)}
+    for name, target, env in [
+        ("bare FastAPI+asyncpg", "app", bare_env),
+        (
+            "bare + outbox + publish",
+            "publishing_app",
+            {**bare_env, "BARE_BROKER": broker_urls(options.broker_url)[0]},
+        ),
+    ]:
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", f"bench.bare_gateway:{target}"]
+        bare = serve([*command, "--port", str(port), "--log-level", "error"], env, port)
+        try:
+            results.append(
+                load(
+                    name,
+                    port,
+                    {**users_env, "AURA_BARE": "1"},
+                    options.users,
+                    options.seconds,
+                    bare.pid,
+                )
             )
-        )
-    finally:
-        bare.terminate()
-        bare.wait(30)
+        finally:
+            bare.terminate()
+            bare.wait(30)
 
     print(f"{options.users} users, {options.seconds} s each, one server process each")
     for r in results:
         print(
-            f"  {r['name']:<22} {r['requests']:>7} requests, {r['served']} served "
+            f"  {r['name']:<24} {r['requests']:>7} requests, {r['served']} served "
             f"({r['rps']:.1f}/s)  "
             f"p50 {r['p50']} ms  p99 {r['p99']} ms  errors {r['errors']}  "
-            f"RSS {r['rss_start']:.0f} -> peak {r['rss_peak']:.0f} MiB"
+            f"RSS {r['rss_start']:.0f} -> peak {r['rss_peak']:.0f} MiB  "
+            f"server CPU {r['cpu']:.2f} cores, {r['cpu_ms']:.2f} ms per answer"
         )
-    gateway_rps, bare_rps = float(results[0]["rps"]), float(results[-1]["rps"])  # type: ignore[arg-type]
-    print(f"  throughput ratio gateway / bare: {gateway_rps / bare_rps:.2f} (target >= 0.5)")
+    rps = {str(r["name"]): float(r["rps"]) for r in results}  # type: ignore[arg-type]
+    gateway_rps = rps["aura gateway"]
+    print(
+        f"  throughput ratio gateway / bare: {gateway_rps / rps['bare FastAPI+asyncpg']:.2f}"
+        f"  gateway / bare + publish: {gateway_rps / rps['bare + outbox + publish']:.2f}"
+        " (target >= 0.8)"
+    )
     if options.hostile:
-        hostile_rps = float(results[1]["rps"])  # type: ignore[arg-type]
+        hostile_rps = rps["aura gateway + hostile"]
         print(
             f"  throughput ratio with the hostile mix / without: "
             f"{hostile_rps / gateway_rps:.2f} (target >= 0.8)"

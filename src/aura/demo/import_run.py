@@ -27,6 +27,8 @@ from aura.demo.harness import cancelled_at_exit, metric_total
 from aura.demo.report import DemoReport, Tally, tally
 from aura.llm import LLMSimulator
 
+_MEMORY_POLL_S = 0.005  # the embedded broker's wait when it has nothing to give
+
 __all__ = ["ImportRun", "start_relay"]
 
 _SETTLE_LIMIT_S = 600.0
@@ -152,8 +154,17 @@ class ImportRun:
         # worker as root is about a deployed worker, not a one-minute demo.
         warnings.filterwarnings("ignore", category=SecurityWarning)
 
+        from aura.messaging.app import ASYNC_POOL
+
+        # kombu's in-memory transport sleeps polling_interval (1 s) whenever it finds
+        # nothing it may take, a full prefetch window included: the worker idled.
+        app.conf.broker_transport_options = {
+            **(app.conf.broker_transport_options or {}),
+            "polling_interval": _MEMORY_POLL_S,
+        }
         worker = app.Worker(
-            pool="solo",
+            pool=ASYNC_POOL,
+            concurrency=self.worker_concurrency,
             queues=["realtime_queue", "bulk_queue"],
             loglevel="WARNING",
             redirect_stdouts=False,

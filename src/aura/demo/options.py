@@ -88,7 +88,7 @@ class DemoOptions:
     products: int = 1200
     faults: str = "default"
     progress: Callable[[Tally, int], None] | None = None  # (counts, enrich dead letters)
-    concurrency: int = 50  # tasks in flight in the real services' async worker
+    concurrency: int = 50  # tasks in flight in the worker's async pool
     llm_latency: float | None = None  # seconds per LLM answer (real calls take 0.3-5 s)
 
     def __post_init__(self) -> None:

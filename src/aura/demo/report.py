@@ -98,7 +98,7 @@ class DemoReport:
     tenant_id: str
     log_path: str
     dead_letter_samples: list[dict[str, str]] = field(default_factory=list)
-    concurrency: int = 1  # tasks in flight in the worker (1: the embedded solo worker)
+    concurrency: int = 1  # tasks in flight in the worker (its async pool's slots)
     llm_latency_s: float = 0.0  # the simulator's added latency per answer
     # The worker process's CPU (user + system, its children too) from the import's start
     # to the report, per enriched product; None where it cannot be read (the embedded

@@ -2,8 +2,9 @@
 
 Embedded (no DATABASE_URL / REDIS_URL / CELERY_BROKER_URL): SQLite in a temporary
 folder, Celery's in-memory broker with a worker thread in this process, the in-process
-Redis stand-in, the LLM simulator on loopback. Real services (all three set): the same
-job with real async-pool worker processes (one per core, two at most).
+Redis stand-in, the LLM simulator on loopback; the worker thread runs the async pool,
+``--concurrency`` tasks in flight (50). Real services (all three set): the same job with
+real async-pool worker processes (one per core, two at most).
 
 Either way the demo shortens the LLM timeouts and the breaker's reset timeout (through
 the environment the worker reads, as a deployment would) so a run takes about a minute.
@@ -86,7 +87,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
                 worker_concurrency=options.concurrency,
             )
             report = asyncio.run(runner.run())
-            report.concurrency = options.concurrency if all(real) else 1
+            report.concurrency = options.concurrency
             report.llm_latency_s = profile.faults.latency
             return report
 

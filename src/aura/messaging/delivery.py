@@ -157,8 +157,11 @@ def tenant_finder(
     """How to find the ``tenant_id`` argument of a call (by keyword or by position), so
     each dead letter names its tenant and ``aura dlq ls --tenant`` finds it."""
     signature = inspect.signature(function)
+    named = "tenant_id" in signature.parameters
 
     def tenant_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        if not named and "tenant_id" not in kwargs:  # bound or not, no tenant: no binding
+            return None  # (twice per delivery, it was a visible share of the consumer's CPU)
         try:
             bound = signature.bind_partial(*((None,) if bind else ()), *args, **kwargs)
         except TypeError:  # arguments that do not fit the task (a poison pill, say)

@@ -53,14 +53,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import gc
 import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -77,14 +76,11 @@ _PRIORITY_MAX_WAIT = 5.0  # seconds a waiting task can be passed over
 
 
 class _Applied:
-    """What Celery keeps of an applied task (it only waits on it, if ever)."""
+    """What Celery keeps of an applied task: a weak reference it may never use. (Not a
+    concurrent future: its condition and chained callbacks were per-delivery work on
+    both threads, bench/RESULTS.md "Under a competing CPU load".)"""
 
-    def __init__(self, future: concurrent.futures.Future[Any]) -> None:
-        self.f = future
-        self.get = future.result
-
-    def wait(self, timeout: float | None = None) -> None:
-        concurrent.futures.wait([self.f], timeout)
+    __slots__ = ("__weakref__",)
 
 
 class AsyncPool(BasePool):  # type: ignore[misc]
@@ -101,7 +97,14 @@ class AsyncPool(BasePool):  # type: ignore[misc]
         self._runtime: ProcessRuntime | None = None
         self._slots: _Slots | None = None
         self._priority_queues: frozenset[str] = frozenset()
-        self._in_flight: set[concurrent.futures.Future[Any]] = set()
+        self._in_flight = 0  # applied and not finished; changed under _drained's lock
+        self._drained = threading.Condition()
+        # Applied on the consumer thread, started on the loop's: one wake-up of the loop
+        # for every burst of deliveries the consumer reads, not one per delivery.
+        self._pending: collections.deque[Callable[[], Coroutine[Any, Any, None]]]
+        self._pending = collections.deque()
+        self._wake_pending = False
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop's thread alone touches it
         self._max_tasks = 0
 
     def on_start(self) -> None:
@@ -127,7 +130,8 @@ class AsyncPool(BasePool):  # type: ignore[misc]
 
     def on_stop(self) -> None:
         """Drain: every task in flight finishes (or meets its hard limit) first."""
-        concurrent.futures.wait(list(self._in_flight), timeout=_DRAIN_LIMIT)
+        with self._drained:
+            self._drained.wait_for(lambda: self._in_flight <= 0, timeout=_DRAIN_LIMIT)
         if self._runtime is not None:
             self._runtime.stop_loop_thread()
 
@@ -163,15 +167,31 @@ class AsyncPool(BasePool):  # type: ignore[misc]
                     hard=hard,
                 )
 
-        future = asyncio.run_coroutine_threadsafe(run(), runtime.loop)
-        self._in_flight.add(future)
-        future.add_done_callback(self._finished)
-        return _Applied(future)
+        with self._drained:
+            self._in_flight += 1
+        self._pending.append(run)
+        if not self._wake_pending:  # the loop clears it before it starts what is pending
+            self._wake_pending = True
+            runtime.loop.call_soon_threadsafe(self._start_pending)
+        return _Applied()
 
-    def _finished(self, future: concurrent.futures.Future[Any]) -> None:
-        self._in_flight.discard(future)
-        if not future.cancelled() and (error := future.exception()) is not None:
+    def _start_pending(self) -> None:
+        """On the loop's thread: a task for every delivery applied since the last wake."""
+        self._wake_pending = False
+        loop, pending = asyncio.get_running_loop(), self._pending
+        while pending:
+            task = loop.create_task(pending.popleft()())
+            self._tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
             _log.error("a task's tracer failed", error=repr(error))
+        with self._drained:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self._drained.notify_all()
         with self._count_lock:
             self._done += 1
             due = self._max_tasks and self._done >= self._max_tasks
@@ -188,7 +208,7 @@ class AsyncPool(BasePool):  # type: ignore[misc]
 
     def _get_info(self) -> Any:
         info = super()._get_info()
-        info.update({"max-concurrency": self.limit, "in-flight": len(self._in_flight)})
+        info.update({"max-concurrency": self.limit, "in-flight": self._in_flight})
         return info
 
 
