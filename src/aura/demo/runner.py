@@ -7,7 +7,7 @@ Redis stand-in, the LLM simulator on loopback; the worker thread runs the async 
 real async-pool worker processes (one per core, two at most).
 
 Either way the demo shortens the LLM timeouts and the breaker's reset timeout (through
-the environment the worker reads, as a deployment would) so a run takes about a minute.
+the environment the worker reads, as a deployment would) so a run takes about 20 s.
 """
 
 from __future__ import annotations
