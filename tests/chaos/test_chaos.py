@@ -220,6 +220,22 @@ def _assert_met_its_fates(name: str, result: dict[str, Any], sent: int, context:
         assert details["import_records"] == {"done": sent}
         assert details["broker_dead_lettered"] == 0
         assert not _node_running(details["rabbitmq_node"])
+    if name in ("rabbitmq-node-kill", "redis-failover", "pg-failover"):
+        assert details["broker_dead_lettered"] == 0
+        assert details["worker_restarts"] == 0
+    if name == "rabbitmq-node-kill":  # the queues' leader killed, the gateway's node too
+        assert details["killed_node"]
+        assert details["publishing_stalled_s"] <= 10
+        assert details["throughput"]["recovered_after_s"] <= 10
+        assert details["throughput"]["enriched_after_fault"] > 0
+    if name == "redis-failover":  # a new master named, the old primary back as a replica
+        assert details["kill_to_new_master_s"] > 0
+        assert details["old_primary_role"] == "slave"
+        assert details["throughput_recovered_after_s"] <= 10
+    if name == "pg-failover":  # crashed, promoted, committing on the new primary
+        assert details["replication"] == "synchronous"
+        assert details["crash_to_first_commit_s"] >= 0
+        assert details["throughput_recovered_after_s"] <= 10
     if name == "clock-skew":  # the issue's bounds: 10 s after recovery, trials apart
         assert metrics["breaker_opens"] >= 1
         assert all(details["deferrals_by_worker"]), details
