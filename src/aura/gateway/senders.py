@@ -185,7 +185,6 @@ class AmqpSender:
         return _connection_blocked(self._connection)
 
     async def _ready(self) -> aio_pika.abc.AbstractExchange:
-
         async with self._lock:  # one connect at a time; no publish is awaited under it
             if self._exchange is not None and self._channel and not self._channel.is_closed:
                 return self._exchange
