@@ -17,6 +17,8 @@ from prometheus_client import REGISTRY
 from aura.worker.process import start_worker_process, stop_worker_process
 
 if TYPE_CHECKING:
+    import uuid
+
     from aura.db import Database
 
 
@@ -127,3 +129,16 @@ async def forget_held_rows(database: Database) -> int:
         )
         await session.commit()
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def outbox_rows(database: Database, tenant: uuid.UUID) -> int:
+    """The tenant's rows in the outbox (held, staged or being published)."""
+    from sqlalchemy import func, select
+
+    from aura.db import OutboxMessage
+
+    async with database.session() as session:
+        left = await session.scalar(
+            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.tenant_id == tenant)
+        )
+    return int(left or 0)

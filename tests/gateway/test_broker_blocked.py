@@ -20,17 +20,16 @@ from collections.abc import Iterator, Sequence
 import aio_pika
 import httpx
 import pytest
-from sqlalchemy import func, select
 
 from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import Settings
 from aura.contract import BULK_QUEUE, ENRICH_TASK, REALTIME_QUEUE
-from aura.db import Claim, Database, OutboxMessage, Staged, stage_messages
+from aura.db import Claim, Database, Staged, stage_messages
 from aura.gateway import create_tenant_with_key
 from aura.gateway.outbox import OutboxPublisher, relay_once, staging_lease
 from aura.gateway.senders import AmqpSender, BrokerBlockedError
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import running_gateway, wait_until
+from tests.helpers import outbox_rows, running_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 ANSWER_BOUND = 10.0  # seconds: generous; a write under the alarm used to take 30+
@@ -115,14 +114,6 @@ async def staged(database: Database, tenant: uuid.UUID, count: int) -> tuple[lis
     return messages, claim
 
 
-async def outbox_left(database: Database, tenant: uuid.UUID) -> int:
-    async with database.session() as session:
-        left = await session.scalar(
-            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.tenant_id == tenant)
-        )
-    return int(left or 0)
-
-
 async def test_what_is_staged_under_the_alarm_is_answered_at_once_and_relayed_after(
     rabbit: PrivateRabbitMQ, pg_database: Database
 ) -> None:
@@ -142,13 +133,13 @@ async def test_what_is_staged_under_the_alarm_is_answered_at_once_and_relayed_af
             await publisher.publish(refused, claim, origin="test")
             assert time.monotonic() - started < ANSWER_BOUND
             assert await relay_once(pg_database, sender, min_age=0) == 0  # nothing goes out
-            assert await outbox_left(pg_database, tenant) == 5  # and nothing is lost
+            assert await outbox_rows(pg_database, tenant) == 5  # and nothing is lost
         finally:
             rabbit.unblock_publishers()
 
         async def all_published() -> bool:
             await relay_once(pg_database, sender, min_age=0)
-            return await outbox_left(pg_database, tenant) == 0
+            return await outbox_rows(pg_database, tenant) == 0
 
         await wait_until(all_published, within=30, interval=0.2)
     finally:
@@ -298,7 +289,7 @@ async def test_a_blocked_broker_refuses_new_writes_and_loses_none_it_accepted(
         await wait_until(ready, within=30, interval=0.2)
 
     async def outbox_empty() -> bool:
-        return await outbox_left(pg_database, tenant) == 0
+        return await outbox_rows(pg_database, tenant) == 0
 
     await wait_until(outbox_empty, within=60, interval=0.2)  # all published, confirmed
     on_queue = collections.Counter(

@@ -16,18 +16,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
-from sqlalchemy import func, select
 
 from aura.chaos.broker_node import PrivateRabbitMQ
 from aura.config import Settings
 from aura.contract import PLATFORM_QUEUES, REALTIME_QUEUE
-from aura.db import Database, OutboxMessage, Staged
+from aura.db import Database, Staged
 from aura.errors import ConfigurationError
 from aura.gateway import Gateway, create_tenant_with_key
 from aura.gateway.senders import AmqpSender, broker_urls
 from aura.messaging.topology import work_queues
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import running_gateway, wait_until
+from tests.helpers import outbox_rows, running_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 REFUSES = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens on port 1
@@ -126,14 +125,6 @@ def doomed() -> Iterator[PrivateRabbitMQ]:
         yield node
     finally:
         node.stop()
-
-
-async def outbox_rows(database: Database, tenant: uuid.UUID) -> int:
-    async with database.session() as session:
-        left = await session.scalar(
-            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.tenant_id == tenant)
-        )
-    return int(left or 0)
 
 
 async def test_the_gateway_keeps_publishing_through_a_node_loss(

@@ -31,19 +31,23 @@ def test_the_guarded_consumer_runs_the_failover_step() -> None:
     assert not any(step.endswith(":DelayedDelivery") for step in steps)
 
 
-def test_the_set_up_goes_to_the_consumers_own_node_once(
-    amqp_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    app = Celery("failover-own", broker=f"{REFUSES};{amqp_url}")
-    configure(app, queues=["failover_own_q"], make_default=False)
-    tried: list[str] = []
+@pytest.fixture
+def tried(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs the step sets delayed delivery up on, in order (it still does)."""
+    urls: list[str] = []
     real = FailoverDelayedDelivery._setup_delayed_delivery
 
     def recording(self: Any, c: Any, url: str) -> None:
-        tried.append(url)
+        urls.append(url)
         real(self, c, url)
 
     monkeypatch.setattr(FailoverDelayedDelivery, "_setup_delayed_delivery", recording)
+    return urls
+
+
+def test_the_set_up_goes_to_the_consumers_own_node_once(amqp_url: str, tried: list[str]) -> None:
+    app = Celery("failover-own", broker=f"{REFUSES};{amqp_url}")
+    configure(app, queues=["failover_own_q"], make_default=False)
     with Connection(amqp_url) as connection:
         connection.ensure_connection(max_retries=1)
         for queue in app.amqp.queues.values():  # as the worker's Tasks step does first
@@ -57,18 +61,10 @@ def test_the_set_up_goes_to_the_consumers_own_node_once(
 
 
 def test_a_dead_consumer_node_falls_back_to_the_list_each_once(
-    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+    amqp_url: str, tried: list[str]
 ) -> None:
     app = Celery("failover-list", broker=f"{REFUSES};{amqp_url}")
     configure(app, queues=["failover_list_q"], make_default=False)
-    tried: list[str] = []
-    real = FailoverDelayedDelivery._setup_delayed_delivery
-
-    def recording(self: Any, c: Any, url: str) -> None:
-        tried.append(url)
-        real(self, c, url)
-
-    monkeypatch.setattr(FailoverDelayedDelivery, "_setup_delayed_delivery", recording)
     stale = Connection(REFUSES)  # the node it was on went away
     step = FailoverDelayedDelivery(consumer_on(app, stale))
     step.start(consumer_on(app, stale))  # never raises: the worker consumes on

@@ -50,6 +50,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from aura.chaos.broker_cluster import PrivateRabbitMQCluster
 from aura.chaos.broker_node import PrivateRabbitMQ, free_port
 from aura.errors import ConfigurationError
+from aura.messaging.topology import broker_nodes
 
 __all__ = ["OwnedStack", "PrivateRedis", "owned_stack", "run_tool"]
 
@@ -205,7 +206,7 @@ def _private_broker(kind: bool | str) -> PrivateRabbitMQ | PrivateRabbitMQCluste
 def _in_vhost(broker_url: str, vhost: str) -> str:
     """``broker_url`` (one URL, or kombu's ``;``-separated failover list) in ``vhost``."""
     path = f"/{quote(vhost, safe='')}"
-    return ";".join(_with_path(url.strip(), path) for url in broker_url.split(";"))
+    return ";".join(_with_path(url, path) for url in broker_nodes(broker_url))
 
 
 @contextlib.asynccontextmanager
@@ -226,7 +227,7 @@ async def owned_stack(
     token = token or secrets.token_hex(4)
     configured_db = urlsplit(database_url).path.lstrip("/") or "aura"
     database = _owned_name(configured_db, token)
-    configured_vhost, user = _broker_parts(broker_url.split(";")[0])
+    configured_vhost, user = _broker_parts(broker_nodes(broker_url)[0])
     vhost = _owned_name("aura" if configured_vhost == "/" else configured_vhost, token)
     redis = _private_redis(scratch, own_redis)
     node = _private_broker(own_broker)

@@ -110,7 +110,9 @@ def connect_broker(url: str, timeout: float = CONNECT_TIMEOUT, **options: object
     node that answered first) for kombu's own failover. The caller closes it."""
     from kombu.connection import Connection
 
-    nodes = [node.strip() for node in url.split(";") if node.strip()] or [url]
+    from aura.messaging.topology import broker_nodes
+
+    nodes = broker_nodes(url) or [url]
     failure: BaseException | None = None
     for index in range(len(nodes)):
         listed = ";".join(nodes[index:] + nodes[:index])

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from kombu.connection import Connection
 
 from aura.config import Settings
+from aura.messaging.topology import broker_nodes
 from aura.redis_connect import async_redis
 
 __all__ = ["ADVISORY_CHECKS", "ReadinessProbe", "default_checks"]
@@ -44,9 +45,8 @@ def default_checks(settings: Settings) -> dict[str, Callable[[], Awaitable[None]
         def connect() -> None:
             """Any node of the list answers (kombu, given the whole list and no retry,
             tries only its first node: two dead nodes of three read as down)."""
-            nodes = [node.strip() for node in broker_url.split(";") if node.strip()]
             failure: BaseException = ConnectionError("no broker node")
-            for node in nodes or [broker_url]:
+            for node in broker_nodes(broker_url) or [broker_url]:
                 try:
                     with Connection(node, connect_timeout=_TIMEOUT) as connection:
                         connection.ensure_connection(max_retries=0)

@@ -40,7 +40,7 @@ from aura.contract import PLATFORM_QUEUES
 from aura.db import Staged
 from aura.errors import ConfigurationError, ServiceUnavailableError
 from aura.messaging.delivery import TENANT_HEADER
-from aura.messaging.topology import WORK_EXCHANGE, work_queues
+from aura.messaging.topology import WORK_EXCHANGE, broker_nodes, work_queues
 
 if TYPE_CHECKING:
     import aio_pika
@@ -340,8 +340,7 @@ def broker_urls(configured: object) -> list[str]:
     """A kombu broker URL (one, a ``;``-separated failover list, or a list of URLs) as
     the aio-pika URLs of its nodes, in order (``pyamqp://`` is plain AMQP; kombu's
     default vhost ``/`` is the path ``//``). Raises ConfigurationError on an empty one."""
-    listed = configured if isinstance(configured, list | tuple) else str(configured).split(";")
-    urls = [str(url).strip() for url in listed if str(url).strip()]
+    urls = broker_nodes(configured)
     if not urls:
         raise ConfigurationError("the broker URL names no node")
     return [

@@ -24,6 +24,8 @@ import structlog
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from kombu.utils.url import maybe_sanitize_url
 
+from aura.messaging.topology import broker_nodes
+
 __all__ = ["FailoverDelayedDelivery", "failover_consumer_steps"]
 
 _log = structlog.get_logger("aura.messaging.delayed_delivery")
@@ -56,9 +58,7 @@ class FailoverDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
 
 def _nodes_in_order(c: Any) -> list[str]:
     """The consumer's own node first, then the rest of the broker list, each once."""
-    configured = c.app.conf.broker_url
-    listed = configured if isinstance(configured, list | tuple) else str(configured).split(";")
-    urls = [str(url).strip() for url in listed if str(url).strip()]
+    urls = broker_nodes(c.app.conf.broker_url)
     connection = getattr(c, "connection", None)
     if connection is not None:
         try:

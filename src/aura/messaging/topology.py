@@ -26,6 +26,7 @@ __all__ = [
     "DEAD_LETTER_EXCHANGE",
     "DEAD_LETTER_QUEUE",
     "WORK_EXCHANGE",
+    "broker_nodes",
     "dead_letter_queue",
     "work_queues",
 ]
@@ -63,3 +64,10 @@ def work_queues(names: Sequence[str], delivery_limit: int = BROKER_DELIVERY_LIMI
         Queue(name, WORK_EXCHANGE, routing_key=name, durable=True, queue_arguments=arguments)
         for name in names
     ]
+
+
+def broker_nodes(configured: object) -> list[str]:
+    """The nodes of a broker URL as kombu takes it (one URL, a ``;``-separated failover
+    list, or a list of URLs), in order, blanks dropped."""
+    listed = configured if isinstance(configured, list | tuple) else str(configured).split(";")
+    return [str(url).strip() for url in listed if str(url).strip()]
