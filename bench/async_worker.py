@@ -9,12 +9,16 @@ PostgreSQL row per record (``bench/bench_async_tasks.py``, ``bench/bare_worker.p
 
     aura c=100          one process, AsyncPool, 100 in flight, every guarantee on
                         (inbox lookup and claim, breaker, deadline, retries, DLQ)
+    aura 2x50 c=100     the same 100 in flight as two processes x 50 (one per core)
     celery threads c=100  one process, Celery's threads pool, sync httpx + psycopg
     bare c=100          one process, aio-pika + aiohttp + asyncpg, no guarantee
     aura c=500          two processes x 250 in flight (this machine has 2 cores)
     bare c=500          one process, 500 in flight
+    aura c=1000         two processes x 500 in flight
+    bare c=1000         one process, 1,000 in flight
 
-Every kind runs at each latency (c=500 kinds at the first only), ``--rounds`` times,
+Every kind runs at each latency (c=500 and c=1000 kinds at the first only; ``--kinds``
+picks labels, or a first or last word of them: ``aura``, ``c=100``), ``--rounds`` times,
 interleaved; the median round is reported. Each round publishes ``--seconds`` x the
 limit's records (in flight / L per second) and is timed from the first publish until that
 many rows exist; CPU is the worker's process tree (user + system, from /proc) over the
@@ -447,11 +451,21 @@ def _simulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
 
 KINDS = [  # label, pool, processes, concurrency per process, task, every latency
     ("aura c=100", "async", 1, 100, "bench.aura_job", True),
+    ("aura 2x50 c=100", "async", 2, 50, "bench.aura_job", True),
     ("celery threads c=100", "threads", 1, 100, "bench.plain_job", True),
     ("bare c=100", "bare", 1, 100, "bench.aura_job", True),
     ("aura c=500", "async", 2, 250, "bench.aura_job", False),
     ("bare c=500", "bare", 1, 500, "bench.aura_job", False),
+    ("aura c=1000", "async", 2, 500, "bench.aura_job", False),
+    ("bare c=1000", "bare", 1, 1000, "bench.aura_job", False),
 ]
+
+
+def _wanted(label: str, words: list[str]) -> bool:
+    """A kind is picked by its label, or a first or last word of it ("aura", "c=100")."""
+    return not words or any(
+        label == w or label.startswith(w + " ") or label.endswith(" " + w) for w in words
+    )
 
 
 def main() -> None:
@@ -471,7 +485,7 @@ def main() -> None:
     Profiler.flags = ("--idle", "--threads") if args.idle else ("--gil",)
     latencies = [float(v) for v in args.latencies.split(",")]
     wanted = [w for w in args.kinds.split(",") if w]
-    kinds = [k for k in KINDS if not wanted or any(w in k[0] for w in wanted)]
+    kinds = [k for k in KINDS if _wanted(k[0], wanted)]
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
     print(f"competing load: {args.burn} CPU-burning process(es) per round, nice {os.nice(0)}")
 
@@ -573,13 +587,14 @@ def _report(
         print(f"L={latency:g} {label:21} {rate:7.1f} records/s {100 * share:5.1f} %  {cpu:5.2f} ms")
     print("--- ratios (records/s, same run)")
     for latency in latencies:
-        aura = median("aura c=100", latency, "records_per_s")
-        for other in ("celery threads c=100", "bare c=100"):
-            base = median(other, latency, "records_per_s")
-            if aura and base:
-                print(f"L={latency:g} aura c=100 / {other}: {aura / base:.2f}")
+        for mine in ("aura c=100", "aura 2x50 c=100"):
+            aura = median(mine, latency, "records_per_s")
+            for other in ("celery threads c=100", "bare c=100"):
+                base = median(other, latency, "records_per_s")
+                if aura and base:
+                    print(f"L={latency:g} {mine} / {other}: {aura / base:.2f}")
     latency = latencies[0]
-    for label in ("aura c=500", "bare c=500"):
+    for label in ("aura c=500", "bare c=500", "aura c=1000", "bare c=1000"):
         share = median(label, latency, "share_of_limit")
         if share is not None:
             print(f"L={latency:g} {label}: {100 * share:.1f} % of the limit")
