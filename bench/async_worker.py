@@ -9,6 +9,8 @@ PostgreSQL row per record (``bench/bench_async_tasks.py``, ``bench/bare_worker.p
 
     aura c=100          one process, AsyncPool, 100 in flight, every guarantee on
                         (inbox lookup and claim, breaker, deadline, retries, DLQ)
+    aura traced c=100   the same with tracing on (aura.tracing): every span exported
+                        over OTLP/HTTP (batched, as deployed) to a sink here that drops it
     aura 2x50 c=100     the same 100 in flight as two processes x 50 (one per core)
     celery threads c=100  one process, Celery's threads pool, sync httpx + psycopg
     bare c=100          one process, aio-pika + aiohttp + asyncpg, no guarantee
@@ -44,9 +46,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -451,6 +455,7 @@ def _simulator(latency: float) -> tuple[subprocess.Popen[bytes], str]:
 
 KINDS = [  # label, pool, processes, concurrency per process, task, every latency
     ("aura c=100", "async", 1, 100, "bench.aura_job", True),
+    ("aura traced c=100", "async", 1, 100, "bench.aura_job", True),
     ("aura 2x50 c=100", "async", 2, 50, "bench.aura_job", True),
     ("celery threads c=100", "threads", 1, 100, "bench.plain_job", True),
     ("bare c=100", "bare", 1, 100, "bench.aura_job", True),
@@ -459,6 +464,31 @@ KINDS = [  # label, pool, processes, concurrency per process, task, every latenc
     ("aura c=1000", "async", 2, 500, "bench.aura_job", False),
     ("bare c=1000", "bare", 1, 1000, "bench.aura_job", False),
 ]
+
+
+def _kind_env(label: str, sink: str) -> dict[str, str]:
+    """What a kind adds to the workers' environment: tracing on, to ``sink``, for a traced one."""
+    if "traced" not in label.split():
+        return {}
+    return {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink, "OTEL_SERVICE_NAME": "bench-worker"}
+
+
+def _trace_sink() -> tuple[ThreadingHTTPServer, str]:
+    """An OTLP/HTTP endpoint that answers every export 200 and keeps nothing."""
+
+    class Drop(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            return
+
+    server = ThreadingHTTPServer((HOST, 0), Drop)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://{HOST}:{server.server_address[1]}/v1/traces"
 
 
 def _wanted(label: str, words: list[str]) -> bool:
@@ -495,8 +525,13 @@ def main() -> None:
     asyncio.run(_setup_database())
     redis.Redis.from_url(REDIS_URL).flushdb()
     simulators = {latency: _simulator(latency) for latency in latencies}
+    sink, sink_url = _trace_sink()
     base_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "DB_", "LLM_"))},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CELERY_", "DB_", "LLM_", "OTEL_"))
+        },
         "CELERY_BROKER_URL": AMQP_URL,
         "REDIS_URL": REDIS_URL,
         "DATABASE_URL": f"postgresql+asyncpg://postgres@{HOST}:5432/{DATABASE}",
@@ -528,7 +563,8 @@ def main() -> None:
     try:
         for number in range(args.rounds):
             for (label, pool, processes, concurrency, task, _), latency in plan:
-                env = {**base_env, "LLM_BASE_URL": simulators[latency][1]}
+                env = {**base_env, **_kind_env(label, sink_url)}
+                env["LLM_BASE_URL"] = simulators[latency][1]
                 workers = Workers(pool, processes, concurrency, env)
                 try:
                     _warm(app, task)
@@ -564,6 +600,7 @@ def main() -> None:
         for process, _ in simulators.values():
             process.terminate()
             process.wait(10)
+        sink.shutdown()
         _rabbitmqctl("delete_vhost", VHOST)
         asyncio.run(_drop_database())
     _report(results, latencies)

@@ -30,4 +30,4 @@ fi
 exec "$python" -W error -m pdoc --docformat markdown -o "$out" \
     aura aura.config aura.errors aura.events aura.logs aura.metrics aura.message_id \
     aura.contract aura.catalog aura.db aura.db.tables aura.llm aura.messaging \
-    aura.messaging.app aura.messaging.topology
+    aura.messaging.app aura.messaging.topology aura.tracing

@@ -46,6 +46,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 __all__ = [
     "MAX_LOG_FIELD",
     "MAX_LOG_ITEMS",
+    "add_processor",
     "bounded_text",
     "configure_logging",
     "describe_exception",
@@ -82,6 +83,10 @@ _MAX_LOG_NODES = 2000  # values per event in all: 100 per level over 8 levels is
 _secrets: set[str] = set()
 _configured = False
 _configure_lock = threading.Lock()
+# The processor lists in use (structlog's own and the one for the standard library's
+# records), changed in place by ``add_processor``: cached loggers hold these very lists.
+_chains: list[list[Processor]] = []
+_added: list[Processor] = []
 
 
 def register_secret(value: str) -> None:
@@ -242,6 +247,18 @@ def _stringify_exception(_: WrappedLogger, __: str, event_dict: EventDict) -> Ev
     return event_dict
 
 
+def add_processor(processor: Processor) -> None:
+    """Run ``processor`` on every event from now on, right after the bound context is
+    merged (before bounding and redaction), whether logging is configured yet or not;
+    once however often it is added (``aura.tracing``'s trace ids, when tracing is on)."""
+    with _configure_lock:
+        if processor in _added:
+            return
+        _added.append(processor)
+        for chain in _chains:
+            chain.insert(chain.index(structlog.contextvars.merge_contextvars) + 1, processor)
+
+
 def logging_configured() -> bool:
     """Whether ``configure_logging`` has run in this process."""
     return _configured
@@ -270,6 +287,7 @@ def configure_logging(
             return
         shared: list[Processor] = [
             structlog.contextvars.merge_contextvars,
+            *_added,
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -296,6 +314,7 @@ def configure_logging(
             wrapper_class=structlog.stdlib.BoundLogger,
             cache_logger_on_first_use=cache,
         )
+        _chains[:] = [structlog.get_config()["processors"], shared]
         handler = logging.StreamHandler(out)
         handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(

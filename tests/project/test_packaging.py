@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "aura"
-EXTRAS = ["fastapi", "starlette", "uvicorn", "fakeredis", "aiosqlite"]
+EXTRAS = ["fastapi", "starlette", "uvicorn", "fakeredis", "aiosqlite", "opentelemetry"]
 CORE = [
     "aura",
     "aura.config",
@@ -19,6 +19,7 @@ CORE = [
     "aura.events",
     "aura.logs",
     "aura.metrics",
+    "aura.tracing",
     "aura.catalog",
     "aura.db",
     "aura.db.tables",
@@ -79,10 +80,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "redis_errors",
         "tenancy",
         "tenant_labels",
+        "tracing",
     ),
     "patterns": ("db", "llm", "messaging"),
     "platform": ("catalog", "gateway", "worker"),
-    "tools": ("chaos", "cli", "demo"),
+    "tools": ("chaos", "cli", "demo", "timeline"),
 }
 ENTRY_POINTS = ("aura", "aura.__main__")  # above every layer; the package is importable by all
 _RANK = {top: rank for rank, tops in enumerate(LAYERS.values()) for top in tops}

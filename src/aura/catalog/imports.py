@@ -145,8 +145,8 @@ _WITH_MESSAGES = """
         FROM unnest($5::text[]) WITH ORDINALITY AS r(message_id, position)
     )
     INSERT INTO outbox (message_id, tenant_id, task, queue, args, kwargs, created_at,
-                        claimed_by, claimed_until)
-    SELECT o.message_id, $2, $6, $7, o.args, $8::json, $4, $9, $10
+                        claimed_by, claimed_until, traceparent)
+    SELECT o.message_id, $2, $6, $7, o.args, $8::json, $4, $9, $10, $12
     FROM unnest($5::text[], $11::json[]) AS o(message_id, args)
 """
 
@@ -187,6 +187,7 @@ async def create_import_with_messages(
             claim.owner,
             claim.until,
             [json.dumps(m.args) for m in messages],
+            first.traceparent,  # one request staged them all
         )
     except asyncpg.ForeignKeyViolationError as exc:  # a new import's only reference
         raise NotFoundError(f"unknown tenant {tenant_id}", field="tenant_id") from exc

@@ -182,12 +182,12 @@ _WITH_MESSAGE = """
         VALUES ($1, $2, $3, $4, $5, $6, $7)
     ), message AS (
         INSERT INTO outbox (message_id, tenant_id, task, queue, args, kwargs, created_at,
-                            claimed_by, claimed_until)
-        VALUES ($8, $2, $9, $10, $11::json, $12::json, $7, $13, $14)
+                            claimed_by, claimed_until, traceparent)
+        VALUES ($8, $2, $9, $10, $11::json, $12::json, $7, $13, $14, $15)
     )
     INSERT INTO variants (id, tenant_id, product_id, sku, price, currency, attributes)
     SELECT v.id, $2, $1, v.sku, v.price, v.currency, v.attributes
-    FROM unnest($15::uuid[], $16::text[], $17::numeric[], $18::text[], $19::json[])
+    FROM unnest($16::uuid[], $17::text[], $18::numeric[], $19::text[], $20::json[])
         AS v(id, sku, price, currency, attributes)
 """
 _WRITE = "create_product_with_message"
@@ -231,6 +231,7 @@ async def create_product_with_message(
         json.dumps(staged.kwargs),
         claim.owner,
         claim.until,
+        staged.traceparent,
         *variant_arrays(data.variants),
     )
     await write_product_atomically(database, _WRITE, _WITH_MESSAGE, arguments, tenant_id, data)

@@ -1,7 +1,11 @@
 """Steps 5 and 6 of a chaos run (``aura.chaos.run``): the fault window, opened once the
 worker consumes, then the drain, until every fate is written and the broker holds
 nothing either, twice; bounded by progress (``stall_s`` with nothing moving fails the
-run) and by a last ceiling."""
+run) and by a last ceiling.
+
+The fault window goes into the run's timeline (``run.recorder``): from the moment
+``fault`` starts to the moment ``heal`` returns, labelled with the scenario's name and
+summary (a scenario marks finer windows inside it itself)."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Drain:
         self.signature: tuple[int, ...] | None = None
         self.fault: asyncio.Task[None] | None = None
         self.healed = False
+        self.opened_s = 0.0  # the fault window's start, on the run's timeline
         self.letters: list[DeadLetter] = []
         self.letters_read = float("-inf")
         self.empty_reads, self.last_queued = 0, -1
@@ -71,6 +76,12 @@ class Drain:
                 await fault
         if fault is not None and not self.healed:
             await self.scenario.heal()
+            self._close_window()
+
+    def _close_window(self) -> None:
+        run = self.scenario
+        label = f"{run.name}: {run.summary}"
+        run.recorder.add_window(label, self.opened_s, run.recorder.elapsed(), "fault")
 
     async def _look(self, now: float) -> Tally | None:
         """The counts, and the letters every few seconds (at every look once nothing is
@@ -98,6 +109,7 @@ class Drain:
         if self.fault is None and counts.done + counts.dead_lettered + len(letters) > 0:
             # The worker consumes: only now does the fault window open.
             run.details["fault_started_after_s"] = round(now - self.begun, 2)
+            self.opened_s = run.recorder.elapsed()
             self.fault = asyncio.create_task(run.fault())
         imports = len(run.import_ids)
         await run.on_tick(counts)
@@ -105,6 +117,7 @@ class Drain:
             self.fault.result()  # a fault that could not be injected fails the run
             await run.heal()
             self.healed = True
+            self._close_window()
         enrich_dead = sum(1 for x in letters if x.task == ENRICH_TASK)
         if not (self.healed and run.settled(counts, enrich_dead, imports, letters)):
             return False

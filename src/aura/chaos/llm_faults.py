@@ -50,8 +50,9 @@ class Outage(ChaosRun):
     outage_s = 8.0  # 4 x CIRCUIT_BREAKER_RESET_TIMEOUT
 
     async def fault(self) -> None:
-        self.simulator.start_outage(self.outage_s)
-        await asyncio.sleep(self.outage_s)
+        with self.recorder.window(f"LLM outage ({self.outage_s:g} s)"):
+            self.simulator.start_outage(self.outage_s)
+            await asyncio.sleep(self.outage_s)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
         failures = all_committed(accounting, self.records)

@@ -47,8 +47,10 @@ class WorkerKills(ChaosRun):
             children = _children(self.worker_pid)
             if children:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.rng.choice(children), signal.SIGKILL)
+                    victim = self.rng.choice(children)
+                    os.kill(victim, signal.SIGKILL)
                     self.details["processes_killed"] += 1
+                    self.recorder.mark(f"SIGKILL pool process {victim}")
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
         failures = all_committed(accounting, self.records)

@@ -51,6 +51,7 @@ from aura.demo.report import Tally, percentile, tally
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetter, DeadLetterQueue
 from aura.messaging.topology import DEAD_LETTER_QUEUE
+from aura.timeline import Source, metric_source, probe_source
 
 __all__ = ["ChaosRun"]
 
@@ -249,6 +250,7 @@ class ChaosRun(ImportRun):
             relay_publisher = sender
         self._start_workers()
         started = time.monotonic()
+        self.recorder.begin(self.timeline_sources)
         relay = start_relay(relay_database, relay_publisher, self.settings)
         gateway = Gateway(
             database,
@@ -263,6 +265,7 @@ class ChaosRun(ImportRun):
                 await self.post_import(self.first_records())
                 await Drain(self, database).run()
         finally:
+            self.recorder.finish()
             relay.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await relay
@@ -335,6 +338,7 @@ class ChaosRun(ImportRun):
         assert self.supervisor is not None
         async with database.session() as session:
             counts = await tally(session, self.tenant_id, self.import_ids, latencies=True)
+            await self.recorder.read_records(session, self.tenant_id, self.import_ids)
         latencies = sorted(counts.latencies_s)
         self.details["records_per_s"] = round(counts.enriched / elapsed, 1) if elapsed else 0.0
         self.details["latency_p50_s"] = round(percentile(latencies, 50), 3)
@@ -364,12 +368,21 @@ class ChaosRun(ImportRun):
                 limit=100_000, raw=True
             )
 
-    def _metrics(self) -> dict[str, int]:
+    def _registry(self) -> CollectorRegistry:
+        """Every launch's metric files (``metric_dirs``) as one registry."""
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        for directory in self.metric_dirs:
+        for directory in list(self.metric_dirs):  # a supervisor's thread may append
             MultiProcessCollector(registry, path=str(directory))
+        return registry
+
+    def timeline_sources(self) -> list[Source]:
+        """The workers' metrics and the run's queues (passive declares), every second."""
+        return [metric_source(self._registry), probe_source(self.stack.broker_url, self.publisher)]
+
+    def _metrics(self) -> dict[str, int]:
+        registry = self._registry()
         wanted = {
             "retries": ("aura_task_retries_total", {"kind": "retry"}),
             "deferrals": ("aura_task_retries_total", {"kind": "deferral"}),

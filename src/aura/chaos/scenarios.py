@@ -24,7 +24,8 @@ Everything a scenario breaks is the run's own (``aura.chaos.resources``): its da
 its vhost, its ``redis-server``; the high-availability scenarios start whole clusters of
 their own (three RabbitMQ nodes, a Sentinel group, a primary and a replica). Times are
 scaled through Settings (the environment the worker reads), never by patching code.
-``seed`` makes a run's choices repeatable.
+``seed`` makes a run's choices repeatable. With ``report``, the run samples itself and
+writes its timeline (``aura.timeline``) there: ``<name>.html`` beside ``<name>.json``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ from aura.config import get_settings
 from aura.demo.harness import environment, logs_to
 from aura.errors import ConfigurationError, InvalidInputError
 from aura.llm import LLMSimulator
+from aura.timeline import write_report
+from aura.timeline.series import table_rows
 
 __all__ = [
     "MALFORMED_RECORDS",
@@ -148,11 +151,13 @@ def run_scenario(
     seed: int | None = None,
     llm_latency: float | None = None,
     concurrency: int | None = None,
+    report: Path | None = None,
 ) -> ChaosResult:
     """Run one scenario on its own stack, made on the servers DATABASE_URL and
     CELERY_BROKER_URL name (a private redis-server stands for Redis). ``llm_latency``
     replaces the scenario's simulated LLM latency; ``concurrency`` its worker's tasks in
-    flight (async pool) or processes (prefork)."""
+    flight (async pool) or processes (prefork); ``report``: a directory for its
+    timeline report."""
     if isinstance(name, str) and name not in SCENARIOS:
         raise InvalidInputError(
             f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}", field="name"
@@ -185,7 +190,17 @@ def run_scenario(
         LLMSimulator(faults, seed=seed).running_in_thread() as simulator,
     ):
         return asyncio.run(
-            _run(scenario, records, simulator, Path(scratch), log_path, seed, settings, concurrency)
+            _run(
+                scenario,
+                records,
+                simulator,
+                Path(scratch),
+                log_path,
+                seed,
+                settings,
+                concurrency,
+                report,
+            )
         )
 
 
@@ -198,6 +213,7 @@ async def _run(
     seed: int,
     settings: Any,
     concurrency: int | None,
+    report: Path | None = None,
 ) -> ChaosResult:
     (scratch / "redis").mkdir()
     async with owned_stack(
@@ -220,11 +236,12 @@ async def _run(
             run = scenario(
                 records, simulator, scratch, log_path, stack, seed, concurrency=concurrency
             )
+            run.recorder.enabled = report is not None
             accounting, metrics = await run.run_and_count()
             failures = [f"drain: {run.details['drain']}"] if "drain" in run.details else []
             failures += accounting.failures() + run.expect(accounting, metrics)
     run.details["database"], run.details["vhost"] = stack.database, stack.vhost
-    return ChaosResult(
+    result = ChaosResult(
         scenario=scenario.name,
         passed=not failures,
         seed=seed,
@@ -234,3 +251,15 @@ async def _run(
         failures=failures,
         details=run.details,
     )
+    if report is not None:
+        rows = {"sent": result.sent, **result.accounting, **result.metrics, **result.details}
+        timeline = run.recorder.timeline(
+            scenario.name,
+            summary=scenario.summary,
+            seed=seed,
+            passed=result.passed,
+            table=table_rows(rows),
+            failures=failures,
+        )
+        write_report(report, timeline)
+    return result

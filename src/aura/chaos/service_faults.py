@@ -79,7 +79,8 @@ class RedisRestart(ChaosRun):
 
     async def fault(self) -> None:
         started = time.monotonic()
-        await asyncio.to_thread(self.stack.redis.restart, 1.0)
+        with self.recorder.window("Redis killed, restarted empty"):
+            await asyncio.to_thread(self.stack.redis.restart, 1.0)
         self.details["redis_down_s"] = round(time.monotonic() - started, 2)
 
 
@@ -93,9 +94,10 @@ class RedisDown(ChaosRun):
     down_s = 8.0
 
     async def fault(self) -> None:
-        await asyncio.to_thread(self.stack.redis.stop)
-        self.details["redis_down_s"] = self.down_s
-        await asyncio.sleep(self.down_s)
+        with self.recorder.window(f"Redis down ({self.down_s:g} s)"):
+            await asyncio.to_thread(self.stack.redis.stop)
+            self.details["redis_down_s"] = self.down_s
+            await asyncio.sleep(self.down_s)
 
     async def heal(self) -> None:
         if not self.stack.redis.answers():

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,9 @@ def chaos_command(
     concurrency: int = typer.Option(
         0, help="Worker tasks in flight (async pool) or processes (prefork); 0: default."
     ),
+    report: str = typer.Option(
+        "", "--report", metavar="DIR", help="Write an HTML timeline per scenario and an index."
+    ),
 ) -> None:
     """Each scenario: a bounded load with one real fault on the run's own database, vhost
     and Redis, then heal, drain and an accounting of every message. Exit code 1 when any
@@ -56,12 +60,14 @@ def chaos_command(
     from rich.console import Console
 
     from aura.chaos import SCENARIOS, chaos_report
+    from aura.timeline import report_directory
 
     if list_them:
         for scenario in SCENARIOS.values():
             typer.echo(f"{scenario.name:<16} {scenario.summary}")
         return
     _check(name, products, seed, llm_latency, concurrency)
+    report_dir = report_directory(report)
     _interrupt_on_sigterm()
     names = list(SCENARIOS) if name == "all" else [name]
     # One seed for the whole run, printed with every scenario.
@@ -71,7 +77,7 @@ def chaos_command(
     started = time.monotonic()
     for scenario_name in names:
         console.print(f"[bold]{scenario_name}[/bold]: {SCENARIOS[scenario_name].summary}")
-        result = _run_one(scenario_name, products, seed, llm_latency, concurrency)
+        result = _run_one(scenario_name, products, seed, llm_latency, concurrency, report_dir)
         results.append(result)
         if not as_json:
             _print_result(console, result)
@@ -83,6 +89,8 @@ def chaos_command(
         typer.echo(json.dumps(chaos_report(results, time.monotonic() - started)))
     elif name == "all":
         _print_summary(console, results, seed)
+    if report_dir is not None:
+        console.print(f"report: {_write_index(report_dir, results, seed)}")
     if not all(result.passed for result in results):
         sys.exit(1)
 
@@ -113,12 +121,41 @@ def _check(name: str, products: int, seed: int, llm_latency: float, concurrency:
         )
 
 
+def _write_index(directory: Path, results: list[ChaosResult], seed: int) -> Path:
+    """DIR/index.html: a row a scenario, linked to its page (none for a crashed run)."""
+    from aura.chaos import SCENARIOS
+    from aura.timeline import IndexEntry, write_index
+    from aura.timeline.html import file_stem
+
+    entries = []
+    for result in results:
+        page = f"{file_stem(result.scenario)}.html"
+        entries.append(
+            IndexEntry(
+                result.scenario,
+                result.passed,
+                SCENARIOS[result.scenario].summary,
+                page if (directory / page).exists() else None,
+            )
+        )
+    return write_index(directory, entries, f"aura chaos (seed {seed})")
+
+
 def _run_one(
-    name: str, products: int, seed: int, llm_latency: float, concurrency: int
+    name: str,
+    products: int,
+    seed: int,
+    llm_latency: float,
+    concurrency: int,
+    report: Path | None = None,
 ) -> ChaosResult:
     """One scenario's result; a crash is a failed result, not the end of the run."""
     from aura.chaos import ChaosResult, run_scenario
+    from aura.timeline.html import file_stem
 
+    if report is not None:  # a page left by an earlier run must not stand for this one
+        for suffix in (".html", ".json"):
+            (report / f"{file_stem(name)}{suffix}").unlink(missing_ok=True)
     try:
         return run_scenario(
             name,
@@ -126,6 +163,7 @@ def _run_one(
             seed=seed,
             llm_latency=None if llm_latency == -1.0 else llm_latency,
             concurrency=concurrency or None,
+            report=report,
         )
     except AuraError:
         raise  # the configuration or the input: every scenario would fail alike

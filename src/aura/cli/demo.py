@@ -36,6 +36,9 @@ def demo_command(
     llm_latency: float | None = typer.Option(
         None, help="Seconds the simulated LLM takes per answer (real ones take 0.3-5)."
     ),
+    report: str = typer.Option(
+        "", "--report", metavar="DIR", help="Write the run's HTML timeline (and its JSON) there."
+    ),
 ) -> None:
     """Import a sample catalog through the gateway, worker and LLM simulator; report."""
     from rich.console import Console
@@ -43,7 +46,9 @@ def demo_command(
     from aura.cli.failures import check_broker
     from aura.config import get_settings
     from aura.demo import DemoOptions, run_demo
+    from aura.timeline import report_directory
 
+    report_dir = report_directory(report)
     settings = get_settings()
     if settings.database_url and settings.redis_url and settings.celery_broker_url:
         # On the real services: a broker that is down is one line now, not a run that
@@ -57,14 +62,17 @@ def demo_command(
         progress=show,
         concurrency=concurrency,
         llm_latency=llm_latency,
+        report_dir=report_dir,
     )
     with progress:
-        report = run_demo(options)
+        outcome = run_demo(options)
     if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        typer.echo(json.dumps(outcome.as_dict(), indent=2))
     else:
-        _print(console, report)
-    if report.lost or report.duplicates:
+        _print(console, outcome)
+    if report_dir is not None:
+        console.print(f"report: {report_dir / 'index.html'}")
+    if outcome.lost or outcome.duplicates:
         sys.exit(1)
 
 

@@ -212,6 +212,10 @@ def outbox_relay(
     check_broker(settings.celery_broker_url)  # first: a broker that is down is one line in 2 s
     from sqlalchemy import func, select
 
+    from aura.tracing import configure_tracing
+
+    configure_tracing("aura-relay")  # its publish spans join the staging requests' traces
+
     from aura.contract import BULK_QUEUE, REALTIME_QUEUE
     from aura.db import Database, OutboxMessage
     from aura.gateway.dispatch import Dispatcher

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from aura import events
+from aura import events, tracing
 from aura.config import Settings, get_settings
 from aura.events import PoolConnectionsChanged
 
@@ -173,6 +173,7 @@ class Database:
             event.listen(self.engine.sync_engine.pool, "checkout", _skip_closed)
             event.listen(self.engine.sync_engine, "do_connect", _host_by_host)
         _track_pool(self.engine)
+        tracing.instrument_engine(self.engine)  # a span per statement, when tracing is on
         # The same pool in autocommit, for single reads: no BEGIN and ROLLBACK around them.
         self.reader: AsyncEngine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(

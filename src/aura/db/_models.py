@@ -20,7 +20,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from aura.message_id import MESSAGE_ID_MAX_LENGTH
 
-__all__ = ["HELD_BY", "NAMING_CONVENTION", "Base", "OutboxMessage", "ProcessedMessage"]
+__all__ = [
+    "HELD_BY",
+    "NAMING_CONVENTION",
+    "TRACEPARENT_MAX_LENGTH",
+    "Base",
+    "OutboxMessage",
+    "ProcessedMessage",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -51,6 +58,7 @@ class ProcessedMessage(Base):
     fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
+TRACEPARENT_MAX_LENGTH = 64  # version 00 is 55 characters; later versions may add fields
 HELD_BY = "aura:held-for-dispatch"  # the owner of rows held for fair dispatch
 
 
@@ -84,3 +92,6 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(32))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The W3C trace context of the request that staged it (``aura.tracing``): its publish
+    # span is that request's child. NULL when tracing was off.
+    traceparent: Mapped[str | None] = mapped_column(String(TRACEPARENT_MAX_LENGTH))

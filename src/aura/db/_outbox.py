@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from aura import tracing
 from aura.db._engine import Database
 from aura.db._models import HELD_BY, OutboxMessage
 from aura.db._statement import execute_atomically
@@ -62,7 +63,9 @@ _CHUNK = 1000
 
 @dataclass(frozen=True)
 class Staged:
-    """One message to publish: Celery's task name, queue, arguments and id."""
+    """One message to publish: Celery's task name, queue, arguments and id, and the trace
+    context it was made in (``aura.tracing``: the staging request's span, None when
+    tracing is off), stored with its row so that its publish joins that request's trace."""
 
     message_id: str
     tenant_id: uuid.UUID
@@ -70,6 +73,7 @@ class Staged:
     queue: str
     args: list[Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    traceparent: str | None = field(default_factory=tracing.current_traceparent)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ _COLUMNS = (
     OutboxMessage.args,
     OutboxMessage.kwargs,
     OutboxMessage.created_at,
+    OutboxMessage.traceparent,
 )
 _CLAIM_HELD = text("""
     WITH picked AS MATERIALIZED (  -- once: a subquery under IN may run again per row
@@ -207,7 +212,7 @@ _CLAIM_HELD = text("""
     FROM picked
     WHERE outbox.message_id = picked.message_id AND outbox.claimed_by = :held
     RETURNING outbox.message_id, outbox.tenant_id, outbox.task, outbox.queue, outbox.args,
-              outbox.kwargs, outbox.created_at
+              outbox.kwargs, outbox.created_at, outbox.traceparent
 """).columns(*_COLUMNS)
 
 
@@ -221,7 +226,7 @@ def _interleaved(rows: Sequence[Any]) -> list[Staged]:
     ]
     ordered = sorted(ranked, key=lambda x: (x[0], x[1]))
     return [
-        Staged(r.message_id, r.tenant_id, r.task, r.queue, list(r.args), r.kwargs)
+        Staged(r.message_id, r.tenant_id, r.task, r.queue, list(r.args), r.kwargs, r.traceparent)
         for _, _, r in ordered
     ]
 
@@ -243,6 +248,7 @@ async def stage_messages(
             "created_at": now,
             "claimed_by": claim.owner if claim else None,
             "claimed_until": claim.until if claim else None,
+            "traceparent": m.traceparent,
         }
         for m in messages
     ]
@@ -277,7 +283,15 @@ async def clear_outbox(session: AsyncSession, message_ids: Iterable[str]) -> Non
 
 
 def _staged(row: OutboxMessage) -> Staged:
-    return Staged(row.message_id, row.tenant_id, row.task, row.queue, list(row.args), row.kwargs)
+    return Staged(
+        row.message_id,
+        row.tenant_id,
+        row.task,
+        row.queue,
+        list(row.args),
+        row.kwargs,
+        row.traceparent,
+    )
 
 
 async def claim_due(

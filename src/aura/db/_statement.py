@@ -29,7 +29,7 @@ import asyncpg  # type: ignore[import-untyped]
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aura import events
+from aura import events, tracing
 from aura.db._engine import CHECKOUT_BOUND, Database
 from aura.db._transactional import describe_error, is_network_error, while_out
 from aura.errors import DatabaseTransactionError
@@ -47,6 +47,9 @@ async def execute_atomically(
     row it answers with, if any; see the module doc."""
     async with _driver(database) as (connection, driver):
         try:
+            if tracing.enabled():
+                with tracing.db_span(function, statement, database.engine.url.database):
+                    return await driver.fetchrow(statement, *arguments)
             return await driver.fetchrow(statement, *arguments)
         except BaseException as exc:
             if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
@@ -78,6 +81,9 @@ async def fetch_row(database: Database, statement: str, *arguments: Any) -> asyn
     discarded; the driver's error is raised as it came (a transient one: asyncpg's)."""
     async with _driver(database, patience=0.0) as (connection, driver):  # reads fail fast:
         try:  # the inbox's read before a delivery is the outage gate's probe
+            if tracing.enabled():
+                with tracing.db_span("fetch_row", statement, database.engine.url.database):
+                    return await driver.fetchrow(statement, *arguments)
             return await driver.fetchrow(statement, *arguments)
         except BaseException as exc:
             if not isinstance(exc, asyncpg.PostgresError):

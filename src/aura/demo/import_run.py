@@ -26,6 +26,7 @@ from aura.db import Database
 from aura.demo.harness import cancelled_at_exit, metric_total
 from aura.demo.report import DemoReport, Tally, tally
 from aura.llm import LLMSimulator
+from aura.timeline import Recorder, Source, metric_source, probe_source
 
 _MEMORY_POLL_S = 0.005  # the embedded broker's wait when it has nothing to give
 
@@ -101,6 +102,7 @@ class ImportRun:
         self.tenant_id: uuid.UUID | None = None
         self.letters: list[Any] = []  # this run's dead letters, once settled
         self.import_ids: list[uuid.UUID] = []
+        self.recorder = Recorder()  # its windows, and its samples with a report asked
 
     async def on_started(self) -> None:
         """Called once the gateway accepted the import (faults start here)."""
@@ -110,6 +112,14 @@ class ImportRun:
 
     async def on_settled(self) -> None:
         """Called when the run is settled, before the report (faults stop here)."""
+
+    def timeline_sources(self) -> list[Source]:
+        """What the report's sampler reads (``aura.timeline.sampler``): the metrics, and on
+        the real services the broker's queues."""
+        url = self.settings.celery_broker_url
+        if self.embedded or self.publisher is None or not url:
+            return [metric_source(self._registry)]
+        return [metric_source(self._registry), probe_source(url, self.publisher)]
 
     def awaiting_more(self, letters: list[Any]) -> bool:
         """True while something beyond the import is still expected (a dead letter)."""
@@ -276,6 +286,7 @@ class ImportRun:
         gateway = Gateway(database, publisher, {}, scheduling=self.settings.tenant_scheduling)
         app = create_app(gateway)
         started = time.monotonic()
+        self.recorder.begin(self.timeline_sources)
         self._worker_cpu_start = self._worker_cpu()
         relay = start_relay(database, publisher, self.settings)
         gateway.dispatcher.start()  # as `aura gateway` runs it: through every fault
@@ -289,9 +300,11 @@ class ImportRun:
             try:
                 counts, letters = await self._settle(database, tenant_id)
             finally:
+                self.recorder.finish()
                 await self.on_settled()
             async with database.session() as session:
                 counts = await tally(session, tenant_id, self.import_ids, latencies=True)
+                await self.recorder.read_records(session, tenant_id, self.import_ids)
         self.letters = letters
         elapsed = time.monotonic() - started
         report = self._report(tenant_id, counts, letters, elapsed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from aura.demo.report import Tally
 from aura.errors import InvalidInputError
@@ -90,6 +91,7 @@ class DemoOptions:
     progress: Callable[[Tally, int], None] | None = None  # (counts, enrich dead letters)
     concurrency: int = 50  # tasks in flight in the worker's async pool
     llm_latency: float | None = None  # seconds per LLM answer (real calls take 0.3-5 s)
+    report_dir: Path | None = None  # a timeline report (``aura.timeline``) written there
 
     def __post_init__(self) -> None:
         if not 1 <= self.products <= MAX_PRODUCTS:

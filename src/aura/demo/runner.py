@@ -8,6 +8,8 @@ real async-pool worker processes (one per core, two at most).
 
 Either way the demo shortens the LLM timeouts and the breaker's reset timeout (through
 the environment the worker reads, as a deployment would) so a run takes about 20 s.
+With ``report_dir`` the run samples itself and writes its timeline there (``demo.html``,
+``demo.json``, ``index.html``: ``aura.timeline``), the LLM outage shaded on it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from aura.demo.options import (
 from aura.demo.report import DemoReport, Tally
 from aura.errors import ConfigurationError
 from aura.llm import LLMSimulator
+from aura.timeline import IndexEntry, Source, write_index, write_report
+from aura.timeline.series import table_rows
 
 __all__ = [
     "DEMO_ENVIRONMENT",
@@ -46,6 +50,9 @@ __all__ = [
     "report_json",
     "run_demo",
 ]
+
+
+_SIMULATOR_SEED = 7
 
 
 def run_demo(options: DemoOptions) -> DemoReport:
@@ -67,7 +74,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     with (
         tempfile.TemporaryDirectory(prefix="aura-demo-") as scratch,
         logs_to(log_path),
-        LLMSimulator(profile.faults, seed=7).running_in_thread() as simulator,
+        LLMSimulator(profile.faults, seed=_SIMULATOR_SEED).running_in_thread() as simulator,
     ):
         values = demo_environment(profile.faults.latency)
         if settings.llm_base_url is None:
@@ -86,10 +93,30 @@ def run_demo(options: DemoOptions) -> DemoReport:
                 outage_s=profile.outage_s,
                 worker_concurrency=options.concurrency,
             )
+            runner.recorder.enabled = options.report_dir is not None
             report = asyncio.run(runner.run())
             report.concurrency = options.concurrency
             report.llm_latency_s = profile.faults.latency
+            if options.report_dir is not None:
+                _write_report(options.report_dir, runner, report, options)
             return report
+
+
+def _write_report(
+    directory: Path, runner: ImportRun, report: DemoReport, options: DemoOptions
+) -> IndexEntry:
+    """``demo.html`` and ``demo.json`` in ``directory``, and its index."""
+    rows = {k: v for k, v in report.as_dict().items() if k != "dead_letter_samples"}
+    timeline = runner.recorder.timeline(
+        "demo",
+        summary=f"aura demo ({report.mode}): {options.products} records, faults {options.faults}",
+        seed=_SIMULATOR_SEED,
+        passed=not (report.lost or report.duplicates),
+        table=table_rows(rows),
+    )
+    entry = write_report(directory, timeline)
+    write_index(directory, [entry], "aura demo")
+    return entry
 
 
 def report_json(report: DemoReport) -> str:
@@ -108,3 +135,21 @@ class _DemoRun(ImportRun):
         if not self.outage_started and counts.done >= counts.accepted * 0.3:
             self.simulator.start_outage(self.outage_s)
             self.outage_started = True
+            now = self.recorder.elapsed()
+            label = f"LLM outage ({self.outage_s:g} s)"
+            self.recorder.add_window(label, now, now + self.outage_s, "fault")
+
+    def timeline_sources(self) -> list[Source]:
+        """The metrics; on the real services, the broker's queues too (its vhost)."""
+        if self.embedded:
+            return super().timeline_sources()
+        from functools import partial
+
+        from kombu.connection import Connection
+
+        from aura.chaos.accounting import queue_depths
+        from aura.timeline import queue_source
+
+        url = self.settings.celery_broker_url
+        vhost = Connection(url).virtual_host or "/"  # type: ignore[no-untyped-call]
+        return [*super().timeline_sources(), queue_source(partial(queue_depths, vhost))]

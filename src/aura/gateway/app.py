@@ -14,7 +14,8 @@ Every tenant route needs ``X-API-Key``; a key sees only its own tenant (anything
 
 Built of: one router per resource (``aura.gateway.routes``), one table from error to
 status (``aura.gateway.errors``), the lifespan (``aura.gateway.lifespan``), and the
-state and authorization as FastAPI dependencies (``aura.gateway.state``).
+state and authorization as FastAPI dependencies (``aura.gateway.state``). Each request is
+a SERVER span when tracing is on (FastAPI's own instrumentation; ``aura.tracing``).
 
 Messages go through the outbox (``aura.db._outbox``): the product or the import's records
 and the messages they need are committed together, then published; if the broker is
@@ -29,8 +30,9 @@ from __future__ import annotations
 import functools
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
-from aura import __version__
+from aura import __version__, tracing
 from aura.config import Settings, get_settings
 from aura.gateway.authn import Authenticator
 from aura.gateway.bodies import MAX_IMPORT_BYTES, MAX_IMPORT_RECORDS, MAX_PRODUCT_BYTES
@@ -50,9 +52,31 @@ def _writes_blocked(app: FastAPI) -> bool:
     return gateway is not None and gateway.broker_blocked()
 
 
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _telemetry() -> TelemetryConfig:
+    """FastAPI's own OpenTelemetry: a SERVER span per request (``traceparent`` read), in
+    ``aura.tracing``'s provider when a test installed one, else the process-wide one
+    (``configure_tracing``); no span per dependency, no probe or scrape spans, and no
+    OpenTelemetry metrics or logs (Prometheus and structlog have them)."""
+    return {
+        "tracer_provider": tracing.tracer_provider(),
+        "operation_spans": False,
+        "metrics": False,
+        "logs": False,
+        "exclude": lambda scope: scope.get("path") in _UNTRACED,
+    }
+
+
 def create_app(gateway: Gateway | None = None, *, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app; without ``gateway`` it builds one from Settings at start-up."""
-    app = FastAPI(title="Aura gateway", version=__version__, lifespan=lifespan(gateway, settings))
+    app = FastAPI(
+        title="Aura gateway",
+        version=__version__,
+        lifespan=lifespan(gateway, settings),
+        telemetry=_telemetry(),
+    )
     app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(ErrorGuard)
     configured = settings or get_settings()

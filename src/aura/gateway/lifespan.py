@@ -5,7 +5,8 @@ From Settings: the database pool, a publisher configured as the worker's app is
 (``aura.contract``: the same name, queues and serializers; the gateway does not import
 the worker), an ``AmqpSender`` (the gateway refuses to start without RabbitMQ), the
 readiness checks, the outbox relay (every OUTBOX_RELAY_INTERVAL seconds) and the fair
-dispatcher of held imports (``aura.gateway.dispatch``). At shutdown they stop, the
+dispatcher of held imports (``aura.gateway.dispatch``). Tracing is configured first, if the
+environment asks for it (``aura.tracing``). At shutdown they stop, the
 publishes in flight finish (or are the relay's), the pool closes.
 """
 
@@ -19,6 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from celery import Celery
 from fastapi import FastAPI
 
+from aura import tracing
 from aura.config import Settings, get_settings
 from aura.contract import APP_NAME, PLATFORM_QUEUES
 from aura.db import Database
@@ -28,7 +30,9 @@ from aura.gateway.senders import AmqpSender
 from aura.gateway.state import Gateway
 from aura.messaging import configure
 
-__all__ = ["gateway_from_settings", "lifespan", "make_publisher"]
+__all__ = ["SERVICE_NAME", "gateway_from_settings", "lifespan", "make_publisher"]
+
+SERVICE_NAME = "aura-gateway"  # its traces' service.name, unless OTEL_SERVICE_NAME says
 
 
 def make_publisher(settings: Settings) -> Celery:
@@ -76,6 +80,7 @@ def lifespan(
             app.state.gateway = gateway
             yield
             return
+        tracing.configure_tracing(SERVICE_NAME)  # before the engine: its statements too
         current = settings or get_settings()
         built = gateway_from_settings(current)
         app.state.gateway = built

@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import Celery
 from kombu.serialization import dumps
 from starlette.concurrency import run_in_threadpool
 
+from aura import tracing
 from aura.contract import PLATFORM_QUEUES
 from aura.db import Staged
 from aura.errors import ConfigurationError, ServiceUnavailableError
@@ -112,18 +113,25 @@ class CelerySender:
             for message in messages:
                 if sent and deadline is not None and self.clock() >= deadline:
                     break  # the caller renews its claim before going on
-                self.publisher.send_task(
-                    message.task,
-                    args=message.args,
-                    kwargs=message.kwargs,
-                    task_id=message.message_id,
-                    queue=message.queue,
-                    headers={TENANT_HEADER: str(message.tenant_id)},
-                )
+                if tracing.enabled():
+                    with _publish_span(message) as carried:
+                        self._send_one(message, carried)
+                else:
+                    self._send_one(message, {})
                 sent.append(message.message_id)
         except Exception as exc:  # the broker's many failure types: all mean "not now"
             return sent, exc
         return sent, None
+
+    def _send_one(self, message: Staged, carried: dict[str, str]) -> None:
+        self.publisher.send_task(
+            message.task,
+            args=message.args,
+            kwargs=message.kwargs,
+            task_id=message.message_id,
+            queue=message.queue,
+            headers={TENANT_HEADER: str(message.tenant_id), **carried},
+        )
 
     async def depth(self, queue: str) -> int | None:
         """Messages ready on ``queue`` (a passive declare); None if this publisher is not
@@ -238,7 +246,7 @@ class AmqpSender:
             except Exception:  # already broken: nothing to give back
                 return
 
-    def _message(self, staged: Staged) -> aio_pika.Message:
+    def _message(self, staged: Staged, carried: dict[str, str]) -> aio_pika.Message:
         import aio_pika
 
         headers, properties, body, _ = self.app.amqp.as_task_v2(
@@ -251,7 +259,7 @@ class AmqpSender:
         content_type, encoding, data = dumps(body, serializer="json")
         return aio_pika.Message(
             body=data if isinstance(data, bytes) else data.encode(),
-            headers={**headers, TENANT_HEADER: str(staged.tenant_id)},
+            headers={**headers, TENANT_HEADER: str(staged.tenant_id), **carried},
             content_type=content_type,
             content_encoding=encoding,
             correlation_id=properties["correlation_id"],
@@ -270,14 +278,9 @@ class AmqpSender:
             exchange = await self._ready()
         except Exception as exc:
             return [], exc
+        publish = self._publish_traced if tracing.enabled() else self._publish
         results = await asyncio.gather(
-            *(
-                exchange.publish(
-                    self._message(m), routing_key=m.queue, timeout=self.confirm_timeout
-                )
-                for m in messages
-            ),
-            return_exceptions=True,
+            *(publish(exchange, m) for m in messages), return_exceptions=True
         )
         sent = [m.message_id for m, r in zip(messages, results, strict=True) if _confirmed(r)]
         failure = next((r for r in results if isinstance(r, BaseException)), None)
@@ -291,6 +294,24 @@ class AmqpSender:
             self._next = (self._next + 1) % len(self.urls)  # that node went away
         await self._drop()  # a broken channel is not reused
         return sent, failure
+
+    def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, message: Staged
+    ) -> Awaitable[object]:
+        return exchange.publish(
+            self._message(message, {}), routing_key=message.queue, timeout=self.confirm_timeout
+        )
+
+    async def _publish_traced(
+        self, exchange: aio_pika.abc.AbstractExchange, message: Staged
+    ) -> object:
+        """``_publish`` in a publish span: it ends with the broker's confirm."""
+        with _publish_span(message) as carried:
+            return await exchange.publish(
+                self._message(message, carried),
+                routing_key=message.queue,
+                timeout=self.confirm_timeout,
+            )
 
     async def probe(self) -> None:
         """Raise unless the sender holds, or can open, a channel on a node of its list
@@ -312,6 +333,14 @@ class AmqpSender:
     async def close(self) -> None:
         async with self._lock:
             await self._drop()
+
+
+def _publish_span(message: Staged) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """The message's publish span (a child of the request that staged it) and the
+    headers that carry it to the worker (``aura.tracing``)."""
+    return tracing.publish_span(
+        message.task, message.message_id, message.queue, message.traceparent, message.tenant_id
+    )
 
 
 def _connection_blocked(connection: aio_pika.abc.AbstractConnection | None) -> bool:

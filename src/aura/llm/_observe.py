@@ -1,11 +1,14 @@
 """Each LLM call's outcome as an instrumentation event (``LLMRequestFinished``): what
-``aura_llm_requests_total``, the seed's duration histogram and the token counts read."""
+``aura_llm_requests_total``, the seed's duration histogram and the token counts read; and,
+with tracing on, as a span (``traced_call``: ``chat {model}``, the GenAI attributes)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
-from aura import events
+from aura import events, tracing
 from aura.errors import (
     LLMConnectionError,
     LLMError,
@@ -16,7 +19,7 @@ from aura.errors import (
 from aura.events import LLMOutcome, LLMRequestFinished
 from aura.llm.protocol import Completion
 
-__all__ = ["observe_failure", "observe_success"]
+__all__ = ["observe_failure", "observe_success", "traced_call"]
 
 _OUTCOMES: tuple[tuple[type[LLMError], LLMOutcome], ...] = (
     (LLMTimeoutError, LLMOutcome.TIMEOUT),
@@ -44,3 +47,31 @@ def observe_success(completion: Completion, started: float, model: str) -> None:
             usage.completion_tokens,
         )
     )
+
+
+async def traced_call(
+    call: Callable[[], Awaitable[Completion]],
+    model: str,
+    provider: str,
+    base_url: str,
+    messages: object,
+) -> Completion:
+    """``call()`` (one model's guarded call) in its ``chat {model}`` span: the answer's
+    model, id, finish reason and token counts on it, or the error's type (a breaker's
+    refusal, ``CircuitOpenError``, included). Only when tracing is on."""
+    split = urlsplit(base_url)
+    try:
+        server = (split.hostname or "", split.port)
+    except ValueError:  # a port that is no number: the call itself will say so
+        server = (split.hostname or "", None)
+    with tracing.llm_span(model, provider, messages, server) as span:
+        completion = await call()
+        span.answered(
+            model=completion.model,
+            response_id=completion.response_id,
+            finish_reason=completion.finish_reason,
+            input_tokens=completion.usage.prompt_tokens,
+            output_tokens=completion.usage.completion_tokens,
+            text=completion.text,
+        )
+    return completion

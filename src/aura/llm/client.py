@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Unpack
@@ -47,11 +48,12 @@ from typing import Any, Unpack
 import httpx
 from redis.asyncio import Redis
 
+from aura import tracing
 from aura.config import Settings, get_settings
 from aura.errors import CircuitOpenError, LLMError, LLMTimeoutError
 from aura.events import CircuitState
 from aura.llm._guards import MAX_BREAKERS, ModelGuards, provider_of, trips_breaker
-from aura.llm._observe import observe_failure, observe_success
+from aura.llm._observe import observe_failure, observe_success, traced_call
 from aura.llm._openai import provider_hold_off as provider_hold_off
 from aura.llm._policy import (
     DEFAULT_SIMULATOR_URL,
@@ -281,6 +283,12 @@ class ResilientLLMClient:
         for candidate in candidates:
             request = self.provider.request(candidate, messages, params, stream=stream)
             try:
+                if tracing.enabled():  # a span per model tried (aura.tracing)
+                    call = functools.partial(
+                        self._guarded, candidate, request, stream, on_delta, send_by
+                    )
+                    name, url = self.provider.name, self.base_url
+                    return await traced_call(call, candidate, name, url, messages)
                 return await self._guarded(candidate, request, stream, on_delta, send_by)
             except CircuitOpenError as exc:
                 if refused is None or exc.retry_after < refused.retry_after:

@@ -51,6 +51,7 @@ import asyncio
 import functools
 import inspect
 import random
+import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast, overload
@@ -59,7 +60,7 @@ import structlog
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 
-from aura import events
+from aura import events, tracing
 from aura.backoff import Backoff
 from aura.config import get_settings
 from aura.errors import DeadLettered, ServiceUnavailableError
@@ -262,6 +263,10 @@ def _task_body(function: Callable[..., Any], bind: bool, policy: TaskPolicy) -> 
             duration = time.monotonic() - started
             tenant = _tenant_of(policy, args, kwargs)  # a label only as tenant_labels allows
             events.emit(TaskFinished(self.name, outcome, duration, reason, tenant))
+            if tracing.enabled():  # on the run span Celery's instrumentation made current
+                tracing.delivery_attributes(
+                    outcome, reason, self.request, tenant, sys.exc_info()[1]
+                )
 
     return run
 

@@ -41,8 +41,9 @@ what makes "nothing lost" true):
                                lost, and the redelivered twin meets the inbox
 
 The broker URL is yours: ``configure`` sets it from CELERY_BROKER_URL only when the app
-has none. It also connects the worker's metrics endpoint (WORKER_METRICS_PORT) and the
-queue-depth poller (``aura.messaging._observability``), and makes the app the default
+has none. It also connects the worker's metrics endpoint (WORKER_METRICS_PORT), the
+queue-depth poller (``aura.messaging._observability``) and tracing when OTEL_* asks for it
+(``aura.tracing``: a span per task run, its fate as attributes), and makes the app the default
 of ``@resilient_task`` (the last app configured wins; ``resilient_task(app=...)`` picks
 another).
 """
@@ -57,6 +58,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from aura import tracing
 from aura.config import Settings, get_settings
 from aura.errors import ConfigurationError
 from aura.messaging.topology import WORK_EXCHANGE, work_queues
@@ -189,12 +191,25 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             check_database(settings)
 
     signals.worker_init.connect(declare_dead_letter_queue, weak=False)
+    # Tracing, if OTEL_* asks for it (aura.tracing): in the worker before any task runs,
+    # and in each prefork child (a no-op where the parent already did it).
+    signals.worker_init.connect(_start_tracing, weak=False, dispatch_uid="aura.tracing")
+    signals.worker_process_init.connect(
+        _start_tracing, weak=False, dispatch_uid="aura.tracing.child"
+    )
     # One log stream: Celery's lines and Aura's in LOG_FORMAT (a receiver here, and
     # Celery neither configures logging nor redirects stdout into its own format).
     signals.setup_logging.connect(_one_log_stream, weak=False, dispatch_uid="aura.logs")
     # Celery warns at every connection loss that it will cancel tasks by default in 6.0;
     # Aura chose not to, on purpose (see the module doc).
     warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced", category=Warning)
+
+
+WORKER_SERVICE_NAME = "aura-worker"  # its traces' service.name, unless OTEL_SERVICE_NAME says
+
+
+def _start_tracing(**_: Any) -> None:
+    tracing.configure_tracing(WORKER_SERVICE_NAME, celery=True)
 
 
 def check_database(settings: Settings, timeout: float = 5.0) -> bool:
