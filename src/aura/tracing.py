@@ -129,10 +129,18 @@ def configure_tracing(
         exporters = tracing_wanted(environ)
         if not exporters:
             return False
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        try:
+            from opentelemetry import trace
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        except ImportError as exc:  # OTEL_* is often set node-wide, for every process on it:
+            _log.warning(  # a worker without the extra runs on, untraced, and says why
+                "OTEL_* asks for traces, but the tracing extra is not installed: tracing "
+                "stays off (pip install 'aura-platform[tracing]')",
+                missing=getattr(exc, "name", None) or str(exc),
+            )
+            return False
 
         named = environ.get("OTEL_SERVICE_NAME") or "service.name=" in environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", ""

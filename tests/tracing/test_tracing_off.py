@@ -78,6 +78,31 @@ def test_off_imports_no_sdk_and_takes_no_span() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+_WITHOUT_SDK = """
+import importlib.abc, json, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("opentelemetry.sdk", "opentelemetry.exporter")):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+from aura import tracing
+on = tracing.configure_tracing("aura-worker", celery=True, environ={"OTEL_TRACES_EXPORTER": "otlp"})
+print(json.dumps([on, tracing.enabled()]))
+"""
+
+
+def test_asked_for_without_the_extra_it_stays_off_and_says_why() -> None:
+    """OTEL_* is often set for every process on a node: a worker without the tracing extra
+    runs on, untraced, with one warning naming the extra."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_SDK],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [False, False]
+    assert "aura-platform[tracing]" in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize(
     ("environ", "wanted"),
     [
