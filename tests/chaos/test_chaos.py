@@ -66,11 +66,14 @@ SCALED = {
     "redis-failover": 600,
     "pg-failover": 600,
 }
-# ./test runs these (one per fault class the worker-level tests in test_delivery.py,
-# test_worker.py and test_async_pool.py do not already drive end to end); the rest run
-# with AURA_CHAOS_ALL=1 (``AURA_CHAOS_ALL=1 ./test -k chaos``) or ``aura chaos all``, so
-# the suite stays within its time budget on a 2-core machine.
-IN_SUITE = {"db-kill", "reused-id", "commit-cut"}
+# ./test runs commit-cut here, and redis-restart with its report (tests/timeline/
+# test_chaos_report.py, the same fates checked): the fault classes the worker-level tests
+# do not drive end to end. db-kill's is driven by tests/db/test_db_faults.py and
+# tests/messaging/test_database_exhausted.py, reused-id's by test_delivery.py,
+# test_task_edges.py and tests/gateway/test_gateway_edge.py. The rest run with
+# AURA_CHAOS_ALL=1 (``AURA_CHAOS_ALL=1 ./test -k chaos``) or ``aura chaos all``, so the
+# suite stays within its time budget on a 2-core machine.
+IN_SUITE = {"commit-cut"}
 # Strict xfail where they run (in the suite, or with AURA_CHAOS_ALL=1).
 KNOWN_FAILURES: dict[str, str] = {}
 
@@ -132,10 +135,10 @@ def test_scenario_passes_on_the_real_stack(
     assert result["seed"] == 14
     assert result["passed"], context
     assert done.returncode == 0
-    _assert_met_its_fates(name, result, SCALED[name], context)
+    assert_met_its_fates(name, result, SCALED[name], context)
 
 
-def _assert_met_its_fates(name: str, result: dict[str, Any], sent: int, context: str) -> None:
+def assert_met_its_fates(name: str, result: dict[str, Any], sent: int, context: str) -> None:
     """A passed scenario's accounting, metrics and details, as its fates say."""
     counted = result["accounting"]
     metrics = result["metrics"]
@@ -289,7 +292,7 @@ def test_shared_state_scenario_passes_scaled_down(
     log = tmp_path / ".aura" / f"chaos-{scenario.name}.log"
     context = f"{result}\n{log.read_text()[-3000:] if log.exists() else ''}"
     assert result["passed"], context
-    _assert_met_its_fates(scenario.name, result, products, context)
+    assert_met_its_fates(scenario.name, result, products, context)
 
 
 def test_trial_gaps_leave_out_the_calls_that_opened_the_breaker() -> None:

@@ -73,9 +73,13 @@ def malformed_among_first(count: int) -> int:
 
 @pytest.mark.timeout(150)
 def test_demo_accounts_for_every_record_on_embedded_defaults(tmp_path: Path) -> None:
-    done = run_aura("demo", "--products", "80", "--json", cwd=tmp_path, timeout=140)
+    reports = tmp_path / "reports"
+    done = run_aura(
+        "demo", "--products", "80", "--json", "--report", str(reports), cwd=tmp_path, timeout=140
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
+    _assert_demo_timeline(reports)
     malformed = malformed_among_first(80)
     assert malformed >= 2  # the bundled catalog mixes bad records in from the start
     assert report["accepted"] == 80
@@ -90,6 +94,24 @@ def test_demo_accounts_for_every_record_on_embedded_defaults(tmp_path: Path) -> 
     assert 0 < report["latency_p50_s"] <= report["latency_p99_s"]
     assert report["throughput_per_s"] > 0
     assert (tmp_path / ".aura" / "demo.log").stat().st_size > 0  # the worker's logs
+
+
+def _assert_demo_timeline(reports: Path) -> None:
+    """``--report``: the demo's page and data, its scheduled LLM outage as a window, its
+    fates and breaker sampled, an index naming it."""
+    pages = sorted(reports.glob("*.json"))
+    assert len(pages) == 1, pages
+    data = json.loads(pages[0].read_text())
+    assert data["passed"] is True
+    groups = {group["name"]: group for group in data["groups"]}
+    assert {"rate", "latency", "fates", "breaker"} <= set(groups)
+    assert max(v for v in groups["fates"]["series"]["committed"] if v is not None) > 0
+    assert sum(v or 0 for v in groups["rate"]["series"]["records/s"]) > 0
+    outages = [w for w in data["windows"] if "outage" in w["label"].lower()]
+    assert outages, data["windows"]
+    assert all(0 <= w["start_s"] <= w["end_s"] <= data["duration_s"] for w in outages)
+    assert pages[0].with_suffix(".html").stat().st_size > 50_000  # uPlot inlined
+    assert pages[0].stem in (reports / "index.html").read_text()
 
 
 @pytest.mark.timeout(90)

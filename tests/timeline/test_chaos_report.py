@@ -2,7 +2,8 @@
 every chart inked, every series sampled, and the fault windows where the run put them.
 
 redis-restart is the quickest scenario with a real fault window (its Redis killed and
-restarted, a second), about 17 s on this suite's servers (``aura.chaos``)."""
+restarted, a second), about 17 s on this suite's servers (``aura.chaos``); the run is also
+the suite's run of that scenario, its fates checked as ``tests/chaos/test_chaos.py`` does."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.chaos.test_chaos import assert_met_its_fates
 from tests.cli.test_cli import run_aura
 from tests.timeline.chromium import page_check
 
@@ -32,6 +34,8 @@ def test_a_chaos_run_writes_a_report_that_draws_what_the_run_sampled(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
+    assert result["passed"], result
+    assert_met_its_fates(_NAME, result, _PRODUCTS, str(result))  # as test_chaos.py would
     data: dict[str, Any] = json.loads((reports / f"{_NAME}.json").read_text())
     assert (data["name"], data["seed"], data["passed"]) == (_NAME, 14, True)
     _assert_series(data, result)
