@@ -69,13 +69,6 @@ def _run_shop_tests(python: str, env: dict[str, str]) -> None:
     assert "3 passed" in done.stdout
 
 
-@pytest.mark.services
-def test_the_example_project_passes_its_tests(
-    shop_pg_url: str, redis_url: str, amqp_url: str
-) -> None:
-    _run_shop_tests(sys.executable, _shop_env(shop_pg_url, redis_url, amqp_url))
-
-
 def _install_core_wheel(tmp_path: Path) -> tuple[str, float]:
     """Aura's core wheel, built from a clean copy, alone in a fresh virtualenv (with
     pytest): the path of its python and how long that took."""
@@ -116,7 +109,8 @@ def core_install(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[concurrent.futures.Future[tuple[str, float]]]:
     """``_install_core_wheel``, started with the module: the build and the install run
-    while the first test runs the shop's tests in this environment."""
+    while the module's other tests run. (The shop's tests run once, in the core install:
+    passing there, with no extra, they pass in this fuller environment too.)"""
     with concurrent.futures.ThreadPoolExecutor(1) as background:
         yield background.submit(_install_core_wheel, tmp_path_factory.mktemp("core"))
 

@@ -170,8 +170,13 @@ class CommitReplyCut(_NetworkFault):
         proxy = self.proxies["postgres"]
         await asyncio.to_thread(proxy.cut_commit_replies, self.cuts)
         until = time.monotonic() + self.window_s
-        while proxy.stats.commit_replies_cut < self.cuts and time.monotonic() < until:  # noqa: ASYNC110 - a counter on another thread's loop
-            await asyncio.sleep(0.1)
+        marked = 0  # each cut a mark on the report's timeline (within 0.1 s of it)
+        while marked < self.cuts and time.monotonic() < until:
+            await asyncio.sleep(0.1)  # a counter on another thread's loop
+            cut = proxy.stats.commit_replies_cut
+            for number in range(marked + 1, min(cut, self.cuts) + 1):
+                self.recorder.mark(f"COMMIT reply cut ({number} of {self.cuts})")
+            marked = max(marked, cut)
 
     def expect(self, accounting: Accounting, metrics: dict[str, int]) -> list[str]:
         failures = all_committed(accounting, self.records)
