@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -97,9 +98,27 @@ def test_list_and_bad_input() -> None:
     bad_seed = run_aura("chaos", "poison", "--seed=-5")
     assert bad_seed.returncode == 2
     assert "--seed must be between" in bad_seed.stderr
-    bad_latency = run_aura("chaos", "all", "--llm-latency", "-2")
-    assert bad_latency.returncode == 2
-    assert "--llm-latency must be between 0 and 60" in bad_latency.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"llm_latency": -2.0}, "--llm-latency must be between 0 and 60"),
+        ({"llm_latency": 61.0}, "--llm-latency must be between 0 and 60"),
+        ({"products": -1}, "--products must be >= 0"),
+        ({"seed": 2**32 + 1}, "--seed must be between"),
+        ({"concurrency": 501}, "--concurrency must be between 1 and 500"),
+    ],
+)
+def test_each_options_bound_is_one_clear_error(options: dict[str, Any], message: str) -> None:
+    """The bounds ``aura chaos`` checks before anything runs (the exit code 2 and the one
+    line on stderr are the CLI's, shown above for --seed)."""
+    from aura.cli.chaos import _check
+    from aura.errors import InvalidInputError
+
+    given = {"products": 0, "seed": 14, "llm_latency": -1.0, "concurrency": 0, **options}
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        _check("poison", **given)
 
 
 def _scenario_params() -> list[Any]:
