@@ -265,7 +265,9 @@ def test_replay_run_twice_at_once_enqueues_once(connection: Connection, pg_url: 
     assert [x for x in dlq.list(limit=1000) if x.message_id in ids] == []
 
 
-@pytest.mark.parametrize("delivery_limit", [None, 20])
+# 20: RabbitMQ 4.x's default for quorum queues, the stricter case (a read that spent a
+# delivery would drop letters past it); a queue without a limit loses none either way
+@pytest.mark.parametrize("delivery_limit", [20])
 def test_60_reads_of_600_letters_change_nothing(
     connection: Connection, pg_url: str, vhost: str, delivery_limit: int | None
 ) -> None:
