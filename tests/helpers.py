@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,21 @@ def start_celery_worker(
 def stop_celery_worker(process: subprocess.Popen[bytes]) -> None:
     """Warm shutdown, bounded; killed if it does not stop in 30 s."""
     stop_worker_process(process, timeout=30)
+
+
+@contextlib.contextmanager
+def running_celery_worker(
+    app_module: str, env: dict[str, str], log: Path, *, pool: str, concurrency: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``start_celery_worker``, stopped after; its log's tail printed when it did not exit
+    cleanly (0, or SIGTERM's)."""
+    process = start_celery_worker(app_module, env, log, pool=pool, concurrency=concurrency)
+    try:
+        yield process
+    finally:
+        stop_celery_worker(process)
+        if process.returncode not in (0, -signal.SIGTERM):
+            print(log.read_text()[-4000:])
 
 
 @contextlib.contextmanager

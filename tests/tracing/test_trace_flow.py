@@ -6,11 +6,9 @@ A transient failure's retry stays in the trace; no secret and no prompt text is 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,7 +25,7 @@ from aura.gateway import Gateway, create_app, create_tenant_with_key
 from aura.gateway.senders import AmqpSender
 from aura.llm import Faults, LLMSimulator
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import start_celery_worker, stop_celery_worker, wait_until
+from tests.helpers import running_celery_worker, wait_until
 from tests.tracing.receiver import OtlpReceiver, Span, from_sdk
 
 pytestmark = pytest.mark.timeout(90)
@@ -74,11 +72,10 @@ def traced_worker(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    process = start_celery_worker("aura.worker.tasks", env, log, pool="async", concurrency=4)
-    yield process
-    stop_celery_worker(process)
-    if process.returncode not in (0, -signal.SIGTERM):
-        print(Path(log).read_text()[-4000:])
+    with running_celery_worker(
+        "aura.worker.tasks", env, log, pool="async", concurrency=4
+    ) as process:
+        yield process
 
 
 @pytest.fixture

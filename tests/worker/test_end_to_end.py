@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +22,7 @@ from aura.gateway.senders import AmqpSender
 from aura.llm import Faults, LLMSimulator
 from aura.messaging import DeadLetterQueue
 from aura.worker.celery_app import make_celery_app
-from tests.helpers import forget_held_rows, start_celery_worker, stop_celery_worker, wait_until
+from tests.helpers import forget_held_rows, running_celery_worker, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 METRICS_PORT = 19187
@@ -67,11 +65,10 @@ def platform_worker(
         "WORKER_QUEUE_POLL_INTERVAL": "0.5",
         "LOG_LEVEL": "WARNING",
     }
-    process = start_celery_worker("aura.worker.tasks", env, log, pool="async", concurrency=20)
-    yield process
-    stop_celery_worker(process)
-    if process.returncode not in (0, -signal.SIGTERM):
-        print(Path(log).read_text()[-4000:])
+    with running_celery_worker(
+        "aura.worker.tasks", env, log, pool="async", concurrency=20
+    ) as process:
+        yield process
 
 
 async def count(database: Database, statement: object) -> int:
